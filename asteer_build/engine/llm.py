@@ -1,0 +1,262 @@
+"""`SteeredEngine` and `AsyncSteeredEngine`: vLLM engines with per-request steering.
+
+Thin layers in the style of `vllm.LLM`: they set `worker_cls` to the steered worker,
+register vectors once over RPC, validate every request's `SteerSpec` on the client (so a
+bad request fails alone with a clear message and the engine keeps serving), and put the
+compact spec into each request's `SamplingParams.extra_args`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+
+from . import compat
+from .spec import EXTRA_KEY, SteerSpec, to_extra_args, validate
+from .steering import encode_vector, vector_digest
+from .worker import CONFIG_KEY, WORKER_CLS
+
+
+def _engine_kwargs(
+    steer_layers: Sequence[int] | None, steer_capacity: int | None, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    if "worker_cls" in kwargs and kwargs["worker_cls"] not in ("auto", WORKER_CLS):
+        raise ValueError(
+            f"SteeredEngine sets worker_cls={WORKER_CLS!r}; got {kwargs['worker_cls']!r}"
+        )
+    kwargs["worker_cls"] = WORKER_CLS
+    _cpu_memory_default(kwargs)
+    extra = dict(kwargs.pop("additional_config", None) or {})
+    cfg: dict[str, Any] = {}
+    if steer_layers is not None:
+        cfg["layers"] = [int(x) for x in steer_layers]
+    if steer_capacity is not None:
+        cfg["capacity"] = int(steer_capacity)
+    extra[CONFIG_KEY] = cfg
+    kwargs["additional_config"] = extra
+    return kwargs
+
+
+def _cpu_memory_default(kwargs: dict[str, Any]) -> None:
+    """vLLM's CPU backend reserves `gpu_memory_utilization` (0.92) of one NUMA node for
+    the KV cache by default, which fails on small machines; reserve 1 GiB unless told."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    if "gpu_memory_utilization" in kwargs or "kv_cache_memory_bytes" in kwargs:
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    kwargs["kv_cache_memory_bytes"] = 1 << 30
+
+
+class _VectorRegistry:
+    """Client-side view of the vectors registered in the workers (name -> dim, digest)."""
+
+    def __init__(self, hidden: int) -> None:
+        self.hidden = hidden
+        self.entries: dict[str, tuple[int, str]] = {}
+
+    def prepare(self, vectors: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, vec in vectors.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"vector name must be a non-empty string, got {name!r}")
+            t = torch.as_tensor(vec).detach().to(torch.float32).cpu().reshape(-1)
+            if t.numel() != self.hidden:
+                raise ValueError(
+                    f"vector {name!r}: dimension {t.numel()}, model hidden size {self.hidden}"
+                )
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"vector {name!r}: {bad} NaN or inf entries")
+            out[name] = t
+        return out
+
+    def commit(self, tensors: dict[str, torch.Tensor], digests: list[dict[str, str]]) -> None:
+        for name, t in tensors.items():
+            d = vector_digest(t)
+            for rank_digests in digests:
+                if rank_digests.get(name) != d:
+                    raise RuntimeError(f"vector {name!r}: a worker stored different content")
+            self.entries[name] = (t.numel(), d)
+
+
+class _SteeringClient:
+    """What the sync and async engines share: validation and request decoration."""
+
+    num_layers: int
+    hidden_size: int
+    _vectors: _VectorRegistry
+
+    def _init_model_info(self, model_config: Any) -> None:
+        hf = model_config.hf_text_config
+        self.num_layers = int(hf.num_hidden_layers)
+        self.hidden_size = int(model_config.get_hidden_size())
+        self._vectors = _VectorRegistry(self.hidden_size)
+
+    def _decorate(
+        self, n: int, sampling_params: Any, steer: Sequence[SteerSpec | None] | None
+    ) -> list[Any]:
+        from vllm import SamplingParams
+
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * n
+        else:
+            params = list(sampling_params)
+            if len(params) != n:
+                raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
+        if steer is None:
+            steer = [None] * n
+        steer = list(steer)
+        if len(steer) != n:
+            raise ValueError(f"got {len(steer)} steer specs for {n} prompts")
+        specs = [
+            validate(s, i, self._vectors.entries, self.num_layers, self.hidden_size)
+            for i, s in enumerate(steer)
+        ]
+        out = []
+        for sp, spec in zip(params, specs, strict=True):
+            if spec is None:
+                out.append(sp)
+                continue
+            sp = copy.copy(sp)
+            extra = dict(sp.extra_args or {})
+            extra[EXTRA_KEY] = to_extra_args(spec, self._vectors.entries[spec.vector][1])
+            sp.extra_args = extra
+            out.append(sp)
+        return out
+
+
+class SteeredEngine(_SteeringClient):
+    """A `vllm.LLM` whose requests can each carry their own `SteerSpec`.
+
+    Example::
+
+        eng = SteeredEngine(path, dtype="float32", enforce_eager=True)
+        eng.register_vectors({"ocean": v})
+        outs = eng.generate(prompts, SamplingParams(max_tokens=64),
+                            steer=[SteerSpec("ocean", 4.0, layer=2), None])
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        steer_layers: Sequence[int] | None = None,
+        steer_capacity: int | None = None,
+        **engine_args: Any,
+    ) -> None:
+        compat.check_vllm()
+        from vllm import LLM
+
+        self.llm = LLM(model, **_engine_kwargs(steer_layers, steer_capacity, engine_args))
+        self._init_model_info(self.llm.llm_engine.model_config)
+
+    def register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
+        """Send vectors to every worker once; later requests refer to them by name."""
+        tensors = self._vectors.prepare(vectors)
+        wire = {k: encode_vector(t) for k, t in tensors.items()}
+        digests = self.llm.collective_rpc("asteer_register_vectors", args=(wire,))
+        self._vectors.commit(tensors, digests)
+        return {k: self._vectors.entries[k][1] for k in tensors}
+
+    @property
+    def vectors(self) -> dict[str, tuple[int, str]]:
+        return dict(self._vectors.entries)
+
+    def info(self) -> list[dict[str, Any]]:
+        """Per-worker steering state (adapter, rows in use, rejected requests...)."""
+        return self.llm.collective_rpc("asteer_info")
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: Any = None,
+        steer: Sequence[SteerSpec | None] | None = None,
+        *,
+        use_tqdm: bool = False,
+        **kwargs: Any,
+    ):
+        single = isinstance(prompts, str | dict)
+        plist = [prompts] if single else list(prompts)
+        params = self._decorate(len(plist), sampling_params, steer)
+        return self.llm.generate(plist, params, use_tqdm=use_tqdm, **kwargs)
+
+    def shutdown(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+class AsyncSteeredEngine(_SteeringClient):
+    """The same on vLLM's `AsyncLLM`, for feeders that keep many requests in flight."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._init_model_info(engine.model_config)
+
+    @classmethod
+    def from_args(
+        cls,
+        model: str,
+        *,
+        steer_layers: Sequence[int] | None = None,
+        steer_capacity: int | None = None,
+        **engine_args: Any,
+    ) -> AsyncSteeredEngine:
+        compat.check_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model, **_engine_kwargs(steer_layers, steer_capacity, engine_args)
+        )
+        return cls(AsyncLLM.from_engine_args(args))
+
+    async def register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
+        tensors = self._vectors.prepare(vectors)
+        wire = {k: encode_vector(t) for k, t in tensors.items()}
+        digests = await self.engine.collective_rpc("asteer_register_vectors", args=(wire,))
+        self._vectors.commit(tensors, digests)
+        return {k: self._vectors.entries[k][1] for k in tensors}
+
+    async def generate(
+        self,
+        prompt: Any,
+        sampling_params: Any,
+        steer: SteerSpec | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Yield vLLM `RequestOutput`s for one request (the last one is final)."""
+        (params,) = self._decorate(1, sampling_params, [steer])
+        rid = request_id or uuid.uuid4().hex
+        async for out in self.engine.generate(prompt, params, rid):
+            yield out
+
+    async def generate_final(self, prompt: Any, sampling_params: Any, steer=None, request_id=None):
+        final = None
+        async for out in self.generate(prompt, sampling_params, steer, request_id):
+            final = out
+        return final
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def default_cpu_engine_args() -> dict[str, Any]:
+    """Engine arguments that work for the tiny world on vLLM's CPU backend."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return {"enforce_eager": True, "max_model_len": 1024, "seed": 0}

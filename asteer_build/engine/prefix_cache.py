@@ -1,0 +1,72 @@
+"""Prefix caching stays on and stays correct: salt the KV blocks a steering config touches.
+
+A block's KV depends on a steering config exactly when the block holds a token position
+at or past the config's first steered position (steering at block L changes every layer
+above L there, and every later position through attention). Such blocks get the config's
+fingerprint as an extra hash key; since block hashes chain, every later block is salted
+too. Blocks wholly before the window hash as if unsteered, so for `generated` and
+`last_prompt_and_generated` the prompt KV is shared by every config of the same prompt;
+for `all` everything is salted from block 0.
+
+vLLM builds block hashes in its scheduler (engine-core process) through
+`kv_cache_utils.generate_block_hash_extra_keys`; modules that imported the function by
+name get the wrapped one too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from typing import Any
+
+from .spec import from_extra_args, steer_start
+
+logger = logging.getLogger("asteer.engine")
+
+_MODULES = (
+    "vllm.v1.core.kv_cache_utils",
+    "vllm.v1.core.block_pool",
+    "vllm.v1.simple_kv_offload.manager",
+)
+_EXPECTED = ["request", "start_token_idx", "end_token_idx", "start_mm_idx"]
+
+
+def steer_extra_key(request: Any, end_token_idx: int) -> tuple[str, str] | None:
+    sp = getattr(request, "sampling_params", None)
+    spec = from_extra_args(sp.extra_args if sp is not None else None)
+    if not spec or not spec.get("fp"):
+        return None
+    if end_token_idx <= steer_start(spec.get("p", "all"), request.num_prompt_tokens):
+        return None
+    return ("asteer", spec["fp"])
+
+
+def install() -> bool:
+    utils = importlib.import_module("vllm.v1.core.kv_cache_utils")
+    orig = utils.generate_block_hash_extra_keys
+    if getattr(orig, "_asteer", False):
+        return True
+    params = list(inspect.signature(orig).parameters)
+    if params != _EXPECTED:
+        raise RuntimeError(
+            "asteer: unsupported vLLM: kv_cache_utils.generate_block_hash_extra_keys has "
+            f"parameters {params}, expected {_EXPECTED}"
+        )
+
+    def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+        keys, next_mm = orig(request, start_token_idx, end_token_idx, start_mm_idx)
+        extra = steer_extra_key(request, end_token_idx)
+        if extra is None:
+            return keys, next_mm
+        return (*(keys or ()), extra), next_mm
+
+    generate_block_hash_extra_keys._asteer = True  # type: ignore[attr-defined]
+    for name in _MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, "generate_block_hash_extra_keys", None) is orig:
+            mod.generate_block_hash_extra_keys = generate_block_hash_extra_keys
+    return True

@@ -1,0 +1,124 @@
+"""The vLLM Worker subclass that carries steering (`worker_cls`).
+
+A subclass, not a `worker_extension_cls`: steering must be installed when the model loads,
+before compile and graph capture, and an extension may not override Worker methods. The
+base class is the platform's own worker, chosen when vLLM imports this module inside the
+worker process, so one qualified name serves CPU and GPU, in-process, multiprocess and
+tensor-parallel engines alike. RPC methods are plain, string-named methods called through
+`collective_rpc`, so nothing callable is ever pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import adapters
+from .steering import SteeringState, find_decoder_layers
+
+logger = logging.getLogger("asteer.engine")
+
+CONFIG_KEY = "asteer"
+
+
+class _SteeringWorkerMixin:
+    asteer: SteeringState | None = None
+    asteer_adapter: str = ""
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)  # type: ignore[misc]
+        self._asteer_install()
+
+    def _asteer_install(self) -> None:
+        from vllm.config import CompilationMode
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        vcfg = self.vllm_config  # type: ignore[attr-defined]
+        adapter = adapters.select(runner)
+        extra = (getattr(vcfg, "additional_config", None) or {}).get(CONFIG_KEY, {})
+        hf = vcfg.model_config.hf_text_config
+        num_layers = int(hf.num_hidden_layers)
+        layers_cfg = extra.get("layers")
+        steer_layers = list(range(num_layers)) if layers_cfg is None else list(layers_cfg)
+        bad = [x for x in steer_layers if not 0 <= int(x) < num_layers]
+        if bad:
+            raise ValueError(f"asteer: steer_layers {bad} out of range 0..{num_layers - 1}")
+        max_seqs = vcfg.scheduler_config.max_num_seqs
+        max_tokens = int(
+            getattr(runner, "max_num_tokens", 0) or vcfg.scheduler_config.max_num_batched_tokens
+        )
+        sizes = getattr(vcfg.compilation_config, "cudagraph_capture_sizes", None) or [0]
+        max_tokens = max(max_tokens, max(sizes)) + 8
+        eager = (
+            vcfg.model_config.enforce_eager
+            or vcfg.compilation_config.mode == CompilationMode.NONE
+        )
+        model = runner.get_model()
+        state = SteeringState(
+            num_layers=num_layers,
+            hidden_size=int(vcfg.model_config.get_hidden_size()),
+            steer_layers=[int(x) for x in steer_layers],
+            capacity=int(extra.get("capacity") or 2 * max_seqs),
+            max_num_tokens=max_tokens,
+            dtype=vcfg.model_config.dtype,
+            device=torch.device(runner.device),
+            allow_python_branches=bool(eager),
+        )
+        blocks = find_decoder_layers(model, num_layers)
+        for layer in state.steer_layers:
+            block = blocks[layer]
+            if type(block).__name__ == "PPMissingLayer":
+                continue  # another pipeline stage owns it
+            block.register_forward_hook(state.make_hook(layer))
+        adapter.install(runner, state)
+        self.asteer = state
+        self.asteer_adapter = adapter.NAME
+        logger.info(
+            "asteer: steering installed (%s adapter, layers %s, %d rows, eager=%s)",
+            adapter.NAME, state.steer_layers, state.capacity, eager,
+        )
+
+    # ---- RPC (collective_rpc by name) ---------------------------------------------------
+    def asteer_register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
+        assert self.asteer is not None, "asteer steering is not installed in this worker"
+        return self.asteer.register_vectors(vectors)
+
+    def asteer_info(self) -> dict[str, Any]:
+        s = self.asteer
+        assert s is not None, "asteer steering is not installed in this worker"
+        return {
+            "adapter": self.asteer_adapter,
+            "steer_layers": s.steer_layers,
+            "capacity": s.capacity,
+            "hidden_size": s.hidden_size,
+            "num_layers": s.num_layers,
+            "live_requests": len(s.requests),
+            "rows_in_use": s.capacity - len(s._free_rows),
+            "rejected": s.rejected,
+            "vectors": dict(s.vector_digest),
+        }
+
+
+def _platform_worker():
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    if current_platform.is_cuda_alike():
+        from vllm.v1.worker.gpu_worker import Worker
+
+        return Worker
+    raise adapters.UnsupportedVLLMError(
+        f"asteer: no steered worker for platform {current_platform.device_name!r}"
+    )
+
+
+class SteeredWorker(_SteeringWorkerMixin, _platform_worker()):  # type: ignore[misc]
+    """The platform's vLLM worker plus per-request steering."""
+
+
+WORKER_CLS = f"{__name__}.SteeredWorker"
