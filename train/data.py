@@ -1,0 +1,216 @@
+"""Load an ASTEER dataset (features + rollouts + concepts) for one (model, method).
+
+The predictor is trained per (model, method) because steering windows are model- and
+vector-specific; mixing them would let the model learn the pair instead of the state.
+Rows whose judgment is not ``ok`` are dropped *and counted*: the reference code silently
+recorded failed judgments as under-steer, which biases the label distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Key columns of the `features` config; everything else in it is a feature column.
+# `alpha` is a key *and* a feature (the reference predictor uses it).
+FEATURE_KEYS = ("id", "model", "method", "concept_id", "prompt_id")
+ROLLOUT_COLUMNS = (
+    "id",
+    "model",
+    "method",
+    "concept_id",
+    "concept",
+    "concept_level",
+    "prompt_id",
+    "alpha",
+    "vector_norm",
+    "response_tokens",
+    "label",
+    "judge_status",
+)
+CLASS_NAMES = ("under", "success", "over")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used for training or evaluation; the message says why."""
+
+
+@dataclass
+class LoadedData:
+    """One (model, method) slice, joined on ``id``, with only usable labelled rows."""
+
+    frame: pd.DataFrame
+    feature_names: list[str]
+    model: str
+    method: str
+    concepts: pd.DataFrame
+    report: dict = field(default_factory=dict)
+
+
+def resolve_source(source: str | Path) -> Path:
+    """Local folder as is; anything else is treated as a Hub dataset repo id.
+
+    Only the configs the trainer reads are downloaded: the optional `activations`
+    config can be hundreds of GB.
+    """
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise DatasetError(f"dataset source {source!s} is a file, expected a folder")
+        return path
+    text = str(source)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise DatasetError(
+            f"dataset source {text!r} is neither an existing folder nor a Hub repo id "
+            "of the form 'owner/name'"
+        )
+    from huggingface_hub import snapshot_download  # lazy: only for Hub sources
+
+    local = snapshot_download(
+        repo_id=text,
+        repo_type="dataset",
+        allow_patterns=["features/**", "rollouts/**", "concepts/**", "*.json", "*.md"],
+    )
+    return Path(local)
+
+
+def _parquet_files(root: Path, config: str) -> list[Path]:
+    folder = root / config
+    if not folder.is_dir():
+        return []
+    return sorted(folder.rglob("*.parquet"))
+
+
+def _read_config(
+    root: Path, config: str, filters: list | None = None, columns: list[str] | None = None
+) -> pa.Table | None:
+    files = _parquet_files(root, config)
+    if not files:
+        return None
+    tables = []
+    for f in files:
+        names = pq.read_schema(f).names
+        cols = None if columns is None else [c for c in columns if c in names]
+        flt = filters if filters and all(c[0] in names for c in filters) else None
+        tables.append(pq.read_table(f, columns=cols, filters=flt))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def list_pairs(source: str | Path) -> list[tuple[str, str]]:
+    """All (model, method) pairs present in the rollouts config."""
+    root = resolve_source(source)
+    table = _read_config(root, "rollouts", columns=["model", "method"])
+    if table is None:
+        raise DatasetError(f"{root}: no rollouts/*.parquet found")
+    df = table.to_pandas().drop_duplicates()
+    return sorted((str(a), str(b)) for a, b in zip(df["model"], df["method"], strict=True))
+
+
+def load_dataset(
+    source: str | Path, model: str | None = None, method: str | None = None
+) -> LoadedData:
+    """Join features and labelled rollouts of one (model, method).
+
+    If the dataset holds several pairs, ``model``/``method`` must pick one; a single
+    pair is selected automatically so the tiny world needs no flags.
+    """
+    root = resolve_source(source)
+    if not _parquet_files(root, "rollouts"):
+        raise DatasetError(
+            f"{root}: no rollouts/*.parquet found; the rollouts config carries the labels "
+            "and is required"
+        )
+    if not _parquet_files(root, "features"):
+        raise DatasetError(f"{root}: no features/*.parquet found; run the features stage first")
+
+    pairs = list_pairs(root)
+    chosen = [p for p in pairs if (model is None or p[0] == model)]
+    chosen = [p for p in chosen if (method is None or p[1] == method)]
+    if not chosen:
+        raise DatasetError(f"no rows for model={model!r} method={method!r}; available: {pairs}")
+    if len(chosen) > 1:
+        raise DatasetError(
+            f"dataset holds several (model, method) pairs {chosen}; pick one with "
+            "--model/--method (one predictor per pair)"
+        )
+    model, method = chosen[0]
+    filters = [("model", "=", model), ("method", "=", method)]
+
+    rollouts = _read_config(root, "rollouts", filters, list(ROLLOUT_COLUMNS)).to_pandas()
+    if "label" not in rollouts.columns or rollouts["label"].isna().all():
+        raise DatasetError(
+            f"{root}: rollouts for ({model}, {method}) have no labels (column 'label' "
+            "missing or all null); run the judge stage before training"
+        )
+    n_total = len(rollouts)
+    status = (
+        rollouts["judge_status"].fillna("missing").astype(str)
+        if "judge_status" in rollouts.columns
+        else pd.Series(np.where(rollouts["label"].isna(), "missing", "ok"), index=rollouts.index)
+    )
+    not_ok = status != "ok"
+    dropped_by_status = {k: int(v) for k, v in status[not_ok].value_counts().items()}
+    rollouts = rollouts[~not_ok]
+    unlabelled_ok = int(rollouts["label"].isna().sum())
+    rollouts = rollouts[rollouts["label"].notna()].copy()
+    rollouts["label"] = rollouts["label"].astype(np.int64)
+    bad = sorted(set(rollouts["label"].unique()) - {0, 1, 2})
+    if bad:
+        raise DatasetError(f"labels must be 0 under, 1 success, 2 over; found {bad}")
+
+    features = _read_config(root, "features", filters).to_pandas()
+    if "id" not in features.columns:
+        raise DatasetError(f"{root}: features config has no 'id' column to join on")
+    feature_cols = [
+        c
+        for c in features.columns
+        if c not in FEATURE_KEYS and pd.api.types.is_numeric_dtype(features[c])
+    ]
+    for meta in ("alpha", "vector_norm"):  # the reference uses alpha and ||v|| as features
+        if meta not in feature_cols and meta in rollouts.columns:
+            feature_cols.append(meta)
+    features = features.drop(
+        columns=[c for c in features.columns if c in rollouts.columns and c != "id"]
+    )
+    frame = rollouts.merge(features, on="id", how="inner", validate="one_to_one")
+    missing_features = len(rollouts) - len(frame)
+    if frame.empty:
+        raise DatasetError(f"no labelled rollout of ({model}, {method}) has a feature row")
+    for c in feature_cols:
+        if frame[c].dtype != np.float32:
+            frame[c] = frame[c].astype(np.float32)
+
+    concepts_table = _read_config(root, "concepts")
+    if concepts_table is not None:
+        concepts = concepts_table.to_pandas()
+    else:  # derive from the rollouts; no `partition` column then
+        concepts = frame[["concept_id", "concept", "concept_level"]].drop_duplicates()
+    concepts = concepts[concepts["concept_id"].isin(frame["concept_id"])].reset_index(drop=True)
+
+    report = {
+        "source": str(source),
+        "model": model,
+        "method": method,
+        "rows_total": n_total,
+        "dropped_judge_status": dropped_by_status,
+        "dropped_unlabelled_ok": unlabelled_ok,
+        "dropped_missing_features": int(missing_features),
+        "rows_used": len(frame),
+        "n_features": len(feature_cols),
+        "label_counts": {
+            CLASS_NAMES[k]: int(v) for k, v in frame["label"].value_counts().sort_index().items()
+        },
+    }
+    return LoadedData(
+        frame=frame.reset_index(drop=True),
+        feature_names=feature_cols,
+        model=model,
+        method=method,
+        concepts=concepts,
+        report=report,
+    )

@@ -1,0 +1,239 @@
+"""The steerability predictor: LightGBM multiclass with class-balanced weights.
+
+Success is the minority class over most of the alpha grid (10-23 % in the reference),
+so training uses w_c = N / (3 n_c) and the search selects on validation macro-F1, not
+on log-loss or accuracy. The model is stored as LightGBM's own text format (readable,
+version-tolerant) next to a JSON file with everything needed to use it safely: feature
+names in order, classes, the chosen parameters and the split it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from train.data import CLASS_NAMES
+from train.metrics import macro_f1
+
+MODEL_FILE = "model.txt"
+META_FILE = "predictor.json"
+FORMAT_VERSION = 1
+
+
+class TrainingError(ValueError):
+    """Training data that would give a meaningless predictor; the message says why."""
+
+
+class FeatureMismatchError(ValueError):
+    """Prediction input does not carry the features the predictor was trained on."""
+
+
+def class_weights(y: np.ndarray) -> np.ndarray:
+    """Per-row weights w_c = N / (3 n_c); refuses data lacking a class."""
+    y = np.asarray(y, dtype=np.int64)
+    counts = np.bincount(y, minlength=3)[:3]
+    present = [CLASS_NAMES[c] for c in range(3) if counts[c] > 0]
+    if (counts == 0).any() or len(np.unique(y)) > 3:
+        raise TrainingError(
+            f"training labels contain classes {present} (counts "
+            f"{dict(zip(CLASS_NAMES, counts.tolist(), strict=True))}); need all three "
+            "classes 0 under, 1 success, 2 over to fit a 3-class predictor"
+        )
+    w_c = len(y) / (3.0 * counts)
+    return w_c[y]
+
+
+def _matrix(frame: pd.DataFrame | np.ndarray, feature_names: list[str]) -> np.ndarray:
+    if isinstance(frame, np.ndarray):
+        if frame.ndim != 2 or frame.shape[1] != len(feature_names):
+            raise FeatureMismatchError(
+                f"expected a 2-D array with {len(feature_names)} feature columns, "
+                f"got shape {frame.shape}"
+            )
+        return frame.astype(np.float32, copy=False)
+    missing = [c for c in feature_names if c not in frame.columns]
+    if missing:
+        raise FeatureMismatchError(
+            f"{len(missing)} feature column(s) the predictor was trained on are missing: "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        )
+    return frame[feature_names].to_numpy(dtype=np.float32)
+
+
+@dataclass
+class Predictor:
+    """A fitted booster plus the metadata needed to apply it to new rows."""
+
+    booster: lgb.Booster
+    feature_names: list[str]
+    params: dict
+    metadata: dict = field(default_factory=dict)
+    classes: tuple[str, ...] = CLASS_NAMES
+
+    def predict_proba(self, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """(n, 3) probabilities of under / success / over, columns by name for frames."""
+        x = _matrix(rows, self.feature_names)
+        return np.asarray(
+            self.booster.predict(x, num_iteration=self.booster.best_iteration or None)
+        ).reshape(len(x), 3)
+
+    def predict(self, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
+        return self.predict_proba(rows).argmax(axis=1)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.booster.save_model(str(folder / MODEL_FILE))  # best iteration only
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "feature_names": self.feature_names,
+            "classes": list(self.classes),
+            "params": self.params,
+            "best_iteration": int(self.booster.best_iteration or 0),
+            **self.metadata,
+        }
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=_jsonable))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Predictor:
+        folder = Path(folder)
+        if not (folder / MODEL_FILE).is_file() or not (folder / META_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: expected {MODEL_FILE} and {META_FILE}")
+        meta = json.loads((folder / META_FILE).read_text())
+        booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
+        booster.best_iteration = int(meta.get("best_iteration", 0))
+        if list(booster.feature_name()) != list(meta["feature_names"]):
+            raise FeatureMismatchError(f"{folder}: model and metadata feature names differ")
+        extra = {
+            k: v
+            for k, v in meta.items()
+            if k not in {"format_version", "feature_names", "classes", "params", "best_iteration"}
+        }
+        return cls(
+            booster,
+            list(meta["feature_names"]),
+            dict(meta["params"]),
+            extra,
+            tuple(meta["classes"]),
+        )
+
+
+def _jsonable(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+# The search space: wide enough to cover small tiny-world data and the 470k-row
+# reference size; each trial is early-stopped on validation multi-logloss.
+def sample_params(rng: np.random.Generator) -> dict:
+    return {
+        "num_leaves": int(rng.choice([15, 31, 63, 127])),
+        "learning_rate": float(np.exp(rng.uniform(np.log(0.02), np.log(0.2)))),
+        "min_data_in_leaf": int(rng.choice([10, 20, 50, 100])),
+        "feature_fraction": float(rng.uniform(0.5, 1.0)),
+        "bagging_fraction": float(rng.uniform(0.6, 1.0)),
+        "bagging_freq": 1,
+        "lambda_l2": float(np.exp(rng.uniform(np.log(1e-3), np.log(10.0)))),
+        "min_gain_to_split": float(rng.choice([0.0, 0.01, 0.1])),
+    }
+
+
+BASE_PARAMS = {
+    "objective": "multiclass",
+    "num_class": 3,
+    "metric": "multi_logloss",
+    "verbosity": -1,
+    "deterministic": True,
+    "force_row_wise": True,
+}
+
+
+def fit_predictor(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    feature_names: list[str],
+    n_trials: int = 20,
+    seed: int = 42,
+    num_threads: int = 2,
+    max_rounds: int = 1000,
+    early_stopping_rounds: int = 50,
+    fixed_params: dict | None = None,
+) -> Predictor:
+    """Random search: sample ``n_trials`` configurations, early-stop each on validation
+    loss, keep the one with the best validation macro-F1 (ties: earlier trial).
+
+    ``fixed_params`` skips the search and fits that one configuration (benchmarks,
+    baselines)."""
+    w_train = class_weights(y_train)
+    if len(np.unique(y_val)) < 2:
+        raise TrainingError("validation split has fewer than two classes; cannot select")
+    w_val = np.bincount(y_val, minlength=3)
+    w_val = (len(y_val) / (3.0 * np.maximum(w_val, 1)))[y_val]
+    ds_params = {"feature_pre_filter": False, "verbosity": -1, "num_threads": num_threads}
+    dtrain = lgb.Dataset(
+        x_train,
+        label=y_train,
+        weight=w_train,
+        feature_name=feature_names,
+        params=ds_params,
+        free_raw_data=False,
+    )
+    dval = lgb.Dataset(x_val, label=y_val, weight=w_val, reference=dtrain, params=ds_params)
+    rng = np.random.default_rng(seed)
+    configs = (
+        [fixed_params]
+        if fixed_params is not None
+        else [sample_params(rng) for _ in range(n_trials)]
+    )
+    trials, best = [], None
+    for i, cfg in enumerate(configs):
+        params = {**BASE_PARAMS, **cfg, "seed": seed + i, "num_threads": num_threads}
+        t0 = time.perf_counter()
+        booster = lgb.train(
+            params,
+            dtrain,
+            num_boost_round=max_rounds,
+            valid_sets=[dval],
+            callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)],
+        )
+        pred = np.asarray(booster.predict(x_val, num_iteration=booster.best_iteration))
+        score = macro_f1(y_val, pred.reshape(len(y_val), 3).argmax(axis=1))
+        trials.append(
+            {
+                "trial": i,
+                "params": cfg,
+                "val_macro_f1": score,
+                "best_iteration": int(booster.best_iteration),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        if best is None or score > best[0]:
+            best = (score, booster, params, i)
+    score, booster, params, idx = best
+    return Predictor(
+        booster=booster,
+        feature_names=list(feature_names),
+        params=params,
+        metadata={
+            "search": {
+                "n_trials": len(configs),
+                "selected_trial": idx,
+                "val_macro_f1": score,
+                "trials": trials,
+            }
+        },
+    )

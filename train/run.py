@@ -1,0 +1,230 @@
+"""The three stages (fit, evaluate, search) as functions over a dataset folder / Hub id.
+
+Each stage writes JSON (+ markdown and PNGs) into an output folder and returns the
+same content as a dict, so the CLI, tests and the pipeline's end-to-end check all run
+the same code. The split travels inside the saved predictor's metadata: evaluate and
+search re-derive nothing, so they cannot evaluate on rows the model trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from train import plots
+from train.data import LoadedData, load_dataset
+from train.evaluate import (
+    MajorityBaseline,
+    evaluate_models,
+    feature_importance,
+    fit_alpha_only,
+    label_fraction_by_alpha,
+    metrics_markdown,
+)
+from train.feature_names import select_features
+from train.model import Predictor, fit_predictor
+from train.search import DEFAULT_KS, DEFAULT_PROBE_TOKENS, evaluate_search, search_markdown
+from train.splits import DEFAULT_UNSEEN_FRACTION, Splits, make_splits
+
+PREDICTOR_DIR = "predictor"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_default))
+
+
+def _default(o):
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def with_splits(data: LoadedData, splits: Splits) -> pd.DataFrame:
+    return data.frame.assign(split=splits.assign(data.frame))
+
+
+def fit_data(
+    data: LoadedData,
+    out_dir: str | Path,
+    n_trials: int = 20,
+    seed: int = 42,
+    unseen_fraction: float = DEFAULT_UNSEEN_FRACTION,
+    unseen: list[str] | None = None,
+    use_partition_column: bool = False,
+    groups: list[str] | None = None,
+    tokens: list[int] | None = None,
+    no_alpha: bool = False,
+    num_threads: int = 2,
+    max_rounds: int = 1000,
+    early_stopping_rounds: int = 50,
+) -> Predictor:
+    """Split, search, save ``out_dir/predictor`` (model.txt + predictor.json)."""
+    splits = make_splits(
+        data.frame, data.concepts, unseen_fraction, seed, unseen, use_partition_column
+    )
+    frame = with_splits(data, splits)
+    names = select_features(data.feature_names, groups, tokens, no_alpha)
+    tr, va = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
+    t0 = time.perf_counter()
+    predictor = fit_predictor(
+        tr[names].to_numpy(np.float32),
+        tr["label"].to_numpy(),
+        va[names].to_numpy(np.float32),
+        va["label"].to_numpy(),
+        names,
+        n_trials=n_trials,
+        seed=seed,
+        num_threads=num_threads,
+        max_rounds=max_rounds,
+        early_stopping_rounds=early_stopping_rounds,
+    )
+    predictor.metadata.update(
+        {
+            "model": data.model,
+            "method": data.method,
+            "dataset": data.report,
+            "splits": splits.to_dict(),
+            "feature_selection": {"groups": groups, "tokens": tokens, "no_alpha": no_alpha},
+            "rows_per_split": {k: int(v) for k, v in frame["split"].value_counts().items()},
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+    predictor.save(Path(out_dir) / PREDICTOR_DIR)
+    return predictor
+
+
+def evaluate_data(
+    data: LoadedData, predictor: Predictor, out_dir: str | Path, num_threads: int = 2
+) -> dict:
+    """Metrics + baselines for seen-test and unseen, importance, plots."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = Splits.from_dict(predictor.metadata["splits"])
+    frame = with_splits(data, splits)
+    tr, va = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
+    models = {
+        "predictor": predictor,
+        "majority": MajorityBaseline(tr["label"].to_numpy()),
+        "alpha_only": fit_alpha_only(tr, va, seed=splits.seed, num_threads=num_threads),
+    }
+    metrics = evaluate_models(models, frame)
+    importance = feature_importance(predictor)
+    frac = label_fraction_by_alpha(frame)
+    result = {
+        "model": data.model,
+        "method": data.method,
+        "dataset": data.report,
+        "n_features": len(predictor.feature_names),
+        "feature_selection": predictor.metadata.get("feature_selection"),
+        "selected_params": predictor.params,
+        "val_macro_f1": predictor.metadata.get("search", {}).get("val_macro_f1"),
+        "metrics": metrics,
+        "importance": importance,
+        "label_fraction_by_alpha": {str(a): row.to_dict() for a, row in frac.iterrows()},
+    }
+    _write_json(out / "evaluation.json", result)
+    (out / "evaluation.md").write_text(
+        f"# {data.model} / {data.method}\n\n" + metrics_markdown(metrics)
+    )
+    plots.confusion_plot(metrics, out / "confusion.png")
+    plots.importance_heatmap(importance, out / "importance.png")
+    plots.label_fraction_plot(frac, out / "label_fraction_vs_alpha.png")
+    return result
+
+
+def search_data(
+    data: LoadedData,
+    predictor: Predictor,
+    out_dir: str | Path,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    probe_tokens: int = DEFAULT_PROBE_TOKENS,
+    length: str = "mean",
+) -> dict:
+    """Strength search on seen-test and unseen items, together and apart.
+
+    One mean length (over all evaluated rows) is used for every table so the token
+    costs of the parts add up to the whole."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = Splits.from_dict(predictor.metadata["splits"])
+    frame = with_splits(data, splits)
+    evaluated = frame[frame["split"].isin(["test", "unseen"])].copy()
+    evaluated["p_success"] = predictor.predict_proba(evaluated)[:, 1]
+    calibration = frame[frame["split"].isin(["train", "unseen"])]
+    mean_len = float(evaluated["response_tokens"].mean())
+    result = {"model": data.model, "method": data.method}
+    for name, part in (
+        ("all", evaluated),
+        ("seen_test", evaluated[evaluated["split"] == "test"]),
+        ("unseen", evaluated[evaluated["split"] == "unseen"]),
+    ):
+        if part.empty:
+            continue
+        result[name] = evaluate_search(
+            part,
+            calibration,
+            ks,
+            None,
+            probe_tokens,
+            length,
+            mean_len if length == "mean" else None,
+        )
+    _write_json(out / "search.json", result)
+    md = [f"# strength search: {data.model} / {data.method}\n"]
+    for name in ("all", "seen_test", "unseen"):
+        if name in result:
+            md.append(
+                f"\n## {name} ({result[name]['items']} items)\n\n" + search_markdown(result[name])
+            )
+    (out / "search.md").write_text("".join(md))
+    plots.search_plot(
+        result["all"], out / "search.png", f"{data.model} / {data.method}: seen-test + unseen"
+    )
+    return result
+
+
+def run_all(
+    dataset_folder: str | Path,
+    out_dir: str | Path,
+    model: str | None = None,
+    method: str | None = None,
+    n_trials: int = 20,
+    seed: int = 42,
+    num_threads: int = 2,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    probe_tokens: int = DEFAULT_PROBE_TOKENS,
+    length: str = "mean",
+    **fit_kwargs,
+) -> dict:
+    """Fit + evaluate + search in one call; returns the headline numbers.
+
+    Meant for the pipeline's end-to-end check on a builder-made dataset."""
+    data = load_dataset(dataset_folder, model, method)
+    predictor = fit_data(
+        data, out_dir, n_trials=n_trials, seed=seed, num_threads=num_threads, **fit_kwargs
+    )
+    ev = evaluate_data(data, predictor, out_dir, num_threads=num_threads)
+    se = search_data(data, predictor, out_dir, ks=ks, probe_tokens=probe_tokens, length=length)
+    summary = {
+        "model": data.model,
+        "method": data.method,
+        "dataset": data.report,
+        "val_macro_f1": ev["val_macro_f1"],
+        "macro_f1": {
+            split: {m: r["macro_f1"] for m, r in by.items()} for split, by in ev["metrics"].items()
+        },
+        "search": {
+            r["method"]: {"success_rate": r["success_rate"], "mean_tokens": r["mean_tokens"]}
+            for r in se["all"]["table"]
+        },
+        "out_dir": str(out_dir),
+    }
+    _write_json(Path(out_dir) / "summary.json", summary)
+    return summary
