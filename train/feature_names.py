@@ -15,7 +15,7 @@ Anything else parses as its own group with no token / layer.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 STATS = ("mean", "std", "max", "min")
 META_FEATURES = ("alpha", "vector_norm")
@@ -27,8 +27,7 @@ _LAYER_STAT = re.compile(rf"^(?P<group>.+?)_k(?P<k>-?\d+)_(?P<stat>{_STAT})$")
 _GLOBAL_STAT = re.compile(rf"^(?P<group>.+?)_(?P<stat>{_STAT})$")
 
 
-@dataclass(frozen=True)
-class FeatureInfo:
+class FeatureInfo(NamedTuple):
     name: str
     group: str
     token: int | None  # decode step t, None if the feature spans several or none

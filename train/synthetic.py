@@ -50,7 +50,7 @@ def generate(
     alphas: tuple[float, ...] = tuple(np.round(np.arange(1, 13) * 0.5, 2)),
     pairs: tuple[tuple[str, str], ...] = (("tiny-model", "diffmean"),),
     seed: int = 0,
-    label_noise: float = 0.04,
+    label_noise: float = 0.06,
     n_failed: int = 5,
     n_pending: int = 3,
     with_labels: bool = True,
@@ -105,7 +105,7 @@ def generate(
         k_arr = np.asarray(OFFSETS, dtype=float)[None, None, :]
         zz = z[:, None, None]
         fade = np.exp(-0.35 * t_arr)
-        noise_sd = 0.25 + 0.12 * t_arr
+        noise_sd = 0.7 + 0.2 * t_arr
         shape = (n, len(TOKENS), len(OFFSETS))
         base = {
             "SA": _sigmoid(2.0 * zz) * fade * (1.0 + 0.1 * k_arr),
