@@ -1,0 +1,196 @@
+"""`asteer-judge`: label shards, compare judges, and move batch files.
+
+    asteer-judge run --config judge.yaml --in rollouts/ [--out labelled/] [--rerun-failed]
+    asteer-judge run --rules --in rollouts/             # the tiny world's rules judge
+    asteer-judge agree --a labelled/ --b strong/ [--sample-csv review.csv --sample-n 600]
+    asteer-judge batch-write --config judge.yaml --in rollouts/ --requests req.jsonl
+    asteer-judge batch-read --config judge.yaml --in rollouts/ --results out.jsonl
+
+Every subcommand prints one JSON summary on stdout; logs go to stderr, with API keys
+masked. Exit status 0 means the command ran; failed rows are reported, not fatal,
+except with `--strict`, which exits 3 when any row is failed or pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import JudgeConfig, load_config
+from .secrets import install_log_redaction
+
+__all__ = ["main"]
+
+log = logging.getLogger("judge")
+
+
+def _config(args: argparse.Namespace) -> JudgeConfig:
+    cfg = load_config(args.config) if args.config else JudgeConfig()
+    if getattr(args, "model", None):
+        cfg.model = args.model
+    if getattr(args, "rules", False):
+        cfg.kind = "rules"
+    return cfg
+
+
+def _cache_path(args: argparse.Namespace, cfg: JudgeConfig) -> Path:
+    if args.cache:
+        return Path(args.cache)
+    if cfg.cache:
+        return Path(cfg.cache)
+    return Path(args.out or args.inp) / ".judge-cache.jsonl"
+
+
+async def _run(args: argparse.Namespace) -> dict:
+    from .cache import JudgmentCache
+    from .judges import LLMJudge, RulesJudge
+    from .shards import judge_shards
+
+    cfg = _config(args)
+    with JudgmentCache(_cache_path(args, cfg)) as cache:
+        if cfg.kind == "rules":
+            reports = await judge_shards(args.inp, args.out, RulesJudge(), cache,
+                                         rerun_failed=args.rerun_failed, workers=1)
+            stats: list = []
+        else:
+            from .pool import EndpointPool
+
+            if not cfg.endpoints:
+                raise SystemExit("config has no judge endpoints (or pass --rules)")
+            async with EndpointPool(cfg.endpoints, model=cfg.model, retry=cfg.retry) as pool:
+                judge = LLMJudge(pool, cfg.model, max_tokens=cfg.max_tokens,
+                                 temperature=cfg.temperature, structured=cfg.structured)
+                reports = await judge_shards(
+                    args.inp, args.out, judge, cache, rerun_failed=args.rerun_failed,
+                    workers=cfg.workers or 2 * pool.capacity)
+                stats = pool.stats()
+    return {"shards": [asdict(r) for r in reports], "endpoints": stats}
+
+
+def _summary_counts(summary: dict) -> tuple[int, int]:
+    shards = summary.get("shards", [])
+    return (sum(s["failed"] for s in shards), sum(s["pending"] for s in shards))
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    return asyncio.run(_run(args))
+
+
+def cmd_agree(args: argparse.Namespace) -> dict:
+    import pyarrow as pa
+
+    from .agreement import compare, load_labels, stratified_sample, write_sample_csv
+
+    a = load_labels(args.a, args.col_a)
+    b = load_labels(args.b or args.a, args.col_b)
+    rep = compare(a, b, args.col_a, args.col_b)
+    out = rep.as_dict()
+    if args.sample_csv:
+        b_by_id = dict(zip(b.column("id").to_pylist(), b.column(args.col_b).to_pylist(),
+                           strict=True))
+        rows = a.to_pylist()
+        for r in rows:
+            r["_a"], r["_b"] = r.get(args.col_a), b_by_id.get(r["id"])
+        sample = stratified_sample(pa.Table.from_pylist(rows), args.sample_n,
+                                   strata=("_a", "_b"), seed=args.seed)
+        write_sample_csv(sample, args.sample_csv, col_a="_a", col_b="_b")
+        out["sample_csv"], out["sample_rows"] = str(args.sample_csv), len(sample)
+    return out
+
+
+def cmd_batch_write(args: argparse.Namespace) -> dict:
+    from .batchfile import write_requests
+    from .cache import JudgmentCache
+
+    cfg = _config(args)
+    with JudgmentCache(_cache_path(args, cfg)) as cache:
+        paths = write_requests(args.inp, args.requests, model=cfg.model, cache=cache,
+                               max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                               structured=cfg.structured, rerun_failed=args.rerun_failed)
+    return {"request_files": [str(p) for p in paths],
+            "requests": sum(sum(1 for _ in open(p)) for p in paths)}
+
+
+def cmd_batch_read(args: argparse.Namespace) -> dict:
+    from .batchfile import read_results
+    from .cache import JudgmentCache
+    from .judges import LLMJudge
+    from .shards import judge_shards
+
+    cfg = _config(args)
+    with JudgmentCache(_cache_path(args, cfg)) as cache:
+        failures, counts = read_results(args.results, cache, model=cfg.model)
+        # The judge object only names the model and rubric here: cache-only mode
+        # never calls it.
+        judge = LLMJudge(pool=None, judge_model=cfg.model)  # type: ignore[arg-type]
+        reports = asyncio.run(judge_shards(args.inp, args.out, judge, cache,
+                                           rerun_failed=args.rerun_failed, cache_only=True,
+                                           external_failures=failures))
+    return {"results": counts, "shards": [asdict(r) for r in reports]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asteer-judge", description=__doc__.split("\n")[0])
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def shard_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML with a judge: section")
+        sp.add_argument("--in", dest="inp", required=True, help="shard directory")
+        sp.add_argument("--out", help="output directory (default: rewrite --in)")
+        sp.add_argument("--cache", help="cache file (default: config, else <out>/.judge-cache)")
+        sp.add_argument("--model", help="override the judge model name")
+        sp.add_argument("--rerun-failed", action="store_true",
+                        help="retry rows whose judge_status is failed")
+        sp.add_argument("--strict", action="store_true",
+                        help="exit 3 if any row ends failed or pending")
+
+    r = sub.add_parser("run", help="judge a shard directory")
+    shard_args(r)
+    r.add_argument("--rules", action="store_true", help="use the tiny world's rules judge")
+    r.set_defaults(func=cmd_run)
+
+    a = sub.add_parser("agree", help="Cohen's kappa and confusion matrix of two judges")
+    a.add_argument("--a", required=True)
+    a.add_argument("--b", help="second judge's shards (default: --a, with --col-b)")
+    a.add_argument("--col-a", default="label")
+    a.add_argument("--col-b", default="label")
+    a.add_argument("--sample-csv", help="write a stratified sample for human review")
+    a.add_argument("--sample-n", type=int, default=600)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=cmd_agree)
+
+    w = sub.add_parser("batch-write", help="write OpenAI Batch API request JSONL")
+    shard_args(w)
+    w.add_argument("--requests", required=True, help="output .jsonl path")
+    w.set_defaults(func=cmd_batch_write)
+
+    b = sub.add_parser("batch-read", help="label shards from Batch API result JSONL")
+    shard_args(b)
+    b.add_argument("--results", required=True, nargs="+", help="result .jsonl file(s)")
+    b.set_defaults(func=cmd_batch_read)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    summary = args.func(args)
+    print(json.dumps(summary, indent=2, default=str))
+    if getattr(args, "strict", False):
+        failed, pending = _summary_counts(summary)
+        if failed or pending:
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
