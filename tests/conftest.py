@@ -1,0 +1,59 @@
+"""Shared fixtures: the tiny world model and helpers to start engines on it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+PROMPTS = [
+    "explain the ocean to a friend",
+    "write a short story about a robot",
+    "why is coffee good for people",
+    "list three reasons to travel",
+    "how can we learn music in school",
+    "what is a good plan for the day",
+    "write a poem about winter",
+    "explain money",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from asteer_build.tinyworld import build_tiny_model
+
+    return str(build_tiny_model())
+
+
+def chat_ids(model_path: str, questions: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return [
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
+        for q in questions
+    ]
+
+
+def engine_args(**over):
+    args = dict(
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=64,
+        seed=0,
+        kv_cache_memory_bytes=512 << 20,
+        block_size=32,
+    )
+    args.update(over)
+    return args
