@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -110,6 +111,7 @@ def search_plot(result: dict, path: str | Path, title: str = "") -> Path:
                 fontsize=8,
             )
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("decoded tokens per item")
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.02)
