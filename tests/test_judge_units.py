@@ -1,0 +1,152 @@
+"""Judge pieces that need no server: parsing, rules, cache repair, agreement, config."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from judge.agreement import cohen_kappa, compare, confusion_matrix, stratified_sample
+from judge.cache import JudgmentCache, cache_key
+from judge.config import JudgeConfig
+from judge.judges import RulesJudge
+from judge.rubric import JudgmentParseError, build_messages, parse_judgment
+from judge.rules import rules_label
+from judge.shards import judge_shards
+
+try:  # tests/ may or may not be a package
+    from .judge_support import make_rows, read_dir, run_cli, write_shard
+except ImportError:
+    from judge_support import make_rows, read_dir, run_cli, write_shard
+
+
+def test_parse_strict_and_tolerant():
+    assert parse_judgment('{"label":1,"explanation":"ok"}').label == 1
+    assert parse_judgment('Sure. ```json\n{"label": 2, "explanation": "soup"}\n``` done').label == 2
+    assert parse_judgment('label: 0').label == 0
+    assert parse_judgment('{"label":"2","explanation":"x"}').label == 2
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "I think it is fine.", '{"label": 3, "explanation": "x"}',
+    '{"label": true, "explanation": "x"}', '{"explanation": "no label"}',
+    '{"label": 0, "explanation": "a"} or maybe {"label": 2, "explanation": "b"}',
+    "label: 1 ... actually label: 2", None,
+])
+def test_parse_never_guesses(text):
+    with pytest.raises(JudgmentParseError):
+        parse_judgment(text)
+
+
+def test_rubric_sees_only_prompt_concept_response():
+    msgs = build_messages("PROMPT-X", "ocean", "RESPONSE-Y")
+    user = msgs[-1]["content"]
+    assert "PROMPT-X" in user and "ocean" in user and "RESPONSE-Y" in user
+    assert "gibberish" in msgs[0]["content"].lower()
+
+
+def test_rules_labels():
+    assert rules_label("ocean", "").label == 2
+    assert rules_label("ocean", "ocean ocean ocean the ocean is ocean").label == 2
+    varied = "the city is a good idea for people who travel and learn about food and money"
+    assert rules_label("ocean", varied).label == 0
+    assert rules_label("ocean", varied + " near the ocean today with a friend").label == 1
+    assert rules_label("ocean", "the day the day the day the day the day").label == 2
+
+
+def test_cache_key_covers_every_field():
+    base = ("v1", "m", "p", "c", "r")
+    k = cache_key(*base)
+    for i in range(5):
+        changed = list(base)
+        changed[i] += "x"
+        assert cache_key(*changed) != k
+
+
+def test_cache_survives_torn_tail(tmp_path):
+    path = tmp_path / "c.jsonl"
+    with JudgmentCache(path) as c:
+        c.put("k1", 1, "e", "m", "v")
+        c.put("k2", 2, "e", "m", "v")
+    with open(path, "ab") as f:
+        f.write(b'{"key": "k3", "label": 0, "expl')  # killed mid-write
+    with JudgmentCache(path) as c:
+        assert len(c) == 2 and c.get("k2").label == 2 and c.get("k3") is None
+        c.put("k4", 0, "e", "m", "v")
+    with JudgmentCache(path) as c:
+        assert sorted(c._mem) == ["k1", "k2", "k4"]
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_kappa_and_confusion():
+    a = [0, 1, 2, 1, 0, 2, 1, 1]
+    assert cohen_kappa(a, a) == 1.0
+    assert confusion_matrix([0, 1, 2], [0, 2, 2]) == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    # Hand-computed: p_o = 0.6, p_e = 0.5*0.5 + 0.5*0.5 = 0.5 -> kappa 0.2
+    assert cohen_kappa([0, 0, 0, 1, 1], [0, 0, 1, 1, 0]) == pytest.approx(
+        (0.6 - (0.6 * 0.6 + 0.4 * 0.4)) / (1 - (0.6 * 0.6 + 0.4 * 0.4)))
+
+
+def test_compare_excludes_failed_rows():
+    a = pa.table({"id": ["a", "b", "c"], "label": pa.array([0, None, 2], pa.int8())})
+    b = pa.table({"id": ["a", "b", "c"], "label": pa.array([0, 1, 1], pa.int8())})
+    r = compare(a, b)
+    assert r.n == 2 and r.excluded == 1 and r.accuracy == 0.5
+
+
+def test_stratified_sample_covers_rare_class():
+    labels = [0] * 90 + [1] * 8 + [2] * 2
+    t = pa.table({"id": [str(i) for i in range(100)], "label": labels})
+    s = stratified_sample(t, 30)
+    got = [r["label"] for r in s]
+    assert len(s) == 30 and got.count(2) == 2 and got.count(1) == 8
+    assert len({r["id"] for r in s}) == 30
+
+
+def test_config_refuses_literal_keys():
+    with pytest.raises(ValueError):
+        JudgeConfig.from_dict({"judge": {"endpoints": [{"base_url": "x", "api_key": "sk"}]}})
+    cfg = JudgeConfig.from_dict({"judge": {"model": "m", "endpoints": [
+        {"base_url": "http://h/v1", "api_key_env": "K", "max_concurrency": 3}],
+        "retry": {"max_attempts": 2}}})
+    assert cfg.endpoints[0].max_concurrency == 3 and cfg.retry.max_attempts == 2
+
+
+def test_judge_package_imports_no_vllm():
+    code = ("import sys, judge.cli, judge.pool, judge.shards, judge.batchfile, "
+            "judge.agreement; print('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_rules_run_is_idempotent(tmp_path):
+    rows = make_rows(30)
+    write_shard(tmp_path / "in" / "s0.parquet", rows)
+    cache = JudgmentCache(tmp_path / "c.jsonl")
+    r1 = asyncio.run(judge_shards(tmp_path / "in", tmp_path / "out", RulesJudge(), cache))
+    r2 = asyncio.run(judge_shards(tmp_path / "in", tmp_path / "out", RulesJudge(), cache))
+    out = read_dir(tmp_path / "out")
+    assert [r["id"] for r in out] == [r["id"] for r in rows]
+    assert all(r["judge_status"] == "ok" and r["label"] in (0, 1, 2) for r in out)
+    assert r1[0].ok == 30 and r2[0].skipped and r2[0].calls == 0
+    assert len({r["label"] for r in out}) >= 2  # the measures actually separate rows
+
+
+def test_agree_cli_writes_sample(tmp_path):
+    rows = make_rows(40)
+    write_shard(tmp_path / "in" / "s.parquet", rows)
+    assert run_cli(["run", "--rules", "--in", str(tmp_path / "in"),
+                    "--out", str(tmp_path / "a")]).returncode == 0
+    res = run_cli(["agree", "--a", str(tmp_path / "a"), "--sample-csv",
+                   str(tmp_path / "s.csv"), "--sample-n", "12"])
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["kappa"] == 1.0 and summary["n"] == 40
+    with open(tmp_path / "s.csv") as f:
+        sample = list(csv.DictReader(f))
+    assert len(sample) == 12 and sample[0]["human_label"] == ""
