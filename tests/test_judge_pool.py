@@ -26,12 +26,26 @@ from judge.shards import judge_shards
 
 try:  # tests/ may or may not be a package
     from .judge_support import (
-        ROOT, FaultProxy, make_rows, read_dir, row_key, run_cli, served_model, vllm_server,
+        ROOT,
+        FaultProxy,
+        make_rows,
+        read_dir,
+        row_key,
+        run_cli,
+        served_model,
+        vllm_server,
         write_shard,
     )
 except ImportError:
     from judge_support import (
-        ROOT, FaultProxy, make_rows, read_dir, row_key, run_cli, served_model, vllm_server,
+        ROOT,
+        FaultProxy,
+        make_rows,
+        read_dir,
+        row_key,
+        run_cli,
+        served_model,
+        vllm_server,
         write_shard,
     )
 
