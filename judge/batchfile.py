@@ -52,9 +52,12 @@ def write_requests(
     in_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], *, model: str,
     cache: JudgmentCache | None = None, max_tokens: int = 200, temperature: float = 0.0,
     structured: bool = True, rerun_failed: bool = False, max_per_file: int = MAX_PER_FILE,
+    out_dir: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Write request files for rows still to judge; returns the files written.
 
+    Row status is read from the labelled shard in `out_dir` where one exists (as
+    `judge.shards` does), so failed rows are only requested again with `rerun_failed`.
     With more than `max_per_file` requests the files are `<stem>-00000<suffix>`, ...
     Rows already in `cache` are left out: they need no call.
     """
@@ -63,7 +66,8 @@ def write_requests(
     seen: set[str] = set()
     lines: list[str] = []
     for shard in list_shards(in_dir):
-        t = pq.read_table(shard)
+        done = Path(out_dir) / shard.name if out_dir is not None else shard
+        t = pq.read_table(done if done.exists() else shard)
         status = (t.column("judge_status").to_pylist() if "judge_status" in t.column_names
                   else [None] * t.num_rows)
         for p, c, r, s in zip(t.column("prompt").to_pylist(), t.column("concept").to_pylist(),

@@ -111,7 +111,8 @@ def cmd_batch_write(args: argparse.Namespace) -> dict:
     with JudgmentCache(_cache_path(args, cfg)) as cache:
         paths = write_requests(args.inp, args.requests, model=cfg.model, cache=cache,
                                max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                               structured=cfg.structured, rerun_failed=args.rerun_failed)
+                               structured=cfg.structured, rerun_failed=args.rerun_failed,
+                               out_dir=args.out)
     return {"request_files": [str(p) for p in paths],
             "requests": sum(sum(1 for _ in open(p)) for p in paths)}
 
