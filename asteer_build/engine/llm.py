@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from . import compat
-from .spec import EXTRA_KEY, SteerSpec, to_extra_args, validate
+from .spec import CONFIG_KEY, EXTRA_KEY, WORKER_CLS, SteerSpec, to_extra_args, validate
 from .steering import encode_vector, vector_digest
-from .worker import CONFIG_KEY, WORKER_CLS
 
 
 def _engine_kwargs(

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 EXTRA_KEY = "asteer"
+#: Key of the engine-level settings in vLLM's `additional_config`.
+CONFIG_KEY = "asteer"
+#: The steered worker, by qualified name: vLLM imports it inside each worker process.
+WORKER_CLS = "asteer_build.engine.worker.SteeredWorker"
 
 #: Where the delta is added, by token position p of the request (0-based, P = prompt
 #: length; the forward at p = P - 1 produces generated token 0, the one at P consumes it):

@@ -70,15 +70,23 @@ class SteeringState:
         self.tables = torch.zeros(
             len(self.steer_layers), capacity + 1, hidden_size, dtype=dtype, device=device
         )
-        pin = device.type == "cuda"
-        self._index_host = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=pin)
-        self._index_host_np = self._index_host.numpy()
+        # Host side of the token -> row index. On CPU the device tensor *is* the host
+        # buffer. On GPU two pinned buffers alternate, each guarded by an event, so the
+        # host never rewrites a buffer whose async copy the stream has not run yet
+        # (async scheduling prepares step k+1 while step k runs).
+        on_cpu = device.type == "cpu"
+        self._hosts = [
+            torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=not on_cpu)
+            for _ in range(1 if on_cpu else 2)
+        ]
+        self._events = [None] * len(self._hosts)
+        self._dirty = [0] * len(self._hosts)
+        self._turn = 0
         self.row_index = (
-            self._index_host
-            if device.type == "cpu"
+            self._hosts[0]
+            if on_cpu
             else torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         )
-        self._dirty_upto = 0  # index entries [0, _dirty_upto) may be non-zero
         self.vectors: dict[str, torch.Tensor] = {}  # name -> float32 [hidden] on device
         self.vector_digest: dict[str, str] = {}
         self._free_rows = list(range(capacity, 0, -1))
@@ -199,7 +207,12 @@ class SteeringState:
         num_scheduled[i] - 1, contiguous in batch order. This is exact under chunked
         prefill and prefix-cache hits because it reads the runner's own counts.
         """
-        idx = self._index_host_np
+        turn = self._turn
+        host = self._hosts[turn]
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()
+        idx = host.numpy()
+        dirty = self._dirty[turn]
         n = int(num_scheduled_req.sum())
         if self.requests and rows_req.any():
             tok_rows = np.repeat(rows_req, num_scheduled_req)
@@ -210,14 +223,18 @@ class SteeringState:
                 np.cumsum(num_scheduled_req) - num_scheduled_req, num_scheduled_req
             )
             np.multiply(tok_rows, offsets >= first, out=idx[:n])
-            if self._dirty_upto > n:
-                idx[n : self._dirty_upto] = 0
-            self._dirty_upto = n
-        elif self._dirty_upto:
-            idx[: self._dirty_upto] = 0
-            self._dirty_upto = 0
-        if self.row_index is not self._index_host:
-            self.row_index.copy_(self._index_host, non_blocking=True)
+            if dirty > n:
+                idx[n:dirty] = 0
+            self._dirty[turn] = n
+        elif dirty:
+            idx[:dirty] = 0
+            self._dirty[turn] = 0
+        if host is not self.row_index:
+            self.row_index.copy_(host, non_blocking=True)
+            event = self._events[turn] or torch.cuda.Event()
+            event.record()
+            self._events[turn] = event
+            self._turn = 1 - turn
 
     # ---- hooks ---------------------------------------------------------------------------
     def make_hook(self, layer: int):

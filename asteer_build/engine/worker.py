@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from . import adapters
+from .spec import CONFIG_KEY, WORKER_CLS
 from .steering import SteeringState, find_decoder_layers
 
 logger = logging.getLogger("asteer.engine")
-
-CONFIG_KEY = "asteer"
 
 
 class _SteeringWorkerMixin:
@@ -121,4 +120,4 @@ class SteeredWorker(_SteeringWorkerMixin, _platform_worker()):  # type: ignore[m
     """The platform's vLLM worker plus per-request steering."""
 
 
-WORKER_CLS = f"{__name__}.SteeredWorker"
+assert WORKER_CLS == f"{__name__}.SteeredWorker"

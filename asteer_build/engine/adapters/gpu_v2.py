@@ -1,0 +1,81 @@
+"""Adapter for vLLM 0.33's GPU Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`).
+
+MRv2 keeps each request in a persistent state slot (`req_states.req_id_to_index`) for its
+lifetime and builds every step's batch through `idx_mapping_np` (batch index -> slot). So
+the per-request row and window start live in two slot-indexed arrays, written when a
+request is added and cleared when it finishes or is preempted (MRv2 frees preempted
+requests and re-adds them as new on resume); the per-step lookup is one numpy gather,
+with no per-request Python in the step. The index is filled right after
+`prepare_inputs`, before the forward or the full-graph replay reads it.
+
+Not exercised in CI (no GPU there): the CPU adapter and the shared `SteeringState` are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..spec import from_extra_args
+from ..steering import SteeringState
+from . import UnsupportedVLLMError, new_request_prompt_len
+
+NAME = "gpu-v2"
+
+
+def check(runner: Any) -> None:
+    need = ("add_requests", "finish_requests", "prepare_inputs", "req_states", "max_num_reqs")
+    missing = [a for a in need if not hasattr(runner, a)]
+    if missing:
+        raise UnsupportedVLLMError(
+            f"asteer: this vLLM's Model Runner V2 lacks {missing}; supported is vLLM 0.33"
+        )
+
+
+def install(runner: Any, state: SteeringState) -> None:
+    rows_by_slot = np.zeros(runner.max_num_reqs, dtype=np.int64)
+    start_by_slot = np.zeros(runner.max_num_reqs, dtype=np.int64)
+    slots = runner.req_states.req_id_to_index
+    orig_finish = runner.finish_requests
+    orig_add = runner.add_requests
+    orig_prepare = runner.prepare_inputs
+
+    def finish_requests(scheduler_output, *args, **kwargs):
+        gone = scheduler_output.finished_req_ids
+        if scheduler_output.preempted_req_ids:
+            gone = gone | scheduler_output.preempted_req_ids
+        for req_id in gone:
+            slot = slots.get(req_id)
+            if slot is not None:
+                rows_by_slot[slot] = 0
+                start_by_slot[slot] = 0
+            state.release(req_id)
+        return orig_finish(scheduler_output, *args, **kwargs)
+
+    def add_requests(scheduler_output, *args, **kwargs):
+        out = orig_add(scheduler_output, *args, **kwargs)
+        for new in scheduler_output.scheduled_new_reqs:
+            sp = new.sampling_params
+            spec = from_extra_args(sp.extra_args if sp is not None else None)
+            row = state.acquire(new.req_id, spec, new_request_prompt_len(new))
+            slot = slots[new.req_id]
+            rows_by_slot[slot] = row
+            start_by_slot[slot] = state.requests[new.req_id][2] if row else 0
+        return out
+
+    def prepare_inputs(*args, **kwargs):
+        batch = orig_prepare(*args, **kwargs)
+        n = batch.num_reqs
+        idx = batch.idx_mapping_np[:n]
+        state.fill_index(
+            rows_by_slot[idx],
+            start_by_slot[idx],
+            batch.num_computed_tokens_np[:n].astype(np.int64, copy=False),
+            batch.num_scheduled_tokens[:n].astype(np.int64, copy=False),
+        )
+        return batch
+
+    runner.finish_requests = finish_requests
+    runner.add_requests = add_requests
+    runner.prepare_inputs = prepare_inputs
