@@ -27,7 +27,8 @@ def test_async_engine_concurrent_requests_match_reference(tiny_model):
         try:
             await eng.register_vectors(v)
             with pytest.raises(ValueError, match=r"steer\[0\]\.layer"):
-                await eng.generate_final({"prompt_token_ids": reqs[0]}, params, SteerSpec("v", 1, 9))
+                bad = SteerSpec("v", 1, 9)
+                await eng.generate_final({"prompt_token_ids": reqs[0]}, params, bad)
             outs = await asyncio.gather(
                 *(
                     eng.generate_final({"prompt_token_ids": p}, params, s)
