@@ -1,0 +1,264 @@
+"""`asteer-build run`: the stages vectors -> rollouts -> judge over one run folder.
+
+Every stage reads committed shards of the stage before it and commits its own; this
+module decides what is left to do (from the manifest), refuses a run folder whose items
+would change, and hands the rollouts to an executor (local or Ray).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import BuildConfig, check_output
+from .plan import Plan, Shard, make_plan, shard_name
+from .shards import Manifest, ShardFile, Store, open_store
+
+__all__ = ["RunOptions", "BuildRefused", "prepare_run", "run_build", "build_status",
+           "STAGE_ORDER"]
+
+log = logging.getLogger("asteer_build")
+
+#: user-facing stages; `rollouts` also writes features / activations when capturing
+STAGE_ORDER = ("vectors", "rollouts", "judge")
+_ROLLOUT_SETS = ("rollouts", "features", "activations")
+
+
+class BuildRefused(RuntimeError):
+    """The run folder belongs to a different plan; nothing was touched."""
+
+
+@dataclass
+class RunOptions:
+    out: str | None = None
+    executor: str = "local"
+    rerun_shards: list[int] = field(default_factory=list)
+    rerun_failed: bool = False
+    stages: tuple[str, ...] = STAGE_ORDER
+    progress: bool = True
+
+
+@dataclass
+class Run:
+    cfg: BuildConfig
+    plan: Plan
+    store: Store
+    manifest: Manifest
+    opts: RunOptions
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
+    """Check everything that can fail before an engine starts, then open the manifest."""
+    bad = [s for s in opts.stages if s not in STAGE_ORDER]
+    if bad:
+        raise ValueError(f"--stages: unknown stage(s) {bad} (known: {', '.join(STAGE_ORDER)})")
+    if opts.executor not in ("local", "ray"):
+        raise ValueError(f"--executor: expected local or ray (got {opts.executor!r})")
+    where = "--out" if opts.out else "output"
+    location = opts.out or (cfg.resolve(cfg.output) if cfg.output else None)
+    uri = check_output(location, where)
+    plan = make_plan(cfg)
+    for i in opts.rerun_shards:
+        if not 0 <= i < len(plan.shards):
+            raise ValueError(f"--rerun-shards: shard {i} does not exist (plan has "
+                             f"{len(plan.shards)} shards, 0..{len(plan.shards) - 1})")
+    store = open_store(uri)
+    manifest = Manifest.load(store)
+    if manifest is None:
+        manifest = Manifest.create(store, config=cfg.as_dict(), config_hash=cfg.config_hash(),
+                                   plan_hash=plan.plan_hash, n_items=plan.n_items,
+                                   n_shards=len(plan.shards))
+    elif manifest.data["plan_hash"] != plan.plan_hash:
+        changed = _config_diff(manifest.data.get("config", {}), cfg.as_dict())
+        raise BuildRefused(
+            f"refusing to build into {store.uri}: it holds a build whose items differ from "
+            f"this config's (plan {manifest.data['plan_hash']} there, {plan.plan_hash} now; "
+            f"changed: {', '.join(changed) or 'concept or prompt files'}). Restore the "
+            "config, or give a new output location (--out DIR or `output:`)."
+        )
+    elif manifest.data["config_hash"] != cfg.config_hash():
+        # Same items, different settings that do not change them (judge, engine args,
+        # executor options): keep going, and remember the new config.
+        hist = manifest.data.setdefault("config_history", [])
+        hist.append({"config_hash": manifest.data["config_hash"],
+                     "config": manifest.data["config"]})
+        manifest.data["config"], manifest.data["config_hash"] = cfg.as_dict(), cfg.config_hash()
+        manifest.save()
+    removed = store.clean_temps()
+    if removed:
+        log.info("removed %d temp file(s) left by an interrupted writer", removed)
+    if opts.rerun_shards:
+        names = [shard_name(i) for i in opts.rerun_shards]
+        for stage in (*_ROLLOUT_SETS, "labelled"):
+            manifest.forget(stage, names)
+    return Run(cfg, plan, store, manifest, opts)
+
+
+def _vectors_stage(run: Run) -> None:
+    from . import vectors as vec_mod
+    from .work import resolve_model_path
+
+    for m in run.cfg.models:
+        if run.manifest.is_committed("vectors", m.name):
+            continue
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
+            opts = dict(run.cfg.vectors)
+            vec_mod.build_vectors(resolve_model_path(m.path), run.plan.concepts,
+                                  run.cfg.layer, list(run.cfg.methods), tmp, **opts)
+            files = []
+            for p in sorted(Path(tmp).iterdir()):
+                files.append(run.store.put_file("vectors", f"{m.name}/{p.name}",
+                                                f"vectors/{m.name}/{p.name}",
+                                                p.read_bytes(), len(run.plan.concepts)))
+        # One entry per model; its files ride along, so the entry names them all.
+        entry = files[-1]
+        run.manifest.record([ShardFile("vectors", m.name, f"vectors/{m.name}", entry.rows,
+                                       entry.sha256, sum(f.bytes for f in files))],
+                            parts={f.path: f.sha256 for f in files})
+        log.info("vectors for %s: %d concepts x %s in %.1fs", m.name, len(run.plan.concepts),
+                 list(run.cfg.methods), time.time() - t0)
+
+
+def pending_shards(run: Run) -> list[Shard]:
+    return [s for s in run.plan.shards if not run.manifest.is_committed("rollouts", s.name)]
+
+
+def _rollouts_stage(run: Run) -> dict[str, Any]:
+    missing = [m.name for m in run.cfg.models if not run.manifest.is_committed("vectors", m.name)]
+    if missing:
+        raise RuntimeError(f"rollouts: no committed vectors for {missing}; run the vectors "
+                           "stage first")
+    todo = pending_shards(run)
+    if not todo:
+        return {"shards_run": 0, "items_run": 0}
+    if run.opts.executor == "ray":
+        from .execute_ray import run_rollouts_ray
+
+        return run_rollouts_ray(run, todo)
+    from .execute_local import run_rollouts_local
+
+    return run_rollouts_local(run, todo)
+
+
+async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
+    from judge.cache import JudgmentCache
+    from judge.config import JudgeConfig
+    from judge.shards import judge_shard
+
+    jc = JudgeConfig.from_dict(run.cfg.judge)
+    staging = Path(_staging_dir(run)) / "labelled"
+    staging.mkdir(parents=True, exist_ok=True)
+    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(Path(_staging_dir(run)) /
+                                                              "judge-cache.jsonl")
+    reports = []
+
+    async def label_all(judge: Any, workers: int) -> None:
+        with JudgmentCache(cache_path) as cache:
+            for name in todo:
+                src = staging / f"{name}.src.parquet"
+                dest = staging / f"{name}.parquet"
+                entry = run.manifest.entries("labelled").get(name)
+                base = entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
+                src.write_bytes(run.store.read_bytes(base))
+                if dest.exists() and name not in rerun:
+                    pass  # a killed judge run left it: judge_shard resumes from it
+                elif dest.exists():
+                    dest.unlink()
+                rep = await judge_shard(src, dest, judge, cache, rerun_failed=name in rerun,
+                                        workers=workers)
+                f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
+                                       dest.read_bytes(), rep.rows)
+                run.manifest.record([f], ok=rep.ok, failed=rep.failed, pending=rep.pending,
+                                    judge_model=judge.judge_model)
+                src.unlink(missing_ok=True)
+                dest.unlink(missing_ok=True)
+                reports.append(rep)
+
+    if jc.kind == "rules":
+        from judge.judges import RulesJudge
+
+        await label_all(RulesJudge(), 1)
+    else:
+        from judge.judges import LLMJudge
+        from judge.pool import EndpointPool
+
+        async with EndpointPool(jc.endpoints, model=jc.model, retry=jc.retry) as pool:
+            judge = LLMJudge(pool, jc.model, max_tokens=jc.max_tokens,
+                             temperature=jc.temperature, structured=jc.structured)
+            await label_all(judge, jc.workers or 2 * pool.capacity)
+    return reports
+
+
+def _staging_dir(run: Run) -> str:
+    """Local scratch for the judge (it works on local files); inside the run folder when
+    that is local, so a resumed judge finds its half-labelled shard again."""
+    if run.store.local:
+        return run.store.path(".staging")
+    root = Path(os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer")
+    return str(root / "staging" / run.plan.plan_hash)
+
+
+def _judge_stage(run: Run) -> dict[str, Any]:
+    import asyncio
+
+    labelled = run.manifest.entries("labelled")
+    rerun = set()
+    if run.opts.rerun_failed:
+        rerun = {n for n, e in labelled.items() if e.get("failed", 0) or e.get("pending", 0)}
+    todo = [n for n in sorted(run.manifest.entries("rollouts")) if n not in labelled or n in rerun]
+    if not todo:
+        return {"shards_judged": 0}
+    reports = asyncio.run(_judge_async(run, todo, rerun))
+    return {"shards_judged": len(reports), "ok": sum(r.ok for r in reports),
+            "failed": sum(r.failed for r in reports)}
+
+
+def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:
+    run = prepare_run(cfg, opts)
+    t0 = time.time()
+    summary: dict[str, Any] = {"run": run.store.uri, "plan_hash": run.plan.plan_hash,
+                               "items": run.plan.n_items, "shards": len(run.plan.shards)}
+    if "vectors" in opts.stages:
+        _vectors_stage(run)
+    if "rollouts" in opts.stages:
+        summary["rollouts"] = _rollouts_stage(run)
+    if "judge" in opts.stages:
+        summary["judge"] = _judge_stage(run)
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["status"] = build_status(run.store)
+    return summary
+
+
+def build_status(run: str | Store) -> dict[str, Any]:
+    """Progress per stage from the manifest alone (cheap on a remote store)."""
+    store = run if isinstance(run, Store) else open_store(run)
+    m = Manifest.load(store)
+    if m is None:
+        raise FileNotFoundError(f"{store.uri}: not a run folder (no build.json)")
+    n_shards, n_items = m.data["shards"], m.data["items"]
+    models = [x["name"] for x in m.data["config"]["models"]]
+    out: dict[str, Any] = {"run": store.uri, "plan_hash": m.data["plan_hash"],
+                           "items": n_items, "shards": n_shards, "stages": {}}
+    out["stages"]["vectors"] = {"done": len(m.entries("vectors")), "total": len(models)}
+    for stage in ("rollouts", "features", "activations", "labelled"):
+        ents = m.entries(stage)
+        if not ents and stage in ("features", "activations"):
+            continue
+        st = {"shards_done": len(ents), "shards_total": n_shards,
+              "rows": sum(e["rows"] for e in ents.values())}
+        if stage == "labelled":
+            st["ok"] = sum(e.get("ok", 0) for e in ents.values())
+            st["failed"] = sum(e.get("failed", 0) for e in ents.values())
+        out["stages"][stage] = st
+    return out

@@ -1,0 +1,127 @@
+"""`asteer-build`: plan, run and inspect a build.
+
+    asteer-build plan CONFIG
+    asteer-build run --config CONFIG [--out DIR] [--executor local|ray]
+                     [--rerun-shards 3,17] [--rerun-failed] [--stages vectors,rollouts,judge]
+    asteer-build status RUN_DIR
+
+`plan` and `status` print JSON on stdout (plus a table for `plan`); `run` prints its
+summary as JSON last. Exit status: 0 ok, 2 bad config or arguments (nothing was done),
+3 refused (the output folder holds another plan), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shard numbers like 3,17 (got {s!r})") from None
+
+
+def _stages(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from .config import load_config
+    from .plan import plan_summary
+
+    cfg = load_config(args.config)
+    summ = plan_summary(cfg)
+    print(f"{summ['name']}: {summ['items']:,} rollouts in {summ['shards']:,} shards of "
+          f"<= {summ['shard_size']}", file=sys.stderr)
+    for r in summ["by_model_method"]:
+        print(f"  {r['model']:<28} {r['method']:<9} {r['concepts']} concepts x {r['prompts']} "
+              f"prompts x {r['alphas']} alphas = {r['items']:,} items, {r['shards']} shards",
+              file=sys.stderr)
+    t = summ["tokens"]
+    print(f"  tokens: ~{t['prefill_estimate']:,} prompt, <= {t['decode_upper_bound']:,} "
+          f"generated; stages: {' -> '.join(summ['stages'])}", file=sys.stderr)
+    return summ
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from .build import RunOptions, run_build
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    opts = RunOptions(out=args.out, executor=args.executor, rerun_shards=args.rerun_shards,
+                      rerun_failed=args.rerun_failed,
+                      stages=args.stages or RunOptions().stages,
+                      progress=not args.no_progress)
+    return run_build(cfg, opts)
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from .build import build_status
+
+    st = build_status(args.run_dir)
+    for name, s in st["stages"].items():
+        if "shards_done" in s:
+            print(f"  {name:<12} {s['shards_done']}/{s['shards_total']} shards, "
+                  f"{s['rows']:,} rows", file=sys.stderr)
+        else:
+            print(f"  {name:<12} {s['done']}/{s['total']} models", file=sys.stderr)
+    return st
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asteer-build", description=__doc__.split("\n")[0])
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("plan", help="counts, shards and token estimate of a config")
+    sp.add_argument("config")
+    sp.set_defaults(fn=cmd_plan)
+    sp = sub.add_parser("run", help="build (or resume) a run folder")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--out", help="output location (overrides the config's `output:`)")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local")
+    sp.add_argument("--rerun-shards", type=_ints, default=[],
+                    help="comma-separated shard numbers to rebuild")
+    sp.add_argument("--rerun-failed", action="store_true",
+                    help="re-judge rows whose judge_status is failed or pending")
+    sp.add_argument("--stages", type=_stages, default=None,
+                    help="comma-separated subset of vectors,rollouts,judge")
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("status", help="progress per stage of a run folder")
+    sp.add_argument("run_dir")
+    sp.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .build import BuildRefused
+    from .config import ConfigError
+    from .sources import SourceError
+
+    try:
+        out = args.fn(args)
+    except (ConfigError, SourceError) as e:
+        print(f"asteer-build: config error: {e}", file=sys.stderr)
+        return 2
+    except BuildRefused as e:
+        print(f"asteer-build: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"asteer-build: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""One shard's work, shared by the local and Ray executors: requests in, shard files out.
+
+Both executors must produce byte-identical shards for the same items (the Ray test
+compares them), so everything between "a planned shard" and "files renamed into place"
+lives here and nowhere else: prompt tokenization, request fields, row schema, writing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .config import TINYWORLD, BuildConfig, ModelConfig
+from .plan import Item, Shard
+from .rollouts import RolloutRequest, RolloutResult
+from .shards import ShardFile, Store
+
+__all__ = [
+    "ROLLOUT_SCHEMA", "ModelContext", "resolve_model_path", "model_context", "shard_requests",
+    "write_shard", "capture_settings", "engine_kwargs",
+]
+
+ROLLOUT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("model", pa.string()), ("method", pa.string()),
+    ("concept_id", pa.string()), ("concept", pa.string()), ("concept_level", pa.string()),
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("layer", pa.int32()),
+    ("alpha", pa.float64()), ("vector_norm", pa.float32()), ("seed", pa.int64()),
+    ("response", pa.string()), ("response_tokens", pa.int32()),
+    ("finish_reason", pa.string()), ("label", pa.int8()), ("judge_model", pa.string()),
+    ("judge_status", pa.string()), ("judge_explanation", pa.string()),
+])
+_KEYS = ("id", "model", "method", "concept_id", "prompt_id", "alpha")
+
+
+def resolve_model_path(path: str) -> str:
+    if path == TINYWORLD:
+        from .tinyworld import build_tiny_model
+
+        return str(build_tiny_model())
+    return path
+
+
+def engine_kwargs(m: ModelConfig) -> dict[str, Any]:
+    kw = dict(m.engine_args)
+    if m.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = m.tensor_parallel_size
+    return kw
+
+
+def capture_settings(cfg: BuildConfig) -> Any:
+    """The config's capture section as `asteer_build.capture.CaptureSettings`, or None
+    when capture is off (or the capture module is not installed yet)."""
+    if not cfg.capture:
+        return None
+    try:
+        from .capture import CaptureSettings
+    except ImportError as e:
+        raise RuntimeError(f"capture: configured, but asteer_build.capture is missing: {e}") from e
+    return CaptureSettings(**cfg.capture)
+
+
+@dataclass
+class ModelContext:
+    """What an engine host needs per model: vectors, their norms, tokenized prompts."""
+
+    model: ModelConfig
+    path: str
+    vectors: dict[str, Any]
+    norms: dict[str, float]
+    prompt_ids: dict[str, list[int]]
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def chat_prompt_ids(path: str, prompt: str) -> list[int]:
+    """One user turn through the model's chat template, generation prompt added, no
+    system prompt; thinking disabled where the template knows the switch (Qwen3)."""
+    tok = _tokenizer(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                  add_generation_prompt=True, tokenize=True,
+                                  return_dict=False, enable_thinking=False)
+    return [int(x) for x in ids]
+
+
+def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts) -> ModelContext:
+    from .vectors import load_vectors
+
+    path = resolve_model_path(model.path)
+    files = {}
+    for name in ["index.json", *[f"{m}.safetensors" for m in cfg.methods]]:
+        files[name] = store.read_bytes(f"vectors/{model.name}/{name}")
+    vecs, norms = load_vectors(files)
+    pids = {p.prompt_id: chat_prompt_ids(path, p.prompt) for p in prompts}
+    return ModelContext(model, path, vecs, norms, pids)
+
+
+def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[RolloutRequest]:
+    s = cfg.sampling
+    return [
+        RolloutRequest(
+            id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
+            vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
+            positions=cfg.positions, seed=it.seed, max_tokens=s.max_tokens,
+            temperature=s.temperature, top_p=s.top_p,
+        )
+        for it in shard.items
+    ]
+
+
+def _rollout_table(items: list[Item], results: list[RolloutResult],
+                   norms: dict[str, float]) -> pa.Table:
+    cols: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
+    for it, r in zip(items, results, strict=True):
+        if r.id != it.id:
+            raise RuntimeError(f"result {r.id} out of order (expected {it.id})")
+        row = {
+            "id": it.id, "model": it.model, "method": it.method, "concept_id": it.concept_id,
+            "concept": it.concept, "concept_level": it.concept_level,
+            "prompt_id": it.prompt_id, "prompt": it.prompt, "layer": it.layer,
+            "alpha": it.alpha, "vector_norm": norms[f"{it.method}/{it.concept_id}"],
+            "seed": it.seed, "response": r.response, "response_tokens": r.response_tokens,
+            "finish_reason": r.finish_reason, "label": None, "judge_model": None,
+            "judge_status": "pending", "judge_explanation": None,
+        }
+        for k, v in row.items():
+            cols[k].append(v)
+    return pa.table(cols, schema=ROLLOUT_SCHEMA)
+
+
+def _features_table(items: list[Item], results: list[RolloutResult]) -> pa.Table | None:
+    if not results or results[0].features is None:
+        return None
+    names = list(results[0].features)
+    cols: dict[str, Any] = {
+        "id": pa.array([it.id for it in items], pa.string()),
+        "model": pa.array([it.model for it in items], pa.string()),
+        "method": pa.array([it.method for it in items], pa.string()),
+        "concept_id": pa.array([it.concept_id for it in items], pa.string()),
+        "prompt_id": pa.array([it.prompt_id for it in items], pa.string()),
+        "alpha": pa.array([it.alpha for it in items], pa.float64()),
+    }
+    for n in names:
+        cols[n] = pa.array(np.asarray([r.features[n] for r in results], np.float32))
+    return pa.table(cols)
+
+
+def _nested(arr: np.ndarray) -> pa.Array:
+    """[rows, *shape] float16 as nested fixed-size lists (loads back as numpy arrays)."""
+    a = pa.array(arr.reshape(-1).astype(np.float16))
+    for dim in reversed(arr.shape[1:]):
+        a = pa.FixedSizeListArray.from_arrays(a, int(dim))
+    return a
+
+
+def _activations_table(items: list[Item], results: list[RolloutResult]) -> pa.Table | None:
+    if not results or not results[0].activations:
+        return None
+    cols: dict[str, Any] = {"id": pa.array([it.id for it in items], pa.string())}
+    for n in results[0].activations:
+        cols[n] = _nested(np.stack([np.asarray(r.activations[n]) for r in results]))
+    return pa.table(cols)
+
+
+def write_shard(store: Store, shard: Shard, results: list[RolloutResult],
+                norms: dict[str, float]) -> list[ShardFile]:
+    """Write the shard's files (rollouts, then features / activations when captured);
+    each is renamed into place; the caller records them in the manifest."""
+    files = []
+    feats = _features_table(shard.items, results)
+    if feats is not None:
+        files.append(store.write_table("features", shard.name, feats))
+    acts = _activations_table(shard.items, results)
+    if acts is not None:
+        files.append(store.write_table("activations", shard.name, acts))
+    files.append(store.write_table("rollouts", shard.name,
+                                   _rollout_table(shard.items, results, norms)))
+    return files
