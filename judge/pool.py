@@ -23,6 +23,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +125,7 @@ class EndpointPool:
             raise ValueError("an endpoint pool needs at least one endpoint")
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
-        self._cond = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._eps: list[_Endpoint] = []
         for cfg in endpoints:
             name = cfg.model or model
@@ -161,70 +162,100 @@ class EndpointPool:
 
     # -- dispatch ---------------------------------------------------------------------
 
-    async def _acquire(self) -> _Endpoint:
-        deadline = time.monotonic() + self.retry.acquire_timeout_s
-        async with self._cond:
-            while True:
-                now = time.monotonic()
-                best: _Endpoint | None = None
-                for ep in self._eps:
-                    if ep.state == "down" and now >= ep.down_until:
-                        ep.state = "probing"
-                        log.info("probing endpoint %s back", ep.cfg.base_url)
-                    if ep.state == "down" or ep.in_flight >= ep.limit():
-                        continue
-                    load = ep.in_flight / ep.cfg.max_concurrency
-                    if best is None or load < best.in_flight / best.cfg.max_concurrency:
-                        best = ep
-                if best is not None:
-                    best.in_flight += 1
-                    return best
-                if now >= deadline:
-                    raise _Retryable("no_endpoint", "no endpoint available", eject=False)
-                wake = deadline - now
-                downs = [ep.down_until - now for ep in self._eps if ep.state == "down"]
-                if downs:
-                    wake = min(wake, max(0.01, min(downs)))
-                try:
-                    await asyncio.wait_for(self._cond.wait(), timeout=wake)
-                except TimeoutError:
-                    pass
+    def _pick(self) -> _Endpoint | None:
+        """Least-loaded endpoint with a free slot, or None. Synchronous on purpose: the
+        event loop is single-threaded, so no lock is needed and waiters cost nothing."""
+        now = time.monotonic()
+        best: _Endpoint | None = None
+        for ep in self._eps:
+            if ep.state == "down" and now >= ep.down_until:
+                ep.state = "probing"
+                log.info("probing endpoint %s back", ep.cfg.base_url)
+            if ep.state == "down" or ep.in_flight >= ep.limit():
+                continue
+            if best is None or (ep.in_flight / ep.cfg.max_concurrency
+                                < best.in_flight / best.cfg.max_concurrency):
+                best = ep
+        if best is not None:
+            best.in_flight += 1
+        return best
 
-    async def _release(
+    def _wake(self, n: int | None = None) -> None:
+        """Wake `n` waiters (all if None), first come first served."""
+        while self._waiters and (n is None or n > 0):
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                if n is not None:
+                    n -= 1
+
+    async def _acquire(self) -> _Endpoint:
+        if not self._waiters and (ep := self._pick()) is not None:
+            return ep
+        deadline = time.monotonic() + self.retry.acquire_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise _Retryable("no_endpoint", "no endpoint available", eject=False)
+            wake = deadline - now
+            downs = [ep.down_until - now for ep in self._eps if ep.state == "down"]
+            if downs:  # nobody will release a slot: wake up in time to probe
+                wake = min(wake, max(0.01, min(downs)))
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, timeout=wake)
+            except TimeoutError:
+                pass
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._wake(1)  # cancelled after being woken: pass the slot on
+                raise
+            finally:
+                if not fut.done():
+                    fut.cancel()
+            if (ep := self._pick()) is not None:
+                if self._waiters and any(e.in_flight < e.limit() for e in self._eps):
+                    self._wake(1)  # more slots may be free (e.g. an endpoint came back)
+                return ep
+
+    def _release(
         self, ep: _Endpoint, error: _Retryable | None, *, neutral: bool = False
     ) -> None:
-        async with self._cond:
-            ep.in_flight -= 1
-            if neutral:  # cancelled or a permanent client error: says nothing of health
-                pass
-            elif error is None:
-                ep.stats["ok"] += 1
-                ep.consecutive_failures = 0
-                if ep.state == "probing":
-                    log.info("endpoint %s is back", ep.cfg.base_url)
-                ep.state, ep.cooldown_s = "healthy", 0.0
-            else:
-                ep.stats["errors"] += 1
-                if error.eject:
-                    ep.consecutive_failures += 1
-                    if ep.state == "probing" or (
-                        ep.state == "healthy"
-                        and ep.consecutive_failures >= self.retry.failures_to_eject
-                    ):
-                        ep.cooldown_s = min(
-                            self.retry.max_cooldown_s,
-                            max(self.retry.cooldown_s, ep.cooldown_s * 2),
-                        )
-                        ep.state, ep.down_until = "down", time.monotonic() + ep.cooldown_s
-                        ep.stats["ejected"] += 1
-                        log.warning(
-                            "endpoint %s out for %.1fs after %s",
-                            ep.cfg.base_url, ep.cooldown_s, error.kind,
-                        )
-                elif ep.state == "probing":
-                    # A 429 proves the server is alive: count the probe as passed.
-                    ep.state, ep.cooldown_s, ep.consecutive_failures = "healthy", 0.0, 0
-            self._cond.notify_all()
+        ep.in_flight -= 1
+        was = ep.state
+        if neutral:  # cancelled or a permanent client error: says nothing of health
+            pass
+        elif error is None:
+            ep.stats["ok"] += 1
+            ep.consecutive_failures = 0
+            if ep.state == "probing":
+                log.info("endpoint %s is back", ep.cfg.base_url)
+            ep.state, ep.cooldown_s = "healthy", 0.0
+        else:
+            ep.stats["errors"] += 1
+            if error.eject:
+                ep.consecutive_failures += 1
+                if ep.state == "probing" or (
+                    ep.state == "healthy"
+                    and ep.consecutive_failures >= self.retry.failures_to_eject
+                ):
+                    ep.cooldown_s = min(
+                        self.retry.max_cooldown_s,
+                        max(self.retry.cooldown_s, ep.cooldown_s * 2),
+                    )
+                    ep.state, ep.down_until = "down", time.monotonic() + ep.cooldown_s
+                    ep.stats["ejected"] += 1
+                    log.warning(
+                        "endpoint %s out for %.1fs after %s",
+                        ep.cfg.base_url, ep.cooldown_s, error.kind,
+                    )
+            elif ep.state == "probing":
+                # A 429 proves the server is alive: count the probe as passed.
+                ep.state, ep.cooldown_s, ep.consecutive_failures = "healthy", 0.0, 0
+        # One freed slot wakes one waiter; an endpoint back in service wakes everyone.
+        self._wake(None if (was != ep.state and ep.state == "healthy") else 1)
 
     # -- one call ---------------------------------------------------------------------
 
@@ -303,12 +334,12 @@ class EndpointPool:
             except _Retryable as e:
                 err = e
             except _Fatal as e:
-                await self._release(ep, None, neutral=True)
+                self._release(ep, None, neutral=True)
                 raise PoolError(e.kind, str(e), attempt) from None
             except BaseException:
-                await self._release(ep, None, neutral=True)
+                self._release(ep, None, neutral=True)
                 raise
-            await self._release(ep, err)
+            self._release(ep, err)
             if err is None:
                 return Completion(text, finish, ep.cfg.base_url, ep.model, attempt, structured)
             last = err
