@@ -21,6 +21,7 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,8 +53,12 @@ async def plain(url: str, model: str, rows: list[dict], c: int, max_tokens: int)
         nonlocal ok
         async with sem:
             resp = await client.chat.completions.create(
-                model=model, messages=build_messages(r["prompt"], r["concept"], r["response"]),
-                response_format=response_format(), max_tokens=max_tokens, temperature=0.0)
+                model=model,
+                messages=build_messages(r["prompt"], r["concept"], r["response"]),
+                response_format=response_format(),
+                max_tokens=max_tokens,
+                temperature=0.0,
+            )
         parse_judgment(resp.choices[0].message.content)
         ok += 1
 
@@ -77,7 +82,8 @@ async def pooled(url: str, model: str, rows: list[dict], c: int, max_tokens: int
         await _run_calls(judge, items, 2 * c, lambda k, o: results.__setitem__(k, o))
         dt = time.perf_counter() - t
     assert all(o.status == "ok" for o in results.values()), [
-        o.error for o in results.values() if o.status != "ok"][:3]
+        o.error for o in results.values() if o.status != "ok"
+    ][:3]
     return len(rows) / dt
 
 
@@ -96,8 +102,7 @@ def main() -> None:
     else:
         from asteer_build.tinyworld import build_tiny_model
 
-        log = ROOT / "benchmarks" / "results" / ".bench_judge_serve.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        log = Path(tempfile.gettempdir()) / "asteer-bench-judge-serve.log"
         ctx = vllm_server(str(build_tiny_model()), log, max_num_seqs=32)
     with ctx as url:
         model = args.model or served_model(url)
@@ -118,27 +123,42 @@ def main() -> None:
                     p_runs.append(asyncio.run(plain(url, model, b, c, args.max_tokens)))
             p, q = statistics.median(p_runs), statistics.median(q_runs)
             ratios = [b / a for a, b in zip(p_runs, q_runs, strict=True)]
-            table.append({"concurrency": c, "requests_per_round": _n_for(c),
-                          "plain_judgments_per_s": round(p, 2),
-                          "pool_judgments_per_s": round(q, 2),
-                          "ratio": round(statistics.median(ratios), 3),
-                          "paired_ratios": [round(x, 3) for x in ratios],
-                          "plain_rounds": [round(x, 2) for x in p_runs],
-                          "pool_rounds": [round(x, 2) for x in q_runs]})
+            table.append(
+                {
+                    "concurrency": c,
+                    "requests_per_round": _n_for(c),
+                    "plain_judgments_per_s": round(p, 2),
+                    "pool_judgments_per_s": round(q, 2),
+                    "ratio": round(statistics.median(ratios), 3),
+                    "paired_ratios": [round(x, 3) for x in ratios],
+                    "plain_rounds": [round(x, 2) for x in p_runs],
+                    "pool_rounds": [round(x, 2) for x in q_runs],
+                }
+            )
             print(json.dumps(table[-1]), flush=True)
     top = table[-1]
-    write("bench_judge", {
-        "workload": {"server": "vllm serve, tiny world model, CPU", "max_tokens":
-                     args.max_tokens, "temperature": 0.0, "structured_output": True,
-                     "rounds": args.rounds,
-                     "statistic": "median round; ratio = median of paired round ratios"},
-        "headline": {"concurrency": top["concurrency"],
-                     "pool_judgments_per_s": top["pool_judgments_per_s"],
-                     "plain_judgments_per_s": top["plain_judgments_per_s"],
-                     "ratio": top["ratio"], "target_ratio": 0.9,
-                     "min_ratio_any_concurrency": min(r["ratio"] for r in table)},
-        "by_concurrency": table,
-    })
+    write(
+        "bench_judge",
+        {
+            "workload": {
+                "server": "vllm serve, tiny world model, CPU",
+                "max_tokens": args.max_tokens,
+                "temperature": 0.0,
+                "structured_output": True,
+                "rounds": args.rounds,
+                "statistic": "median round; ratio = median of paired round ratios",
+            },
+            "headline": {
+                "concurrency": top["concurrency"],
+                "pool_judgments_per_s": top["pool_judgments_per_s"],
+                "plain_judgments_per_s": top["plain_judgments_per_s"],
+                "ratio": top["ratio"],
+                "target_ratio": 0.9,
+                "min_ratio_any_concurrency": min(r["ratio"] for r in table),
+            },
+            "by_concurrency": table,
+        },
+    )
 
 
 if __name__ == "__main__":

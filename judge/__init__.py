@@ -1,4 +1,15 @@
-"""The judge pool: label every rollout, lose none, fabricate none. No vLLM import here."""
+"""The judge pool: label every rollout, lose none, fabricate none. No vLLM import here.
+
+Labelled shards carry the `rollouts` judge columns of the dataset contract (`label` int8
+null unless ok, `judge_model`, `judge_status` ok|failed|pending, `judge_explanation`)
+plus `judge_error`, the redacted reason a row failed: without it a failed row could not
+be told from one that was never tried, and `--rerun-failed` would have nothing to show.
+
+Modules: `rubric` (prompt, schema, parsing), `pool` (endpoints, dispatch, retries),
+`judges` (LLM and rules judges), `rules` (tiny-world measures), `cache`, `shards`,
+`batchfile` (OpenAI Batch API files), `agreement` (kappa, review samples), `config`,
+`secrets` (key redaction), `cli` (`asteer-judge`).
+"""
 
 from .rubric import RUBRIC_VERSION
 

@@ -21,14 +21,22 @@ import pyarrow.parquet as pq
 
 from .rubric import LABELS
 
-__all__ = ["confusion_matrix", "cohen_kappa", "AgreementReport", "compare", "load_labels",
-           "stratified_sample", "write_sample_csv"]
+__all__ = [
+    "confusion_matrix",
+    "cohen_kappa",
+    "AgreementReport",
+    "compare",
+    "load_labels",
+    "stratified_sample",
+    "write_sample_csv",
+]
 
 CLASSES = tuple(sorted(LABELS))
 
 
-def confusion_matrix(a: Sequence[int], b: Sequence[int],
-                     classes: Sequence[int] = CLASSES) -> list[list[int]]:
+def confusion_matrix(
+    a: Sequence[int], b: Sequence[int], classes: Sequence[int] = CLASSES
+) -> list[list[int]]:
     """Rows are judge A's labels, columns judge B's."""
     if len(a) != len(b):
         raise ValueError("label sequences differ in length")
@@ -76,17 +84,23 @@ class AgreementReport:
     confusion: list[list[int]]
 
     def as_dict(self) -> dict:
-        return {"n": self.n, "excluded": self.excluded, "kappa": self.kappa,
-                "accuracy": self.accuracy, "classes": list(CLASSES),
-                "confusion_rows_a_cols_b": self.confusion}
+        return {
+            "n": self.n,
+            "excluded": self.excluded,
+            "kappa": self.kappa,
+            "accuracy": self.accuracy,
+            "classes": list(CLASSES),
+            "confusion_rows_a_cols_b": self.confusion,
+        }
 
 
 def _by_id(t: pa.Table, column: str) -> dict[str, int | None]:
     return dict(zip(t.column("id").to_pylist(), t.column(column).to_pylist(), strict=True))
 
 
-def compare(a: pa.Table, b: pa.Table, col_a: str = "label",
-            col_b: str = "label") -> AgreementReport:
+def compare(
+    a: pa.Table, b: pa.Table, col_a: str = "label", col_b: str = "label"
+) -> AgreementReport:
     la, lb = _by_id(a, col_a), _by_id(b, col_b)
     ids = sorted(set(la) | set(lb))
     xs, ys = [], []
@@ -97,12 +111,12 @@ def compare(a: pa.Table, b: pa.Table, col_a: str = "label",
             ys.append(int(y))
     m = confusion_matrix(xs, ys)
     agree = sum(1 for x, y in zip(xs, ys, strict=True) if x == y)
-    return AgreementReport(len(xs), len(ids) - len(xs), cohen_kappa(xs, ys),
-                           agree / len(xs), m)
+    return AgreementReport(len(xs), len(ids) - len(xs), cohen_kappa(xs, ys), agree / len(xs), m)
 
 
-def stratified_sample(t: pa.Table, n: int, strata: Sequence[str] = ("label",),
-                      seed: int = 0) -> list[dict]:
+def stratified_sample(
+    t: pa.Table, n: int, strata: Sequence[str] = ("label",), seed: int = 0
+) -> list[dict]:
     """`n` rows spread evenly over strata (a small stratum gives all it has and its
     unused share goes to the others), so rare classes get reviewed at all."""
     rows = t.to_pylist()
@@ -127,20 +141,36 @@ def stratified_sample(t: pa.Table, n: int, strata: Sequence[str] = ("label",),
     return [r for k in keys for r in groups[k][: take[k]]]
 
 
-SAMPLE_FIELDS = ["id", "concept", "prompt", "response", "label_a", "label_b", "human_label",
-                 "notes"]
+SAMPLE_FIELDS = [
+    "id",
+    "concept",
+    "prompt",
+    "response",
+    "label_a",
+    "label_b",
+    "human_label",
+    "notes",
+]
 
 
-def write_sample_csv(rows: list[dict], path: str | os.PathLike[str], col_a: str = "label",
-                     col_b: str | None = None) -> None:
+def write_sample_csv(
+    rows: list[dict], path: str | os.PathLike[str], col_a: str = "label", col_b: str | None = None
+) -> None:
     """CSV with empty `human_label` / `notes` columns for reviewers to fill."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=SAMPLE_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({"id": r.get("id"), "concept": r.get("concept"),
-                        "prompt": r.get("prompt"), "response": r.get("response"),
-                        "label_a": r.get(col_a),
-                        "label_b": r.get(col_b) if col_b else "",
-                        "human_label": "", "notes": ""})
+            w.writerow(
+                {
+                    "id": r.get("id"),
+                    "concept": r.get("concept"),
+                    "prompt": r.get("prompt"),
+                    "response": r.get("response"),
+                    "label_a": r.get(col_a),
+                    "label_b": r.get(col_b) if col_b else "",
+                    "human_label": "",
+                    "notes": "",
+                }
+            )

@@ -35,8 +35,16 @@ __all__ = ["write_requests", "read_results"]
 MAX_PER_FILE = 50_000
 
 
-def _request_line(key: str, prompt: str, concept: str, response: str, model: str,
-                  max_tokens: int, temperature: float, structured: bool) -> dict[str, Any]:
+def _request_line(
+    key: str,
+    prompt: str,
+    concept: str,
+    response: str,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    structured: bool,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "messages": build_messages(prompt, concept, response),
@@ -49,9 +57,16 @@ def _request_line(key: str, prompt: str, concept: str, response: str, model: str
 
 
 def write_requests(
-    in_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], *, model: str,
-    cache: JudgmentCache | None = None, max_tokens: int = 200, temperature: float = 0.0,
-    structured: bool = True, rerun_failed: bool = False, max_per_file: int = MAX_PER_FILE,
+    in_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    model: str,
+    cache: JudgmentCache | None = None,
+    max_tokens: int = 200,
+    temperature: float = 0.0,
+    structured: bool = True,
+    rerun_failed: bool = False,
+    max_per_file: int = MAX_PER_FILE,
     out_dir: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Write request files for rows still to judge; returns the files written.
@@ -68,10 +83,18 @@ def write_requests(
     for shard in list_shards(in_dir):
         done = Path(out_dir) / shard.name if out_dir is not None else shard
         t = pq.read_table(done if done.exists() else shard)
-        status = (t.column("judge_status").to_pylist() if "judge_status" in t.column_names
-                  else [None] * t.num_rows)
-        for p, c, r, s in zip(t.column("prompt").to_pylist(), t.column("concept").to_pylist(),
-                              t.column("response").to_pylist(), status, strict=True):
+        status = (
+            t.column("judge_status").to_pylist()
+            if "judge_status" in t.column_names
+            else [None] * t.num_rows
+        )
+        for p, c, r, s in zip(
+            t.column("prompt").to_pylist(),
+            t.column("concept").to_pylist(),
+            t.column("response").to_pylist(),
+            status,
+            strict=True,
+        ):
             if s == "ok" or (s == "failed" and not rerun_failed):
                 continue
             p, c, r = p or "", c or "", r or ""
@@ -79,12 +102,18 @@ def write_requests(
             if key in seen or (cache is not None and key in cache):
                 continue
             seen.add(key)
-            lines.append(json.dumps(_request_line(key, p, c, r, model, max_tokens,
-                                                  temperature, structured),
-                                    ensure_ascii=False))
-    chunks = [lines[i:i + max_per_file] for i in range(0, len(lines), max_per_file)] or [[]]
-    paths = [out] if len(chunks) == 1 else [
-        out.with_name(f"{out.stem}-{i:05d}{out.suffix}") for i in range(len(chunks))]
+            lines.append(
+                json.dumps(
+                    _request_line(key, p, c, r, model, max_tokens, temperature, structured),
+                    ensure_ascii=False,
+                )
+            )
+    chunks = [lines[i : i + max_per_file] for i in range(0, len(lines), max_per_file)] or [[]]
+    paths = (
+        [out]
+        if len(chunks) == 1
+        else [out.with_name(f"{out.stem}-{i:05d}{out.suffix}") for i in range(len(chunks))]
+    )
     for path, chunk in zip(paths, chunks, strict=True):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in chunk), encoding="utf-8")
@@ -92,8 +121,12 @@ def write_requests(
     return paths
 
 
-def read_results(paths: list[str | os.PathLike[str]], cache: JudgmentCache, *, model: str,
-                 ) -> tuple[dict[str, str], dict[str, int]]:
+def read_results(
+    paths: list[str | os.PathLike[str]],
+    cache: JudgmentCache,
+    *,
+    model: str,
+) -> tuple[dict[str, str], dict[str, int]]:
     """Load result files into the cache. Returns (failures by custom_id, counts)."""
     failures: dict[str, str] = {}
     counts = {"ok": 0, "failed": 0}

@@ -22,10 +22,12 @@ from pathlib import Path
 __all__ = ["cache_key", "CachedJudgment", "JudgmentCache"]
 
 
-def cache_key(rubric_version: str, judge_model: str, prompt: str, concept: str,
-              response: str) -> str:
-    payload = json.dumps([rubric_version, judge_model, prompt, concept, response],
-                         ensure_ascii=False)
+def cache_key(
+    rubric_version: str, judge_model: str, prompt: str, concept: str, response: str
+) -> str:
+    payload = json.dumps(
+        [rubric_version, judge_model, prompt, concept, response], ensure_ascii=False
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -57,8 +59,9 @@ class JudgmentCache:
         for line in data[:end].splitlines():
             try:
                 e = json.loads(line)
-                self._mem[e["key"]] = CachedJudgment(int(e["label"]), e["explanation"],
-                                                     e["judge_model"])
+                self._mem[e["key"]] = CachedJudgment(
+                    int(e["label"]), e["explanation"], e["judge_model"]
+                )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a damaged line costs one repeat call, never a wrong label
 
@@ -71,13 +74,24 @@ class JudgmentCache:
     def get(self, key: str) -> CachedJudgment | None:
         return self._mem.get(key)
 
-    def put(self, key: str, label: int, explanation: str, judge_model: str,
-            rubric_version: str) -> None:
+    def put(
+        self, key: str, label: int, explanation: str, judge_model: str, rubric_version: str
+    ) -> None:
         if key in self._mem:
             return
-        line = json.dumps({"key": key, "label": int(label), "explanation": explanation,
-                           "judge_model": judge_model, "rubric_version": rubric_version},
-                          ensure_ascii=False) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "key": key,
+                    "label": int(label),
+                    "explanation": explanation,
+                    "judge_model": judge_model,
+                    "rubric_version": rubric_version,
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
         os.write(self._fd, line.encode("utf-8"))
         if self.fsync:
             os.fsync(self._fd)

@@ -54,8 +54,9 @@ async def _run(args: argparse.Namespace) -> dict:
     cfg = _config(args)
     with JudgmentCache(_cache_path(args, cfg)) as cache:
         if cfg.kind == "rules":
-            reports = await judge_shards(args.inp, args.out, RulesJudge(), cache,
-                                         rerun_failed=args.rerun_failed, workers=1)
+            reports = await judge_shards(
+                args.inp, args.out, RulesJudge(), cache, rerun_failed=args.rerun_failed, workers=1
+            )
             stats: list = []
         else:
             from .pool import EndpointPool
@@ -63,11 +64,21 @@ async def _run(args: argparse.Namespace) -> dict:
             if not cfg.endpoints:
                 raise SystemExit("config has no judge endpoints (or pass --rules)")
             async with EndpointPool(cfg.endpoints, model=cfg.model, retry=cfg.retry) as pool:
-                judge = LLMJudge(pool, cfg.model, max_tokens=cfg.max_tokens,
-                                 temperature=cfg.temperature, structured=cfg.structured)
+                judge = LLMJudge(
+                    pool,
+                    cfg.model,
+                    max_tokens=cfg.max_tokens,
+                    temperature=cfg.temperature,
+                    structured=cfg.structured,
+                )
                 reports = await judge_shards(
-                    args.inp, args.out, judge, cache, rerun_failed=args.rerun_failed,
-                    workers=cfg.workers or 2 * pool.capacity)
+                    args.inp,
+                    args.out,
+                    judge,
+                    cache,
+                    rerun_failed=args.rerun_failed,
+                    workers=cfg.workers or 2 * pool.capacity,
+                )
                 stats = pool.stats()
     return {"shards": [asdict(r) for r in reports], "endpoints": stats}
 
@@ -91,13 +102,15 @@ def cmd_agree(args: argparse.Namespace) -> dict:
     rep = compare(a, b, args.col_a, args.col_b)
     out = rep.as_dict()
     if args.sample_csv:
-        b_by_id = dict(zip(b.column("id").to_pylist(), b.column(args.col_b).to_pylist(),
-                           strict=True))
+        b_by_id = dict(
+            zip(b.column("id").to_pylist(), b.column(args.col_b).to_pylist(), strict=True)
+        )
         rows = a.to_pylist()
         for r in rows:
             r["_a"], r["_b"] = r.get(args.col_a), b_by_id.get(r["id"])
-        sample = stratified_sample(pa.Table.from_pylist(rows), args.sample_n,
-                                   strata=("_a", "_b"), seed=args.seed)
+        sample = stratified_sample(
+            pa.Table.from_pylist(rows), args.sample_n, strata=("_a", "_b"), seed=args.seed
+        )
         write_sample_csv(sample, args.sample_csv, col_a="_a", col_b="_b")
         out["sample_csv"], out["sample_rows"] = str(args.sample_csv), len(sample)
     return out
@@ -109,12 +122,21 @@ def cmd_batch_write(args: argparse.Namespace) -> dict:
 
     cfg = _config(args)
     with JudgmentCache(_cache_path(args, cfg)) as cache:
-        paths = write_requests(args.inp, args.requests, model=cfg.model, cache=cache,
-                               max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                               structured=cfg.structured, rerun_failed=args.rerun_failed,
-                               out_dir=args.out)
-    return {"request_files": [str(p) for p in paths],
-            "requests": sum(sum(1 for _ in open(p)) for p in paths)}
+        paths = write_requests(
+            args.inp,
+            args.requests,
+            model=cfg.model,
+            cache=cache,
+            max_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            structured=cfg.structured,
+            rerun_failed=args.rerun_failed,
+            out_dir=args.out,
+        )
+    return {
+        "request_files": [str(p) for p in paths],
+        "requests": sum(sum(1 for _ in open(p)) for p in paths),
+    }
 
 
 def cmd_batch_read(args: argparse.Namespace) -> dict:
@@ -129,9 +151,17 @@ def cmd_batch_read(args: argparse.Namespace) -> dict:
         # The judge object only names the model and rubric here: cache-only mode
         # never calls it.
         judge = LLMJudge(pool=None, judge_model=cfg.model)  # type: ignore[arg-type]
-        reports = asyncio.run(judge_shards(args.inp, args.out, judge, cache,
-                                           rerun_failed=args.rerun_failed, cache_only=True,
-                                           external_failures=failures))
+        reports = asyncio.run(
+            judge_shards(
+                args.inp,
+                args.out,
+                judge,
+                cache,
+                rerun_failed=args.rerun_failed,
+                cache_only=True,
+                external_failures=failures,
+            )
+        )
     return {"results": counts, "shards": [asdict(r) for r in reports]}
 
 
@@ -146,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="output directory (default: rewrite --in)")
         sp.add_argument("--cache", help="cache file (default: config, else <out>/.judge-cache)")
         sp.add_argument("--model", help="override the judge model name")
-        sp.add_argument("--rerun-failed", action="store_true",
-                        help="retry rows whose judge_status is failed")
-        sp.add_argument("--strict", action="store_true",
-                        help="exit 3 if any row ends failed or pending")
+        sp.add_argument(
+            "--rerun-failed", action="store_true", help="retry rows whose judge_status is failed"
+        )
+        sp.add_argument(
+            "--strict", action="store_true", help="exit 3 if any row ends failed or pending"
+        )
 
     r = sub.add_parser("run", help="judge a shard directory")
     shard_args(r)
@@ -180,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     install_log_redaction()
     summary = args.func(args)
     print(json.dumps(summary, indent=2, default=str))
@@ -194,4 +229,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

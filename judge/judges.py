@@ -48,9 +48,16 @@ class LLMJudge:
 
     rubric_version = RUBRIC_VERSION
 
-    def __init__(self, pool: EndpointPool, judge_model: str, *, max_tokens: int = 200,
-                 temperature: float = 0.0, structured: bool = True,
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        pool: EndpointPool,
+        judge_model: str,
+        *,
+        max_tokens: int = 200,
+        temperature: float = 0.0,
+        structured: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.pool = pool
         self.judge_model = judge_model
         self.max_tokens = max_tokens
@@ -63,15 +70,18 @@ class LLMJudge:
             c = await self.pool.complete(
                 build_messages(prompt, concept, response),
                 response_format=response_format() if self.structured else None,
-                max_tokens=self.max_tokens, temperature=self.temperature, **self.extra,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                **self.extra,
             )
         except PoolError as e:
             return Outcome("failed", error=str(e))
         try:
             j = parse_judgment(c.text)
         except JudgmentParseError as e:
-            return Outcome("failed", error=redact(
-                f"unparsable answer (finish_reason={c.finish_reason}): {e}"))
+            return Outcome(
+                "failed", error=redact(f"unparsable answer (finish_reason={c.finish_reason}): {e}")
+            )
         return Outcome("ok", j.label, j.explanation)
 
 

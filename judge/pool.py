@@ -145,8 +145,12 @@ class EndpointPool:
 
     def stats(self) -> list[dict[str, Any]]:
         return [
-            {"base_url": ep.cfg.base_url, "state": ep.state, "structured": ep.structured,
-             **ep.stats}
+            {
+                "base_url": ep.cfg.base_url,
+                "state": ep.state,
+                "structured": ep.structured,
+                **ep.stats,
+            }
             for ep in self._eps
         ]
 
@@ -173,8 +177,9 @@ class EndpointPool:
                 log.info("probing endpoint %s back", ep.cfg.base_url)
             if ep.state == "down" or ep.in_flight >= ep.limit():
                 continue
-            if best is None or (ep.in_flight / ep.cfg.max_concurrency
-                                < best.in_flight / best.cfg.max_concurrency):
+            if best is None or (
+                ep.in_flight / ep.cfg.max_concurrency < best.in_flight / best.cfg.max_concurrency
+            ):
                 best = ep
         if best is not None:
             best.in_flight += 1
@@ -220,9 +225,7 @@ class EndpointPool:
                     self._wake(1)  # more slots may be free (e.g. an endpoint came back)
                 return ep
 
-    def _release(
-        self, ep: _Endpoint, error: _Retryable | None, *, neutral: bool = False
-    ) -> None:
+    def _release(self, ep: _Endpoint, error: _Retryable | None, *, neutral: bool = False) -> None:
         ep.in_flight -= 1
         was = ep.state
         if neutral:  # cancelled or a permanent client error: says nothing of health
@@ -249,7 +252,9 @@ class EndpointPool:
                     ep.stats["ejected"] += 1
                     log.warning(
                         "endpoint %s out for %.1fs after %s",
-                        ep.cfg.base_url, ep.cooldown_s, error.kind,
+                        ep.cfg.base_url,
+                        ep.cooldown_s,
+                        error.kind,
                     )
             elif ep.state == "probing":
                 # A 429 proves the server is alive: count the probe as passed.
@@ -260,7 +265,10 @@ class EndpointPool:
     # -- one call ---------------------------------------------------------------------
 
     async def _call(
-        self, ep: _Endpoint, messages: list[dict[str, Any]], rf: dict[str, Any] | None,
+        self,
+        ep: _Endpoint,
+        messages: list[dict[str, Any]],
+        rf: dict[str, Any] | None,
         kw: dict[str, Any],
     ) -> tuple[str | None, str | None]:
         args = dict(kw)
@@ -271,11 +279,13 @@ class EndpointPool:
                 model=ep.model, messages=messages, **args
             )
         except openai.RateLimitError as e:
-            raise _Retryable("http_429", str(e), eject=False,
-                             retry_after=_retry_after(e.response)) from e
+            raise _Retryable(
+                "http_429", str(e), eject=False, retry_after=_retry_after(e.response)
+            ) from e
         except openai.APITimeoutError as e:
-            raise _Retryable("timeout", f"no response within {self.retry.timeout_s}s",
-                             eject=True) from e
+            raise _Retryable(
+                "timeout", f"no response within {self.retry.timeout_s}s", eject=True
+            ) from e
         except openai.APIConnectionError as e:
             raise _Retryable("connection", str(e.__cause__ or e), eject=True) from e
         except openai.APIStatusError as e:
@@ -283,14 +293,18 @@ class EndpointPool:
             if code >= 500 or code in (408, 409):
                 raise _Retryable(f"http_{code}", str(e), eject=code >= 500) from e
             text = str(e).lower()
-            if code == 400 and "response_format" in args and any(
-                h in text for h in _STRUCTURED_HINTS
+            if (
+                code == 400
+                and "response_format" in args
+                and any(h in text for h in _STRUCTURED_HINTS)
             ):
                 ep.structured = False
-                log.warning("endpoint %s rejects structured output; parsing text instead",
-                            ep.cfg.base_url)
-                raise _Retryable("no_structured_output", str(e), eject=False,
-                                 retry_after=0.0) from e
+                log.warning(
+                    "endpoint %s rejects structured output; parsing text instead", ep.cfg.base_url
+                )
+                raise _Retryable(
+                    "no_structured_output", str(e), eject=False, retry_after=0.0
+                ) from e
             raise _Fatal(f"http_{code}", str(e)) from e
         except openai.APIError as e:  # body that is not a readable completion
             raise _Retryable("bad_response", str(e), eject=True) from e
@@ -300,8 +314,7 @@ class EndpointPool:
             choice = resp.choices[0]
             return choice.message.content, choice.finish_reason
         except (AttributeError, IndexError, TypeError) as e:
-            raise _Retryable("bad_response", f"unreadable completion body: {e}",
-                             eject=True) from e
+            raise _Retryable("bad_response", f"unreadable completion body: {e}", eject=True) from e
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

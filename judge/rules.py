@@ -27,8 +27,15 @@ from dataclasses import dataclass
 from .rubric import Judgment
 
 __all__ = [
-    "RULES_VERSION", "MIN_WORDS", "SUCCESS_CONCEPT_RATE", "OVER_CONCEPT_RATE",
-    "MIN_DISTINCT_2", "MAX_TOP_SHARE", "Measures", "measure", "rules_label",
+    "RULES_VERSION",
+    "MIN_WORDS",
+    "SUCCESS_CONCEPT_RATE",
+    "OVER_CONCEPT_RATE",
+    "MIN_DISTINCT_2",
+    "MAX_TOP_SHARE",
+    "Measures",
+    "measure",
+    "rules_label",
 ]
 
 RULES_VERSION = "rules-v1"

@@ -76,8 +76,12 @@ def _column(table: pa.Table, name: str, n: int) -> list:
     return [None] * n
 
 
-async def _run_calls(judge: Judge, items: dict[str, tuple[str, str, str]], workers: int,
-                     on_done: Callable[[str, Outcome], None]) -> None:
+async def _run_calls(
+    judge: Judge,
+    items: dict[str, tuple[str, str, str]],
+    workers: int,
+    on_done: Callable[[str, Outcome], None],
+) -> None:
     """Bounded workers over a queue, so a million-row shard is not a million tasks."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for key in items:
@@ -99,8 +103,14 @@ async def _run_calls(judge: Judge, items: dict[str, tuple[str, str, str]], worke
 
 
 async def judge_shard(
-    src: Path, dest: Path, judge: Judge, cache: JudgmentCache, *, rerun_failed: bool = False,
-    cache_only: bool = False, workers: int = 64,
+    src: Path,
+    dest: Path,
+    judge: Judge,
+    cache: JudgmentCache,
+    *,
+    rerun_failed: bool = False,
+    cache_only: bool = False,
+    workers: int = 64,
     external_failures: dict[str, str] | None = None,
 ) -> ShardReport:
     """Judge one shard. `cache_only` (batch-read) labels from the cache and leaves misses
@@ -118,8 +128,7 @@ async def judge_shard(
     cols = {c: _column(table, c, n) for c in JUDGE_COLUMNS}
     status = [s or "pending" for s in cols["judge_status"]]
 
-    todo = [i for i, s in enumerate(status)
-            if s == "pending" or (s == "failed" and rerun_failed)]
+    todo = [i for i, s in enumerate(status) if s == "pending" or (s == "failed" and rerun_failed)]
     if resuming and not todo:
         report.skipped = True
         report.ok = status.count("ok")
@@ -176,19 +185,40 @@ async def judge_shard(
 
 
 async def judge_shards(
-    in_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None, judge: Judge,
-    cache: JudgmentCache, *, rerun_failed: bool = False, cache_only: bool = False,
-    workers: int = 64, external_failures: dict[str, str] | None = None,
+    in_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None,
+    judge: Judge,
+    cache: JudgmentCache,
+    *,
+    rerun_failed: bool = False,
+    cache_only: bool = False,
+    workers: int = 64,
+    external_failures: dict[str, str] | None = None,
 ) -> list[ShardReport]:
     """Judge every shard of `in_dir` into `out_dir` (default: rewrite in place)."""
     out = Path(out_dir) if out_dir is not None else Path(in_dir)
     reports = []
     for src in list_shards(in_dir):
-        rep = await judge_shard(src, out / src.name, judge, cache, rerun_failed=rerun_failed,
-                                cache_only=cache_only, workers=workers,
-                                external_failures=external_failures)
-        log.info("%s: %d rows, %d calls, %d cached, ok=%d failed=%d pending=%d%s",
-                 rep.name, rep.rows, rep.calls, rep.cached, rep.ok, rep.failed, rep.pending,
-                 " (already done)" if rep.skipped else "")
+        rep = await judge_shard(
+            src,
+            out / src.name,
+            judge,
+            cache,
+            rerun_failed=rerun_failed,
+            cache_only=cache_only,
+            workers=workers,
+            external_failures=external_failures,
+        )
+        log.info(
+            "%s: %d rows, %d calls, %d cached, ok=%d failed=%d pending=%d%s",
+            rep.name,
+            rep.rows,
+            rep.calls,
+            rep.cached,
+            rep.ok,
+            rep.failed,
+            rep.pending,
+            " (already done)" if rep.skipped else "",
+        )
         reports.append(rep)
     return reports

@@ -30,17 +30,31 @@ VLLM_CLI = [sys.executable, str(HERE / "_vllm_cli.py")]
 
 # Flags the tiny model needs on CPU. Whitespace inside JSON is disabled because a random
 # model otherwise emits whitespace until max_tokens and never closes the object.
-CPU_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-             "--structured-outputs-config", '{"backend":"xgrammar","disable_any_whitespace":true}']
+CPU_FLAGS = [
+    "--dtype",
+    "float32",
+    "--enforce-eager",
+    "--max-model-len",
+    "1024",
+    "--structured-outputs-config",
+    '{"backend":"xgrammar","disable_any_whitespace":true}',
+]
 
 
 def vllm_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-                # The steering plugin is another package's business; judge tests serve a
-                # plain model, so load no vLLM plugins at all.
-                "VLLM_PLUGINS": "", "TOKENIZERS_PARALLELISM": "false",
-                "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"})
+    env.update(
+        {
+            "VLLM_TARGET_DEVICE": "cpu",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            # The steering plugin is another package's business; judge tests serve a
+            # plain model, so load no vLLM plugins at all.
+            "VLLM_PLUGINS": "",
+            "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     return env
 
 
@@ -64,17 +78,29 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def vllm_server(model: str, log_path: Path, api_key: str | None = None,
-                max_num_seqs: int = 32) -> Iterator[str]:
+def vllm_server(
+    model: str, log_path: Path, api_key: str | None = None, max_num_seqs: int = 32
+) -> Iterator[str]:
     """Yields the base URL (`http://127.0.0.1:PORT/v1`) of a ready `vllm serve`."""
     port = free_port()
-    cmd = [*VLLM_CLI, "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--max-num-seqs", str(max_num_seqs), *CPU_FLAGS]
+    cmd = [
+        *VLLM_CLI,
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        *CPU_FLAGS,
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -101,6 +127,7 @@ def served_model(base_url: str, api_key: str | None = None) -> str:
 
 
 # -- fault-injecting proxy ----------------------------------------------------------------
+
 
 def row_key(body: dict) -> str:
     """Identify a judge request by its user message: one per distinct rollout."""
@@ -191,10 +218,20 @@ class FaultProxy:
     async def _forward(self, start: bytes, headers: dict, body: bytes) -> bytes:
         r, w = await asyncio.open_connection(self.up_host, self.up_port)
         hdrs = {k: v for k, v in headers.items() if k not in ("host", "connection")}
-        hdrs.update({"host": f"{self.up_host}:{self.up_port}", "connection": "close",
-                     "content-length": str(len(body))})
-        w.write(start + b"\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
-                .encode("latin-1") + b"\r\n" + body)
+        hdrs.update(
+            {
+                "host": f"{self.up_host}:{self.up_port}",
+                "connection": "close",
+                "content-length": str(len(body)),
+            }
+        )
+        w.write(
+            start
+            + b"\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()).encode("latin-1")
+            + b"\r\n"
+            + body
+        )
         await w.drain()
         data = await r.read()
         w.close()
@@ -202,9 +239,10 @@ class FaultProxy:
 
     @staticmethod
     def _response(code: int, reason: str, body: bytes, extra: str = "") -> bytes:
-        return (f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
-                ).encode() + body
+        return (
+            f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
+        ).encode() + body
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -218,8 +256,10 @@ class FaultProxy:
                     n = self.attempts[key]
                     self.attempts[key] += 1
                     action = self.plan(key, n, body)
-                    if (self.hold_after is not None
-                            and sum(self.forwarded.values()) >= self.hold_after):
+                    if (
+                        self.hold_after is not None
+                        and sum(self.forwarded.values()) >= self.hold_after
+                    ):
                         action = "hold"
                         self.held += 1
                     if action != "pass":
@@ -235,22 +275,35 @@ class FaultProxy:
                 writer.transport.abort()
                 return
             elif action == "http500":
-                writer.write(self._response(500, "Internal Server Error",
-                                            b'{"error":{"message":"injected 500"}}'))
+                writer.write(
+                    self._response(
+                        500, "Internal Server Error", b'{"error":{"message":"injected 500"}}'
+                    )
+                )
             elif action == "echo_auth":
-                msg = json.dumps({"error": {"message": "bad auth header: "
-                                            + headers.get("authorization", "")}}).encode()
+                msg = json.dumps(
+                    {"error": {"message": "bad auth header: " + headers.get("authorization", "")}}
+                ).encode()
                 writer.write(self._response(500, "Internal Server Error", msg))
             elif action == "http429":
-                writer.write(self._response(429, "Too Many Requests",
-                                            b'{"error":{"message":"slow down"}}',
-                                            "retry-after: 0\r\n"))
+                writer.write(
+                    self._response(
+                        429,
+                        "Too Many Requests",
+                        b'{"error":{"message":"slow down"}}',
+                        "retry-after: 0\r\n",
+                    )
+                )
             elif action == "malformed":
                 writer.write(self._response(200, "OK", b'{"id":"chatcmpl-1","choices":[{"mes'))
             elif action == "reject_rf" and "response_format" in body:
-                writer.write(self._response(
-                    400, "Bad Request",
-                    b'{"error":{"message":"response_format json_schema is not supported"}}'))
+                writer.write(
+                    self._response(
+                        400,
+                        "Bad Request",
+                        b'{"error":{"message":"response_format json_schema is not supported"}}',
+                    )
+                )
             else:
                 resp = await self._forward(start, headers, raw)
                 head, _, payload = resp.partition(b"\r\n\r\n")
@@ -274,6 +327,7 @@ class FaultProxy:
 
 # -- shards -------------------------------------------------------------------------------
 
+
 def make_rows(n: int, seed: int = 0, prefix: str = "r") -> list[dict]:
     """Rollout rows in the `rollouts` schema, with tiny-world word-soup responses."""
     from asteer_build.tinyworld import CONCEPT_WORDS, WORDS
@@ -284,13 +338,21 @@ def make_rows(n: int, seed: int = 0, prefix: str = "r") -> list[dict]:
         concept = CONCEPT_WORDS[i % len(CONCEPT_WORDS)]
         k = rng.randint(0, 30)
         resp = " ".join(rng.choice(WORDS) for _ in range(k))
-        rows.append({
-            "id": f"{prefix}{seed}-{i:04d}", "model": "tiny", "method": "diffmean",
-            "concept_id": f"c{i % len(CONCEPT_WORDS)}", "concept": concept,
-            "concept_level": "mid", "prompt_id": f"p{i}",
-            "prompt": f"question {i}: {rng.choice(WORDS)} {rng.choice(WORDS)}?",
-            "layer": 2, "alpha": float(i % 5), "response": resp,
-        })
+        rows.append(
+            {
+                "id": f"{prefix}{seed}-{i:04d}",
+                "model": "tiny",
+                "method": "diffmean",
+                "concept_id": f"c{i % len(CONCEPT_WORDS)}",
+                "concept": concept,
+                "concept_level": "mid",
+                "prompt_id": f"p{i}",
+                "prompt": f"question {i}: {rng.choice(WORDS)} {rng.choice(WORDS)}?",
+                "layer": 2,
+                "alpha": float(i % 5),
+                "response": resp,
+            }
+        )
     return rows
 
 
@@ -306,7 +368,14 @@ def read_dir(path: Path) -> list[dict]:
     return rows
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "judge.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "judge.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -39,8 +39,16 @@ def test_batch_files_round_trip_through_vllm_run_batch(tmp_path):
     write_shard(tmp_path / "in" / "s0.parquet", rows)
     cfg = tmp_path / "judge.yaml"
     cfg.write_text(yaml.safe_dump({"judge": {"model": model, "max_tokens": 64}}))
-    common = ["--config", str(cfg), "--in", str(tmp_path / "in"), "--out",
-              str(tmp_path / "out"), "--cache", str(tmp_path / "cache.jsonl")]
+    common = [
+        "--config",
+        str(cfg),
+        "--in",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache.jsonl"),
+    ]
     req, res = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
 
     w = run_cli(["batch-write", *common, "--requests", str(req)])
@@ -50,9 +58,25 @@ def test_batch_files_round_trip_through_vllm_run_batch(tmp_path):
     assert lines[0]["url"] == "/v1/chat/completions"
     assert lines[0]["body"]["response_format"]["type"] == "json_schema"
 
-    proc = subprocess.run([*VLLM_CLI, "run-batch", "-i", str(req), "-o", str(res),
-                           "--model", model, "--max-num-seqs", "32", *CPU_FLAGS],
-                          env=vllm_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            *VLLM_CLI,
+            "run-batch",
+            "-i",
+            str(req),
+            "-o",
+            str(res),
+            "--model",
+            model,
+            "--max-num-seqs",
+            "32",
+            *CPU_FLAGS,
+        ],
+        env=vllm_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(x) for x in res.read_text().splitlines()]
     assert {r["custom_id"] for r in results} == {x["custom_id"] for x in lines}
@@ -66,10 +90,11 @@ def test_batch_files_round_trip_through_vllm_run_batch(tmp_path):
     assert r.returncode == 0, r.stderr
     out = read_dir(tmp_path / "out")
     assert [x["id"] for x in out] == [x["id"] for x in rows]
-    broken_rows = [x for x, line in zip(out, _keys_for(out, lines), strict=True)
-                   if line == broken]
-    assert broken_rows and all(x["judge_status"] == "failed" and x["label"] is None
-                               and "http_500" in x["judge_error"] for x in broken_rows)
+    broken_rows = [x for x, line in zip(out, _keys_for(out, lines), strict=True) if line == broken]
+    assert broken_rows and all(
+        x["judge_status"] == "failed" and x["label"] is None and "http_500" in x["judge_error"]
+        for x in broken_rows
+    )
     ok = [x for x in out if x not in broken_rows]
     assert all(x["judge_status"] == "ok" and x["label"] in (0, 1, 2) for x in ok)
     assert all(x["judge_model"] == model for x in out)
@@ -91,5 +116,4 @@ def _keys_for(out: list[dict], lines: list[dict]) -> list[str]:
     from judge.rubric import RUBRIC_VERSION
 
     model = lines[0]["body"]["model"]
-    return [cache_key(RUBRIC_VERSION, model, x["prompt"], x["concept"], x["response"])
-            for x in out]
+    return [cache_key(RUBRIC_VERSION, model, x["prompt"], x["concept"], x["response"]) for x in out]

@@ -108,9 +108,11 @@ def run_judge(in_dir, out_dir, cache_path, endpoints, model, retry=None, rerun=F
         with JudgmentCache(cache_path) as cache:
             async with EndpointPool(endpoints, model=model, retry=retry, seed=0) as pool:
                 judge = LLMJudge(pool, model, max_tokens=64)
-                reps = await judge_shards(in_dir, out_dir, judge, cache, rerun_failed=rerun,
-                                          workers=2 * pool.capacity)
+                reps = await judge_shards(
+                    in_dir, out_dir, judge, cache, rerun_failed=rerun, workers=2 * pool.capacity
+                )
                 return reps, pool.stats()
+
     return asyncio.run(go())
 
 
@@ -118,8 +120,9 @@ def test_every_row_gets_a_valid_label(server, tmp_path):
     rows = make_rows(32, seed=1)
     write_shard(tmp_path / "in" / "s0.parquet", rows)
     ep = EndpointConfig(server["url"], api_key_env=KEY_ENV, max_concurrency=16)
-    reps, stats = run_judge(tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep],
-                            server["model"])
+    reps, stats = run_judge(
+        tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep], server["model"]
+    )
     out = read_dir(tmp_path / "out")
     check_rows(rows, out)
     assert all(r["judge_status"] == "ok" for r in out)
@@ -136,6 +139,7 @@ def _fault_plan(always_500: set[str], garbage: set[str]):
         h = int(key, 16)
         n_faults = h % 3  # 0, 1 or 2 faults before the request gets through
         return FAULTS[(h // 3 + attempt) % len(FAULTS)] if attempt < n_faults else "pass"
+
     return plan
 
 
@@ -146,10 +150,18 @@ def test_faults_every_row_labelled_or_failed(server, clean_proxy, tmp_path):
     always_500, garbage = {keys[0], keys[1]}, {keys[2]}
     clean_proxy.reset(_fault_plan(always_500, garbage))
     ep = EndpointConfig(clean_proxy.url, api_key_env=KEY_ENV, max_concurrency=8)
-    retry = RetryPolicy(max_attempts=8, base_delay_s=0.05, max_delay_s=0.5, timeout_s=3.0,
-                        failures_to_eject=3, cooldown_s=0.2, max_cooldown_s=1.0)
-    reps, stats = run_judge(tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep],
-                            server["model"], retry)
+    retry = RetryPolicy(
+        max_attempts=8,
+        base_delay_s=0.05,
+        max_delay_s=0.5,
+        timeout_s=3.0,
+        failures_to_eject=3,
+        cooldown_s=0.2,
+        max_cooldown_s=1.0,
+    )
+    reps, stats = run_judge(
+        tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep], server["model"], retry
+    )
     out = read_dir(tmp_path / "out")
     check_rows(rows, out)
     for f in FAULTS:
@@ -165,23 +177,39 @@ def test_faults_every_row_labelled_or_failed(server, clean_proxy, tmp_path):
 
     # --rerun-failed: only the three failed rows are asked again.
     clean_proxy.reset()
-    reps, _ = run_judge(tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep],
-                        server["model"], retry, rerun=True)
+    reps, _ = run_judge(
+        tmp_path / "in",
+        tmp_path / "out",
+        tmp_path / "c.jsonl",
+        [ep],
+        server["model"],
+        retry,
+        rerun=True,
+    )
     out2 = read_dir(tmp_path / "out")
     check_rows(rows, out2)
     assert all(r["judge_status"] == "ok" for r in out2)
     assert reps[0].calls == 3 and sum(clean_proxy.forwarded.values()) == 3
-    assert {r["id"]: r["label"] for r in out2 if r["id"] not in
-            {rows[i]["id"] for i in range(3)}} == {
-        r["id"]: r["label"] for r in out if r["judge_status"] == "ok"}
+    assert {
+        r["id"]: r["label"] for r in out2 if r["id"] not in {rows[i]["id"] for i in range(3)}
+    } == {r["id"]: r["label"] for r in out if r["judge_status"] == "ok"}
 
 
 def test_failing_endpoint_taken_out_and_probed_back(server, clean_proxy):
     bad = FaultProxy(server["url"], plan=lambda k, n, b: "drop")
-    retry = RetryPolicy(max_attempts=6, base_delay_s=0.02, max_delay_s=0.2, timeout_s=10,
-                        failures_to_eject=2, cooldown_s=0.3, max_cooldown_s=0.3)
-    eps = [EndpointConfig(clean_proxy.url, api_key_env=KEY_ENV, max_concurrency=4),
-           EndpointConfig(bad.url, api_key_env=KEY_ENV, max_concurrency=4)]
+    retry = RetryPolicy(
+        max_attempts=6,
+        base_delay_s=0.02,
+        max_delay_s=0.2,
+        timeout_s=10,
+        failures_to_eject=2,
+        cooldown_s=0.3,
+        max_cooldown_s=0.3,
+    )
+    eps = [
+        EndpointConfig(clean_proxy.url, api_key_env=KEY_ENV, max_concurrency=4),
+        EndpointConfig(bad.url, api_key_env=KEY_ENV, max_concurrency=4),
+    ]
 
     async def burst(pool: EndpointPool, tag: str, n: int = 24):
         msgs = [[{"role": "user", "content": f"{tag} {i}"}] for i in range(n)]
@@ -212,8 +240,9 @@ def test_structured_output_rejected_falls_back_to_text(server, clean_proxy, tmp_
     write_shard(tmp_path / "in" / "s0.parquet", rows)
     clean_proxy.reset(lambda k, n, b: "reject_rf")
     ep = EndpointConfig(clean_proxy.url, api_key_env=KEY_ENV, max_concurrency=4)
-    _, stats = run_judge(tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep],
-                         server["model"])
+    _, stats = run_judge(
+        tmp_path / "in", tmp_path / "out", tmp_path / "c.jsonl", [ep], server["model"]
+    )
     out = read_dir(tmp_path / "out")
     check_rows(rows, out)  # word soup from a random model: failed, never defaulted
     assert stats[0]["structured"] is False
@@ -221,10 +250,15 @@ def test_structured_output_rejected_falls_back_to_text(server, clean_proxy, tmp_
 
 
 def _config(tmp_path: Path, url: str, model: str) -> Path:
-    cfg = {"judge": {"model": model, "max_tokens": 64, "workers": 8,
-                     "endpoints": [{"base_url": url, "api_key_env": KEY_ENV,
-                                    "max_concurrency": 4}],
-                     "retry": {"max_attempts": 4, "timeout_s": 60, "base_delay_s": 0.05}}}
+    cfg = {
+        "judge": {
+            "model": model,
+            "max_tokens": 64,
+            "workers": 8,
+            "endpoints": [{"base_url": url, "api_key_env": KEY_ENV, "max_concurrency": 4}],
+            "retry": {"max_attempts": 4, "timeout_s": 60, "base_delay_s": 0.05},
+        }
+    }
     path = tmp_path / "judge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -236,11 +270,24 @@ def test_sigkill_midway_then_rerun_judges_each_row_once(server, clean_proxy, tmp
     write_shard(tmp_path / "in" / "s1.parquet", rows1)
     cfg = _config(tmp_path, clean_proxy.url, server["model"])
     cache = tmp_path / "cache.jsonl"
-    args = ["run", "--config", str(cfg), "--in", str(tmp_path / "in"), "--out",
-            str(tmp_path / "out"), "--cache", str(cache)]
+    args = [
+        "run",
+        "--config",
+        str(cfg),
+        "--in",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--cache",
+        str(cache),
+    ]
     clean_proxy.hold_after = 28  # shard 0 finishes, shard 1 stalls with requests in flight
-    proc = subprocess.Popen([sys.executable, "-m", "judge.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "judge.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while True:
         n_fwd = sum(clean_proxy.forwarded.values())
@@ -281,12 +328,24 @@ def test_api_key_never_logged_or_written(server, clean_proxy, tmp_path):
     keys = [user_key(r) for r in rows]
     # The proxy echoes the Authorization header into an error body, the classic leak:
     # once for two rows (then they pass), and always for one row (it ends failed).
-    clean_proxy.reset(lambda k, n, b: "echo_auth" if k == keys[0] or
-                      (k in keys[1:3] and n == 0) else "pass")
+    clean_proxy.reset(
+        lambda k, n, b: "echo_auth" if k == keys[0] or (k in keys[1:3] and n == 0) else "pass"
+    )
     cfg = _config(tmp_path, clean_proxy.url, server["model"])
     out_dir = tmp_path / "out"
-    res = run_cli(["--log-level", "DEBUG", "run", "--config", str(cfg), "--in",
-                   str(tmp_path / "in"), "--out", str(out_dir)])
+    res = run_cli(
+        [
+            "--log-level",
+            "DEBUG",
+            "run",
+            "--config",
+            str(cfg),
+            "--in",
+            str(tmp_path / "in"),
+            "--out",
+            str(out_dir),
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     key = server["key"]
     assert clean_proxy.injected["echo_auth"] >= 3

@@ -28,16 +28,24 @@ except ImportError:
 def test_parse_strict_and_tolerant():
     assert parse_judgment('{"label":1,"explanation":"ok"}').label == 1
     assert parse_judgment('Sure. ```json\n{"label": 2, "explanation": "soup"}\n``` done').label == 2
-    assert parse_judgment('label: 0').label == 0
+    assert parse_judgment("label: 0").label == 0
     assert parse_judgment('{"label":"2","explanation":"x"}').label == 2
 
 
-@pytest.mark.parametrize("text", [
-    "", "   ", "I think it is fine.", '{"label": 3, "explanation": "x"}',
-    '{"label": true, "explanation": "x"}', '{"explanation": "no label"}',
-    '{"label": 0, "explanation": "a"} or maybe {"label": 2, "explanation": "b"}',
-    "label: 1 ... actually label: 2", None,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "I think it is fine.",
+        '{"label": 3, "explanation": "x"}',
+        '{"label": true, "explanation": "x"}',
+        '{"explanation": "no label"}',
+        '{"label": 0, "explanation": "a"} or maybe {"label": 2, "explanation": "b"}',
+        "label: 1 ... actually label: 2",
+        None,
+    ],
+)
 def test_parse_never_guesses(text):
     with pytest.raises(JudgmentParseError):
         parse_judgment(text)
@@ -89,7 +97,8 @@ def test_kappa_and_confusion():
     assert confusion_matrix([0, 1, 2], [0, 2, 2]) == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
     # Hand-computed: p_o = 0.6, p_e = 0.5*0.5 + 0.5*0.5 = 0.5 -> kappa 0.2
     assert cohen_kappa([0, 0, 0, 1, 1], [0, 0, 1, 1, 0]) == pytest.approx(
-        (0.6 - (0.6 * 0.6 + 0.4 * 0.4)) / (1 - (0.6 * 0.6 + 0.4 * 0.4)))
+        (0.6 - (0.6 * 0.6 + 0.4 * 0.4)) / (1 - (0.6 * 0.6 + 0.4 * 0.4))
+    )
 
 
 def test_compare_excludes_failed_rows():
@@ -111,15 +120,25 @@ def test_stratified_sample_covers_rare_class():
 def test_config_refuses_literal_keys():
     with pytest.raises(ValueError):
         JudgeConfig.from_dict({"judge": {"endpoints": [{"base_url": "x", "api_key": "sk"}]}})
-    cfg = JudgeConfig.from_dict({"judge": {"model": "m", "endpoints": [
-        {"base_url": "http://h/v1", "api_key_env": "K", "max_concurrency": 3}],
-        "retry": {"max_attempts": 2}}})
+    cfg = JudgeConfig.from_dict(
+        {
+            "judge": {
+                "model": "m",
+                "endpoints": [
+                    {"base_url": "http://h/v1", "api_key_env": "K", "max_concurrency": 3}
+                ],
+                "retry": {"max_attempts": 2},
+            }
+        }
+    )
     assert cfg.endpoints[0].max_concurrency == 3 and cfg.retry.max_attempts == 2
 
 
 def test_judge_package_imports_no_vllm():
-    code = ("import sys, judge.cli, judge.pool, judge.shards, judge.batchfile, "
-            "judge.agreement; print('vllm' in sys.modules)")
+    code = (
+        "import sys, judge.cli, judge.pool, judge.shards, judge.batchfile, "
+        "judge.agreement; print('vllm' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -140,10 +159,23 @@ def test_rules_run_is_idempotent(tmp_path):
 def test_agree_cli_writes_sample(tmp_path):
     rows = make_rows(40)
     write_shard(tmp_path / "in" / "s.parquet", rows)
-    assert run_cli(["run", "--rules", "--in", str(tmp_path / "in"),
-                    "--out", str(tmp_path / "a")]).returncode == 0
-    res = run_cli(["agree", "--a", str(tmp_path / "a"), "--sample-csv",
-                   str(tmp_path / "s.csv"), "--sample-n", "12"])
+    assert (
+        run_cli(
+            ["run", "--rules", "--in", str(tmp_path / "in"), "--out", str(tmp_path / "a")]
+        ).returncode
+        == 0
+    )
+    res = run_cli(
+        [
+            "agree",
+            "--a",
+            str(tmp_path / "a"),
+            "--sample-csv",
+            str(tmp_path / "s.csv"),
+            "--sample-n",
+            "12",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["kappa"] == 1.0 and summary["n"] == 40
