@@ -1,0 +1,373 @@
+"""Rollouts on a Ray cluster: one engine actor per placement group, shards from a queue.
+
+- Each actor owns an `AsyncSteeredEngine` in a placement group sized to its model's
+  tensor-parallel GPUs (CPU bundles on a CPU-only cluster).
+- Inside an actor a feeder keeps about `in_flight_factor x max_num_seqs` requests in
+  flight, across shard boundaries: the driver hands each actor `shards_in_flight` shards
+  ahead, and all of them draw on the same request semaphore, so the engine never drains
+  between shards (the pattern of Ray Data LLM's engine stage).
+- The driver pulls from one queue per model, so fast actors take more shards. A dead
+  actor's shards go back on the queue (at most `max_shard_retries` retries each) and a
+  fresh actor replaces it; a shard over `shard_timeout_s` or an actor that misses health
+  checks is killed the same way, so a stuck engine fails instead of hanging the build.
+- Actors write shard files straight to the (shared) output location and return their
+  `ShardFile`s; only the driver touches the manifest, so commits never race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import Shard
+
+__all__ = ["run_rollouts_ray", "EngineHost"]
+
+log = logging.getLogger("asteer_build.ray")
+
+
+class EngineHost:
+    """The body of the engine actor (a plain class, so it can be tested without Ray)."""
+
+    def __init__(self, cfg: Any, store_uri: str, model_name: str, prompts: list[Any],
+                 max_in_flight: int) -> None:
+        self.cfg, self.store_uri, self.model_name = cfg, store_uri, model_name
+        self.prompts = prompts
+        self.max_in_flight = max_in_flight
+        self.engine: Any = None
+        self.ctx: Any = None
+        self.sem: asyncio.Semaphore | None = None
+        self.items_done = 0
+        self.tokens_done = 0
+        self.started = time.time()
+
+    async def start(self) -> dict[str, Any]:
+        from .engine import AsyncSteeredEngine
+        from .shards import open_store
+        from .work import capture_settings, engine_kwargs, model_context
+
+        model = next(m for m in self.cfg.models if m.name == self.model_name)
+        self.store = open_store(self.store_uri)
+        self.ctx = model_context(self.store, self.cfg, model, self.prompts)
+        self.capture = capture_settings(self.cfg)
+        kw = engine_kwargs(model)
+        if model.tensor_parallel_size > 1:
+            kw.setdefault("distributed_executor_backend", "ray")
+        self.engine = AsyncSteeredEngine.from_args(self.ctx.path, steer_layers=[self.cfg.layer],
+                                                   **kw)
+        await self.engine.register_vectors(self.ctx.vectors)
+        self.sem = asyncio.Semaphore(self.max_in_flight)
+        self._write_pid()
+        return {"pid": os.getpid(), "node": _node_ip(), "max_in_flight": self.max_in_flight}
+
+    def _write_pid(self) -> None:
+        """Where fault-injection tests (and operators) find the actor process."""
+        pid_dir = os.environ.get("ASTEER_ACTOR_PID_DIR")
+        if pid_dir:
+            os.makedirs(pid_dir, exist_ok=True)
+            with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+
+    async def _one(self, req: Any) -> Any:
+        from .rollouts import run_rollout_async
+
+        assert self.sem is not None
+        async with self.sem:
+            return await run_rollout_async(self.engine, req, self.capture)
+
+    async def run_shard(self, shard: Shard) -> dict[str, Any]:
+        from .work import shard_requests, write_shard
+
+        t0 = time.time()
+        reqs = shard_requests(self.cfg, self.ctx, shard)
+        results = await asyncio.gather(*(self._one(r) for r in reqs))
+        # Writing is blocking I/O: off the event loop, so other shards keep generating.
+        files = await asyncio.to_thread(write_shard, self.store, shard, list(results),
+                                        self.ctx.norms)
+        tokens = sum(r.response_tokens for r in results)
+        self.items_done += len(results)
+        self.tokens_done += tokens
+        return {"files": files, "items": len(results), "tokens": tokens,
+                "seconds": time.time() - t0, "pid": os.getpid()}
+
+    async def health(self) -> dict[str, Any]:
+        if self.engine is not None:
+            check = getattr(self.engine.engine, "check_health", None)
+            if check is not None:
+                await check()
+        return {"pid": os.getpid(), "items": self.items_done, "tokens": self.tokens_done}
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "?"
+
+
+@dataclass
+class _Slot:
+    """One engine seat: an actor (replaced when it dies) in its placement group."""
+
+    key: str
+    model: str
+    pg: Any
+    actor: Any = None
+    ready: bool = False
+    start_ref: Any = None
+    started_at: float = 0.0
+    inflight: dict[Any, tuple[Shard, float]] = field(default_factory=dict)
+    restarts: int = 0
+    shards: int = 0
+    items: int = 0
+    tokens: int = 0
+    pid: int | None = None
+    health_ref: Any = None
+    health_sent: float = 0.0
+    t_first: float | None = None
+
+
+def _resources(cluster: dict[str, float], tp: int, cpus: float) -> tuple[list[dict], dict]:
+    if cluster.get("GPU", 0) >= 1:
+        bundles = [{"GPU": 1.0, "CPU": 1.0} for _ in range(tp)]
+        actor = {"num_gpus": 1.0 if tp == 1 else 0, "num_cpus": 1.0 if tp == 1 else 0}
+    else:
+        bundles = [{"CPU": cpus}]
+        actor = {"num_cpus": cpus}
+    return bundles, actor
+
+
+def _replicas(model: Any, cluster: dict[str, float], cpus: float, n_shards: int) -> int:
+    if model.replicas:
+        return model.replicas
+    if cluster.get("GPU", 0) >= 1:
+        n = int(cluster["GPU"] // model.tensor_parallel_size)
+    else:
+        n = int(cluster.get("CPU", 1) // cpus)
+    return max(1, min(n, n_shards))
+
+
+class _ModelDispatch:
+    """The driver side for one model: its slots, its shard queue, retries, progress."""
+
+    def __init__(self, run: Any, model: Any, shards: list[Shard], actor_cls: Any,
+                 cluster: dict[str, float], summary: dict[str, Any]) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.run, self.model, self.summary = run, model, summary
+        self.ro = run.cfg.ray
+        self.actor_cls = actor_cls
+        self.queue: collections.deque[Shard] = collections.deque(shards)
+        max_seqs = int(model.engine_args.get("max_num_seqs", 256))
+        self.in_flight = max(1, int(round(self.ro.in_flight_factor * max_seqs)))
+        bundles, self.actor_opts = _resources(cluster, model.tensor_parallel_size,
+                                              self.ro.num_cpus_per_engine)
+        self.n = _replicas(model, cluster, self.ro.num_cpus_per_engine, len(shards))
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self.slots = [_Slot(f"{model.name}#{i}", model.name, placement_group(bundles))
+                      for i in range(self.n)]
+        ray.get([s.pg.ready() for s in self.slots], timeout=600)
+        self.items = self.tokens = 0
+
+    def launch(self, slot: _Slot) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=slot.pg, placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True)
+        slot.actor = self.actor_cls.options(
+            scheduling_strategy=strategy, max_restarts=0, max_concurrency=1000,
+            **self.actor_opts,
+        ).remote(self.run.cfg, self.run.store.uri, self.model.name, self.run.plan.prompts,
+                 self.in_flight)
+        slot.ready, slot.start_ref, slot.started_at = False, slot.actor.start.remote(), \
+            time.time()
+        slot.health_ref = None
+
+    def _retry(self, shard: Shard) -> None:
+        self.attempts[shard.index] += 1
+        if self.attempts[shard.index] > self.ro.max_shard_retries:
+            self.summary["failed"].append(shard.index)
+            log.error("[ray] shard %s failed %d times; giving up on it", shard.name,
+                      self.attempts[shard.index])
+        else:
+            self.queue.appendleft(shard)
+            self.summary["requeued"] += 1
+
+    def fail_slot(self, slot: _Slot, why: str) -> None:
+        """Requeue the slot's shards (bounded retries) and replace its actor."""
+        import ray
+
+        log.warning("[ray] actor %s (pid %s) lost: %s; requeueing %d shard(s)", slot.key,
+                    slot.pid, why, len(slot.inflight))
+        for shard, _ in slot.inflight.values():
+            self._retry(shard)
+        slot.inflight.clear()
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        slot.restarts += 1
+        if slot.restarts > self.ro.max_shard_retries + self.n:
+            raise RuntimeError(f"actor {slot.key} died {slot.restarts} times: {why}")
+        self.launch(slot)
+
+    def busy(self) -> bool:
+        return bool(self.queue) or any(s.inflight for s in self.slots)
+
+    def loop(self) -> None:
+        import ray
+
+        for s in self.slots:
+            self.launch(s)
+        last_report = time.time()
+        while self.busy():
+            refs = self._feed_and_collect_refs()
+            if not refs:
+                time.sleep(0.1)
+                continue
+            done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+            for ref in done:
+                self._handle(ref, *refs[ref])
+            now = time.time()
+            self._watchdog(now)
+            if now - last_report > 10 or not self.busy():
+                last_report = now
+                self.report(now)
+
+    def _feed_and_collect_refs(self) -> dict[Any, tuple[_Slot, str]]:
+        refs: dict[Any, tuple[_Slot, str]] = {}
+        for s in self.slots:
+            while s.ready and self.queue and len(s.inflight) < self.ro.shards_in_flight:
+                shard = self.queue.popleft()
+                s.inflight[s.actor.run_shard.remote(shard)] = (shard, time.time())
+            if not s.ready and s.start_ref is not None:
+                refs[s.start_ref] = (s, "start")
+            for r in s.inflight:
+                refs[r] = (s, "shard")
+            if s.health_ref is not None:
+                refs[s.health_ref] = (s, "health")
+        return refs
+
+    def _handle(self, ref: Any, slot: _Slot, kind: str) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            res = ray.get(ref)
+        except RayActorError as e:
+            if kind == "start" and slot.restarts >= self.ro.max_shard_retries:
+                raise RuntimeError(f"engine actor {slot.key} failed to start: {e}") from e
+            self.fail_slot(slot, f"{kind}: {type(e).__name__}")
+            return
+        except RayTaskError as e:
+            if kind == "start":
+                raise RuntimeError(f"engine actor {slot.key} failed to start: {e}") from e
+            if kind == "health":
+                self.fail_slot(slot, f"health check raised: {str(e).splitlines()[-1][:200]}")
+                return
+            shard, _ = slot.inflight.pop(ref)
+            log.warning("[ray] shard %s raised on %s: %s", shard.name, slot.key,
+                        str(e).splitlines()[-1][:300])
+            self._retry(shard)
+            return
+        if kind == "start":
+            slot.ready, slot.start_ref, slot.pid = True, None, res["pid"]
+            slot.t_first = slot.t_first or time.time()
+            log.info("[ray] actor %s up on %s pid %s in %.1fs (%d requests in flight)",
+                     slot.key, res["node"], res["pid"], time.time() - slot.started_at,
+                     res["max_in_flight"])
+        elif kind == "health":
+            slot.health_ref = None
+        else:
+            slot.inflight.pop(ref)
+            self.run.manifest.record(res["files"], executor="ray", actor=slot.key)
+            slot.shards += 1
+            slot.items += res["items"]
+            slot.tokens += res["tokens"]
+            self.items += res["items"]
+            self.tokens += res["tokens"]
+
+    def _watchdog(self, now: float) -> None:
+        ro = self.ro
+        for s in self.slots:
+            stuck = [sh for sh, t in s.inflight.values() if now - t > ro.shard_timeout_s]
+            if stuck:
+                self.fail_slot(s, f"shard {stuck[0].name} over {ro.shard_timeout_s:.0f}s")
+            elif s.ready and s.health_ref is None and now - s.health_sent > ro.health_check_s:
+                s.health_ref, s.health_sent = s.actor.health.remote(), now
+            elif s.health_ref is not None and now - s.health_sent > 2 * ro.health_check_s:
+                self.fail_slot(s, "missed health check")
+
+    def report(self, now: float) -> None:
+        for s in self.slots:
+            dt = now - (s.t_first or now)
+            rate = s.items / dt if dt > 0 else 0.0
+            tok = s.tokens / dt if dt > 0 else 0.0
+            print(f"[ray] {s.key} pid={s.pid} shards={s.shards} items={s.items} "
+                  f"items/s={rate:.1f} tok/s={tok:.0f} in_flight={len(s.inflight)} "
+                  f"restarts={s.restarts} queue={len(self.queue)}", flush=True)
+
+    def close(self) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.util.placement_group import remove_placement_group
+
+        for s in self.slots:
+            self.summary["actors"].append({"actor": s.key, "shards": s.shards,
+                                           "items": s.items, "tokens": s.tokens,
+                                           "restarts": s.restarts})
+            try:
+                ray.get(s.actor.shutdown.remote(), timeout=60)
+            except (RayActorError, GetTimeoutError, RayTaskError):
+                pass
+            ray.kill(s.actor, no_restart=True)
+            remove_placement_group(s.pg)
+
+
+def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
+    import ray
+
+    cfg = run.cfg
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    cluster = ray.cluster_resources()
+    actor_cls = ray.remote(EngineHost)
+    t0 = time.time()
+    summary: dict[str, Any] = {"executor": "ray", "actors": [], "requeued": 0, "failed": []}
+    items_run = tokens_run = 0
+    for model in cfg.models:
+        shards = [s for s in todo if s.model == model.name]
+        if not shards:
+            continue
+        d = _ModelDispatch(run, model, shards, actor_cls, cluster, summary)
+        try:
+            d.loop()
+        finally:
+            d.close()
+        items_run += d.items
+        tokens_run += d.tokens
+    dt = time.time() - t0
+    summary.update(shards_run=len(todo) - len(summary["failed"]), items_run=items_run,
+                   tokens=tokens_run, seconds=round(dt, 2),
+                   items_per_s=round(items_run / dt, 2) if dt else None)
+    print(f"[ray] summary: {summary['shards_run']} shards, {items_run} items, "
+          f"{tokens_run} tokens in {dt:.1f}s ({items_run / max(dt, 1e-9):.1f} items/s); "
+          f"requeued {summary['requeued']}, failed {summary['failed']}", flush=True)
+    if summary["failed"]:
+        raise RuntimeError(f"shards {summary['failed']} failed after "
+                           f"{cfg.ray.max_shard_retries} retries; rerun to retry them")
+    return summary
