@@ -25,7 +25,9 @@ from train.splits import Splits
 from train.suggest import LiveSuggestError, suggest, suggest_live
 from train.synthetic import generate, write_dataset
 
-FAST = {"max_rounds": 300, "early_stopping_rounds": 30}
+# One thread: modest CPU on a shared machine, and no OpenMP barrier stalls when the
+# cores are oversubscribed by other jobs.
+FAST = {"max_rounds": 300, "early_stopping_rounds": 30, "num_threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,7 @@ def small_predictor(dataset):
         n_trials=2,
         max_rounds=100,
         early_stopping_rounds=20,
+        num_threads=1,
     )
     return p, f
 
@@ -134,7 +137,7 @@ def test_fewer_than_three_classes_is_refused():
         class_weights(y)
     x = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
     with pytest.raises(TrainingError, match="need all three"):
-        fit_predictor(x, y, x, y, ["a", "b"], n_trials=1)
+        fit_predictor(x, y, x, y, ["a", "b"], n_trials=1, num_threads=1)
 
 
 def test_class_weights_balance_classes():

@@ -80,7 +80,11 @@ class Predictor:
         """(n, 3) probabilities of under / success / over, columns by name for frames."""
         x = _matrix(rows, self.feature_names)
         return np.asarray(
-            self.booster.predict(x, num_iteration=self.booster.best_iteration or None)
+            self.booster.predict(
+                x,
+                num_iteration=self.booster.best_iteration or None,
+                num_threads=int(self.params.get("num_threads", 2)),
+            )
         ).reshape(len(x), 3)
 
     def predict(self, rows: pd.DataFrame | np.ndarray) -> np.ndarray:
