@@ -7,6 +7,7 @@ would change, and hands the rollouts to an executor (local or Ray).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -53,6 +54,7 @@ class Run:
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    new = json.loads(json.dumps(new, sort_keys=True, default=str))
     keys = sorted(set(old) | set(new))
     return [k for k in keys if old.get(k) != new.get(k)]
 
