@@ -167,3 +167,26 @@ def test_feature_selection_for_ablations():
     ]
     with pytest.raises(ValueError, match="leaves no features"):
         select_features(["alpha"], no_alpha=True)
+
+
+def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type, allow_patterns):
+        calls.append((repo_id, repo_type, allow_patterns))
+        return str(write_dataset(tmp_path / "snap", generate(n_concepts=3, n_prompts=3)))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    d = load_dataset("someone/asteer-tiny")
+    assert calls[0][:2] == ("someone/asteer-tiny", "dataset")
+    assert not any("activations" in p for p in calls[0][2])
+    assert len(d.frame) > 0
+
+    def offline(**kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DatasetError, match="could not download Hub dataset 'a/b': no network"):
+        load_dataset("a/b")

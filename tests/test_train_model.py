@@ -228,3 +228,18 @@ def test_package_import_pulls_in_no_engine():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_fit_evaluate_search(dataset, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    common = ["--data", str(dataset), "--out", out, "--threads", "1"]
+    fit = ["fit", *common, "--trials", "1", "--max-rounds", "60", "--groups", "SA,DA"]
+    assert main(fit) == 0
+    meta = json.loads((tmp_path / "o" / "predictor" / "predictor.json").read_text())
+    assert {n.split("_")[0] for n in meta["feature_names"]} == {"SA", "DA", "alpha"}
+    assert main(["evaluate", *common]) == 0
+    assert "| unseen | alpha_only |" in capsys.readouterr().out
+    assert main(["search", *common, "--k", "3,6", "--probe-tokens", "4"]) == 0
+    se = json.loads((tmp_path / "o" / "search.json").read_text())
+    assert [r["method"] for r in se["all"]["table"][:2]] == ["ours@K=3", "ours@K=6"]
+    assert se["all"]["cost_model"]["probe_tokens"] == 4

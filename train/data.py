@@ -34,6 +34,8 @@ ROLLOUT_COLUMNS = (
     "judge_status",
 )
 CLASS_NAMES = ("under", "success", "over")
+# Only what training reads: the optional `activations` config can be hundreds of GB.
+HUB_PATTERNS = ["features/**", "rollouts/**", "concepts/**", "*.json", "*.md"]
 
 
 class DatasetError(ValueError):
@@ -53,11 +55,8 @@ class LoadedData:
 
 
 def resolve_source(source: str | Path) -> Path:
-    """Local folder as is; anything else is treated as a Hub dataset repo id.
-
-    Only the configs the trainer reads are downloaded: the optional `activations`
-    config can be hundreds of GB.
-    """
+    """Local folder as is; anything else is treated as a Hub dataset repo id, of which
+    only the configs the trainer reads are downloaded (``HUB_PATTERNS``)."""
     path = Path(source)
     if path.exists():
         if not path.is_dir():
@@ -71,11 +70,14 @@ def resolve_source(source: str | Path) -> Path:
         )
     from huggingface_hub import snapshot_download  # lazy: only for Hub sources
 
-    local = snapshot_download(
-        repo_id=text,
-        repo_type="dataset",
-        allow_patterns=["features/**", "rollouts/**", "concepts/**", "*.json", "*.md"],
-    )
+    try:
+        local = snapshot_download(
+            repo_id=text,
+            repo_type="dataset",
+            allow_patterns=HUB_PATTERNS,
+        )
+    except Exception as exc:  # network, auth, missing repo: all mean "cannot load"
+        raise DatasetError(f"could not download Hub dataset {text!r}: {exc}") from exc
     return Path(local)
 
 
