@@ -120,15 +120,34 @@ class HFReference:
 
     @torch.no_grad()
     def residual_stream(
-        self, token_ids: Sequence[int], spec: SteerSpec | None, layers: Sequence[int]
+        self,
+        token_ids: Sequence[int],
+        spec: SteerSpec | None,
+        layers: Sequence[int],
+        prompt_len: int | None = None,
     ) -> dict[int, torch.Tensor]:
-        """The residual stream after each block in `layers` for one sequence: [T, hidden]."""
+        """The residual stream after each block in `layers` for one sequence: [T, hidden].
+
+        `prompt_len` places the position modes' window when `token_ids` continues past
+        the prompt (prompt + generated tokens); it defaults to the whole sequence.
+        """
         ids, mask = self._pad([token_ids])
-        with self.steering([spec], [len(token_ids)]):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False
-            )
-        # hidden_states[0] is the embedding output; [l + 1] the output of block l. The
-        # last entry has the final norm applied in HF; vLLM reports the pre-norm stream.
-        hs = out.hidden_states
-        return {layer: hs[layer + 1][0].float().cpu() for layer in layers}
+        got: dict[int, torch.Tensor] = {}
+        with self.steering([spec], [prompt_len or len(token_ids)]):
+            # Read block outputs with hooks registered after the steering hooks (so they
+            # see the steered stream), not `output_hidden_states`, whose last entry has
+            # the final norm applied: vLLM's stream is pre-norm everywhere.
+            handles = [
+                self.layers[layer].register_forward_hook(
+                    lambda mod, args, out, layer=layer: got.__setitem__(
+                        layer, (out[0] if isinstance(out, tuple) else out)[0].float().cpu()
+                    )
+                )
+                for layer in layers
+            ]
+            try:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+        return got

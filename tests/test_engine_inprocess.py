@@ -88,6 +88,6 @@ def test_residual_stream_matches_hf(engine, tiny_model):
     ref.register_vectors({"v": v})
     spec = SteerSpec("v", 3.0, LAYER)
     ours = _residuals(engine, prompt, spec)
-    theirs = ref.residual_stream(prompt, spec, layers=range(5))
-    for layer in range(5):  # the last block's HF output has the final norm applied
+    theirs = ref.residual_stream(prompt, spec, layers=range(6))
+    for layer in range(6):
         torch.testing.assert_close(ours[layer], theirs[layer], atol=2e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import compat
+from .capture_buffer import CAP_KEY
 from .spec import CONFIG_KEY, EXTRA_KEY, WORKER_CLS, SteerSpec, to_extra_args, validate
 from .steering import encode_vector, vector_digest
 
@@ -101,7 +102,11 @@ class _SteeringClient:
         self._vectors = _VectorRegistry(self.hidden_size)
 
     def _decorate(
-        self, n: int, sampling_params: Any, steer: Sequence[SteerSpec | None] | None
+        self,
+        n: int,
+        sampling_params: Any,
+        steer: Sequence[SteerSpec | None] | None,
+        capture: Sequence[dict | None] | None = None,
     ) -> list[Any]:
         from vllm import SamplingParams
 
@@ -122,14 +127,20 @@ class _SteeringClient:
             validate(s, i, self._vectors.entries, self.num_layers, self.hidden_size)
             for i, s in enumerate(steer)
         ]
+        caps = list(capture) if capture is not None else [None] * n
+        if len(caps) != n:
+            raise ValueError(f"got {len(caps)} capture specs for {n} prompts")
         out = []
-        for sp, spec in zip(params, specs, strict=True):
-            if spec is None:
+        for sp, spec, cap in zip(params, specs, caps, strict=True):
+            if spec is None and cap is None:
                 out.append(sp)
                 continue
             sp = copy.copy(sp)
             extra = dict(sp.extra_args or {})
-            extra[EXTRA_KEY] = to_extra_args(spec, self._vectors.entries[spec.vector][1])
+            if spec is not None:
+                extra[EXTRA_KEY] = to_extra_args(spec, self._vectors.entries[spec.vector][1])
+            if cap is not None:
+                extra[CAP_KEY] = cap
             sp.extra_args = extra
             out.append(sp)
         return out
@@ -185,13 +196,24 @@ class SteeredEngine(_SteeringClient):
         sampling_params: Any = None,
         steer: Sequence[SteerSpec | None] | None = None,
         *,
+        capture: Sequence[dict | None] | None = None,
         use_tqdm: bool = False,
         **kwargs: Any,
     ):
+        """Like `vllm.LLM.generate`, plus one `SteerSpec` (or None) per prompt.
+
+        `capture`, per prompt, asks the worker to keep the residual stream at decode
+        steps (`{"key", "steps", "base"}`, see `capture_buffer.py`); fetch it with
+        `collect`.
+        """
         single = isinstance(prompts, str | dict)
         plist = [prompts] if single else list(prompts)
-        params = self._decorate(len(plist), sampling_params, steer)
+        params = self._decorate(len(plist), sampling_params, steer, capture)
         return self.llm.generate(plist, params, use_tqdm=use_tqdm, **kwargs)
+
+    def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Take captured (steered, replay) pairs from the workers, with features."""
+        return self.llm.collective_rpc("asteer_collect", args=(pairs,))[0]
 
     def shutdown(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
@@ -238,18 +260,24 @@ class AsyncSteeredEngine(_SteeringClient):
         sampling_params: Any,
         steer: SteerSpec | None = None,
         request_id: str | None = None,
+        capture: dict | None = None,
     ) -> AsyncIterator[Any]:
         """Yield vLLM `RequestOutput`s for one request (the last one is final)."""
-        (params,) = self._decorate(1, sampling_params, [steer])
+        (params,) = self._decorate(1, sampling_params, [steer], [capture])
         rid = request_id or uuid.uuid4().hex
         async for out in self.engine.generate(prompt, params, rid):
             yield out
 
-    async def generate_final(self, prompt: Any, sampling_params: Any, steer=None, request_id=None):
+    async def generate_final(
+        self, prompt: Any, sampling_params: Any, steer=None, request_id=None, capture=None
+    ):
         final = None
-        async for out in self.generate(prompt, sampling_params, steer, request_id):
+        async for out in self.generate(prompt, sampling_params, steer, request_id, capture):
             final = out
         return final
+
+    async def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return (await self.engine.collective_rpc("asteer_collect", args=(pairs,)))[0]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -20,6 +20,7 @@ import inspect
 import logging
 from typing import Any
 
+from .capture_buffer import CAP_KEY
 from .spec import from_extra_args, steer_start
 
 logger = logging.getLogger("asteer.engine")
@@ -32,14 +33,26 @@ _MODULES = (
 _EXPECTED = ["request", "start_token_idx", "end_token_idx", "start_mm_idx"]
 
 
-def steer_extra_key(request: Any, end_token_idx: int) -> tuple[str, str] | None:
+def steer_extra_keys(request: Any, end_token_idx: int) -> tuple[tuple[str, str], ...]:
+    """Extra hash keys of the block ending at `end_token_idx` (exclusive) of `request`."""
     sp = getattr(request, "sampling_params", None)
-    spec = from_extra_args(sp.extra_args if sp is not None else None)
-    if not spec or not spec.get("fp"):
-        return None
-    if end_token_idx <= steer_start(spec.get("p", "all"), request.num_prompt_tokens):
-        return None
-    return ("asteer", spec["fp"])
+    extra_args = sp.extra_args if sp is not None else None
+    if not extra_args:
+        return ()
+    keys = []
+    spec = from_extra_args(extra_args)
+    if spec and spec.get("fp"):
+        if end_token_idx > steer_start(spec.get("p", "all"), request.num_prompt_tokens):
+            keys.append(("asteer", spec["fp"]))
+    cap = extra_args.get(CAP_KEY)
+    if cap and cap.get("steps"):
+        # Blocks holding a capture position are private to the request, so a prefix hit
+        # can never skip a token whose states must be captured (e.g. a replay's t = 0).
+        base = cap.get("base")
+        base = request.num_prompt_tokens - 1 if base is None else int(base)
+        if end_token_idx > base + min(cap["steps"]):
+            keys.append(("asteer-cap", str(cap["key"])))
+    return tuple(keys)
 
 
 def install() -> bool:
@@ -56,10 +69,10 @@ def install() -> bool:
 
     def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
         keys, next_mm = orig(request, start_token_idx, end_token_idx, start_mm_idx)
-        extra = steer_extra_key(request, end_token_idx)
-        if extra is None:
+        extra = steer_extra_keys(request, end_token_idx)
+        if not extra:
             return keys, next_mm
-        return (*(keys or ()), extra), next_mm
+        return (*(keys or ()), *extra), next_mm
 
     generate_block_hash_extra_keys._asteer = True  # type: ignore[attr-defined]
     for name in _MODULES:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import adapters
+from .capture_buffer import CaptureBuffer
 from .spec import CONFIG_KEY, WORKER_CLS
 from .steering import SteeringState, find_decoder_layers
 
@@ -24,6 +25,7 @@ logger = logging.getLogger("asteer.engine")
 
 class _SteeringWorkerMixin:
     asteer: SteeringState | None = None
+    asteer_capture: CaptureBuffer | None = None
     asteer_adapter: str = ""
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -65,14 +67,27 @@ class _SteeringWorkerMixin:
             device=torch.device(runner.device),
             allow_python_branches=bool(eager),
         )
+        capture = CaptureBuffer(
+            num_layers=num_layers,
+            hidden_size=state.hidden_size,
+            max_rows=int(extra.get("capture_rows") or min(4 * max_seqs + 64, max_tokens)),
+            max_num_tokens=max_tokens,
+            dtype=state.dtype,
+            device=state.device,
+            allow_python_branches=bool(eager),
+        )
         blocks = find_decoder_layers(model, num_layers)
-        for layer in state.steer_layers:
-            block = blocks[layer]
+        # Hook order per block matters: state before steering, steering, state after.
+        for layer, block in enumerate(blocks):
             if type(block).__name__ == "PPMissingLayer":
                 continue  # another pipeline stage owns it
-            block.register_forward_hook(state.make_hook(layer))
-        adapter.install(runner, state)
+            if layer in state.slot_of_layer:
+                block.register_forward_hook(capture.make_pre_hook(layer))
+                block.register_forward_hook(state.make_hook(layer))
+            block.register_forward_hook(capture.make_post_hook(layer))
+        adapter.install(runner, state, capture)
         self.asteer = state
+        self.asteer_capture = capture
         self.asteer_adapter = adapter.NAME
         logger.info(
             "asteer: steering installed (%s adapter, layers %s, %d rows, eager=%s)",
@@ -83,6 +98,14 @@ class _SteeringWorkerMixin:
     def asteer_register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
         assert self.asteer is not None, "asteer steering is not installed in this worker"
         return self.asteer.register_vectors(vectors)
+
+    def asteer_collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Take the captures of (steered, replay) pairs, compute features on this device."""
+        from .collect import collect_pairs
+
+        assert self.asteer is not None and self.asteer_capture is not None
+        out = collect_pairs(self.asteer, self.asteer_capture, pairs)
+        return out if getattr(self, "rank", 0) == 0 else None
 
     def asteer_info(self) -> dict[str, Any]:
         s = self.asteer
@@ -96,6 +119,8 @@ class _SteeringWorkerMixin:
             "live_requests": len(s.requests),
             "rows_in_use": s.capacity - len(s._free_rows),
             "rejected": s.rejected,
+            "capture_rows": self.asteer_capture.max_rows if self.asteer_capture else 0,
+            "captures_stored": len(self.asteer_capture.store) if self.asteer_capture else 0,
             "vectors": dict(s.vector_digest),
         }
 

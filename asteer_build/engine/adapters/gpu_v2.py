@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..capture_buffer import CAP_KEY, CaptureBuffer
 from ..spec import from_extra_args
 from ..steering import SteeringState
 from . import UnsupportedVLLMError, new_request_prompt_len
@@ -33,13 +34,20 @@ def check(runner: Any) -> None:
         )
 
 
-def install(runner: Any, state: SteeringState) -> None:
-    rows_by_slot = np.zeros(runner.max_num_reqs, dtype=np.int64)
-    start_by_slot = np.zeros(runner.max_num_reqs, dtype=np.int64)
+def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
+    nslots = runner.max_num_reqs
+    rows_by_slot = np.zeros(nslots, dtype=np.int64)
+    start_by_slot = np.zeros(nslots, dtype=np.int64)
+    # capture arrays by slot: key, base (very negative = none), step mask, steering layer
+    cap_key_by_slot = [""] * nslots
+    cap_base_by_slot = np.full(nslots, -(1 << 40), dtype=np.int64)
+    cap_mask_by_slot = np.zeros(nslots, dtype=np.uint64)
+    cap_layer_by_slot = np.full(nslots, -1, dtype=np.int64)
     slots = runner.req_states.req_id_to_index
     orig_finish = runner.finish_requests
     orig_add = runner.add_requests
     orig_prepare = runner.prepare_inputs
+    orig_execute = runner.execute_model
 
     def finish_requests(scheduler_output, *args, **kwargs):
         gone = scheduler_output.finished_req_ids
@@ -50,7 +58,10 @@ def install(runner: Any, state: SteeringState) -> None:
             if slot is not None:
                 rows_by_slot[slot] = 0
                 start_by_slot[slot] = 0
+                cap_base_by_slot[slot] = -(1 << 40)
+                cap_mask_by_slot[slot] = 0
             state.release(req_id)
+            capture.release(req_id)
         return orig_finish(scheduler_output, *args, **kwargs)
 
     def add_requests(scheduler_output, *args, **kwargs):
@@ -58,24 +69,40 @@ def install(runner: Any, state: SteeringState) -> None:
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             spec = from_extra_args(sp.extra_args if sp is not None else None)
-            row = state.acquire(new.req_id, spec, new_request_prompt_len(new))
+            prompt_len = new_request_prompt_len(new)
+            row = state.acquire(new.req_id, spec, prompt_len)
             slot = slots[new.req_id]
             rows_by_slot[slot] = row
             start_by_slot[slot] = state.requests[new.req_id][2] if row else 0
+            layer = int(spec["l"]) if row else -1
+            capture.acquire(new.req_id, (sp.extra_args or {}).get(CAP_KEY) if sp else None,
+                            prompt_len, layer)
+            cap = capture.requests.get(new.req_id)
+            if cap is not None:
+                cap_key_by_slot[slot] = cap[0]
+                cap_base_by_slot[slot], cap_mask_by_slot[slot], cap_layer_by_slot[slot] = cap[1:]
         return out
 
     def prepare_inputs(*args, **kwargs):
         batch = orig_prepare(*args, **kwargs)
         n = batch.num_reqs
         idx = batch.idx_mapping_np[:n]
-        state.fill_index(
-            rows_by_slot[idx],
-            start_by_slot[idx],
-            batch.num_computed_tokens_np[:n].astype(np.int64, copy=False),
-            batch.num_scheduled_tokens[:n].astype(np.int64, copy=False),
-        )
+        computed = batch.num_computed_tokens_np[:n].astype(np.int64, copy=False)
+        scheduled = batch.num_scheduled_tokens[:n].astype(np.int64, copy=False)
+        state.fill_index(rows_by_slot[idx], start_by_slot[idx], computed, scheduled)
+        masks = cap_mask_by_slot[idx]
+        keys = [cap_key_by_slot[i] for i in idx] if masks.any() else [""] * n
+        capture.fill((keys, cap_base_by_slot[idx], masks, cap_layer_by_slot[idx]),
+                     computed, scheduled)
         return batch
+
+    def execute_model(*args, **kwargs):
+        try:
+            return orig_execute(*args, **kwargs)
+        finally:
+            capture.drain()
 
     runner.finish_requests = finish_requests
     runner.add_requests = add_requests
     runner.prepare_inputs = prepare_inputs
+    runner.execute_model = execute_model

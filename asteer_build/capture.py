@@ -1,0 +1,182 @@
+"""Early hidden-state capture and the exact unsteered replay, client side.
+
+For each steered rollout:
+1. the steered request carries a capture spec: the worker keeps the residual stream at
+   decode steps t in `steps` (t = 0: the forward over the last prompt token; t = n: the
+   forward consuming generated token n), after every block, and before the steering
+   addition at the steered layer L;
+2. once it finishes, a replay runs with no steering over exactly the same token ids
+   (chat-templated prompt + the first generated tokens up to the last capture step),
+   one prefill, capturing the same positions. Its prompt blocks come from the prefix
+   cache (unsteered KV of the same prompt), so it costs a few tokens per rollout;
+3. `collect` takes both from the worker and computes the features there
+   (`asteer_build.features`), returning them with the optional raw activations.
+
+Offsets whose layer L + k is past the model's last block are dropped and recorded in
+each result (`extra["dropped_offsets"]`), never silently. A response shorter than a
+capture step cannot have that step: it is listed in `extra["steps_missing"]` and its
+feature cells are computed from zero rows (distances 0, cosines 0).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .engine.collect import unwire
+from .features import feature_names
+from .rollouts import RolloutRequest, RolloutResult, _result, sampling_params
+
+DEFAULT_STEPS = (0, 1, 3, 5)
+DEFAULT_OFFSETS = (0, 1, 2, 3, 5, 10, 15)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    offsets: tuple[int, ...] = DEFAULT_OFFSETS
+    features: bool = True
+    activations: bool = True
+    activation_dtype: str = "float16"
+    extra_offsets: tuple[int, ...] = field(default=())  # e.g. (-1,): also capture L - 1
+
+    def __post_init__(self) -> None:
+        steps = tuple(int(t) for t in self.steps)
+        if not steps or sorted(set(steps)) != list(steps) or steps[0] < 0 or steps[-1] > 63:
+            raise ValueError(f"capture.steps: need increasing ints in 0..63, got {self.steps}")
+        offs = tuple(int(k) for k in self.offsets)
+        if not offs or offs[0] != 0 or sorted(set(offs)) != list(offs):
+            raise ValueError(
+                f"capture.offsets: need increasing ints starting at 0, got {self.offsets}"
+            )
+        if self.activation_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"capture.activation_dtype: {self.activation_dtype!r}")
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "offsets", offs)
+
+    def resolve(self, layer: int, num_layers: int) -> tuple[list[int], list[int]]:
+        """(kept offsets, dropped offsets) for a steered layer in a model of that depth."""
+        kept = [k for k in self.offsets if layer + k < num_layers]
+        dropped = [k for k in self.offsets if layer + k >= num_layers]
+        return kept, dropped
+
+    def feature_names(self, layer: int, num_layers: int) -> list[str]:
+        return feature_names(self.steps, self.resolve(layer, num_layers)[0])
+
+
+def _replay_prompt(req: RolloutRequest, generated: list[int], steps: Sequence[int]):
+    """Token ids of the replay and the steps it can capture (those the rollout reached)."""
+    avail = [t for t in steps if t <= len(generated) - 1]
+    last = max(avail) if avail else 0
+    return list(req.prompt_token_ids) + list(generated[:last]), avail
+
+
+def _pairs(reqs, keys, settings, num_layers):
+    out = []
+    for req, (sk, rk) in zip(reqs, keys, strict=True):
+        kept, _ = settings.resolve(req.layer, num_layers)
+        offsets = sorted(set(kept) | {k for k in settings.extra_offsets if req.layer + k >= 0})
+        out.append({
+            "steered": sk, "replay": rk, "vector": req.vector, "alpha": float(req.alpha),
+            "layer": int(req.layer), "offsets": kept if settings.features else offsets,
+            "steps": list(settings.steps), "features": settings.features,
+            "activations": settings.activations,
+            "activation_dtype": settings.activation_dtype,
+        })
+        if settings.extra_offsets:
+            out[-1]["offsets"] = offsets
+            out[-1]["feature_offsets"] = kept
+    return out
+
+
+def _finish(req, out, collected, settings, num_layers) -> RolloutResult:
+    res = _result(req, out)
+    kept, dropped = settings.resolve(req.layer, num_layers)
+    present = collected.get("steps_present", [])
+    res.extra = {
+        "dropped_offsets": dropped,
+        "steps_missing": [t for t in settings.steps if t not in present],
+        "capture_overflow": bool(collected.get("overflow")),
+    }
+    if collected.get("error"):
+        raise RuntimeError(f"rollout {req.id}: capture failed: {collected['error']}")
+    if settings.features and "features" in collected:
+        values = unwire(collected["features"])
+        names = feature_names(settings.steps, kept)
+        res.features = dict(zip(names, values.tolist(), strict=True))
+    if settings.activations and "activations" in collected:
+        res.activations = {k: unwire(v) for k, v in collected["activations"].items()}
+    return res
+
+
+def _keys(reqs) -> list[tuple[str, str]]:
+    nonce = uuid.uuid4().hex[:8]
+    return [(f"{r.id}:{nonce}:s", f"{r.id}:{nonce}:r") for r in reqs]
+
+
+def _replay_params():
+    from vllm import SamplingParams
+
+    # One prefill; the sampled token is discarded.
+    return SamplingParams(max_tokens=1, temperature=0.0)
+
+
+def _check_features(settings: CaptureSettings) -> None:
+    if settings.features and settings.extra_offsets:
+        raise ValueError("capture.extra_offsets is for inspecting activations; turn features off")
+
+
+def run_with_capture(
+    engine: Any, requests: Sequence[RolloutRequest], settings: CaptureSettings
+) -> list[RolloutResult]:
+    """Rollouts with capture, replay and features (synchronous `SteeredEngine`)."""
+    _check_features(settings)
+    reqs = list(requests)
+    keys = _keys(reqs)
+    outs = engine.generate(
+        [{"prompt_token_ids": r.prompt_token_ids} for r in reqs],
+        [sampling_params(r) for r in reqs],
+        [r.steer() for r in reqs],
+        capture=[{"key": sk, "steps": list(settings.steps)} for sk, _ in keys],
+    )
+    replays, caps = [], []
+    for r, o, (_, rk) in zip(reqs, outs, keys, strict=True):
+        ids, avail = _replay_prompt(r, list(o.outputs[0].token_ids), settings.steps)
+        replays.append({"prompt_token_ids": ids})
+        caps.append({"key": rk, "steps": avail, "base": len(r.prompt_token_ids) - 1})
+    engine.generate(replays, _replay_params(), None, capture=caps)
+    collected = engine.collect(_pairs(reqs, keys, settings, engine.num_layers))
+    return [
+        _finish(r, o, c, settings, engine.num_layers)
+        for r, o, c in zip(reqs, outs, collected, strict=True)
+    ]
+
+
+async def run_one_with_capture_async(
+    engine: Any, req: RolloutRequest, settings: CaptureSettings
+) -> RolloutResult:
+    """The same for one request on an `AsyncSteeredEngine` (the Ray feeder's unit)."""
+    _check_features(settings)
+    ((sk, rk),) = _keys([req])
+    out = await engine.generate_final(
+        {"prompt_token_ids": req.prompt_token_ids}, sampling_params(req), req.steer(),
+        request_id=sk, capture={"key": sk, "steps": list(settings.steps)},
+    )
+    ids, avail = _replay_prompt(req, list(out.outputs[0].token_ids), settings.steps)
+    await engine.generate_final(
+        {"prompt_token_ids": ids}, _replay_params(), None, request_id=rk,
+        capture={"key": rk, "steps": avail, "base": len(req.prompt_token_ids) - 1},
+    )
+    (collected,) = await engine.collect(_pairs([req], [(sk, rk)], settings, engine.num_layers))
+    return _finish(req, out, collected, settings, engine.num_layers)
+
+
+def activation_bytes(settings: CaptureSettings, hidden: int, layers_kept: int) -> int:
+    """Bytes of raw activations per rollout: steered + replay [T, K, H] + pre [T, 1, H]."""
+    item = np.dtype(settings.activation_dtype if settings.activation_dtype != "bfloat16"
+                    else "float16").itemsize
+    return len(settings.steps) * (2 * layers_kept + 1) * hidden * item

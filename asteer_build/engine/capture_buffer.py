@@ -1,0 +1,241 @@
+"""Worker-side capture of the residual stream at a request's first decode steps.
+
+This is the capture buffer: one fixed, persistent allocation, written by hooks through a
+per-step capture index, drained to host after the forward, every row labelled.
+
+- A request asks for capture with `extra_args["asteer_cap"] = {"key", "steps", "base"}`:
+  rows at token positions `base + t` for t in `steps` (base defaults to prompt_len - 1,
+  so t = 0 is the forward over the last prompt token and t = n the forward consuming
+  generated token n). A replay passes its own base: its prompt is the original prompt
+  plus the first generated tokens, and it must capture the same positions.
+- Each step the host finds the scheduled tokens at those positions (vectorized over
+  tokens, exact under chunked prefill and prefix hits) and writes their batch indices
+  into `token_index[:m]`. Hooks then copy `hidden + residual` (a copy: the next fused
+  add-norm mutates it in place) of those tokens: after every block into `post[:m, l]`,
+  and, at the request's steering layer only, before the steering addition into `pre[:m]`.
+- After the forward the m rows go to host (on GPU: a non-blocking copy into pinned
+  memory with an event, no sync in the step) and are stored per key as (step, post, pre).
+  Memory on the device is fixed whatever the batch: `max_rows x (layers + 1) x hidden`.
+- The client fetches by key over RPC (`asteer_collect`), which also computes the
+  steerability features on the worker's device (`asteer_build.features`) and frees them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("asteer.engine")
+
+CAP_KEY = "asteer_cap"
+MAX_STEP = 63  # steps are kept in a uint64 bit mask
+
+
+@dataclass
+class _Pending:
+    keys: list[str]
+    steps: np.ndarray
+    post: torch.Tensor
+    pre: torch.Tensor
+    event: object | None
+
+
+class CaptureBuffer:
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        max_rows: int,
+        max_num_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        allow_python_branches: bool,
+        max_stored_keys: int = 200_000,
+    ) -> None:
+        self.num_layers = num_layers
+        self.max_rows = max_rows
+        self.device = device
+        self.post = torch.zeros(max_rows, num_layers, hidden_size, dtype=dtype, device=device)
+        self.pre = torch.zeros(max_rows, hidden_size, dtype=dtype, device=device)
+        on_cpu = device.type == "cpu"
+        self._host_index = torch.zeros(max_rows, dtype=torch.int64, pin_memory=not on_cpu)
+        self._host_layer = torch.full((max_rows,), -1, dtype=torch.int64, pin_memory=not on_cpu)
+        if on_cpu:
+            self.token_index, self.row_layer = self._host_index, self._host_layer
+        else:
+            self.token_index = torch.zeros(max_rows, dtype=torch.int64, device=device)
+            self.row_layer = torch.full((max_rows,), -1, dtype=torch.int64, device=device)
+        self.m = 0  # rows selected this step
+        self._last_m = 0
+        self.active = False  # any capture rows this step (eager runners skip hooks)
+        self.allow_python_branches = allow_python_branches
+        # req_id -> (key, base or -1 for "prompt_len - 1", step mask, steering layer)
+        self.requests: dict[str, tuple[str, int, int, int]] = {}
+        self.generation = 0
+        self._step_keys: list[str] = []
+        self._step_steps = np.zeros(0, dtype=np.int64)
+        self._pending: list[_Pending] = []
+        self.store: OrderedDict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.max_stored_keys = max_stored_keys
+        self.overflowed: set[str] = set()
+        self.dropped_keys = 0
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def acquire(self, req_id: str, cap: dict | None, prompt_len: int, steer_layer: int) -> None:
+        if not cap:
+            self.requests.pop(req_id, None)
+            return
+        steps = [int(t) for t in cap.get("steps", ())]
+        if not steps or min(steps) < 0 or max(steps) > MAX_STEP:
+            logger.error("asteer: request %s: capture steps %s out of 0..%d", req_id, steps,
+                         MAX_STEP)
+            return
+        mask = 0
+        for t in steps:
+            mask |= 1 << t
+        base = cap.get("base")
+        base = prompt_len - 1 if base is None else int(base)
+        self.requests[req_id] = (str(cap["key"]), base, mask, int(steer_layer))
+        self.generation += 1
+
+    def release(self, req_id: str) -> None:
+        if self.requests.pop(req_id, None) is not None:
+            self.generation += 1
+
+    def request_arrays(self, req_ids: list[str]):
+        """Per request (batch order): key, base, mask, steering layer; base -1 = none."""
+        get = self.requests.get
+        items = [get(r) for r in req_ids]
+        keys = [i[0] if i else "" for i in items]
+        base = np.fromiter((i[1] if i else -(1 << 40) for i in items), np.int64, len(items))
+        mask = np.fromiter((i[2] if i else 0 for i in items), np.uint64, len(items))
+        layer = np.fromiter((i[3] if i else -1 for i in items), np.int64, len(items))
+        return keys, base, mask, layer
+
+    # ---- per step ------------------------------------------------------------------------
+    def fill(self, arrays, num_computed_req: np.ndarray, num_scheduled_req: np.ndarray) -> None:
+        m = self._select(arrays, num_computed_req, num_scheduled_req)
+        if not self.allow_python_branches and self._last_m > m:
+            # Graph-safe hooks gather all max_rows rows: stale entries must point at a
+            # valid token (0) and at no layer.
+            self._host_index[m : self._last_m] = 0
+            self._host_layer[m : self._last_m] = -1
+        upto = max(m, self._last_m)
+        if upto and self.token_index is not self._host_index:
+            self.token_index[:upto].copy_(self._host_index[:upto], non_blocking=True)
+            self.row_layer[:upto].copy_(self._host_layer[:upto], non_blocking=True)
+        self._last_m = m
+        self.m = m
+        self.active = m > 0
+
+    def _select(self, arrays, num_computed_req: np.ndarray, num_scheduled_req: np.ndarray) -> int:
+        keys, base, mask, layer = arrays
+        if not self.requests or not mask.any():
+            return 0
+        n = int(num_scheduled_req.sum())
+        req_of_tok = np.repeat(np.arange(len(num_scheduled_req)), num_scheduled_req)
+        starts = np.cumsum(num_scheduled_req) - num_scheduled_req
+        pos = np.repeat(num_computed_req, num_scheduled_req) + (
+            np.arange(n, dtype=np.int64) - np.repeat(starts, num_scheduled_req)
+        )
+        t = pos - base[req_of_tok]
+        ok = (t >= 0) & (t <= MAX_STEP)
+        tt = np.where(ok, t, 0).astype(np.uint64)
+        sel = ok & (((mask[req_of_tok] >> tt) & np.uint64(1)) == 1)
+        tok = np.nonzero(sel)[0]
+        if tok.size == 0:
+            return 0
+        if tok.size > self.max_rows:
+            dropped = {keys[r] for r in req_of_tok[tok[self.max_rows :]]}
+            self.overflowed |= dropped
+            logger.error("asteer: capture buffer full (%d rows); %d keys lose rows; raise "
+                         "capture_rows", self.max_rows, len(dropped))
+            tok = tok[: self.max_rows]
+        m = tok.size
+        self._host_index[:m] = torch.from_numpy(tok)
+        self._host_layer[:m] = torch.from_numpy(layer[req_of_tok[tok]])
+        self._step_keys = [keys[r] for r in req_of_tok[tok]]
+        self._step_steps = t[tok]
+        return m
+
+    def drain(self) -> None:
+        """After the forward: move this step's rows off the fixed buffer, labelled."""
+        if not self.m:
+            return
+        m = self.m
+        if self.device.type == "cpu":
+            item = _Pending(self._step_keys, self._step_steps, self.post[:m].clone(),
+                            self.pre[:m].clone(), None)
+        else:
+            post = torch.empty((m, *self.post.shape[1:]), dtype=self.post.dtype,
+                               pin_memory=True)
+            pre = torch.empty((m, self.pre.shape[1]), dtype=self.pre.dtype, pin_memory=True)
+            post.copy_(self.post[:m], non_blocking=True)
+            pre.copy_(self.pre[:m], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            item = _Pending(self._step_keys, self._step_steps, post, pre, ev)
+        self._pending.append(item)
+        self.m = 0
+        self.active = False
+        if len(self._pending) > 64:
+            self._settle()
+
+    def _settle(self) -> None:
+        """File pending rows under their keys (waits on their copies: off the step path)."""
+        for item in self._pending:
+            if item.event is not None:
+                item.event.synchronize()
+            for i, (key, step) in enumerate(zip(item.keys, item.steps.tolist(), strict=True)):
+                self.store.setdefault(key, {})[int(step)] = (item.post[i], item.pre[i])
+        self._pending.clear()
+        while len(self.store) > self.max_stored_keys:
+            self.store.popitem(last=False)
+            self.dropped_keys += 1
+
+    def take(self, key: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        self._settle()
+        return self.store.pop(key, None)
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def make_post_hook(self, layer: int):
+        """After block `layer` (and after its steering): copy the residual stream."""
+        post = self.post
+        index = self.token_index
+        branches = self.allow_python_branches
+
+        def capture_post(module, args, output):
+            if branches and not self.active:
+                return None
+            hidden, residual = output
+            m = self.m if branches else self.max_rows
+            rows = torch.index_select(hidden + residual, 0, index[:m])
+            post[:m, layer].copy_(rows)
+            return None
+
+        return capture_post
+
+    def make_pre_hook(self, layer: int):
+        """At a steerable block, before the steering hook: the state before the addition,
+        kept only for rows whose request steers this layer."""
+        pre = self.pre
+        index = self.token_index
+        row_layer = self.row_layer
+        branches = self.allow_python_branches
+
+        def capture_pre(module, args, output):
+            if branches and not self.active:
+                return None
+            hidden, residual = output
+            m = self.m if branches else self.max_rows
+            rows = torch.index_select(hidden + residual, 0, index[:m])
+            keep = (row_layer[:m] == layer).unsqueeze(-1)
+            pre[:m].copy_(torch.where(keep, rows, pre[:m]))
+            return None
+
+        return capture_pre

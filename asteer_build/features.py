@@ -1,0 +1,121 @@
+"""Steerability features from the early residual stream, steered run versus exact replay.
+
+Inputs per rollout (torch, on whatever device holds them; computed in float32):
+`steered` and `replay`, `[T, K, H]`: the residual stream at decode steps `steps` (T of
+them) and layers L + k for k in `offsets` (K of them, k = 0 first), where the steered
+state at k = 0 is the one *after* adding alpha * v; `v = alpha * v_c`.
+
+Per (t, k):
+- `dn` = ||h~ - h||                       (distance)
+- `ds` = cos(h~, h)                        (similarity)
+- `da` = cos(h~ - h, v), k != 0 only       (alignment of the change with the vector)
+- `sa` = cos(h~, v)                        (alignment of the state with the vector)
+Dynamics for t in steps[1:] against t0 = steps[0]:
+- `dnr` = dn(t) / dn(t0)   `dsd` = ds(t) - ds(t0)   `dad` = da(t) - da(t0)
+
+Each token x layer matrix contributes every entry `{g}_t{t}_k{k}`, global statistics
+`{g}_mean|std|max|min`, per-token `{g}_t{t}_mean|std|max` and per-layer
+`{g}_k{k}_mean|std|max` (std is the population std). Plus `alpha` and `vector_norm`
+(||v_c||). With the default 4 steps and 7 offsets that is 414 features.
+
+Guards (never NaN): a cosine with a zero-norm argument (norm <= 1e-12, e.g. alpha = 0)
+is 0. `dnr` with dn(t0) <= 1e-6 (no change at t0, e.g. alpha = 0, or the `generated`
+position mode where t0 is not steered) is 1.0 if dn(t) <= 1e-6 too, else dn(t) / 1e-6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+EPS_COS = 1e-12
+EPS_DN = 1e-6
+GROUPS = ("dn", "ds", "da", "sa", "dnr", "dsd", "dad")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    na = a.norm(dim=-1)
+    nb = b.norm(dim=-1)
+    ok = (na > EPS_COS) & (nb > EPS_COS)
+    dot = (a * b).sum(-1)
+    return torch.where(ok, dot / (na * nb).clamp_min(EPS_COS), torch.zeros_like(dot))
+
+
+def matrices(
+    steered: torch.Tensor, replay: torch.Tensor, v: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The seven token x layer matrices (da and dad drop the k = 0 column)."""
+    s = steered.float()
+    r = replay.float()
+    vv = v.float().reshape(1, 1, -1)
+    diff = s - r
+    dn = diff.norm(dim=-1)
+    ds = _cos(s, r)
+    da = _cos(diff, vv.expand_as(diff))[:, 1:]
+    sa = _cos(s, vv.expand_as(s))
+    base = dn[:1]
+    small = base <= EPS_DN
+    dnr = torch.where(
+        small,
+        torch.where(dn[1:] <= EPS_DN, torch.ones_like(dn[1:]), dn[1:] / EPS_DN),
+        dn[1:] / base.clamp_min(EPS_DN),
+    )
+    return {
+        "dn": dn, "ds": ds, "da": da, "sa": sa,
+        "dnr": dnr, "dsd": ds[1:] - ds[:1], "dad": da[1:] - da[:1],
+    }
+
+
+def _layout(steps: Sequence[int], offsets: Sequence[int]) -> dict[str, tuple[list, list]]:
+    ks_all = list(offsets)
+    ks_no0 = [k for k in ks_all if k != 0]
+    ts_all = list(steps)
+    ts_dyn = ts_all[1:]
+    return {
+        "dn": (ts_all, ks_all), "ds": (ts_all, ks_all), "da": (ts_all, ks_no0),
+        "sa": (ts_all, ks_all), "dnr": (ts_dyn, ks_all), "dsd": (ts_dyn, ks_all),
+        "dad": (ts_dyn, ks_no0),
+    }
+
+
+def feature_names(steps: Sequence[int], offsets: Sequence[int]) -> list[str]:
+    """Column names, in the order `compute` returns values."""
+    if list(offsets)[:1] != [0]:
+        raise ValueError(f"layer offsets must start with 0 (the steered layer), got {offsets}")
+    names: list[str] = []
+    for g, (ts, ks) in _layout(steps, offsets).items():
+        names += [f"{g}_t{t}_k{k}" for t in ts for k in ks]
+        names += [f"{g}_{stat}" for stat in ("mean", "std", "max", "min")]
+        names += [f"{g}_t{t}_{stat}" for t in ts for stat in ("mean", "std", "max")]
+        names += [f"{g}_k{k}_{stat}" for k in ks for stat in ("mean", "std", "max")]
+    return names + ["alpha", "vector_norm"]
+
+
+def _stats(m: torch.Tensor) -> list[torch.Tensor]:
+    flat = m.reshape(-1)
+    parts = [flat, torch.stack([flat.mean(), flat.std(unbiased=False), flat.max(), flat.min()])]
+    rows = torch.stack([m.mean(1), m.std(1, unbiased=False), m.amax(1)], dim=1).reshape(-1)
+    cols = torch.stack([m.mean(0), m.std(0, unbiased=False), m.amax(0)], dim=1).reshape(-1)
+    return parts + [rows, cols]
+
+
+def compute(
+    steered: torch.Tensor,
+    replay: torch.Tensor,
+    v_c: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """All features of one rollout as a float32 vector (order of `feature_names`)."""
+    v_c = v_c.to(steered.device).float()
+    mats = matrices(steered, replay, float(alpha) * v_c)
+    parts: list[torch.Tensor] = []
+    for g in GROUPS:
+        parts += _stats(mats[g])
+    tail = torch.stack([torch.tensor(float(alpha), device=v_c.device), v_c.norm()])
+    return torch.cat(parts + [tail]).float()
+
+
+def compute_named(steered, replay, v_c, alpha, steps, offsets) -> dict[str, float]:
+    values = compute(steered, replay, v_c, alpha).cpu().tolist()
+    return dict(zip(feature_names(steps, offsets), values, strict=True))

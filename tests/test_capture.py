@@ -1,0 +1,223 @@
+"""Capture, exact replay and features on real vLLM (CPU) with the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from asteer_build import features as F
+from asteer_build.capture import CaptureSettings, run_with_capture
+from asteer_build.engine import SteeredEngine
+from asteer_build.reference import HFReference
+from asteer_build.rollouts import RolloutRequest
+
+from .conftest import PROMPTS, chat_ids, engine_args
+
+STEPS = (0, 1, 3, 5)
+
+
+def _vecs():
+    g = torch.Generator().manual_seed(5)
+    return {"a": torch.randn(128, generator=g), "b": torch.randn(128, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    # a small token budget forces chunked prefill of the longer prompts
+    eng = SteeredEngine(tiny_model, **engine_args(max_num_batched_tokens=64, max_num_seqs=48))
+    eng.register_vectors(_vecs())
+    yield eng
+    eng.shutdown()
+
+
+def _req(i, ids, vector="a", alpha=2.0, layer=1, mode="all", max_tokens=10, temp=0.0):
+    return RolloutRequest(
+        id=f"r{i}", prompt_token_ids=ids, vector=vector, alpha=alpha, layer=layer,
+        positions=mode, seed=100 + i, max_tokens=max_tokens, temperature=temp,
+    )
+
+
+def test_states_match_hf_and_replay_is_exact(engine, tiny_model):
+    ids = chat_ids(tiny_model, PROMPTS[:3])
+    reqs = [
+        _req(0, ids[0], "a", 2.0, 2, "all"),
+        _req(1, ids[1], "b", 3.0, 1, "generated"),
+        _req(2, ids[2], "a", 1.5, 3, "last_prompt_and_generated"),
+    ]
+    settings = CaptureSettings(features=False, activations=True, activation_dtype="float32",
+                               extra_offsets=(-1,))
+    results = run_with_capture(engine, reqs, settings)
+    ref = HFReference(tiny_model)
+    ref.register_vectors(_vecs())
+    for req, res in zip(reqs, results, strict=True):
+        acts = res.activations
+        offsets = sorted({-1, *settings.resolve(req.layer, 6)[0]})
+        layers = [req.layer + k for k in offsets]
+        P = len(req.prompt_token_ids)
+        full = req.prompt_token_ids + res.response_token_ids
+        positions = [P - 1 + t for t in STEPS]
+        steered = ref.residual_stream(full, req.steer(), layers, prompt_len=P)
+        plain = ref.residual_stream(full, None, layers, prompt_len=P)
+        for j, layer in enumerate(layers):
+            want_s = torch.stack([steered[layer][p] for p in positions]).numpy()
+            want_r = torch.stack([plain[layer][p] for p in positions]).numpy()
+            np.testing.assert_allclose(acts["steered"][:, j], want_s, atol=2e-4, rtol=1e-4)
+            np.testing.assert_allclose(acts["replay"][:, j], want_r, atol=2e-4, rtol=1e-4)
+        k0, km1 = offsets.index(0), offsets.index(-1)
+        # layers <= L: the replay equals the steered run before the addition, exactly
+        assert np.array_equal(acts["replay"][:, k0], acts["steered_pre"][:, 0])
+        assert np.array_equal(acts["replay"][:, km1], acts["steered"][:, km1])
+        # ...and after the addition the steered state differs where steering applies
+        steered_at = [STEPS.index(t) for t in STEPS if P - 1 + t >= req.steer().start_position(P)]
+        diff = acts["steered"][:, k0] - acts["steered_pre"][:, 0]
+        v = req.alpha * _vecs()[req.vector].numpy()
+        for i in range(len(STEPS)):
+            np.testing.assert_allclose(diff[i], v if i in steered_at else 0 * v, atol=1e-5)
+
+
+def test_attribution_in_a_staggered_mixed_batch(engine, tiny_model):
+    qs = [" ".join([PROMPTS[i % 8]] * (1 + i % 9)) for i in range(36)]
+    ids = chat_ids(tiny_model, qs)
+    assert len({len(x) for x in ids}) >= 5 and max(map(len, ids)) > 64  # chunked
+    modes = ("all", "generated", "last_prompt_and_generated")
+    reqs = [
+        _req(i, ids[i], "ab"[i % 2], 0.5 * (i % 7), i % 5, modes[i % 3],
+             max_tokens=6 + (i % 9), temp=0.8)
+        for i in range(36)
+    ]
+    settings = CaptureSettings()
+    together = run_with_capture(engine, reqs, settings)
+    alone = [run_with_capture(engine, [r], settings)[0] for r in reqs]
+    for a, b in zip(together, alone, strict=True):
+        assert a.response_token_ids == b.response_token_ids
+        assert a.extra == b.extra
+        for name in ("steered", "replay", "steered_pre"):
+            np.testing.assert_allclose(a.activations[name].astype(np.float32),
+                                       b.activations[name].astype(np.float32), atol=2e-3)
+        fa = np.array(list(a.features.values()))
+        fb = np.array(list(b.features.values()))
+        np.testing.assert_allclose(fa, fb, rtol=1e-3, atol=1e-3)
+    # rows really belong to different requests: steered states differ across requests
+    firsts = {together[i].activations["steered"][0, 0].tobytes() for i in range(36)}
+    assert len(firsts) >= 30
+
+
+def test_alpha_zero_gives_zero_distance_and_finite_features(engine, tiny_model):
+    ids = chat_ids(tiny_model, PROMPTS[:4])
+    reqs = [_req(i, ids[i], "a", 0.0, i % 4, ("all", "generated")[i % 2]) for i in range(4)]
+    for res in run_with_capture(engine, reqs, CaptureSettings()):
+        feats = res.features
+        assert all(math.isfinite(v) for v in feats.values())
+        dn = [v for k, v in feats.items() if k.startswith("dn_t") and "_k" in k]
+        assert dn and all(v == 0.0 for v in dn)
+        assert all(feats[k] == 1.0 for k in feats if k.startswith("dnr_t") and "_k" in k)
+
+
+def test_offsets_past_the_last_layer_are_dropped_and_recorded(engine, tiny_model):
+    ids = chat_ids(tiny_model, PROMPTS[:1])
+    (res,) = run_with_capture(engine, [_req(0, ids[0], layer=3)], CaptureSettings())
+    assert res.extra["dropped_offsets"] == [3, 5, 10, 15]
+    assert res.activations["steered"].shape == (4, 3, 128)
+    assert res.activations["steered"].dtype == np.float16
+    assert len(res.features) == len(F.feature_names(STEPS, [0, 1, 2]))
+
+
+def test_short_response_records_missing_steps(engine, tiny_model):
+    ids = chat_ids(tiny_model, PROMPTS[:1])
+    (res,) = run_with_capture(engine, [_req(0, ids[0], max_tokens=2)], CaptureSettings())
+    assert res.extra["steps_missing"] == [3, 5]
+    assert all(math.isfinite(v) for v in res.features.values())
+
+
+def test_capture_hits_prefix_cache_and_still_gets_step_zero(engine, tiny_model):
+    """A replay whose block holding t = 0 is already cached must still capture t = 0.
+
+    With 96 prompt tokens and 32-token blocks, t = 0 (position 95) is the last token of
+    block [64, 96), which the steered run (mode `generated`: prompt KV unsteered, so
+    shareable) cached; the replay's prompt starts with the same 96 tokens.
+    """
+    (long,) = chat_ids(tiny_model, [" ".join([PROMPTS[2]] * 30)])
+    ids = long[-96:]
+    assert len(ids) == 96
+    reqs = [_req(i, ids, "a", a, 2, "generated", max_tokens=8) for i, a in enumerate([1, 2])]
+    first = run_with_capture(engine, reqs, CaptureSettings())
+    again = run_with_capture(engine, reqs, CaptureSettings())
+    for a, b in zip(first, again, strict=True):
+        assert a.response_token_ids == b.response_token_ids
+        assert a.extra["steps_missing"] == [] == b.extra["steps_missing"]
+        np.testing.assert_array_equal(a.activations["replay"], b.activations["replay"])
+    # The same replay once more, by hand: it does hit the cache for its shared prompt
+    # blocks, and still gets every step.
+    from vllm import SamplingParams
+
+    replay_ids = ids + first[0].response_token_ids[:5]
+    out = engine.generate(
+        [{"prompt_token_ids": replay_ids}], SamplingParams(max_tokens=1), None,
+        capture=[{"key": "probe", "steps": [0, 1, 3, 5], "base": len(ids) - 1}],
+    )
+    assert out[0].num_cached_tokens == 64  # [0, 64) shared; [64, 96) private to capture
+    (got,) = engine.collect([{"steered": "probe", "replay": "probe", "vector": "a",
+                              "alpha": 0.0, "layer": 0, "offsets": [0], "steps": [0, 1, 3, 5],
+                              "features": False}])
+    assert got["steps_present"] == [0, 1, 3, 5]
+
+
+def _np_features(s, r, v_c, alpha, steps, offsets):
+    """Plain numpy reimplementation of asteer_build.features, from its docstring."""
+    v = alpha * v_c
+
+    def cos(a, b):
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        return 0.0 if na <= 1e-12 or nb <= 1e-12 else float(a @ b / (na * nb))
+
+    T, K = len(steps), len(offsets)
+    dn = np.array([[np.linalg.norm(s[t, k] - r[t, k]) for k in range(K)] for t in range(T)])
+    ds = np.array([[cos(s[t, k], r[t, k]) for k in range(K)] for t in range(T)])
+    da = np.array([[cos(s[t, k] - r[t, k], v) for k in range(1, K)] for t in range(T)])
+    sa = np.array([[cos(s[t, k], v) for k in range(K)] for t in range(T)])
+    dnr = np.zeros((T - 1, K))
+    for t in range(1, T):
+        for k in range(K):
+            if dn[0, k] <= 1e-6:
+                dnr[t - 1, k] = 1.0 if dn[t, k] <= 1e-6 else dn[t, k] / 1e-6
+            else:
+                dnr[t - 1, k] = dn[t, k] / dn[0, k]
+    mats = {"dn": dn, "ds": ds, "da": da, "sa": sa, "dnr": dnr,
+            "dsd": ds[1:] - ds[0], "dad": da[1:] - da[0]}
+    out = {}
+    for g, m in mats.items():
+        ts = steps if g in ("dn", "ds", "da", "sa") else steps[1:]
+        ks = [k for k in offsets if k != 0] if g in ("da", "dad") else list(offsets)
+        for i, t in enumerate(ts):
+            for j, k in enumerate(ks):
+                out[f"{g}_t{t}_k{k}"] = m[i, j]
+        out[f"{g}_mean"], out[f"{g}_std"] = m.mean(), m.std()
+        out[f"{g}_max"], out[f"{g}_min"] = m.max(), m.min()
+        for i, t in enumerate(ts):
+            out[f"{g}_t{t}_mean"], out[f"{g}_t{t}_std"] = m[i].mean(), m[i].std()
+            out[f"{g}_t{t}_max"] = m[i].max()
+        for j, k in enumerate(ks):
+            out[f"{g}_k{k}_mean"], out[f"{g}_k{k}_std"] = m[:, j].mean(), m[:, j].std()
+            out[f"{g}_k{k}_max"] = m[:, j].max()
+    out["alpha"], out["vector_norm"] = alpha, np.linalg.norm(v_c)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 4.0])
+def test_features_match_numpy_reimplementation(alpha):
+    rng = np.random.default_rng(0)
+    steps, offsets = [0, 1, 3, 5], [0, 1, 2, 3, 5, 10, 15]
+    s = rng.normal(size=(4, 7, 32)).astype(np.float32)
+    r = s + rng.normal(scale=0.3, size=s.shape).astype(np.float32) * (alpha > 0)
+    v_c = rng.normal(size=32).astype(np.float32)
+    ours = F.compute_named(torch.from_numpy(s), torch.from_numpy(r), torch.from_numpy(v_c),
+                           alpha, steps, offsets)
+    theirs = _np_features(s.astype(np.float64), r.astype(np.float64), v_c.astype(np.float64),
+                          alpha, steps, offsets)
+    assert len(ours) == 414 and list(ours) == F.feature_names(steps, offsets)
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-4), k
