@@ -221,3 +221,21 @@ def test_features_match_numpy_reimplementation(alpha):
     assert set(ours) == set(theirs)
     for k in ours:
         assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-4), k
+
+
+def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, tiny_model):
+    """Vectors-stage pooling: mean over positions >= 1 after block L, on the device."""
+    ref = HFReference(tiny_model)
+    tok = ref.tokenizer
+    texts = ["the ocean is very good", "music and robot friend", " ".join(["a"] * 90)]
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids for t in texts]
+    assert max(map(len, ids)) > 64  # chunked over the 64-token budget
+    got = engine.pool_hidden(ids, layer=2)
+    assert got.shape == (3, 128) and got.dtype == np.float32
+    for i, x in enumerate(ids):
+        want = ref.residual_stream(x, None, [2])[2][1:].mean(0).numpy()
+        np.testing.assert_allclose(got[i], want, atol=2e-5, rtol=1e-5)
+    assert np.array_equal(engine.pool_hidden(ids, layer=2), got)
+    assert not np.allclose(engine.pool_hidden(ids, layer=3), got)
+    with pytest.raises(ValueError, match="layer 6 out of range"):
+        engine.pool_hidden(ids, layer=6)

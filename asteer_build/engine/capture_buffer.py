@@ -239,3 +239,141 @@ class CaptureBuffer:
             return None
 
         return capture_pre
+
+
+POOL_KEY = "asteer_pool"
+
+
+class PoolBuffer:
+    """Mean of the residual stream over a prompt at one layer, accumulated on the device.
+
+    For the vectors stage: each bank text is one prefill-only request with
+    `extra_args["asteer_pool"] = {"key", "layer", "skip"}`; the hook after block `layer`
+    adds the states of the request's tokens at positions >= `skip` (reference: 1, i.e.
+    all but BOS) into its slot of a fixed `[slots + 1, hidden]` float32 sum with one
+    `index_add_`; the host divides by the token count when the client takes it. Chunked
+    prefill and prefix hits are handled by the same per-token geometry as capture. (A
+    prefix hit skips computing the shared tokens, so pooling requests should not share
+    prefixes: the client salts them.)
+    """
+
+    def __init__(self, *, hidden_size: int, slots: int, max_num_tokens: int,
+                 device: torch.device, allow_python_branches: bool) -> None:
+        self.sum = torch.zeros(slots + 1, hidden_size, dtype=torch.float32, device=device)
+        self.slots = slots
+        self._free = list(range(slots, 0, -1))
+        on_cpu = device.type == "cpu"
+        self._host_slot = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=not on_cpu)
+        self._host_layer = torch.full((max_num_tokens,), -1, dtype=torch.int64,
+                                      pin_memory=not on_cpu)
+        if on_cpu:
+            self.tok_slot, self.tok_layer = self._host_slot, self._host_layer
+        else:
+            self.tok_slot = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+            self.tok_layer = torch.full((max_num_tokens,), -1, dtype=torch.int64, device=device)
+        self._dirty = 0
+        self.active_layers: set[int] = set()
+        self.allow_python_branches = allow_python_branches
+        # req_id -> (key, slot, layer, skip, count)
+        self.requests: dict[str, tuple[str, int, int, int, int]] = {}
+        self.by_key: dict[str, str] = {}
+        self.taken: set[str] = set()
+        self.store: dict[str, torch.Tensor] = {}
+        self.generation = 0
+
+    def acquire(self, req_id: str, spec: dict | None, prompt_len: int) -> None:
+        if not spec:
+            return
+        if not self._free:
+            raise RuntimeError(f"asteer: all {self.slots} pooling slots are in use")
+        slot = self._free.pop()
+        self.sum[slot].zero_()
+        skip = int(spec.get("skip", 1))
+        key = str(spec["key"])
+        self.requests[req_id] = (key, slot, int(spec["layer"]), skip, max(prompt_len - skip, 0))
+        self.by_key[key] = req_id
+        self.generation += 1
+
+    def release(self, req_id: str) -> None:
+        item = self.requests.pop(req_id, None)
+        if item is None:
+            return
+        key, slot, _, _, _ = item
+        self.by_key.pop(key, None)
+        if key in self.taken:
+            self.taken.discard(key)
+        else:
+            self.store[key] = self._mean(item)
+        self._free.append(slot)
+        self.generation += 1
+
+    def _mean(self, item) -> torch.Tensor:
+        _, slot, _, _, count = item
+        return (self.sum[slot] / max(count, 1)).cpu()
+
+    def take(self, key: str) -> torch.Tensor | None:
+        """The pooled state once the request's prefill is done (it may not be released
+        yet: the worker learns about finished requests only at the next step)."""
+        if key in self.store:
+            return self.store.pop(key)
+        req_id = self.by_key.get(key)
+        if req_id is None:
+            return None
+        self.taken.add(key)
+        return self._mean(self.requests[req_id])
+
+    def request_arrays(self, req_ids: list[str]):
+        get = self.requests.get
+        items = [get(r) for r in req_ids]
+        slot = np.fromiter((i[1] if i else 0 for i in items), np.int64, len(items))
+        layer = np.fromiter((i[2] if i else -1 for i in items), np.int64, len(items))
+        skip = np.fromiter((i[3] if i else 0 for i in items), np.int64, len(items))
+        return slot, layer, skip
+
+    def fill(self, arrays, num_computed_req: np.ndarray, num_scheduled_req: np.ndarray) -> None:
+        slot, layer, skip = arrays
+        n = int(num_scheduled_req.sum())
+        if not self.requests or not slot.any():
+            if self._dirty:
+                self._host_slot[: self._dirty] = 0
+                self._host_layer[: self._dirty] = -1
+                self._push(self._dirty)
+                self._dirty = 0
+            self.active_layers = set()
+            return
+        starts = np.cumsum(num_scheduled_req) - num_scheduled_req
+        pos = np.repeat(num_computed_req, num_scheduled_req) + (
+            np.arange(n, dtype=np.int64) - np.repeat(starts, num_scheduled_req)
+        )
+        ok = (pos >= np.repeat(skip, num_scheduled_req)) & (np.repeat(slot, num_scheduled_req) > 0)
+        hs = self._host_slot.numpy()
+        hl = self._host_layer.numpy()
+        hs[:n] = np.where(ok, np.repeat(slot, num_scheduled_req), 0)
+        hl[:n] = np.where(ok, np.repeat(layer, num_scheduled_req), -1)
+        if self._dirty > n:
+            hs[n : self._dirty] = 0
+            hl[n : self._dirty] = -1
+        self._push(max(n, self._dirty))
+        self._dirty = n
+        self.active_layers = {int(x) for x in np.unique(layer[slot > 0])}
+
+    def _push(self, upto: int) -> None:
+        if self.tok_slot is not self._host_slot:
+            self.tok_slot[:upto].copy_(self._host_slot[:upto], non_blocking=True)
+            self.tok_layer[:upto].copy_(self._host_layer[:upto], non_blocking=True)
+
+    def make_hook(self, layer: int):
+        total = self.sum
+        slots, layers = self.tok_slot, self.tok_layer
+        branches = self.allow_python_branches
+
+        def pool_hook(module, args, output):
+            if branches and layer not in self.active_layers:
+                return None
+            hidden, residual = output
+            n = hidden.shape[0]
+            w = (layers[:n] == layer).unsqueeze(-1).to(torch.float32)
+            total.index_add_(0, slots[:n], (hidden + residual).float() * w)
+            return None
+
+        return pool_hook

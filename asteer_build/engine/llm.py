@@ -14,10 +14,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import compat
-from .capture_buffer import CAP_KEY
+from .capture_buffer import CAP_KEY, POOL_KEY
 from .spec import CONFIG_KEY, EXTRA_KEY, WORKER_CLS, SteerSpec, to_extra_args, validate
 from .steering import encode_vector, vector_digest
 
@@ -214,6 +215,40 @@ class SteeredEngine(_SteeringClient):
     def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Take captured (steered, replay) pairs from the workers, with features."""
         return self.llm.collective_rpc("asteer_collect", args=(pairs,))[0]
+
+    def pool_hidden(
+        self, prompts: Sequence[Sequence[int]], layer: int, skip: int = 1
+    ) -> np.ndarray:
+        """Mean residual stream after block `layer` over each prompt's tokens at positions
+        >= `skip` (reference: all but position 0), as `[n, hidden]` float32.
+
+        One prefill-only request per prompt, pooled on the device; the vectors stage runs
+        contrast banks through this at vLLM speed.
+        """
+        from vllm import SamplingParams
+
+        if not 0 <= int(layer) < self.num_layers:
+            raise ValueError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        nonce = uuid.uuid4().hex[:8]
+        keys = [f"pool:{nonce}:{i}" for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            if len(p) <= skip:
+                raise ValueError(f"prompts[{i}]: {len(p)} tokens, need more than skip={skip}")
+        params = []
+        base = SamplingParams(max_tokens=1, temperature=0.0)
+        for key in keys:
+            sp = copy.copy(base)
+            sp.extra_args = {POOL_KEY: {"key": key, "layer": int(layer), "skip": int(skip)}}
+            params.append(sp)
+        # Salted so no prefix hit skips computing (and pooling) a shared prefix.
+        inputs = [{"prompt_token_ids": list(p), "cache_salt": k} for p, k in zip(
+            prompts, keys, strict=True)]
+        self.llm.generate(inputs, params, use_tqdm=False)
+        got = self.llm.collective_rpc("asteer_take_pooled", args=(keys,))[0]
+        missing = [k for k in keys if k not in got]
+        if missing:
+            raise RuntimeError(f"asteer: {len(missing)} pooled states missing")
+        return np.stack([np.frombuffer(got[k], dtype="<f4") for k in keys]).copy()
 
     def shutdown(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import adapters
-from .capture_buffer import CaptureBuffer
+from .capture_buffer import CaptureBuffer, PoolBuffer
 from .spec import CONFIG_KEY, WORKER_CLS
 from .steering import SteeringState, find_decoder_layers
 
@@ -26,6 +26,7 @@ logger = logging.getLogger("asteer.engine")
 class _SteeringWorkerMixin:
     asteer: SteeringState | None = None
     asteer_capture: CaptureBuffer | None = None
+    asteer_pool: PoolBuffer | None = None
     asteer_adapter: str = ""
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -76,6 +77,13 @@ class _SteeringWorkerMixin:
             device=state.device,
             allow_python_branches=bool(eager),
         )
+        pool = PoolBuffer(
+            hidden_size=state.hidden_size,
+            slots=int(extra.get("pool_slots") or 4 * max_seqs),
+            max_num_tokens=max_tokens,
+            device=state.device,
+            allow_python_branches=bool(eager),
+        )
         blocks = find_decoder_layers(model, num_layers)
         # Hook order per block matters: state before steering, steering, state after.
         for layer, block in enumerate(blocks):
@@ -85,9 +93,11 @@ class _SteeringWorkerMixin:
                 block.register_forward_hook(capture.make_pre_hook(layer))
                 block.register_forward_hook(state.make_hook(layer))
             block.register_forward_hook(capture.make_post_hook(layer))
-        adapter.install(runner, state, capture)
+            block.register_forward_hook(pool.make_hook(layer))
+        adapter.install(runner, state, capture, pool)
         self.asteer = state
         self.asteer_capture = capture
+        self.asteer_pool = pool
         self.asteer_adapter = adapter.NAME
         logger.info(
             "asteer: steering installed (%s adapter, layers %s, %d rows, eager=%s)",
@@ -105,6 +115,16 @@ class _SteeringWorkerMixin:
 
         assert self.asteer is not None and self.asteer_capture is not None
         out = collect_pairs(self.asteer, self.asteer_capture, pairs)
+        return out if getattr(self, "rank", 0) == 0 else None
+
+    def asteer_take_pooled(self, keys: list[str]) -> dict[str, bytes] | None:
+        """Pooled prompt states (float32 bytes) by key; missing keys are left out."""
+        assert self.asteer_pool is not None
+        out = {}
+        for key in keys:
+            v = self.asteer_pool.take(key)
+            if v is not None:
+                out[key] = v.numpy().astype("<f4").tobytes()
         return out if getattr(self, "rank", 0) == 0 else None
 
     def asteer_info(self) -> dict[str, Any]:

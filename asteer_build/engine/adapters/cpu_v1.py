@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..capture_buffer import CAP_KEY, CaptureBuffer
+from ..capture_buffer import CAP_KEY, POOL_KEY, CaptureBuffer, PoolBuffer
 from ..spec import from_extra_args
 from ..steering import SteeringState
 from . import UnsupportedVLLMError, new_request_prompt_len
@@ -32,7 +32,9 @@ def check(runner: Any) -> None:
         )
 
 
-def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
+def install(
+    runner: Any, state: SteeringState, capture: CaptureBuffer, pool: PoolBuffer
+) -> None:
     orig_execute = runner.execute_model
     orig_prepare = runner._prepare_inputs
     cache: dict[str, Any] = {"ids": None, "gen": None}
@@ -41,6 +43,7 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
         for req_id in scheduler_output.finished_req_ids:
             state.release(req_id)
             capture.release(req_id)
+            pool.release(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             extra = sp.extra_args if sp is not None else None
@@ -49,6 +52,7 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
             state.acquire(new.req_id, spec, prompt_len)
             layer = int(spec["l"]) if spec and new.req_id in state.requests else -1
             capture.acquire(new.req_id, (extra or {}).get(CAP_KEY), prompt_len, layer)
+            pool.acquire(new.req_id, (extra or {}).get(POOL_KEY), prompt_len)
         try:
             return orig_execute(scheduler_output, *args, **kwargs)
         finally:
@@ -58,10 +62,11 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
         out = orig_prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         batch = runner.input_batch
         req_ids = batch.req_ids
-        gen = (state.generation, capture.generation)
+        gen = (state.generation, capture.generation, pool.generation)
         if cache["gen"] != gen or cache["ids"] != req_ids:
             cache["steer"] = state.request_arrays(req_ids)
             cache["cap"] = capture.request_arrays(req_ids)
+            cache["pool"] = pool.request_arrays(req_ids)
             cache["ids"] = list(req_ids)
             cache["gen"] = gen
         rows, starts = cache["steer"]
@@ -70,6 +75,7 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
         scheduled = np.asarray(num_scheduled_tokens[:n], dtype=np.int64)
         state.fill_index(rows, starts, computed, scheduled)
         capture.fill(cache["cap"], computed, scheduled)
+        pool.fill(cache["pool"], computed, scheduled)
         return out
 
     runner.execute_model = execute_model

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..capture_buffer import CAP_KEY, CaptureBuffer
+from ..capture_buffer import CAP_KEY, POOL_KEY, CaptureBuffer, PoolBuffer
 from ..spec import from_extra_args
 from ..steering import SteeringState
 from . import UnsupportedVLLMError, new_request_prompt_len
@@ -34,7 +34,9 @@ def check(runner: Any) -> None:
         )
 
 
-def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
+def install(
+    runner: Any, state: SteeringState, capture: CaptureBuffer, pool: PoolBuffer
+) -> None:
     nslots = runner.max_num_reqs
     rows_by_slot = np.zeros(nslots, dtype=np.int64)
     start_by_slot = np.zeros(nslots, dtype=np.int64)
@@ -62,6 +64,7 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
                 cap_mask_by_slot[slot] = 0
             state.release(req_id)
             capture.release(req_id)
+            pool.release(req_id)
         return orig_finish(scheduler_output, *args, **kwargs)
 
     def add_requests(scheduler_output, *args, **kwargs):
@@ -77,6 +80,8 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
             layer = int(spec["l"]) if row else -1
             capture.acquire(new.req_id, (sp.extra_args or {}).get(CAP_KEY) if sp else None,
                             prompt_len, layer)
+            pool.acquire(new.req_id, (sp.extra_args or {}).get(POOL_KEY) if sp else None,
+                         prompt_len)
             cap = capture.requests.get(new.req_id)
             if cap is not None:
                 cap_key_by_slot[slot] = cap[0]
@@ -94,6 +99,10 @@ def install(runner: Any, state: SteeringState, capture: CaptureBuffer) -> None:
         keys = [cap_key_by_slot[i] for i in idx] if masks.any() else [""] * n
         capture.fill((keys, cap_base_by_slot[idx], masks, cap_layer_by_slot[idx]),
                      computed, scheduled)
+        # Pooling requests are rare (the vectors stage): a per-request lookup only then.
+        pool_arrays = pool.request_arrays(batch.req_ids[:n]) if pool.requests else (
+            np.zeros(n, np.int64), np.full(n, -1, np.int64), np.zeros(n, np.int64))
+        pool.fill(pool_arrays, computed, scheduled)
         return batch
 
     def execute_model(*args, **kwargs):
