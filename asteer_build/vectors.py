@@ -109,8 +109,29 @@ def build_vectors(
     probe_weight_decay: float = 0.001,
     probe_l2: float = 0.01,
     device: str | None = None,
+    engine: Any = None,
+    pool: str | None = None,
+    banks: Any = None,
+    bank_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    engine_args: dict[str, Any] | None = None,
+    on_concept: Any = None,
 ) -> dict[str, Any]:
-    """Write `<method>.safetensors` + `index.json` into `out_dir`; return the index."""
+    """Write `<method>.safetensors` + `index.json` into `out_dir`; return the index.
+
+    Given an `engine`, `pool` ("vllm" | "hf"), written `banks`/`bank_dir` or a
+    `cache_dir`, this is `probe.build_vectors_pooled`: pooling on the vLLM engine at
+    vLLM speed, LLM-written banks, per-concept resume. Same files either way.
+    """
+    if any(x is not None for x in (engine, pool, banks, bank_dir, cache_dir)):
+        from .probe import build_vectors_pooled
+
+        return build_vectors_pooled(
+            model_path, concepts, layer, methods, out_dir, engine=engine,
+            pool=pool or "vllm", banks=banks, bank_dir=bank_dir, bank_size=bank_size,
+            seed=seed, cache_dir=cache_dir, probe_epochs=probe_epochs, probe_lr=probe_lr,
+            probe_weight_decay=probe_weight_decay, probe_l2=probe_l2,
+            engine_args=engine_args, on_concept=on_concept, device=device)
     from safetensors.torch import save_file
 
     from .reference import HFReference
