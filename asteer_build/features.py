@@ -45,25 +45,28 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matrices(
     steered: torch.Tensor, replay: torch.Tensor, v: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The seven token x layer matrices (da and dad drop the k = 0 column)."""
+    """The seven token x layer matrices, `[..., T, K]` (da and dad drop the k = 0 column).
+
+    `steered`, `replay`: `[..., T, K, H]`; `v` (= alpha * v_c): `[..., H]`.
+    """
     s = steered.float()
     r = replay.float()
-    vv = v.float().reshape(1, 1, -1)
+    vv = v.float().unsqueeze(-2).unsqueeze(-2)
     diff = s - r
     dn = diff.norm(dim=-1)
     ds = _cos(s, r)
-    da = _cos(diff, vv.expand_as(diff))[:, 1:]
+    da = _cos(diff, vv.expand_as(diff))[..., 1:]
     sa = _cos(s, vv.expand_as(s))
-    base = dn[:1]
-    small = base <= EPS_DN
+    base = dn[..., :1, :]
+    later = dn[..., 1:, :]
     dnr = torch.where(
-        small,
-        torch.where(dn[1:] <= EPS_DN, torch.ones_like(dn[1:]), dn[1:] / EPS_DN),
-        dn[1:] / base.clamp_min(EPS_DN),
+        base <= EPS_DN,
+        torch.where(later <= EPS_DN, torch.ones_like(later), later / EPS_DN),
+        later / base.clamp_min(EPS_DN),
     )
     return {
         "dn": dn, "ds": ds, "da": da, "sa": sa,
-        "dnr": dnr, "dsd": ds[1:] - ds[:1], "dad": da[1:] - da[:1],
+        "dnr": dnr, "dsd": ds[..., 1:, :] - ds[..., :1, :], "dad": da[..., 1:, :] - da[..., :1, :],
     }
 
 
@@ -93,11 +96,29 @@ def feature_names(steps: Sequence[int], offsets: Sequence[int]) -> list[str]:
 
 
 def _stats(m: torch.Tensor) -> list[torch.Tensor]:
-    flat = m.reshape(-1)
-    parts = [flat, torch.stack([flat.mean(), flat.std(unbiased=False), flat.max(), flat.min()])]
-    rows = torch.stack([m.mean(1), m.std(1, unbiased=False), m.amax(1)], dim=1).reshape(-1)
-    cols = torch.stack([m.mean(0), m.std(0, unbiased=False), m.amax(0)], dim=1).reshape(-1)
-    return parts + [rows, cols]
+    """Entries, global, per-token and per-layer statistics of `[..., T, K]` matrices."""
+    flat = m.flatten(-2)
+    glob = torch.stack(
+        [flat.mean(-1), flat.std(-1, unbiased=False), flat.amax(-1), flat.amin(-1)], dim=-1
+    )
+    rows = torch.stack([m.mean(-1), m.std(-1, unbiased=False), m.amax(-1)], dim=-1).flatten(-2)
+    cols = torch.stack([m.mean(-2), m.std(-2, unbiased=False), m.amax(-2)], dim=-1).flatten(-2)
+    return [flat, glob, rows, cols]
+
+
+def compute_batch(
+    steered: torch.Tensor, replay: torch.Tensor, v_c: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """Features of N rollouts at once: `[N, T, K, H]` states, `[N, H]` vectors, `[N]`
+    alphas -> `[N, F]` float32 (order of `feature_names`)."""
+    v_c = v_c.to(steered.device).float()
+    alpha = alpha.to(steered.device).float()
+    mats = matrices(steered, replay, alpha.unsqueeze(-1) * v_c)
+    parts: list[torch.Tensor] = []
+    for g in GROUPS:
+        parts += _stats(mats[g])
+    tail = torch.stack([alpha, v_c.norm(dim=-1)], dim=-1)
+    return torch.cat(parts + [tail], dim=-1).float()
 
 
 def compute(
@@ -107,13 +128,8 @@ def compute(
     alpha: float,
 ) -> torch.Tensor:
     """All features of one rollout as a float32 vector (order of `feature_names`)."""
-    v_c = v_c.to(steered.device).float()
-    mats = matrices(steered, replay, float(alpha) * v_c)
-    parts: list[torch.Tensor] = []
-    for g in GROUPS:
-        parts += _stats(mats[g])
-    tail = torch.stack([torch.tensor(float(alpha), device=v_c.device), v_c.norm()])
-    return torch.cat(parts + [tail]).float()
+    a = torch.tensor([float(alpha)])
+    return compute_batch(steered[None], replay[None], v_c[None], a)[0]
 
 
 def compute_named(steered, replay, v_c, alpha, steps, offsets) -> dict[str, float]:

@@ -18,14 +18,11 @@ from .capture_buffer import CaptureBuffer
 from .steering import SteeringState
 
 
-def _stack(rows: dict, steps: list[int], layers: list[int], hidden: int, like: torch.Tensor):
-    out = torch.zeros(len(steps), len(layers), hidden, dtype=like.dtype, device=like.device)
-    pre = torch.zeros(len(steps), hidden, dtype=like.dtype, device=like.device)
-    for i, t in enumerate(steps):
-        post_row, pre_row = rows[t]
-        out[i] = post_row[layers]
-        pre[i] = pre_row
-    return out, pre
+def _stack(rows: dict, steps: list[int], layers: list[int]):
+    """`[T, K, H]` post states and `[T, H]` pre states of the given steps."""
+    post = torch.stack([rows[t][0] for t in steps])[:, layers]
+    pre = torch.stack([rows[t][1] for t in steps])
+    return post, pre
 
 
 def _wire(t: torch.Tensor, dtype: str) -> dict[str, Any]:
@@ -36,8 +33,9 @@ def _wire(t: torch.Tensor, dtype: str) -> dict[str, Any]:
 def collect_pairs(
     state: SteeringState, capture: CaptureBuffer, pairs: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    results = []
-    hidden = state.hidden_size
+    results: list[dict[str, Any]] = []
+    # features are computed for all pairs of one shape in a single batched call
+    groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
     for p in pairs:
         s_rows = capture.take(p["steered"]) or {}
         same = p["replay"] == p["steered"]
@@ -48,26 +46,29 @@ def collect_pairs(
         want = [int(t) for t in p["steps"]]
         present = [t for t in want if t in s_rows and t in r_rows]
         res: dict[str, Any] = {"steps_present": present, "overflow": overflow}
+        results.append(res)
         if not present:
-            results.append(res)
             continue
         layers = [int(p["layer"]) + int(k) for k in p["offsets"]]
-        like = next(iter(s_rows.values()))[0]
-        s, s_pre = _stack(s_rows, present, layers, hidden, like)
-        r, _ = _stack(r_rows, present, layers, hidden, like)
+        s, s_pre = _stack(s_rows, present, layers)
+        r, _ = _stack(r_rows, present, layers)
         if p.get("features", True):
             vec = state.vectors.get(p["vector"])
             if vec is None:
                 res["error"] = f"unknown vector {p['vector']!r}"
             else:
-                # Missing steps (short responses) are zero rows: documented as such.
-                full_s = torch.zeros(len(want), len(layers), hidden, device=s.device)
-                full_r = torch.zeros_like(full_s)
-                idx = [want.index(t) for t in present]
-                full_s[idx] = s.float()
-                full_r[idx] = r.float()
-                feats = F.compute(full_s, full_r, vec, float(p["alpha"]))
-                res["features"] = _wire(feats, "float32")
+                if len(present) < len(want):
+                    # Missing steps (short responses) are zero rows: documented as such.
+                    idx = [want.index(t) for t in present]
+                    fs = s.new_zeros((len(want), *s.shape[1:]))
+                    fr = r.new_zeros((len(want), *r.shape[1:]))
+                    fs[idx], fr[idx] = s, r
+                else:
+                    fs, fr = s, r
+                key = (len(want), len(layers))
+                groups.setdefault(key, []).append(
+                    (len(results) - 1, fs, fr, vec, float(p["alpha"]))
+                )
         if p.get("activations"):
             dt = p.get("activation_dtype", "float16")
             res["activations"] = {
@@ -75,7 +76,15 @@ def collect_pairs(
                 "replay": _wire(r, dt),
                 "steered_pre": _wire(s_pre.unsqueeze(1), dt),
             }
-        results.append(res)
+    for items in groups.values():
+        feats = F.compute_batch(
+            torch.stack([i[1] for i in items]),
+            torch.stack([i[2] for i in items]),
+            torch.stack([i[3] for i in items]),
+            torch.tensor([i[4] for i in items]),
+        ).cpu()
+        for (at, *_), row in zip(items, feats, strict=True):
+            results[at]["features"] = _wire(row, "float32")
     return results
 
 
