@@ -237,6 +237,9 @@ def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:
         summary["rollouts"] = _rollouts_stage(run)
     if "judge" in opts.stages:
         summary["judge"] = _judge_stage(run)
+    # Writers killed mid-commit (a lost Ray actor) leave dot-named temp files; no writer
+    # is alive now, so they can go.
+    run.store.clean_temps()
     summary["seconds"] = round(time.time() - t0, 2)
     summary["status"] = build_status(run.store)
     return summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -97,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="progress per stage of a run folder")
     sp.add_argument("run_dir")
     sp.set_defaults(fn=cmd_status)
+    from .publish import add_publish_command
+
+    add_publish_command(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    # stdout carries the JSON summary only; vLLM logs to stdout by default.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

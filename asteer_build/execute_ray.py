@@ -181,6 +181,7 @@ class _ModelDispatch:
                       for i in range(self.n)]
         ray.get([s.pg.ready() for s in self.slots], timeout=600)
         self.items = self.tokens = 0
+        self.gen_seconds = 0.0
 
     def launch(self, slot: _Slot) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -247,6 +248,8 @@ class _ModelDispatch:
             if now - last_report > 10 or not self.busy():
                 last_report = now
                 self.report(now)
+        firsts = [s.t_first for s in self.slots if s.t_first]
+        self.gen_seconds = time.time() - min(firsts) if firsts else 0.0
 
     def _feed_and_collect_refs(self) -> dict[Any, tuple[_Slot, str]]:
         refs: dict[Any, tuple[_Slot, str]] = {}
@@ -349,6 +352,7 @@ def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
     t0 = time.time()
     summary: dict[str, Any] = {"executor": "ray", "actors": [], "requeued": 0, "failed": []}
     items_run = tokens_run = 0
+    gen_seconds = 0.0
     for model in cfg.models:
         shards = [s for s in todo if s.model == model.name]
         if not shards:
@@ -360,9 +364,11 @@ def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
             d.close()
         items_run += d.items
         tokens_run += d.tokens
+        gen_seconds += d.gen_seconds
     dt = time.time() - t0
     summary.update(shards_run=len(todo) - len(summary["failed"]), items_run=items_run,
                    tokens=tokens_run, seconds=round(dt, 2),
+                   generate_seconds=round(gen_seconds, 2),
                    items_per_s=round(items_run / dt, 2) if dt else None)
     print(f"[ray] summary: {summary['shards_run']} shards, {items_run} items, "
           f"{tokens_run} tokens in {dt:.1f}s ({items_run / max(dt, 1e-9):.1f} items/s); "
