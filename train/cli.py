@@ -28,7 +28,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name (needed if the dataset has several)")
     p.add_argument("--method", help="diffmean | probe (needed if several)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threads", type=int, default=2, help="LightGBM threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="LightGBM threads; use 1 on a machine whose cores other jobs keep busy "
+        "(OpenMP threads then stall each other, measured here at 10-30x slower)",
+    )
 
 
 def _add_fit(p: argparse.ArgumentParser) -> None:
