@@ -285,6 +285,8 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     capture = d.get("capture")
     if capture is not None and not isinstance(capture, dict):
         raise _err("capture", "expected a mapping or null", capture)
+    if capture:
+        _check_capture(capture)
     vectors = d.get("vectors") or {}
     if not isinstance(vectors, dict):
         raise _err("vectors", "expected a mapping", vectors)
@@ -311,6 +313,23 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
         base_dir=base_dir,
     )
+
+
+def _check_capture(capture: dict[str, Any]) -> None:
+    """Build the capture settings once now, so a bad field fails before any engine."""
+    try:
+        from .capture import CaptureSettings
+    except ImportError:
+        return
+    known = set(getattr(CaptureSettings, "__dataclass_fields__", {}))
+    for k in capture:
+        if known and k not in known:
+            raise _err(f"capture.{k}", f"unknown field (known: {', '.join(sorted(known))})")
+    try:
+        CaptureSettings(**capture)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("capture.") else f"capture: {msg}") from None
 
 
 def _check_judge(judge: dict[str, Any]) -> None:
