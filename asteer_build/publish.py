@@ -108,6 +108,9 @@ class PublishError(ValueError):
 @dataclass
 class PublishOptions:
     configs: tuple[str, ...] = DEFAULT_CONFIGS
+    #: configs were asked for by name: a missing stage is an error, not a silent skip
+    #: (by default a run built without capture simply publishes no `features`)
+    explicit: bool = False
     folder: str | None = None
     #: output Parquet size target, estimated from the input shards' compressed bytes
     target_file_bytes: int = 256 << 20
@@ -558,7 +561,7 @@ def _plan(info: _RunInfo, configs: tuple[str, ...], opts: PublishOptions) -> lis
         plans.append(_ConfigPlan("rollouts", "rollouts", ROLLOUTS_SCHEMA,
                                  _features_of(ROLLOUTS_SCHEMA),
                                  files_for("rollouts", "rollouts", inputs)))
-    if "features" in configs:
+    if "features" in configs and (opts.explicit or _entries(m, "features")):
         inputs = _entries(m, "features")
         if not inputs:
             raise PublishError(f"{store.uri}: --configs asks for features, but the run has "
@@ -566,7 +569,7 @@ def _plan(info: _RunInfo, configs: tuple[str, ...], opts: PublishOptions) -> lis
         schema = _features_schema(store, inputs, info.shard_model)
         plans.append(_ConfigPlan("features", "features", schema, _features_of(schema),
                                  files_for("features", "features", inputs)))
-    if "activations" in configs:
+    if "activations" in configs and (opts.explicit or _entries(m, "activations")):
         inputs = _entries(m, "activations")
         if not inputs:
             raise PublishError(f"{store.uri}: --configs asks for activations, but the run "
@@ -749,10 +752,28 @@ def _yaml(obj: Any) -> str:
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=100)
 
 
+_FAMILY = re.compile(r"^(dn|ds|da|sa|dnr|dsd|dad)_")
+
+
 def _schema_md(features: Any) -> str:
+    """Column table; feature columns (hundreds) are summarised per family, since the
+    YAML header already lists each one with its type."""
     lines = ["| column | type |", "|---|---|"]
+    families: dict[str, list[str]] = {}
     for name, f in features.items():
-        lines.append(f"| `{name}` | `{f!r}` |")
+        m = _FAMILY.match(name)
+        if m:
+            families.setdefault(m.group(1), []).append(name)
+        else:
+            lines.append(f"| `{name}` | `{f!r}` |")
+    if families:
+        lines += ["", "| family | columns | examples |", "|---|---|---|"]
+        for fam, cols in families.items():
+            ex = ", ".join(f"`{c}`" for c in cols[:2] + cols[-1:])
+            lines.append(f"| `{fam}` | {len(cols)} float32 | {ex} |")
+        total = sum(len(c) for c in families.values())
+        lines += ["", f"{total} family columns"
+                  + (" plus `alpha` and `vector_norm`." if "vector_norm" in features else ".")]
     return "\n".join(lines)
 
 
@@ -844,8 +865,10 @@ def _card(repo: str | None, info: _RunInfo, plans: list[_ConfigPlan],
         "```",
         "",
         "The training package of `asteer` reads the same repository id or a local copy: "
-        f"`asteer-train fit --data {repo_id}` (it downloads only `rollouts`, `features` and "
-        "`concepts`). Join configs on `id`.",
+        f"`asteer-train fit --data {repo_id} --model MODEL --method diffmean --out DIR` "
+        "(it downloads only `rollouts`, `features` and `concepts`; add "
+        "`--use-partition-column` to hold out the `ood` concepts of this card). "
+        "Join configs on `id`.",
         "",
         "## Counts",
         "",
@@ -1169,7 +1192,8 @@ def _configs_arg(s: str) -> tuple[str, ...]:
 
 
 def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
-    opts = PublishOptions(configs=args.configs, folder=args.folder)
+    opts = PublishOptions(configs=args.configs or DEFAULT_CONFIGS,
+                          explicit=args.configs is not None, folder=args.folder)
     res = publish(args.run_dir, args.repo, opts=opts, private=args.private,
                   dry_run=args.dry_run)
     width = max((len(f["path"]) for f in res.files), default=10)
@@ -1192,7 +1216,7 @@ def add_publish_command(sub: Any) -> None:
     sp.add_argument("--private", action="store_true")
     sp.add_argument("--dry-run", action="store_true",
                     help="assemble the folder and list its files; no token, no upload")
-    sp.add_argument("--configs", type=_configs_arg, default=DEFAULT_CONFIGS,
+    sp.add_argument("--configs", type=_configs_arg, default=None,
                     help=f"comma-separated subset of {','.join(CONFIGS)} or `all` "
                          f"(default: {','.join(DEFAULT_CONFIGS)}; rollouts always)")
     sp.add_argument("--folder", help="local dataset folder (default: under ~/.cache/asteer)")

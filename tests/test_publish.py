@@ -391,6 +391,11 @@ def test_upload_is_one_call_with_the_right_arguments(published, tmp_path):
     assert later and all(r["auth"] == f"Bearer {FAKE_TOKEN}" for r in later)
     assert any("/datasets/asteer-org/asteer-test" in r["path"] for r in later), \
         [(r["method"], r["path"]) for r in later]
+    # The upload offers every file of the folder, and neither the state file nor temps.
+    offered = {f["path"] for r in later if r["path"].endswith("/preupload/main")
+               for f in json.loads(r["body"])["files"]}
+    assert offered == set(_hashes(published))
+    assert (published / pub.STATE_FILE).exists()
 
 
 def test_token_never_reaches_folder_card_logs_or_build_json(run_dir, tmp_path, monkeypatch,
@@ -444,6 +449,21 @@ def test_a_folder_holding_the_token_is_refused(published, tmp_path):
     with pytest.raises(PublishError, match="contains the Hub token"):
         pub.check_no_secret(folder, FAKE_TOKEN)
     pub.check_no_secret(published, FAKE_TOKEN)
+
+
+def test_missing_stage_is_skipped_by_default_and_an_error_when_asked_for(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    m = json.loads((run / "build.json").read_text())
+    m["stages"]["features"], m["stages"]["activations"] = {}, {}  # a run without capture
+    (run / "build.json").write_text(json.dumps(m))
+    res = pub.assemble(str(run), str(tmp_path / "ds"), opts=PublishOptions(**SMALL))
+    assert res.counts["rollouts"] == 120 and "features" not in res.counts
+    with pytest.raises(PublishError, match="no committed features"):
+        pub.assemble(str(run), str(tmp_path / "ds2"),
+                     opts=PublishOptions(configs=("rollouts", "features"), explicit=True))
 
 
 def test_bad_arguments_fail_before_any_work(run_dir, tmp_path):
