@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,7 +323,7 @@ class _ModelDispatch:
             tok = s.tokens / dt if dt > 0 else 0.0
             print(f"[ray] {s.key} pid={s.pid} shards={s.shards} items={s.items} "
                   f"items/s={rate:.1f} tok/s={tok:.0f} in_flight={len(s.inflight)} "
-                  f"restarts={s.restarts} queue={len(self.queue)}", flush=True)
+                  f"restarts={s.restarts} queue={len(self.queue)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         import ray
@@ -372,7 +373,8 @@ def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
                    items_per_s=round(items_run / dt, 2) if dt else None)
     print(f"[ray] summary: {summary['shards_run']} shards, {items_run} items, "
           f"{tokens_run} tokens in {dt:.1f}s ({items_run / max(dt, 1e-9):.1f} items/s); "
-          f"requeued {summary['requeued']}, failed {summary['failed']}", flush=True)
+          f"requeued {summary['requeued']}, failed {summary['failed']}", file=sys.stderr,
+          flush=True)
     if summary["failed"]:
         raise RuntimeError(f"shards {summary['failed']} failed after "
                            f"{cfg.ray.max_shard_retries} retries; rerun to retry them")
