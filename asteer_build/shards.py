@@ -75,7 +75,7 @@ class Store:
 
     def __init__(self, uri: str) -> None:
         if "://" in uri and not uri.startswith("file://"):
-            self.fs, root = pafs.FileSystem.from_uri(uri)
+            self.fs, root = _filesystem(uri)
             self.local = False
         else:
             path = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -164,6 +164,25 @@ class Store:
                 self.fs.delete_file(info.path)
                 n += 1
         return n
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's own filesystems (s3, gs, hdfs), else any fsspec one (az://, memory://,
+    ...) through pyarrow's fsspec handler."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError) as arrow_err:
+        try:
+            import fsspec
+            from fsspec.core import url_to_fs
+        except ImportError:
+            raise arrow_err from None
+        try:
+            fs, root = url_to_fs(uri)
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"no pyarrow or fsspec filesystem for {uri!r}: {e}") from None
+        assert isinstance(fs, fsspec.AbstractFileSystem)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
 
 
 def _fault_pause() -> None:

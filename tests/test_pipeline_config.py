@@ -143,3 +143,23 @@ def test_concept_file_round_trip(tmp_path):
     p.write_text("concept_id,concept,concept_level\nk1,emoji,low\nk2,formal tone,mid\n")
     cs = load_concepts(os.path.basename(p), str(tmp_path))
     assert [(c.concept_id, c.concept_level) for c in cs] == [("k1", "low"), ("k2", "mid")]
+
+
+def test_store_commit_on_an_fsspec_filesystem():
+    """Non-local outputs go through pyarrow / fsspec: the same commit and manifest."""
+    import pyarrow as pa
+
+    from asteer_build.config import check_output
+    from asteer_build.shards import Manifest, committed_files, open_store, read_stage
+
+    uri = check_output("memory://asteer-test/run")
+    store = open_store(uri)
+    m = Manifest.create(store, config={}, config_hash="c", plan_hash="p", n_items=2,
+                        n_shards=1)
+    f = store.write_table("rollouts", "shard-000000", pa.table({"id": ["a", "b"]}))
+    m.record([f])
+    again = Manifest.load(open_store(uri))
+    assert again.entries("rollouts")["shard-000000"]["rows"] == 2
+    assert read_stage(store, "rollouts").column("id").to_pylist() == ["a", "b"]
+    assert committed_files(store, "rollouts") == [store.path("rollouts/shard-000000.parquet")]
+    assert store.sha256(f.path) == f.sha256
