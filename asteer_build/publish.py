@@ -62,9 +62,19 @@ import pyarrow.parquet as pq
 from .shards import MANIFEST, Manifest, Store, open_store, software_versions
 
 __all__ = [
-    "PUBLISH_FORMAT", "CONFIGS", "DEFAULT_CONFIGS", "ROLLOUTS_SCHEMA", "PublishOptions",
-    "PublishResult", "PublishError", "publish", "assemble", "hub_upload", "partition_concepts",
-    "add_publish_command", "resolve_dataset",
+    "PUBLISH_FORMAT",
+    "CONFIGS",
+    "DEFAULT_CONFIGS",
+    "ROLLOUTS_SCHEMA",
+    "PublishOptions",
+    "PublishResult",
+    "PublishError",
+    "publish",
+    "assemble",
+    "hub_upload",
+    "partition_concepts",
+    "add_publish_command",
+    "resolve_dataset",
 ]
 
 log = logging.getLogger("asteer_build.publish")
@@ -83,20 +93,41 @@ PARTITION_SEED = 42
 
 # The rollouts contract (ARCHITECTURE.md) plus the judge's `judge_error`, which says why
 # a failed row has no label; a test keeps it in step with asteer_build.work.ROLLOUT_SCHEMA.
-ROLLOUTS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("model", pa.string()), ("method", pa.string()),
-    ("concept_id", pa.string()), ("concept", pa.string()), ("concept_level", pa.string()),
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("layer", pa.int32()),
-    ("alpha", pa.float64()), ("vector_norm", pa.float32()), ("seed", pa.int64()),
-    ("response", pa.string()), ("response_tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("label", pa.int8()), ("judge_model", pa.string()),
-    ("judge_status", pa.string()), ("judge_explanation", pa.string()),
-    ("judge_error", pa.string()),
-])
-CONCEPTS_SCHEMA = pa.schema([("concept_id", pa.string()), ("concept", pa.string()),
-                             ("concept_level", pa.string()), ("partition", pa.string())])
-PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()),
-                            ("source", pa.string())])
+ROLLOUTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("concept_id", pa.string()),
+        ("concept", pa.string()),
+        ("concept_level", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("layer", pa.int32()),
+        ("alpha", pa.float64()),
+        ("vector_norm", pa.float32()),
+        ("seed", pa.int64()),
+        ("response", pa.string()),
+        ("response_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("label", pa.int8()),
+        ("judge_model", pa.string()),
+        ("judge_status", pa.string()),
+        ("judge_explanation", pa.string()),
+        ("judge_error", pa.string()),
+    ]
+)
+CONCEPTS_SCHEMA = pa.schema(
+    [
+        ("concept_id", pa.string()),
+        ("concept", pa.string()),
+        ("concept_level", pa.string()),
+        ("partition", pa.string()),
+    ]
+)
+PROMPTS_SCHEMA = pa.schema(
+    [("prompt_id", pa.string()), ("prompt", pa.string()), ("source", pa.string())]
+)
 _ACT_ORDER = ("steered", "replay", "steered_pre")
 _SECRET_KEYS = re.compile(r"(token|secret|password|api_key)$", re.I)
 
@@ -137,9 +168,14 @@ class PublishResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "folder": self.folder, "repo": self.repo, "uploaded": self.uploaded,
-            "counts": self.counts, "written": len(self.written), "skipped": len(self.skipped),
-            "removed": self.removed, "bytes": sum(f["bytes"] for f in self.files),
+            "folder": self.folder,
+            "repo": self.repo,
+            "uploaded": self.uploaded,
+            "counts": self.counts,
+            "written": len(self.written),
+            "skipped": len(self.skipped),
+            "removed": self.removed,
+            "bytes": sum(f["bytes"] for f in self.files),
             "files": self.files,
         }
 
@@ -205,9 +241,16 @@ def _pack(inputs: list[tuple[str, dict[str, Any]]], target: int) -> list[list[_S
 
 
 def _file_key(out: _OutFile, extra: Any) -> str:
-    blob = json.dumps({"format": PUBLISH_FORMAT, "path": out.path, "extra": extra,
-                       "slices": [(s.path, s.sha256, s.start, s.stop) for s in out.slices]},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "format": PUBLISH_FORMAT,
+            "path": out.path,
+            "extra": extra,
+            "slices": [(s.path, s.sha256, s.start, s.stop) for s in out.slices],
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -243,8 +286,12 @@ class _State:
             self.save()
 
     def save(self) -> None:
-        _write_atomic(self.path, json.dumps({"format": PUBLISH_FORMAT, "files": self.files},
-                                            indent=1, sort_keys=True).encode())
+        _write_atomic(
+            self.path,
+            json.dumps(
+                {"format": PUBLISH_FORMAT, "files": self.files}, indent=1, sort_keys=True
+            ).encode(),
+        )
 
 
 def _sha256_file(p: Path, chunk: int = 8 << 20) -> str:
@@ -300,8 +347,7 @@ def _hf_metadata(schema: pa.Schema, features: Any | None) -> pa.Schema:
     the declared types even without the card (e.g. Array3D for activations)."""
     if features is None:
         return schema.remove_metadata()
-    meta = {"huggingface": json.dumps({"info": {"features": features.to_dict()}},
-                                      sort_keys=True)}
+    meta = {"huggingface": json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True)}
     return schema.remove_metadata().with_metadata(meta)
 
 
@@ -315,8 +361,13 @@ class _ParquetOut:
         self.schema = schema
         self.rows_per_group = max(1, rows_per_group)
         self.writer = pq.ParquetWriter(
-            str(self.tmp), schema, compression="zstd", compression_level=3,
-            use_dictionary=True, write_statistics=True, store_schema=True,
+            str(self.tmp),
+            schema,
+            compression="zstd",
+            compression_level=3,
+            use_dictionary=True,
+            write_statistics=True,
+            store_schema=True,
         )
         self.buf: list[pa.Table] = []
         self.buffered = 0
@@ -397,24 +448,40 @@ def _scan_rollouts(store: Store, manifest: Manifest, opts: PublishOptions) -> _R
             continue
         shard_model[name] = t.column("model")[0].as_py()
         u = t.group_by(["concept_id", "concept", "concept_level"]).aggregate([])
-        for cid, c, lvl in zip(*(u.column(k).to_pylist() for k in
-                                 ("concept_id", "concept", "concept_level")), strict=True):
+        for cid, c, lvl in zip(
+            *(u.column(k).to_pylist() for k in ("concept_id", "concept", "concept_level")),
+            strict=True,
+        ):
             concepts[cid] = (c, lvl)
         u = t.group_by(["prompt_id", "prompt"]).aggregate([])
-        prompts.update(zip(u.column("prompt_id").to_pylist(), u.column("prompt").to_pylist(),
-                           strict=True))
+        prompts.update(
+            zip(u.column("prompt_id").to_pylist(), u.column("prompt").to_pylist(), strict=True)
+        )
     sources = _prompt_sources(manifest.data.get("config", {}))
     ids = sorted(concepts)
-    unseen = set(partition_concepts({c: concepts[c][1] for c in ids}, opts.unseen_fraction,
-                                    opts.partition_seed))
-    ctab = pa.table({
-        "concept_id": ids, "concept": [concepts[c][0] for c in ids],
-        "concept_level": [concepts[c][1] for c in ids],
-        "partition": ["ood" if c in unseen else "id" for c in ids],
-    }, schema=CONCEPTS_SCHEMA)
+    unseen = set(
+        partition_concepts(
+            {c: concepts[c][1] for c in ids}, opts.unseen_fraction, opts.partition_seed
+        )
+    )
+    ctab = pa.table(
+        {
+            "concept_id": ids,
+            "concept": [concepts[c][0] for c in ids],
+            "concept_level": [concepts[c][1] for c in ids],
+            "partition": ["ood" if c in unseen else "id" for c in ids],
+        },
+        schema=CONCEPTS_SCHEMA,
+    )
     pids = sorted(prompts)
-    ptab = pa.table({"prompt_id": pids, "prompt": [prompts[p] for p in pids],
-                     "source": [sources.get(p) for p in pids]}, schema=PROMPTS_SCHEMA)
+    ptab = pa.table(
+        {
+            "prompt_id": pids,
+            "prompt": [prompts[p] for p in pids],
+            "source": [sources.get(p) for p in pids],
+        },
+        schema=PROMPTS_SCHEMA,
+    )
     return _RunInfo(store, manifest, shard_model, ctab, ptab)
 
 
@@ -429,8 +496,9 @@ def _prompt_sources(config: dict[str, Any]) -> dict[str, str]:
         return {}
 
 
-def partition_concepts(levels: dict[str, str], unseen_fraction: float = UNSEEN_FRACTION,
-                       seed: int = PARTITION_SEED) -> list[str]:
+def partition_concepts(
+    levels: dict[str, str], unseen_fraction: float = UNSEEN_FRACTION, seed: int = PARTITION_SEED
+) -> list[str]:
     """Unseen concept ids: per level, a seeded draw of `unseen_fraction` (at least one
     per level of two or more, never all of a level).
 
@@ -463,8 +531,9 @@ def _first_schema(store: Store, inputs: Iterable[tuple[str, dict[str, Any]]]) ->
     return [pq.read_schema(store.path(e["path"]), filesystem=store.fs) for _, e in inputs]
 
 
-def _features_schema(store: Store, inputs: list[tuple[str, dict[str, Any]]],
-                     shard_model: dict[str, str]) -> pa.Schema:
+def _features_schema(
+    store: Store, inputs: list[tuple[str, dict[str, Any]]], shard_model: dict[str, str]
+) -> pa.Schema:
     """Union of the feature columns over models (their kept layer offsets may differ);
     one footer read per model."""
     first: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -489,8 +558,9 @@ def _activation_shape(t: pa.DataType) -> tuple[tuple[int, ...], pa.DataType]:
     return tuple(shape), t
 
 
-def _activations_layout(store: Store, inputs: list[tuple[str, dict[str, Any]]],
-                        shard_model: dict[str, str]) -> dict[str, dict[str, tuple[int, ...]]]:
+def _activations_layout(
+    store: Store, inputs: list[tuple[str, dict[str, Any]]], shard_model: dict[str, str]
+) -> dict[str, dict[str, tuple[int, ...]]]:
     """{model: {array column: shape}} from one footer per model."""
     out: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, e in inputs:
@@ -506,11 +576,20 @@ def _activations_layout(store: Store, inputs: list[tuple[str, dict[str, Any]]],
                 continue
             shape, leaf = _activation_shape(f.type)
             if len(shape) != 3:
-                raise PublishError(f"{e['path']}: column {f.name!r} is not a fixed-shape "
-                                   f"[positions, layers, hidden] array ({f.type})")
+                raise PublishError(
+                    f"{e['path']}: column {f.name!r} is not a fixed-shape "
+                    f"[positions, layers, hidden] array ({f.type})"
+                )
             cols[f.name] = shape
-        out[m] = dict(sorted(cols.items(), key=lambda kv: (
-            _ACT_ORDER.index(kv[0]) if kv[0] in _ACT_ORDER else len(_ACT_ORDER), kv[0])))
+        out[m] = dict(
+            sorted(
+                cols.items(),
+                key=lambda kv: (
+                    _ACT_ORDER.index(kv[0]) if kv[0] in _ACT_ORDER else len(_ACT_ORDER),
+                    kv[0],
+                ),
+            )
+        )
     return out
 
 
@@ -551,49 +630,81 @@ def _plan(info: _RunInfo, configs: tuple[str, ...], opts: PublishOptions) -> lis
     plans: list[_ConfigPlan] = []
 
     def files_for(folder: str, config: str, inputs) -> list[_OutFile]:
-        return [_OutFile(f"{folder}/{SPLIT}-{i:05d}.parquet", config, sl)
-                for i, sl in enumerate(_pack(inputs, opts.target_file_bytes))]
+        return [
+            _OutFile(f"{folder}/{SPLIT}-{i:05d}.parquet", config, sl)
+            for i, sl in enumerate(_pack(inputs, opts.target_file_bytes))
+        ]
 
     if "rollouts" in configs:
         inputs = _rollout_inputs(m)
         if not inputs:
             raise PublishError(f"{store.uri}: no committed rollouts shards to publish")
-        plans.append(_ConfigPlan("rollouts", "rollouts", ROLLOUTS_SCHEMA,
-                                 _features_of(ROLLOUTS_SCHEMA),
-                                 files_for("rollouts", "rollouts", inputs)))
+        plans.append(
+            _ConfigPlan(
+                "rollouts",
+                "rollouts",
+                ROLLOUTS_SCHEMA,
+                _features_of(ROLLOUTS_SCHEMA),
+                files_for("rollouts", "rollouts", inputs),
+            )
+        )
     if "features" in configs and (opts.explicit or _entries(m, "features")):
         inputs = _entries(m, "features")
         if not inputs:
-            raise PublishError(f"{store.uri}: --configs asks for features, but the run has "
-                               "no committed features shards (was capture on?)")
+            raise PublishError(
+                f"{store.uri}: --configs asks for features, but the run has "
+                "no committed features shards (was capture on?)"
+            )
         schema = _features_schema(store, inputs, info.shard_model)
-        plans.append(_ConfigPlan("features", "features", schema, _features_of(schema),
-                                 files_for("features", "features", inputs)))
+        plans.append(
+            _ConfigPlan(
+                "features",
+                "features",
+                schema,
+                _features_of(schema),
+                files_for("features", "features", inputs),
+            )
+        )
     if "activations" in configs and (opts.explicit or _entries(m, "activations")):
         inputs = _entries(m, "activations")
         if not inputs:
-            raise PublishError(f"{store.uri}: --configs asks for activations, but the run "
-                               "has no committed activations shards (capture.activations)")
+            raise PublishError(
+                f"{store.uri}: --configs asks for activations, but the run "
+                "has no committed activations shards (capture.activations)"
+            )
         layout = _activations_layout(store, inputs, info.shard_model)
         one = len({json.dumps(v) for v in layout.values()}) == 1
         for model in sorted(layout):
             mine = [(n, e) for n, e in inputs if info.shard_model.get(n) == model]
             name = "activations" if one else f"activations-{model}"
             folder = f"activations/{model}"
-            plans.append(_ConfigPlan(name, "activations" if one else folder,
-                                     _activation_schema(layout[model]),
-                                     _activations_features(layout[model]),
-                                     files_for(folder, name, mine)))
+            plans.append(
+                _ConfigPlan(
+                    name,
+                    "activations" if one else folder,
+                    _activation_schema(layout[model]),
+                    _activations_features(layout[model]),
+                    files_for(folder, name, mine),
+                )
+            )
     for name, table in (("concepts", info.concepts), ("prompts", info.prompts)):
         if name in configs:
-            plans.append(_ConfigPlan(name, name, table.schema, _features_of(table.schema),
-                                     [_OutFile(f"{name}/{SPLIT}-00000.parquet", name, [])],
-                                     table))
+            plans.append(
+                _ConfigPlan(
+                    name,
+                    name,
+                    table.schema,
+                    _features_of(table.schema),
+                    [_OutFile(f"{name}/{SPLIT}-00000.parquet", name, [])],
+                    table,
+                )
+            )
     return plans
 
 
-def _write_file(info: _RunInfo, cp: _ConfigPlan, out: _OutFile, folder: Path,
-                opts: PublishOptions) -> tuple[int, int]:
+def _write_file(
+    info: _RunInfo, cp: _ConfigPlan, out: _OutFile, folder: Path, opts: PublishOptions
+) -> tuple[int, int]:
     schema = _hf_metadata(cp.schema, cp.features)
     dest = folder / out.path
     if cp.table is not None:
@@ -621,8 +732,9 @@ def _write_file(info: _RunInfo, cp: _ConfigPlan, out: _OutFile, folder: Path,
         raise
 
 
-def _copy_vectors(info: _RunInfo, folder: Path, state: _State,
-                  opts: PublishOptions) -> tuple[list[str], list[str], list[str]]:
+def _copy_vectors(
+    info: _RunInfo, folder: Path, state: _State, opts: PublishOptions
+) -> tuple[list[str], list[str], list[str]]:
     """Vector files as the vectors stage committed them, checked against the manifest."""
     planned, written, skipped = [], [], []
     for model, e in _entries(info.manifest, "vectors"):
@@ -639,8 +751,17 @@ def _copy_vectors(info: _RunInfo, folder: Path, state: _State,
             if hashlib.sha256(data).hexdigest() != sha:
                 raise PublishError(f"{rel}: contents do not match build.json's checksum")
             _write_atomic(folder / rel, data)
-            state.record(rel, {"key": key, "sha256": sha, "bytes": len(data), "rows": None,
-                               "nbytes": len(data), "config": "vectors"})
+            state.record(
+                rel,
+                {
+                    "key": key,
+                    "sha256": sha,
+                    "bytes": len(data),
+                    "rows": None,
+                    "nbytes": len(data),
+                    "config": "vectors",
+                },
+            )
             written.append(rel)
             if opts.on_file:
                 opts.on_file(rel)
@@ -655,22 +776,41 @@ def _scrub(obj: Any) -> Any:
     config names environment variables (`api_key_env`) rather than holding keys, but a
     hand-edited manifest should not be able to leak one to the Hub."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items()
-                if not (_SECRET_KEYS.search(str(k)) and not str(k).endswith("_env"))}
+        return {
+            k: _scrub(v)
+            for k, v in obj.items()
+            if not (_SECRET_KEYS.search(str(k)) and not str(k).endswith("_env"))
+        }
     if isinstance(obj, list):
         return [_scrub(v) for v in obj]
     return obj
 
 
-def _build_json(info: _RunInfo, files: list[dict[str, Any]], configs: list[str],
-                opts: PublishOptions) -> bytes:
+def _build_json(
+    info: _RunInfo, files: list[dict[str, Any]], configs: list[str], opts: PublishOptions
+) -> bytes:
     d = info.manifest.data
     stages = {}
     for stage, ents in sorted(d.get("stages", {}).items()):
-        stages[stage] = {n: {k: e[k] for k in ("path", "rows", "sha256", "bytes",
-                                               "config_hash", "ok", "failed", "pending",
-                                               "judge_model", "parts") if k in e}
-                         for n, e in sorted(ents.items())}
+        stages[stage] = {
+            n: {
+                k: e[k]
+                for k in (
+                    "path",
+                    "rows",
+                    "sha256",
+                    "bytes",
+                    "config_hash",
+                    "ok",
+                    "failed",
+                    "pending",
+                    "judge_model",
+                    "parts",
+                )
+                if k in e
+            }
+            for n, e in sorted(ents.items())
+        }
     out = {
         "format": d.get("format"),
         "publish_format": PUBLISH_FORMAT,
@@ -683,8 +823,11 @@ def _build_json(info: _RunInfo, files: list[dict[str, Any]], configs: list[str],
         "created": d.get("created"),
         "software": {"build": d.get("software", {}), "publish": _publish_versions()},
         "configs": configs,
-        "partition": {"unseen_fraction": opts.unseen_fraction, "seed": opts.partition_seed,
-                      "stratified_by": "concept_level"},
+        "partition": {
+            "unseen_fraction": opts.unseen_fraction,
+            "seed": opts.partition_seed,
+            "stratified_by": "concept_level",
+        },
         "stages": stages,
         "files": files,
     }
@@ -704,9 +847,15 @@ def _publish_versions() -> dict[str, str]:
 
 
 def _size_category(n: int) -> str:
-    for hi, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                      (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"),
-                      (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")):
+    for hi, label in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+        (100_000_000, "10M<n<100M"),
+        (1_000_000_000, "100M<n<1B"),
+    ):
         if n < hi:
             return label
     return "n>1T" if n >= 10**12 else "1B<n<10B"
@@ -722,27 +871,44 @@ def _feature_doc() -> str:
 
 
 def _label_table(folder: Path, files: list[str]) -> list[dict[str, Any]]:
-    tables = [pq.read_table(folder / f, columns=["model", "method", "label", "judge_status",
-                                                 "judge_model", "alpha"]) for f in files]
+    tables = [
+        pq.read_table(
+            folder / f, columns=["model", "method", "label", "judge_status", "judge_model", "alpha"]
+        )
+        for f in files
+    ]
     t = pa.concat_tables(tables)
     rows = []
-    keys = t.group_by(["model", "method"]).aggregate([]).sort_by([("model", "ascending"),
-                                                                  ("method", "ascending")])
-    for model, method in zip(keys.column("model").to_pylist(),
-                             keys.column("method").to_pylist(), strict=True):
+    keys = (
+        t.group_by(["model", "method"])
+        .aggregate([])
+        .sort_by([("model", "ascending"), ("method", "ascending")])
+    )
+    for model, method in zip(
+        keys.column("model").to_pylist(), keys.column("method").to_pylist(), strict=True
+    ):
         sub = t.filter(pc.and_(pc.equal(t["model"], model), pc.equal(t["method"], method)))
         status = sub.column("judge_status").to_pylist()
         labels = sub.column("label").to_pylist()
         ok = [lab for lab, s in zip(labels, status, strict=True) if s == "ok" and lab is not None]
         alphas = sorted(set(sub.column("alpha").to_pylist()))
         judges = sorted({j for j in sub.column("judge_model").to_pylist() if j})
-        rows.append({
-            "model": model, "method": method, "rows": sub.num_rows,
-            "under": ok.count(0), "success": ok.count(1), "over": ok.count(2),
-            "failed": status.count("failed"), "pending": status.count("pending"),
-            "alphas": len(alphas), "alpha_min": alphas[0], "alpha_max": alphas[-1],
-            "judge_models": judges,
-        })
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "rows": sub.num_rows,
+                "under": ok.count(0),
+                "success": ok.count(1),
+                "over": ok.count(2),
+                "failed": status.count("failed"),
+                "pending": status.count("pending"),
+                "alphas": len(alphas),
+                "alpha_min": alphas[0],
+                "alpha_max": alphas[-1],
+                "judge_models": judges,
+            }
+        )
     return rows
 
 
@@ -772,14 +938,23 @@ def _schema_md(features: Any) -> str:
             ex = ", ".join(f"`{c}`" for c in cols[:2] + cols[-1:])
             lines.append(f"| `{fam}` | {len(cols)} float32 | {ex} |")
         total = sum(len(c) for c in families.values())
-        lines += ["", f"{total} family columns"
-                  + (" plus `alpha` and `vector_norm`." if "vector_norm" in features else ".")]
+        lines += [
+            "",
+            f"{total} family columns"
+            + (" plus `alpha` and `vector_norm`." if "vector_norm" in features else "."),
+        ]
     return "\n".join(lines)
 
 
-def _card(repo: str | None, info: _RunInfo, plans: list[_ConfigPlan],
-          counts: dict[str, dict[str, int]], labels: list[dict[str, Any]] | None,
-          has_vectors: bool, opts: PublishOptions) -> str:
+def _card(
+    repo: str | None,
+    info: _RunInfo,
+    plans: list[_ConfigPlan],
+    counts: dict[str, dict[str, int]],
+    labels: list[dict[str, Any]] | None,
+    has_vectors: bool,
+    opts: PublishOptions,
+) -> str:
     d = info.manifest.data
     cfg = _scrub(d.get("config", {}))
     n_rollouts = counts.get("rollouts", {}).get("rows", 0)
@@ -788,36 +963,51 @@ def _card(repo: str | None, info: _RunInfo, plans: list[_ConfigPlan],
         "language": ["en"],
         "pretty_name": f"ASTEER steerability dataset ({cfg.get('name', 'build')})",
         "task_categories": ["text-classification", "tabular-classification"],
-        "tags": ["activation-steering", "steering-vectors", "interpretability",
-                 "steerability", "llm"],
+        "tags": [
+            "activation-steering",
+            "steering-vectors",
+            "interpretability",
+            "steerability",
+            "llm",
+        ],
         "size_categories": [_size_category(n_rollouts)],
         "configs": [],
         "dataset_info": [],
     }
     for cp in plans:
-        entry: dict[str, Any] = {"config_name": cp.name,
-                                 "data_files": [{"split": SPLIT,
-                                                 "path": f"{cp.folder}/**/*.parquet"
-                                                 if cp.folder == "activations"
-                                                 else f"{cp.folder}/*.parquet"}]}
+        entry: dict[str, Any] = {
+            "config_name": cp.name,
+            "data_files": [
+                {
+                    "split": SPLIT,
+                    "path": f"{cp.folder}/**/*.parquet"
+                    if cp.folder == "activations"
+                    else f"{cp.folder}/*.parquet",
+                }
+            ],
+        }
         if cp.name == "rollouts":
             entry["default"] = True
         meta["configs"].append(entry)
         c = counts[cp.name]
-        meta["dataset_info"].append({
-            "config_name": cp.name,
-            "features": cp.features._to_yaml_list(),
-            "splits": [{"name": SPLIT, "num_bytes": c["nbytes"], "num_examples": c["rows"]}],
-            "download_size": c["bytes"],
-            "dataset_size": c["nbytes"],
-        })
+        meta["dataset_info"].append(
+            {
+                "config_name": cp.name,
+                "features": cp.features._to_yaml_list(),
+                "splits": [{"name": SPLIT, "num_bytes": c["nbytes"], "num_examples": c["rows"]}],
+                "download_size": c["bytes"],
+                "dataset_size": c["nbytes"],
+            }
+        )
     repo_id = repo or "ORG/NAME"
     judge_cfg = cfg.get("judge", {}) or {}
     if judge_cfg.get("kind", "llm") == "rules":
         from judge.rules import RULES_VERSION
 
-        judge_desc = (f"the deterministic rules judge `{RULES_VERSION}` (tiny world only: it "
-                      "counts concept words and checks coherence; not an LLM)")
+        judge_desc = (
+            f"the deterministic rules judge `{RULES_VERSION}` (tiny world only: it "
+            "counts concept words and checks coherence; not an LLM)"
+        )
         rubric = RULES_VERSION
     else:
         from judge.rubric import RUBRIC_VERSION
@@ -881,13 +1071,21 @@ def _card(repo: str | None, info: _RunInfo, plans: list[_ConfigPlan],
     if has_vectors:
         c = counts.get("vectors", {})
         out.append(f"| `vectors/` | {c.get('rows', 0)} files | - | {c.get('bytes', 0):,} |")
-    levels = info.concepts.group_by(["concept_level", "partition"]).aggregate(
-        [("concept_id", "count")]).sort_by([("concept_level", "ascending"),
-                                            ("partition", "ascending")]).to_pylist()
-    per_level = ", ".join(f"{r['concept_level']}/{r['partition']}: {r['concept_id_count']}"
-                          for r in levels)
-    out += ["", f"Concepts: {info.concepts.num_rows} ({per_level}; `ood` = unseen); "
-            f"prompts: {info.prompts.num_rows}.", ""]
+    levels = (
+        info.concepts.group_by(["concept_level", "partition"])
+        .aggregate([("concept_id", "count")])
+        .sort_by([("concept_level", "ascending"), ("partition", "ascending")])
+        .to_pylist()
+    )
+    per_level = ", ".join(
+        f"{r['concept_level']}/{r['partition']}: {r['concept_id_count']}" for r in levels
+    )
+    out += [
+        "",
+        f"Concepts: {info.concepts.num_rows} ({per_level}; `ood` = unseen); "
+        f"prompts: {info.prompts.num_rows}.",
+        "",
+    ]
     if labels is not None:
         out += [
             "## Labels",
@@ -916,23 +1114,24 @@ def _card(repo: str | None, info: _RunInfo, plans: list[_ConfigPlan],
                 f"| {r['model']} | {r['method']} | {r['rows']:,} | {r['alphas']} "
                 f"({r['alpha_min']:g}..{r['alpha_max']:g}) | {r['under']:,} | "
                 f"{r['success']:,} | {r['over']:,} | {r['failed']:,} | {r['pending']:,} | "
-                f"{', '.join(r['judge_models']) or '-'} |")
+                f"{', '.join(r['judge_models']) or '-'} |"
+            )
         out.append("")
     out += ["## Configs and schema", ""]
     notes = {
         "rollouts": "One row per steered generation. `id` is a hash of model, method, "
-                    "concept, prompt, layer, alpha and sample index; `seed` is the sampling "
-                    "seed; `vector_norm` is the unscaled vector's L2 norm; `response_tokens` "
-                    "counts generated tokens.",
+        "concept, prompt, layer, alpha and sample index; `seed` is the sampling "
+        "seed; `vector_norm` is the unscaled vector's L2 norm; `response_tokens` "
+        "counts generated tokens.",
         "features": "One row per rollout `id` (plus its keys). Every other column is a "
-                    "float32 feature named `{family}_t{step}_k{offset}` (one matrix entry), "
-                    "`{family}_{mean|std|max|min}` (whole matrix), `{family}_t{step}_{stat}` "
-                    "(one decode step over layers) or `{family}_k{offset}_{stat}` (one layer "
-                    "over steps); see the definitions below.",
+        "float32 feature named `{family}_t{step}_k{offset}` (one matrix entry), "
+        "`{family}_{mean|std|max|min}` (whole matrix), `{family}_t{step}_{stat}` "
+        "(one decode step over layers) or `{family}_k{offset}_{stat}` (one layer "
+        "over steps); see the definitions below.",
         "concepts": f"`partition`: `ood` = unseen concept (held out of training), `id` = "
-                    f"seen. Drawn per `concept_level`, {opts.unseen_fraction:.0%} unseen, "
-                    f"seed {opts.partition_seed} (the same draw as `asteer-train`'s default "
-                    "split; `asteer-train --use-partition-column` reads this column).",
+        f"seen. Drawn per `concept_level`, {opts.unseen_fraction:.0%} unseen, "
+        f"seed {opts.partition_seed} (the same draw as `asteer-train`'s default "
+        "split; `asteer-train --use-partition-column` reads this column).",
         "prompts": "`source`: where the prompt came from (e.g. `alpaca_eval`), when known.",
     }
     for cp in plans:
@@ -943,19 +1142,32 @@ def _card(repo: str | None, info: _RunInfo, plans: list[_ConfigPlan],
                 "`[positions, layers, hidden]`: `steered` and `replay` at decode steps "
                 "`t` and layers `L + k` (k = 0 is the steered layer, after the addition for "
                 "`steered`), `steered_pre` the steered layer before the addition "
-                "`[positions, 1, hidden]`. Join to `rollouts` on `id`.")
+                "`[positions, 1, hidden]`. Join to `rollouts` on `id`."
+            )
         else:
             out.append(notes.get(cp.name, ""))
         out += ["", _schema_md(cp.features), ""]
     if has_vectors:
-        out += ["### `vectors/`", "",
-                "`vectors/<model>/<method>.safetensors`: one float32 tensor per `concept_id` "
-                "(not normalized); `vectors/<model>/index.json`: per method and concept the "
-                "norm, layer, contrast-bank size and probe accuracy.", ""]
+        out += [
+            "### `vectors/`",
+            "",
+            "`vectors/<model>/<method>.safetensors`: one float32 tensor per `concept_id` "
+            "(not normalized); `vectors/<model>/index.json`: per method and concept the "
+            "norm, layer, contrast-bank size and probe accuracy.",
+            "",
+        ]
     doc = _feature_doc()
     if doc and "features" in names:
-        out += ["## Feature definitions", "", "From `asteer_build.features`:", "", "```text",
-                doc.strip(), "```", ""]
+        out += [
+            "## Feature definitions",
+            "",
+            "From `asteer_build.features`:",
+            "",
+            "```text",
+            doc.strip(),
+            "```",
+            "",
+        ]
     out += [
         "## Build",
         "",
@@ -993,8 +1205,9 @@ def default_folder(repo: str | None, run_dir: str) -> str:
     return str(root / "publish" / name)
 
 
-def assemble(run_dir: str, folder: str, *, repo: str | None = None,
-             opts: PublishOptions | None = None) -> PublishResult:
+def assemble(
+    run_dir: str, folder: str, *, repo: str | None = None, opts: PublishOptions | None = None
+) -> PublishResult:
     """Build (or bring up to date) the dataset folder from a run folder; no network."""
     opts = opts or PublishOptions()
     unknown = [c for c in opts.configs if c not in CONFIGS]
@@ -1017,12 +1230,16 @@ def assemble(run_dir: str, folder: str, *, repo: str | None = None,
     counts: dict[str, dict[str, int]] = {}
     for cp in plans:
         c = counts.setdefault(cp.name, {"rows": 0, "files": 0, "bytes": 0, "nbytes": 0})
-        extra = {"schema": cp.schema.to_string(), "features": cp.features.to_dict(),
-                 "row_group_bytes": opts.row_group_bytes,
-                 "row_group_max_rows": opts.row_group_max_rows}
+        extra = {
+            "schema": cp.schema.to_string(),
+            "features": cp.features.to_dict(),
+            "row_group_bytes": opts.row_group_bytes,
+            "row_group_max_rows": opts.row_group_max_rows,
+        }
         if cp.table is not None:
             extra["table"] = hashlib.sha256(
-                json.dumps(cp.table.to_pylist(), sort_keys=True).encode()).hexdigest()
+                json.dumps(cp.table.to_pylist(), sort_keys=True).encode()
+            ).hexdigest()
         for f in cp.files:
             f.key = _file_key(f, extra)
             planned.append(f.path)
@@ -1030,8 +1247,14 @@ def assemble(run_dir: str, folder: str, *, repo: str | None = None,
             if e is None:
                 rows, nbytes = _write_file(info, cp, f, out, opts)
                 p = out / f.path
-                e = {"key": f.key, "sha256": _sha256_file(p), "bytes": p.stat().st_size,
-                     "rows": rows, "nbytes": nbytes, "config": cp.name}
+                e = {
+                    "key": f.key,
+                    "sha256": _sha256_file(p),
+                    "bytes": p.stat().st_size,
+                    "rows": rows,
+                    "nbytes": nbytes,
+                    "config": cp.name,
+                }
                 state.record(f.path, e)
                 result.written.append(f.path)
                 log.info("wrote %s (%d rows, %.1f MB)", f.path, rows, e["bytes"] / 1e6)
@@ -1049,9 +1272,12 @@ def assemble(run_dir: str, folder: str, *, repo: str | None = None,
         planned += vplanned
         result.written += vw
         result.skipped += vs
-        counts["vectors"] = {"rows": len(vplanned), "files": len(vplanned),
-                             "bytes": sum(state.files[p]["bytes"] for p in vplanned),
-                             "nbytes": 0}
+        counts["vectors"] = {
+            "rows": len(vplanned),
+            "files": len(vplanned),
+            "bytes": sum(state.files[p]["bytes"] for p in vplanned),
+            "nbytes": 0,
+        }
     # Files of an earlier publish that this one does not produce (a config left out, a
     # run that shrank) would otherwise be matched by the card's globs and uploaded.
     keep = set(planned) | {"README.md", MANIFEST}
@@ -1067,17 +1293,31 @@ def assemble(run_dir: str, folder: str, *, repo: str | None = None,
     for d in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
         if not any(d.iterdir()):
             d.rmdir()
-    files = [{"path": p, "config": state.files[p]["config"], "rows": state.files[p]["rows"],
-              "bytes": state.files[p]["bytes"], "sha256": state.files[p]["sha256"]}
-             for p in sorted(planned)]
+    files = [
+        {
+            "path": p,
+            "config": state.files[p]["config"],
+            "rows": state.files[p]["rows"],
+            "bytes": state.files[p]["bytes"],
+            "sha256": state.files[p]["sha256"],
+        }
+        for p in sorted(planned)
+    ]
     rollout_files = [f.path for cp in plans if cp.name == "rollouts" for f in cp.files]
     labels = _label_table(out, rollout_files)
-    _write_if_changed(out / MANIFEST, _build_json(info, files, [cp.name for cp in plans]
-                                                  + (["vectors"] if has_vectors else []), opts))
-    _write_if_changed(out / "README.md",
-                      _card(repo, info, plans, counts, labels, has_vectors, opts).encode())
-    result.files = files + [_file_entry(out, MANIFEST, "build.json"),
-                            _file_entry(out, "README.md", "card")]
+    _write_if_changed(
+        out / MANIFEST,
+        _build_json(
+            info, files, [cp.name for cp in plans] + (["vectors"] if has_vectors else []), opts
+        ),
+    )
+    _write_if_changed(
+        out / "README.md", _card(repo, info, plans, counts, labels, has_vectors, opts).encode()
+    )
+    result.files = files + [
+        _file_entry(out, MANIFEST, "build.json"),
+        _file_entry(out, "README.md", "card"),
+    ]
     result.counts = {k: v["rows"] for k, v in counts.items()}
     return result
 
@@ -1090,8 +1330,13 @@ def _write_if_changed(p: Path, data: bytes) -> None:
 
 def _file_entry(folder: Path, rel: str, config: str) -> dict[str, Any]:
     p = folder / rel
-    return {"path": rel, "config": config, "rows": None, "bytes": p.stat().st_size,
-            "sha256": _sha256_file(p)}
+    return {
+        "path": rel,
+        "config": config,
+        "rows": None,
+        "bytes": p.stat().st_size,
+        "sha256": _sha256_file(p),
+    }
 
 
 def check_no_secret(folder: str | Path, secret: str | None) -> None:
@@ -1107,13 +1352,15 @@ def check_no_secret(folder: str | Path, secret: str | None) -> None:
         with open(p, "rb") as f:
             while block := f.read(8 << 20):
                 if needle in tail + block:
-                    raise PublishError(f"{p.relative_to(folder)}: contains the Hub token; "
-                                       "refusing to upload")
-                tail = block[-(len(needle) - 1):]
+                    raise PublishError(
+                        f"{p.relative_to(folder)}: contains the Hub token; refusing to upload"
+                    )
+                tail = block[-(len(needle) - 1) :]
 
 
-def hub_upload(folder: str, repo_id: str, *, private: bool, token: str,
-               endpoint: str | None = None) -> str:
+def hub_upload(
+    folder: str, repo_id: str, *, private: bool, token: str, endpoint: str | None = None
+) -> str:
     """The only network step: create the dataset repo if needed, then one resumable,
     multi-commit folder upload. Re-running it after an interruption skips what is there.
 
@@ -1124,16 +1371,26 @@ def hub_upload(folder: str, repo_id: str, *, private: bool, token: str,
     api = HfApi(endpoint=endpoint, token=token)
     # private=None (not False) without --private: an organisation whose default is
     # private keeps it; the flag is ignored for a repo that already exists.
-    url = api.create_repo(repo_id, repo_type="dataset", private=True if private else None,
-                          exist_ok=True)
+    url = api.create_repo(
+        repo_id, repo_type="dataset", private=True if private else None, exist_ok=True
+    )
     large = getattr(api, "upload_large_folder", None)
     if large is not None:
-        large(repo_id=repo_id, folder_path=folder, repo_type="dataset", private=private,
-              ignore_patterns=UPLOAD_IGNORE)
+        large(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="dataset",
+            private=private,
+            ignore_patterns=UPLOAD_IGNORE,
+        )
     else:
-        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="dataset",
-                          ignore_patterns=list(UPLOAD_IGNORE),
-                          commit_message="Publish ASTEER dataset")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="dataset",
+            ignore_patterns=list(UPLOAD_IGNORE),
+            commit_message="Publish ASTEER dataset",
+        )
     return str(url)
 
 
@@ -1143,9 +1400,15 @@ def _hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
-def publish(run_dir: str, repo: str, *, opts: PublishOptions | None = None,
-            private: bool = False, dry_run: bool = False,
-            upload: Callable[..., str] = hub_upload) -> PublishResult:
+def publish(
+    run_dir: str,
+    repo: str,
+    *,
+    opts: PublishOptions | None = None,
+    private: bool = False,
+    dry_run: bool = False,
+    upload: Callable[..., str] = hub_upload,
+) -> PublishResult:
     """Assemble the folder, then (unless `dry_run`) upload it with `upload`."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo or ""):
         raise PublishError(f"--repo: expected ORG/NAME (got {repo!r})")
@@ -1156,8 +1419,9 @@ def publish(run_dir: str, repo: str, *, opts: PublishOptions | None = None,
         # Before the (long) assembly: a missing token should not cost an hour of writing.
         token = _hub_token()
         if not token:
-            raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` "
-                               "(or use --dry-run)")
+            raise PublishError(
+                "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)"
+            )
     result = assemble(run_dir, folder, repo=repo, opts=opts)
     if dry_run:
         return result
@@ -1192,19 +1456,29 @@ def _configs_arg(s: str) -> tuple[str, ...]:
 
 
 def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
-    opts = PublishOptions(configs=args.configs or DEFAULT_CONFIGS,
-                          explicit=args.configs is not None, folder=args.folder)
-    res = publish(args.run_dir, args.repo, opts=opts, private=args.private,
-                  dry_run=args.dry_run)
+    opts = PublishOptions(
+        configs=args.configs or DEFAULT_CONFIGS,
+        explicit=args.configs is not None,
+        folder=args.folder,
+    )
+    res = publish(args.run_dir, args.repo, opts=opts, private=args.private, dry_run=args.dry_run)
     width = max((len(f["path"]) for f in res.files), default=10)
-    print(f"{res.folder}: {len(res.files)} files, "
-          f"{sum(f['bytes'] for f in res.files) / 1e6:,.1f} MB "
-          f"({len(res.written)} written, {len(res.skipped)} unchanged)", file=sys.stderr)
+    print(
+        f"{res.folder}: {len(res.files)} files, "
+        f"{sum(f['bytes'] for f in res.files) / 1e6:,.1f} MB "
+        f"({len(res.written)} written, {len(res.skipped)} unchanged)",
+        file=sys.stderr,
+    )
     for f in res.files:
-        print(f"  {f['path']:<{width}} {f['bytes']:>14,} B"
-              + (f" {f['rows']:>10,} rows" if f["rows"] is not None else ""), file=sys.stderr)
-    print(f"{'dry run: nothing uploaded' if args.dry_run else f'uploaded to {args.repo}'}",
-          file=sys.stderr)
+        print(
+            f"  {f['path']:<{width}} {f['bytes']:>14,} B"
+            + (f" {f['rows']:>10,} rows" if f["rows"] is not None else ""),
+            file=sys.stderr,
+        )
+    print(
+        f"{'dry run: nothing uploaded' if args.dry_run else f'uploaded to {args.repo}'}",
+        file=sys.stderr,
+    )
     return res.as_dict()
 
 
@@ -1214,11 +1488,17 @@ def add_publish_command(sub: Any) -> None:
     sp.add_argument("run_dir")
     sp.add_argument("--repo", required=True, help="Hub dataset repo id, ORG/NAME")
     sp.add_argument("--private", action="store_true")
-    sp.add_argument("--dry-run", action="store_true",
-                    help="assemble the folder and list its files; no token, no upload")
-    sp.add_argument("--configs", type=_configs_arg, default=None,
-                    help=f"comma-separated subset of {','.join(CONFIGS)} or `all` "
-                         f"(default: {','.join(DEFAULT_CONFIGS)}; rollouts always)")
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="assemble the folder and list its files; no token, no upload",
+    )
+    sp.add_argument(
+        "--configs",
+        type=_configs_arg,
+        default=None,
+        help=f"comma-separated subset of {','.join(CONFIGS)} or `all` "
+        f"(default: {','.join(DEFAULT_CONFIGS)}; rollouts always)",
+    )
     sp.add_argument("--folder", help="local dataset folder (default: under ~/.cache/asteer)")
     sp.set_defaults(fn=cmd_publish)
-

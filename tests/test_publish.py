@@ -45,8 +45,10 @@ def _config(run: Path) -> dict:
         "methods": ["diffmean", "probe"],
         "layer": 2,
         "concepts": "builtin:tinyworld",
-        "prompts": [{"prompt_id": "p0", "prompt": "explain the ocean to a friend"},
-                    {"prompt_id": "p1", "prompt": "list three reasons to travel"}],
+        "prompts": [
+            {"prompt_id": "p0", "prompt": "explain the ocean to a friend"},
+            {"prompt_id": "p1", "prompt": "list three reasons to travel"},
+        ],
         "alphas": {"diffmean": [1.0, 3.0, 6.0], "probe": [1.0, 3.0]},
         "sampling": {"temperature": 0.0, "max_tokens": 16},
         "judge": {"kind": "rules"},
@@ -79,8 +81,10 @@ def run_dir(tmp_path_factory) -> Path:
     cfg = parse_config(_config(run))
     run_build(cfg, RunOptions(stages=("vectors",), progress=False))
     r = prepare_run(cfg, RunOptions(stages=("rollouts",), progress=False))
-    files = {n: r.store.read_bytes(f"vectors/tiny/{n}")
-             for n in ("index.json", "diffmean.safetensors", "probe.safetensors")}
+    files = {
+        n: r.store.read_bytes(f"vectors/tiny/{n}")
+        for n in ("index.json", "diffmean.safetensors", "probe.safetensors")
+    }
     _, norms = load_vectors(files)
     names = feature_names(STEPS, OFFSETS)
     rng = np.random.default_rng(0)
@@ -95,8 +99,9 @@ def run_dir(tmp_path_factory) -> Path:
             }
             feats = dict(zip(names, rng.standard_normal(len(names)).tolist(), strict=True))
             feats["alpha"], feats["vector_norm"] = it.alpha, norms[f"{it.method}/{it.concept_id}"]
-            results.append(RolloutResult(it.id, text, list(range(len(text.split()))),
-                                         "length", feats, acts))
+            results.append(
+                RolloutResult(it.id, text, list(range(len(text.split()))), "length", feats, acts)
+            )
         r.manifest.record(write_shard(r.store, shard, results, norms), executor="test")
     run_build(cfg, RunOptions(stages=("judge",), progress=False))
     return run
@@ -105,14 +110,21 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def published(run_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pub") / "ds"
-    pub.assemble(str(run_dir), str(folder), repo="asteer-org/asteer-test",
-                 opts=PublishOptions(configs=pub.CONFIGS, **SMALL))
+    pub.assemble(
+        str(run_dir),
+        str(folder),
+        repo="asteer-org/asteer-test",
+        opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
+    )
     return folder
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def _card(folder: Path):
@@ -181,8 +193,9 @@ def test_rows_match_the_run_and_keep_plan_order(published, run_dir):
     assert feats.schema.field("dn_t0_k0").type == pa.float32()
     # Vectors are the stage's files, byte for byte.
     for name in ("index.json", "diffmean.safetensors", "probe.safetensors"):
-        assert (published / "vectors/tiny" / name).read_bytes() == \
-            (run_dir / "vectors/tiny" / name).read_bytes()
+        assert (published / "vectors/tiny" / name).read_bytes() == (
+            run_dir / "vectors/tiny" / name
+        ).read_bytes()
 
 
 def test_card_yaml_parses_and_its_counts_equal_the_data(published, run_dir):
@@ -210,14 +223,22 @@ def test_card_yaml_parses_and_its_counts_equal_the_data(published, run_dir):
         assert [int(cells[i]) for i in (4, 5, 6)] == [labels.count(k) for k in (0, 1, 2)]
     assert len(set(labelled.column("label").to_pylist())) >= 2, "fixture should vary labels"
     # Feature families from asteer_build.features, the rubric version, the build config.
-    for needle in ("`dnr` = dn(t) / dn(t0)", "sa", "rules-v1", "config_hash"[:6],
-                   "under-steer", "load_dataset(\"asteer-org/asteer-test\", \"features\""):
+    for needle in (
+        "`dnr` = dn(t) / dn(t0)",
+        "sa",
+        "rules-v1",
+        "config_hash"[:6],
+        "under-steer",
+        'load_dataset("asteer-org/asteer-test", "features"',
+    ):
         assert needle in text, needle
     m = json.loads((published / "build.json").read_text())
     assert m["config_hash"] in text and m["config"]["name"] == "publish-test"
     assert set(m["stages"]) >= {"rollouts", "labelled", "features", "activations", "vectors"}
-    assert {f["path"] for f in m["files"]} >= {"concepts/train-00000.parquet",
-                                                "vectors/tiny/index.json"}
+    assert {f["path"] for f in m["files"]} >= {
+        "concepts/train-00000.parquet",
+        "vectors/tiny/index.json",
+    }
 
 
 def test_concept_partition_matches_train_default_split(published):
@@ -228,11 +249,16 @@ def test_concept_partition_matches_train_default_split(published):
     _, unseen, _ = partition_concepts(concepts.drop(columns="partition"))
     assert sorted(concepts.loc[concepts.partition == "ood", "concept_id"]) == unseen
     # Paper scale: 50 concepts per level, 10 unseen each.
-    big = pd.DataFrame({"concept_id": [f"c{i:03d}" for i in range(150)],
-                        "concept_level": ["low", "mid", "high"] * 50})
+    big = pd.DataFrame(
+        {
+            "concept_id": [f"c{i:03d}" for i in range(150)],
+            "concept_level": ["low", "mid", "high"] * 50,
+        }
+    )
     _, unseen, _ = partition_concepts(big)
-    assert pub.partition_concepts(dict(zip(big.concept_id, big.concept_level,
-                                           strict=True))) == unseen
+    assert (
+        pub.partition_concepts(dict(zip(big.concept_id, big.concept_level, strict=True))) == unseen
+    )
     assert len(unseen) == 30
 
 
@@ -245,15 +271,17 @@ def test_train_package_loads_the_published_folder(published):
     assert data.report["rows_used"] > 0 and "dn_t0_k0" in data.feature_names
     assert "partition" in data.concepts.columns
     splits = make_splits(data.frame, data.concepts, use_partition_column=True)
-    assert splits.unseen == sorted(data.concepts.loc[data.concepts.partition == "ood",
-                                                     "concept_id"])
+    assert splits.unseen == sorted(
+        data.concepts.loc[data.concepts.partition == "ood", "concept_id"]
+    )
 
 
 def test_rollouts_schema_is_the_pipeline_schema_plus_judge_error():
     from asteer_build.work import ROLLOUT_SCHEMA
 
-    assert pub.ROLLOUTS_SCHEMA.remove(pub.ROLLOUTS_SCHEMA.get_field_index("judge_error")) \
-        .equals(ROLLOUT_SCHEMA)
+    assert pub.ROLLOUTS_SCHEMA.remove(pub.ROLLOUTS_SCHEMA.get_field_index("judge_error")).equals(
+        ROLLOUT_SCHEMA
+    )
 
 
 # ------------------------------------------------------------ idempotence and resumption
@@ -261,13 +289,21 @@ def test_rollouts_schema_is_the_pipeline_schema_plus_judge_error():
 
 def test_publishing_twice_is_idempotent(published, run_dir, tmp_path):
     before = _hashes(published)
-    res = pub.assemble(str(run_dir), str(published), repo="asteer-org/asteer-test",
-                       opts=PublishOptions(configs=pub.CONFIGS, **SMALL))
+    res = pub.assemble(
+        str(run_dir),
+        str(published),
+        repo="asteer-org/asteer-test",
+        opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
+    )
     assert res.written == [] and _hashes(published) == before
     # A fresh folder gets the same bytes: determinism, not just skipping.
     fresh = tmp_path / "again"
-    pub.assemble(str(run_dir), str(fresh), repo="asteer-org/asteer-test",
-                 opts=PublishOptions(configs=pub.CONFIGS, **SMALL))
+    pub.assemble(
+        str(run_dir),
+        str(fresh),
+        repo="asteer-org/asteer-test",
+        opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
+    )
     assert _hashes(fresh) == before
 
 
@@ -284,15 +320,23 @@ def test_interrupted_publish_resumes_and_completes(published, run_dir, tmp_path)
             raise Boom(path)
 
     with pytest.raises(Boom):
-        pub.assemble(str(run_dir), str(folder), repo="asteer-org/asteer-test",
-                     opts=PublishOptions(configs=pub.CONFIGS, on_file=hook, **SMALL))
+        pub.assemble(
+            str(run_dir),
+            str(folder),
+            repo="asteer-org/asteer-test",
+            opts=PublishOptions(configs=pub.CONFIGS, on_file=hook, **SMALL),
+        )
     assert not (folder / "README.md").exists()
     # A kill mid-file leaves a temp file; a torn final file must be rewritten, not kept.
     (folder / "rollouts" / ".train-00009.parquet.tmp-deadbeef").write_bytes(b"partial")
     torn = folder / done[1]
     torn.write_bytes(torn.read_bytes()[:100])
-    res = pub.assemble(str(run_dir), str(folder), repo="asteer-org/asteer-test",
-                       opts=PublishOptions(configs=pub.CONFIGS, **SMALL))
+    res = pub.assemble(
+        str(run_dir),
+        str(folder),
+        repo="asteer-org/asteer-test",
+        opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
+    )
     assert set(res.skipped) == {done[0], done[2], done[3]}
     assert done[1] in res.written
     assert _hashes(folder) == _hashes(published)
@@ -312,11 +356,14 @@ def test_killed_publish_subprocess_resumes(run_dir, published, tmp_path):
         f"pub.assemble({str(run_dir)!r}, {str(folder)!r}, repo='asteer-org/asteer-test',"
         f" opts=pub.PublishOptions(configs=pub.CONFIGS, on_file=hook, **{SMALL!r}))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                       timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120)
     assert p.returncode == -9
-    res = pub.assemble(str(run_dir), str(folder), repo="asteer-org/asteer-test",
-                       opts=PublishOptions(configs=pub.CONFIGS, **SMALL))
+    res = pub.assemble(
+        str(run_dir),
+        str(folder),
+        repo="asteer-org/asteer-test",
+        opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
+    )
     assert len(res.skipped) == 3
     assert _hashes(folder) == _hashes(published)
 
@@ -342,11 +389,21 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     def _handle(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b""
-        self.log.append({"method": self.command, "path": self.path,
-                         "auth": self.headers.get("Authorization"), "body": body})
+        self.log.append(
+            {
+                "method": self.command,
+                "path": self.path,
+                "auth": self.headers.get("Authorization"),
+                "body": body,
+            }
+        )
         if self.command == "POST" and self.path == "/api/repos/create":
-            out = json.dumps({"url": f"http://{self.headers['Host']}/datasets/asteer-org/x",
-                              "name": "asteer-org/x"}).encode()
+            out = json.dumps(
+                {
+                    "url": f"http://{self.headers['Host']}/datasets/asteer-org/x",
+                    "name": "asteer-org/x",
+                }
+            ).encode()
             self.send_response(200)
         elif self.path == "/api/validate-yaml":
             out = b'{"errors": [], "warnings": []}'
@@ -375,8 +432,13 @@ def test_upload_is_one_call_with_the_right_arguments(published, tmp_path):
     th.start()
     try:
         with pytest.raises((HfHubHTTPError, OSError, ValueError)):
-            pub.hub_upload(str(published), "asteer-org/asteer-test", private=True,
-                           token=FAKE_TOKEN, endpoint=f"http://127.0.0.1:{srv.server_port}")
+            pub.hub_upload(
+                str(published),
+                "asteer-org/asteer-test",
+                private=True,
+                token=FAKE_TOKEN,
+                endpoint=f"http://127.0.0.1:{srv.server_port}",
+            )
     finally:
         srv.shutdown()
     create = _Recorder.log[0]
@@ -389,17 +451,21 @@ def test_upload_is_one_call_with_the_right_arguments(published, tmp_path):
     # Then the folder upload itself, against the dataset repo, authenticated.
     later = _Recorder.log[1:]
     assert later and all(r["auth"] == f"Bearer {FAKE_TOKEN}" for r in later)
-    assert any("/datasets/asteer-org/asteer-test" in r["path"] for r in later), \
-        [(r["method"], r["path"]) for r in later]
+    assert any("/datasets/asteer-org/asteer-test" in r["path"] for r in later), [
+        (r["method"], r["path"]) for r in later
+    ]
     # The upload offers every file of the folder, and neither the state file nor temps.
-    offered = {f["path"] for r in later if r["path"].endswith("/preupload/main")
-               for f in json.loads(r["body"])["files"]}
+    offered = {
+        f["path"]
+        for r in later
+        if r["path"].endswith("/preupload/main")
+        for f in json.loads(r["body"])["files"]
+    }
     assert offered == set(_hashes(published))
     assert (published / pub.STATE_FILE).exists()
 
 
-def test_token_never_reaches_folder_card_logs_or_build_json(run_dir, tmp_path, monkeypatch,
-                                                          caplog):
+def test_token_never_reaches_folder_card_logs_or_manifest(run_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     folder = tmp_path / "ds"
     calls = []
@@ -409,8 +475,13 @@ def test_token_never_reaches_folder_card_logs_or_build_json(run_dir, tmp_path, m
         return "url"
 
     caplog.set_level(logging.DEBUG)
-    res = pub.publish(str(run_dir), "asteer-org/asteer-test", private=True, upload=fake_upload,
-                      opts=PublishOptions(folder=str(folder), configs=pub.CONFIGS, **SMALL))
+    res = pub.publish(
+        str(run_dir),
+        "asteer-org/asteer-test",
+        private=True,
+        upload=fake_upload,
+        opts=PublishOptions(folder=str(folder), configs=pub.CONFIGS, **SMALL),
+    )
     assert res.uploaded
     assert calls == [(str(folder), "asteer-org/asteer-test", True, FAKE_TOKEN)]
     assert FAKE_TOKEN not in caplog.text
@@ -419,13 +490,28 @@ def test_token_never_reaches_folder_card_logs_or_build_json(run_dir, tmp_path, m
         if p.is_file():
             assert FAKE_TOKEN.encode() not in p.read_bytes(), p
     # The CLI, dry run and real, logs and prints nothing of it either.
-    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    cli = [str(Path(sys.executable).parent / "asteer-build"), "--log-level", "DEBUG",
-           "publish", str(run_dir), "--repo", "asteer-org/asteer-test", "--folder",
-           str(folder), "--configs", "all"]
-    r = subprocess.run([*cli, "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_TOKEN": FAKE_TOKEN,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    cli = [
+        str(Path(sys.executable).parent / "asteer-build"),
+        "--log-level",
+        "DEBUG",
+        "publish",
+        str(run_dir),
+        "--repo",
+        "asteer-org/asteer-test",
+        "--folder",
+        str(folder),
+        "--configs",
+        "all",
+    ]
+    r = subprocess.run(
+        [*cli, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["uploaded"] is False and out["files"]
@@ -434,8 +520,14 @@ def test_token_never_reaches_folder_card_logs_or_build_json(run_dir, tmp_path, m
     # Without a token the real publish stops before assembling anything.
     env_no = {k: v for k, v in env.items() if k != "HF_TOKEN"}
     env_no["HF_HOME"] = str(tmp_path / "hf-home")
-    r = subprocess.run(cli[:-2] + ["--folder", str(tmp_path / "none")], cwd=ROOT,
-                       env=env_no, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cli[:-2] + ["--folder", str(tmp_path / "none")],
+        cwd=ROOT,
+        env=env_no,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "HF_TOKEN" in r.stderr
     assert not (tmp_path / "none").exists()
 
@@ -462,16 +554,37 @@ def test_missing_stage_is_skipped_by_default_and_an_error_when_asked_for(run_dir
     res = pub.assemble(str(run), str(tmp_path / "ds"), opts=PublishOptions(**SMALL))
     assert res.counts["rollouts"] == 120 and "features" not in res.counts
     with pytest.raises(PublishError, match="no committed features"):
-        pub.assemble(str(run), str(tmp_path / "ds2"),
-                     opts=PublishOptions(configs=("rollouts", "features"), explicit=True))
+        pub.assemble(
+            str(run),
+            str(tmp_path / "ds2"),
+            opts=PublishOptions(configs=("rollouts", "features"), explicit=True),
+        )
 
 
 def test_bad_arguments_fail_before_any_work(run_dir, tmp_path):
     with pytest.raises(PublishError, match="ORG/NAME"):
         pub.publish(str(run_dir), "not a repo", dry_run=True)
     with pytest.raises(PublishError, match="unknown config"):
-        pub.assemble(str(run_dir), str(tmp_path / "x"),
-                     opts=PublishOptions(configs=("rollouts", "nope")))
+        pub.assemble(
+            str(run_dir), str(tmp_path / "x"), opts=PublishOptions(configs=("rollouts", "nope"))
+        )
     with pytest.raises(FileNotFoundError):
         pub.assemble(str(tmp_path / "no-run"), str(tmp_path / "y"))
     assert re.fullmatch(r"[\w/.-]+", pub.default_folder("a/b", str(run_dir)))
+
+
+def test_resolve_dataset_takes_a_folder_or_a_hub_id(published, monkeypatch):
+    assert pub.resolve_dataset(str(published)) == str(published)
+    with pytest.raises(PublishError, match="neither a folder"):
+        pub.resolve_dataset("./no/such/folder")
+    seen = {}
+
+    def fake_download(**kw):
+        seen.update(kw)
+        return str(published)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert pub.resolve_dataset("asteer-org/asteer-test") == str(published)
+    assert seen == {"repo_id": "asteer-org/asteer-test", "repo_type": "dataset"}
