@@ -588,3 +588,89 @@ def test_resolve_dataset_takes_a_folder_or_a_hub_id(published, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert pub.resolve_dataset("asteer-org/asteer-test") == str(published)
     assert seen == {"repo_id": "asteer-org/asteer-test", "repo_type": "dataset"}
+
+
+def _nested(arr: np.ndarray) -> pa.Array:
+    a = pa.array(arr.reshape(-1))
+    for dim in reversed(arr.shape[1:]):
+        a = pa.FixedSizeListArray.from_arrays(a, int(dim))
+    return a
+
+
+def test_models_with_different_hidden_sizes_get_one_activations_config_each(tmp_path):
+    """Paper scale mixes hidden sizes (2048, 2304, 3072): one Array3D cannot declare
+    them all, so each model gets `activations-<model>`; features are the union."""
+    import datasets
+
+    from asteer_build.shards import Manifest, open_store
+
+    store = open_store(str(tmp_path / "run"))
+    store.makedirs("")
+    m = Manifest.create(
+        store,
+        config={"name": "two", "judge": {"kind": "rules"}},
+        config_hash="h",
+        plan_hash="p",
+        n_items=8,
+        n_shards=2,
+    )
+    files = []
+    for i, (model, hidden, feats) in enumerate(
+        (("a", 4, ["dn_t0_k0"]), ("b", 6, ["dn_t0_k0", "dn_t0_k5"]))
+    ):
+        ids = [f"{model}{j}" for j in range(4)]
+        n = len(ids)
+        roll = {f.name: pa.nulls(n, f.type) for f in pub.ROLLOUTS_SCHEMA}
+        roll.update(
+            id=pa.array(ids),
+            model=pa.array([model] * n),
+            method=pa.array(["probe"] * n),
+            concept_id=pa.array(["c0", "c1", "c2", "c3"]),
+            concept=pa.array(["x"] * n),
+            concept_level=pa.array(["low"] * n),
+            prompt_id=pa.array(["p"] * n),
+            prompt=pa.array(["q"] * n),
+            alpha=pa.array([1.0] * n),
+            judge_status=pa.array(["pending"] * n),
+        )
+        name = f"shard-{i:06d}"
+        files.append(store.write_table("rollouts", name, pa.table(roll)))
+        ft = {"id": ids, "model": [model] * n}
+        ft.update({c: pa.array(np.ones(n, np.float32)) for c in feats})
+        files.append(store.write_table("features", name, pa.table(ft)))
+        act = np.arange(n * 2 * 3 * hidden, dtype=np.float16).reshape(n, 2, 3, hidden)
+        files.append(
+            store.write_table(
+                "activations",
+                name,
+                pa.table(
+                    {
+                        "id": ids,
+                        "steered": _nested(act),
+                        "replay": _nested(act),
+                        "steered_pre": _nested(act[:, :, :1]),
+                    }
+                ),
+            )
+        )
+    m.record(files)
+    folder = tmp_path / "ds"
+    pub.assemble(store.uri, str(folder), opts=PublishOptions(configs=pub.CONFIGS))
+    names = [c["config_name"] for c in _card(folder).data.to_dict()["configs"]]
+    assert names == [
+        "rollouts",
+        "features",
+        "activations-a",
+        "activations-b",
+        "concepts",
+        "prompts",
+    ]
+    for model, hidden in (("a", 4), ("b", 6)):
+        ds = datasets.load_dataset(str(folder), f"activations-{model}", split="train")
+        assert ds.num_rows == 4
+        row = ds.with_format("numpy", dtype=np.float16)[1]
+        assert row["id"] == f"{model}1" and row["steered"].shape == (2, 3, hidden)
+        assert row["steered_pre"].shape == (2, 1, hidden)
+    f = datasets.load_dataset(str(folder), "features", split="train").to_pandas()
+    assert f.loc[f.model == "a", "dn_t0_k5"].isna().all()
+    assert (f.loc[f.model == "b", "dn_t0_k5"] == 1).all()
