@@ -23,9 +23,19 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
+    """The product's tiny world (steerable; greedy decoding repeats one token)."""
     from asteer_build.tinyworld import build_tiny_model
 
     return str(build_tiny_model())
+
+
+@pytest.fixture(scope="session")
+def varied_model() -> str:
+    """A tiny world with varied greedy text, for engine equalities that must not be
+    vacuous (see tinyworld.VARIED)."""
+    from asteer_build.tinyworld import VARIED, build_tiny_model
+
+    return str(build_tiny_model(VARIED))
 
 
 def chat_ids(model_path: str, questions: list[str]) -> list[list[int]]:

@@ -25,9 +25,9 @@ def _vecs():
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
+def engine(varied_model):
     # a small token budget forces chunked prefill of the longer prompts
-    eng = SteeredEngine(tiny_model, **engine_args(max_num_batched_tokens=64, max_num_seqs=48))
+    eng = SteeredEngine(varied_model, **engine_args(max_num_batched_tokens=64, max_num_seqs=48))
     eng.register_vectors(_vecs())
     yield eng
     eng.shutdown()
@@ -40,8 +40,8 @@ def _req(i, ids, vector="a", alpha=2.0, layer=1, mode="all", max_tokens=10, temp
     )
 
 
-def test_states_match_hf_and_replay_is_exact(engine, tiny_model):
-    ids = chat_ids(tiny_model, PROMPTS[:3])
+def test_states_match_hf_and_replay_is_exact(engine, varied_model):
+    ids = chat_ids(varied_model, PROMPTS[:3])
     reqs = [
         _req(0, ids[0], "a", 2.0, 2, "all"),
         _req(1, ids[1], "b", 3.0, 1, "generated"),
@@ -50,7 +50,7 @@ def test_states_match_hf_and_replay_is_exact(engine, tiny_model):
     settings = CaptureSettings(features=False, activations=True, activation_dtype="float32",
                                extra_offsets=(-1,))
     results = run_with_capture(engine, reqs, settings)
-    ref = HFReference(tiny_model)
+    ref = HFReference(varied_model)
     ref.register_vectors(_vecs())
     for req, res in zip(reqs, results, strict=True):
         acts = res.activations
@@ -78,9 +78,9 @@ def test_states_match_hf_and_replay_is_exact(engine, tiny_model):
             np.testing.assert_allclose(diff[i], v if i in steered_at else 0 * v, atol=1e-5)
 
 
-def test_attribution_in_a_staggered_mixed_batch(engine, tiny_model):
+def test_attribution_in_a_staggered_mixed_batch(engine, varied_model):
     qs = [" ".join([PROMPTS[i % 8]] * (1 + i % 9)) for i in range(36)]
-    ids = chat_ids(tiny_model, qs)
+    ids = chat_ids(varied_model, qs)
     assert len({len(x) for x in ids}) >= 5 and max(map(len, ids)) > 64  # chunked
     modes = ("all", "generated", "last_prompt_and_generated")
     reqs = [
@@ -105,8 +105,8 @@ def test_attribution_in_a_staggered_mixed_batch(engine, tiny_model):
     assert len(firsts) >= 30
 
 
-def test_alpha_zero_gives_zero_distance_and_finite_features(engine, tiny_model):
-    ids = chat_ids(tiny_model, PROMPTS[:4])
+def test_alpha_zero_gives_zero_distance_and_finite_features(engine, varied_model):
+    ids = chat_ids(varied_model, PROMPTS[:4])
     reqs = [_req(i, ids[i], "a", 0.0, i % 4, ("all", "generated")[i % 2]) for i in range(4)]
     for res in run_with_capture(engine, reqs, CaptureSettings()):
         feats = res.features
@@ -116,8 +116,8 @@ def test_alpha_zero_gives_zero_distance_and_finite_features(engine, tiny_model):
         assert all(feats[k] == 1.0 for k in feats if k.startswith("dnr_t") and "_k" in k)
 
 
-def test_offsets_past_the_last_layer_are_dropped_and_recorded(engine, tiny_model):
-    ids = chat_ids(tiny_model, PROMPTS[:1])
+def test_offsets_past_the_last_layer_are_dropped_and_recorded(engine, varied_model):
+    ids = chat_ids(varied_model, PROMPTS[:1])
     (res,) = run_with_capture(engine, [_req(0, ids[0], layer=3)], CaptureSettings())
     assert res.extra["dropped_offsets"] == [3, 5, 10, 15]
     assert res.activations["steered"].shape == (4, 3, 128)
@@ -125,21 +125,21 @@ def test_offsets_past_the_last_layer_are_dropped_and_recorded(engine, tiny_model
     assert len(res.features) == len(F.feature_names(STEPS, [0, 1, 2]))
 
 
-def test_short_response_records_missing_steps(engine, tiny_model):
-    ids = chat_ids(tiny_model, PROMPTS[:1])
+def test_short_response_records_missing_steps(engine, varied_model):
+    ids = chat_ids(varied_model, PROMPTS[:1])
     (res,) = run_with_capture(engine, [_req(0, ids[0], max_tokens=2)], CaptureSettings())
     assert res.extra["steps_missing"] == [3, 5]
     assert all(math.isfinite(v) for v in res.features.values())
 
 
-def test_capture_hits_prefix_cache_and_still_gets_step_zero(engine, tiny_model):
+def test_capture_hits_prefix_cache_and_still_gets_step_zero(engine, varied_model):
     """A replay whose block holding t = 0 is already cached must still capture t = 0.
 
     With 96 prompt tokens and 32-token blocks, t = 0 (position 95) is the last token of
     block [64, 96), which the steered run (mode `generated`: prompt KV unsteered, so
     shareable) cached; the replay's prompt starts with the same 96 tokens.
     """
-    (long,) = chat_ids(tiny_model, [" ".join([PROMPTS[2]] * 30)])
+    (long,) = chat_ids(varied_model, [" ".join([PROMPTS[2]] * 30)])
     ids = long[-96:]
     assert len(ids) == 96
     reqs = [_req(i, ids, "a", a, 2, "generated", max_tokens=8) for i, a in enumerate([1, 2])]
@@ -223,9 +223,9 @@ def test_features_match_numpy_reimplementation(alpha):
         assert ours[k] == pytest.approx(theirs[k], rel=1e-4, abs=1e-4), k
 
 
-def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, tiny_model):
+def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied_model):
     """Vectors-stage pooling: mean over positions >= 1 after block L, on the device."""
-    ref = HFReference(tiny_model)
+    ref = HFReference(varied_model)
     tok = ref.tokenizer
     texts = ["the ocean is very good", "music and robot friend", " ".join(["a"] * 90)]
     ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids for t in texts]

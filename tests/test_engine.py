@@ -26,22 +26,22 @@ def _vectors() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    eng = SteeredEngine(tiny_model, **engine_args())
+def engine(varied_model):
+    eng = SteeredEngine(varied_model, **engine_args())
     eng.register_vectors(_vectors())
     yield eng
     eng.shutdown()
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny_model):
-    return chat_ids(tiny_model, PROMPTS)
+def prompts(varied_model):
+    return chat_ids(varied_model, PROMPTS)
 
 
 @pytest.fixture(scope="module")
-def long_prompts(tiny_model):
+def long_prompts(varied_model):
     """Prompts spanning several 32-token KV blocks, so prefix caching has blocks to share."""
-    return chat_ids(tiny_model, [" ".join([q] * 8) for q in PROMPTS[:3]])
+    return chat_ids(varied_model, [" ".join([q] * 8) for q in PROMPTS[:3]])
 
 
 def _greedy(n: int = NEW):
@@ -129,8 +129,8 @@ def test_seeded_sampling_mixed_batch_equals_alone(engine, prompts):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model):
-    ref = HFReference(tiny_model, dtype=torch.float32)
+def reference(varied_model):
+    ref = HFReference(varied_model, dtype=torch.float32)
     ref.register_vectors(_vectors())
     return ref
 
@@ -155,7 +155,7 @@ def test_matches_hf_reference(engine, prompts, reference):
     assert sum(a != b for a, b in zip(theirs, unsteered, strict=True)) >= 5
 
 
-def test_prefix_caching_on_and_off_agree(tiny_model, engine, long_prompts):
+def test_prefix_caching_on_and_off_agree(varied_model, engine, long_prompts):
     prompt = long_prompts[1]
     assert len(prompt) > 48
     grid = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
@@ -163,7 +163,7 @@ def test_prefix_caching_on_and_off_agree(tiny_model, engine, long_prompts):
     # With caching: run the grid twice, the second time the prompt blocks are cached.
     first = engine.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)
     again = engine.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)
-    off = SteeredEngine(tiny_model, **engine_args(enable_prefix_caching=False))
+    off = SteeredEngine(varied_model, **engine_args(enable_prefix_caching=False))
     try:
         off.register_vectors(_vectors())
         plain = off.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)

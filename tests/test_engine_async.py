@@ -13,17 +13,17 @@ from asteer_build.reference import HFReference
 from .conftest import PROMPTS, chat_ids, engine_args
 
 
-def test_async_engine_concurrent_requests_match_reference(tiny_model):
+def test_async_engine_concurrent_requests_match_reference(varied_model):
     from vllm import SamplingParams
 
-    prompts = chat_ids(tiny_model, PROMPTS)
+    prompts = chat_ids(varied_model, PROMPTS)
     v = {"v": torch.randn(128, generator=torch.Generator().manual_seed(3))}
     specs = [None if i % 4 == 0 else SteerSpec("v", 0.75 * i, i % 6) for i in range(16)]
     reqs = [prompts[i % len(prompts)] for i in range(16)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
     async def run():
-        eng = AsyncSteeredEngine.from_args(tiny_model, **engine_args())
+        eng = AsyncSteeredEngine.from_args(varied_model, **engine_args())
         try:
             await eng.register_vectors(v)
             with pytest.raises(ValueError, match=r"steer\[0\]\.layer"):
@@ -40,7 +40,7 @@ def test_async_engine_concurrent_requests_match_reference(tiny_model):
         return [list(o.outputs[0].token_ids) for o in outs]
 
     ours = asyncio.run(run())
-    ref = HFReference(tiny_model)
+    ref = HFReference(varied_model)
     ref.register_vectors(v)
     assert ours == ref.generate(reqs, specs, max_new_tokens=16)
     assert len({tuple(t) for t in ours}) >= 12

@@ -14,16 +14,16 @@ from asteer_build.reference import HFReference
 from .conftest import PROMPTS, chat_ids, engine_args
 
 
-def test_chunked_prefill_matches_reference(tiny_model):
+def test_chunked_prefill_matches_reference(varied_model):
     from vllm import SamplingParams
 
-    prompts = chat_ids(tiny_model, [" ".join([q] * 8) for q in PROMPTS[:6]])
+    prompts = chat_ids(varied_model, [" ".join([q] * 8) for q in PROMPTS[:6]])
     assert min(map(len, prompts)) > 40  # each prefill needs >= 2 chunks of 24 tokens
     v = {"v": torch.randn(128, generator=torch.Generator().manual_seed(11))}
     specs = [SteerSpec("v", 1.0 + i, i % 6, POSITION_MODES[i % 3]) for i in range(6)]
     specs[3] = None
     eng = SteeredEngine(
-        tiny_model, **engine_args(max_num_batched_tokens=24, max_num_seqs=8)
+        varied_model, **engine_args(max_num_batched_tokens=24, max_num_seqs=8)
     )
     try:
         eng.register_vectors(v)
@@ -35,7 +35,7 @@ def test_chunked_prefill_matches_reference(tiny_model):
     finally:
         eng.shutdown()
     ours = [list(o.outputs[0].token_ids) for o in outs]
-    ref = HFReference(tiny_model)
+    ref = HFReference(varied_model)
     ref.register_vectors(v)
     assert ours == ref.generate(prompts, specs, max_new_tokens=16)
     assert ours != ref.generate(prompts, [None] * 6, max_new_tokens=16)

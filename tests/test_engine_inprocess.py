@@ -19,10 +19,10 @@ LAYER = 2
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
+def engine(varied_model):
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    eng = SteeredEngine(tiny_model, **engine_args(distributed_executor_backend="uni"))
+    eng = SteeredEngine(varied_model, **engine_args(distributed_executor_backend="uni"))
     g = torch.Generator().manual_seed(7)
     eng.register_vectors({"v": torch.randn(128, generator=g)})
     yield eng
@@ -62,8 +62,8 @@ def test_in_process_engine_is_used(engine):
 
 
 @pytest.mark.parametrize("mode", ["all", "generated", "last_prompt_and_generated"])
-def test_residual_after_layer_moves_by_alpha_v(engine, tiny_model, mode):
-    (prompt,) = chat_ids(tiny_model, PROMPTS[:1])
+def test_residual_after_layer_moves_by_alpha_v(engine, varied_model, mode):
+    (prompt,) = chat_ids(varied_model, PROMPTS[:1])
     alpha = 2.5
     v = torch.randn(128, generator=torch.Generator().manual_seed(7))
     base = _residuals(engine, prompt, None)
@@ -81,9 +81,9 @@ def test_residual_after_layer_moves_by_alpha_v(engine, tiny_model, mode):
         assert not torch.allclose(steered[LAYER + 1], base[LAYER + 1], atol=1e-3)
 
 
-def test_residual_stream_matches_hf(engine, tiny_model):
-    (prompt,) = chat_ids(tiny_model, PROMPTS[3:4])
-    ref = HFReference(tiny_model)
+def test_residual_stream_matches_hf(engine, varied_model):
+    (prompt,) = chat_ids(varied_model, PROMPTS[3:4])
+    ref = HFReference(varied_model)
     v = torch.randn(128, generator=torch.Generator().manual_seed(7))
     ref.register_vectors({"v": v})
     spec = SteerSpec("v", 3.0, LAYER)

@@ -14,7 +14,7 @@ from asteer_build.rollouts import RolloutRequest
 from .conftest import PROMPTS, chat_ids, engine_args
 
 
-def test_tensor_parallel_steering_and_capture_match_reference(tiny_model):
+def test_tensor_parallel_steering_and_capture_match_reference(varied_model):
     from vllm import SamplingParams
 
     mp = pytest.MonkeyPatch()
@@ -22,10 +22,10 @@ def test_tensor_parallel_steering_and_capture_match_reference(tiny_model):
     # bind the two ranks to one core each.
     mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     v = {"v": torch.randn(128, generator=torch.Generator().manual_seed(1))}
-    ids = chat_ids(tiny_model, PROMPTS[:4])
+    ids = chat_ids(varied_model, PROMPTS[:4])
     specs = [None, SteerSpec("v", 2.0, 1), SteerSpec("v", 3.0, 3, "generated"),
              SteerSpec("v", 1.0, 2, "last_prompt_and_generated")]
-    eng = SteeredEngine(tiny_model, **engine_args(tensor_parallel_size=2))
+    eng = SteeredEngine(varied_model, **engine_args(tensor_parallel_size=2))
     try:
         info = eng.info()
         assert len(info) == 2 and {i["adapter"] for i in info} == {"cpu-v1"}
@@ -38,7 +38,7 @@ def test_tensor_parallel_steering_and_capture_match_reference(tiny_model):
     finally:
         eng.shutdown()
         mp.undo()
-    ref = HFReference(tiny_model)
+    ref = HFReference(varied_model)
     ref.register_vectors(v)
     ours = [list(o.outputs[0].token_ids) for o in outs]
     assert ours == ref.generate(ids, specs, max_new_tokens=16)
