@@ -1,0 +1,131 @@
+"""`make demo`: the whole product on the tiny world, end to end, on a CPU.
+
+vectors -> steered rollouts with capture, replay and features -> rules-judge labels ->
+a dataset folder as it would be published -> the LightGBM predictor per (model, method)
+-> strength search, with plots and a summary. Every number the summary prints is read
+back from the result files it names, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("asteer_build")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+LABELS = {0: "under", 1: "success", 2: "over"}
+
+
+def _label_table(folder: Path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    files = sorted((folder / "rollouts").glob("*.parquet"))
+    cols = ["model", "method", "concept", "alpha", "label", "judge_status"]
+    return pd.concat([pq.read_table(f, columns=cols).to_pandas() for f in files])
+
+
+def concept_fraction_plot(frame, path: Path) -> Path:
+    """Label fractions versus alpha, one panel per concept (the success windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concepts = sorted(frame["concept"].unique())
+    cols = 4
+    rows = (len(concepts) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), sharey=True,
+                             squeeze=False)
+    for ax, c in zip(axes.flat, concepts, strict=False):
+        sub = frame[frame["concept"] == c]
+        frac = sub.groupby("alpha")["label"].value_counts(normalize=True).unstack(fill_value=0)
+        for lab, name in LABELS.items():
+            if lab in frac.columns:
+                ax.plot(frac.index, frac[lab], marker="o", ms=2, label=name)
+        ax.set_title(c, fontsize=9)
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(concepts):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("alpha")
+    fig.supylabel("fraction of rollouts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_demo(
+    out: str | Path = "demo_out",
+    config: str | Path = DEFAULT_CONFIG,
+    n_trials: int = 8,
+    stages_only: bool = False,
+) -> dict[str, Any]:
+    from train.data import list_pairs
+    from train.run import run_all
+
+    from .build import RunOptions, run_build
+    from .config import load_config
+    from .publish import assemble
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    cfg = load_config(config)
+    build = run_build(cfg, RunOptions(out=str(out / "build")))
+    t_build = time.time() - t0
+    folder = out / "dataset"
+    assemble(build["run"], str(folder), repo="local/asteer-demo")
+    frame = _label_table(folder)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    concept_fraction_plot(frame, plots / "label_fraction_by_concept.png")
+    counts = frame["label"].value_counts().to_dict()
+    n = len(frame)
+    summary: dict[str, Any] = {
+        "rollouts": n,
+        "judge_status": frame["judge_status"].value_counts().to_dict(),
+        "labels": {LABELS[int(k)]: int(v) for k, v in sorted(counts.items())},
+        "label_fractions": {LABELS[int(k)]: round(v / n, 4) for k, v in sorted(counts.items())},
+        "build_seconds": round(t_build, 1),
+        "dataset": str(folder),
+        "predictors": {},
+    }
+    if not stages_only:
+        for model, method in list_pairs(folder):
+            tdir = out / "train" / f"{model}-{method}"
+            res = run_all(folder, tdir, model=model, method=method, n_trials=n_trials)
+            summary["predictors"][f"{model}/{method}"] = {
+                "summary_file": str(tdir / "summary.json"),
+                "macro_f1": res["macro_f1"],
+                "search": res["search"],
+            }
+            for png in tdir.glob("*.png"):
+                (plots / f"{model}-{method}-{png.name}").write_bytes(png.read_bytes())
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print(f"\nasteer demo: {s['rollouts']} rollouts in {s['seconds']} s "
+          f"(build {s['build_seconds']} s); dataset at {s['dataset']}")
+    print("labels: " + ", ".join(f"{k} {v} ({s['label_fractions'][k]:.0%})"
+                                 for k, v in s["labels"].items()))
+    for key, p in s["predictors"].items():
+        print(f"\n{key}: macro-F1 (seen-test / unseen)")
+        seen = p["macro_f1"].get("seen_test", {})
+        unseen = p["macro_f1"].get("unseen", {})
+        for m in sorted(set(seen) | set(unseen)):
+            a, b = seen.get(m), unseen.get(m)
+            print(f"  {m:<12} {a if a is None else f'{a:.3f}'} / "
+                  f"{b if b is None else f'{b:.3f}'}")
+        print("  strength search: method, success rate, mean decoded tokens per item")
+        for m, r in p["search"].items():
+            print(f"  {m:<14} {r['success_rate']:.3f} {r['mean_tokens']:>10.1f}")
