@@ -244,6 +244,14 @@ def main() -> int:
     ap.add_argument("--search-fraction", type=float, default=0.05)
     ap.add_argument("--search-trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=THREADS, help="threads for both libraries")
+    ap.add_argument(
+        "--parts",
+        default="fit,quality,search",
+        help="comma-separated subset of fit, quality, search",
+    )
+    ap.add_argument(
+        "--merge", action="store_true", help="update an existing --out JSON instead of replacing it"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_train.json"))
     a = ap.parse_args()
     THREADS = a.threads
@@ -285,42 +293,53 @@ def main() -> int:
             "class_weights": "N/(3 n_c)",
         },
     }
-    res["machine"]["loadavg_start"] = os.getloadavg()
+    parts = set(a.parts.split(","))
+    if a.merge and Path(a.out).is_file():
+        res = json.loads(Path(a.out).read_text()) | {
+            k: v for k, v in res.items() if k not in ("machine", "shape", "matched")
+        }
+    res.setdefault("runs", []).append(
+        {"parts": sorted(parts), "threads": THREADS, "loadavg_start": os.getloadavg()}
+    )
     t0 = time.perf_counter()
     x, y = make_matrix(a.rows, a.features)
     w = class_weights(y)
-    res["shape"]["generate_s"] = time.perf_counter() - t0
-    print(f"data {x.shape} in {res['shape']['generate_s']:.1f}s", flush=True)
+    print(f"data {x.shape} in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    booster, t = fit_lightgbm(x, y, w)
-    res["lightgbm"] = {
-        "params": lgb_params(),
-        **t,
-        "predict_rows_per_s": rows_per_s(booster.predict, x),
-    }
-    print("lightgbm", res["lightgbm"], flush=True)
-    del booster
-    if xgb is not None:
-        for policy in ("lossguide", "depthwise"):
-            b, t = fit_xgboost(xgb, x, y, w, policy)
-            res[f"xgboost_{policy}"] = {
-                "params": xgb_params(policy),
-                **t,
-                "predict_rows_per_s": rows_per_s(lambda m, b=b: b.inplace_predict(m), x),
-            }
-            print(f"xgboost {policy}", res[f"xgboost_{policy}"], flush=True)
-            del b
-        lg = res["lightgbm"]["fit_s"]
-        res["fit_time_ratio_xgboost_over_lightgbm"] = {
-            p: res[f"xgboost_{p}"]["fit_s"] / lg for p in ("lossguide", "depthwise")
+    if "fit" in parts:
+        booster, t = fit_lightgbm(x, y, w)
+        res["lightgbm"] = {
+            "params": lgb_params(),
+            **t,
+            "predict_rows_per_s": rows_per_s(booster.predict, x),
         }
-    res["quality"] = quality(xgb)
-    print("quality", res["quality"], flush=True)
-    res["search_20_trials_tiny"] = tiny_search_time()
-    print("search tiny", res["search_20_trials_tiny"], flush=True)
-    res["search_20_trials_full_size"] = search_time(x, y, a.search_fraction, a.search_trials)
-    print("search full", res["search_20_trials_full_size"], flush=True)
-    res["machine"]["loadavg_end"] = os.getloadavg()
+        print("lightgbm", res["lightgbm"], flush=True)
+        del booster
+        if xgb is not None:
+            for policy in ("lossguide", "depthwise"):
+                b, t = fit_xgboost(xgb, x, y, w, policy)
+                res[f"xgboost_{policy}"] = {
+                    "params": xgb_params(policy),
+                    **t,
+                    "predict_rows_per_s": rows_per_s(lambda m, b=b: b.inplace_predict(m), x),
+                }
+                print(f"xgboost {policy}", res[f"xgboost_{policy}"], flush=True)
+                del b
+            lg = res["lightgbm"]["fit_s"]
+            res["fit_time_ratio_xgboost_over_lightgbm"] = {
+                p: res[f"xgboost_{p}"]["fit_s"] / lg for p in ("lossguide", "depthwise")
+            }
+    if "quality" in parts:
+        res["quality"] = quality(xgb)
+        print("quality", res["quality"], flush=True)
+    if "search" in parts:
+        res["search_20_trials_tiny"] = tiny_search_time() | {"threads": THREADS}
+        print("search tiny", res["search_20_trials_tiny"], flush=True)
+        res["search_20_trials_full_size"] = search_time(
+            x, y, a.search_fraction, a.search_trials
+        ) | {"threads": THREADS}
+        print("search full", res["search_20_trials_full_size"], flush=True)
+    res["runs"][-1]["loadavg_end"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2, default=float) + "\n")
     print(f"wrote {a.out}")
