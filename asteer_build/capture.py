@@ -23,6 +23,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -133,22 +134,56 @@ def _check_features(settings: CaptureSettings) -> None:
 def run_with_capture(
     engine: Any, requests: Sequence[RolloutRequest], settings: CaptureSettings
 ) -> list[RolloutResult]:
-    """Rollouts with capture, replay and features (synchronous `SteeredEngine`)."""
+    """Rollouts with capture, replay and features (synchronous `SteeredEngine`).
+
+    Each rollout's replay is submitted as soon as the rollout has generated the tokens
+    the replay needs (or finished), so replays run inside the same continuous batch as
+    the remaining decoding instead of after it.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
     _check_features(settings)
     reqs = list(requests)
     keys = _keys(reqs)
-    outs = engine.generate(
-        [{"prompt_token_ids": r.prompt_token_ids} for r in reqs],
-        [sampling_params(r) for r in reqs],
-        [r.steer() for r in reqs],
-        capture=[{"key": sk, "steps": list(settings.steps)} for sk, _ in keys],
-    )
-    replays, caps = [], []
-    for r, o, (_, rk) in zip(reqs, outs, keys, strict=True):
-        ids, avail = _replay_prompt(r, list(o.outputs[0].token_ids), settings.steps)
-        replays.append({"prompt_token_ids": ids})
-        caps.append({"key": rk, "steps": avail, "base": len(r.prompt_token_ids) - 1})
-    engine.generate(replays, _replay_params(), None, capture=caps)
+    need = max(settings.steps) + 1
+    nonce = keys[0][0].rsplit(":", 2)[1] if keys else ""
+    tokens: list[list[int]] = [[] for _ in reqs]
+    texts: list[list[str]] = [[] for _ in reqs]
+    finish: list[Any] = [None] * len(reqs)
+    replayed: set[int] = set()
+    replay_params = _replay_params()
+
+    def submit_steered():
+        for i, (r, (sk, _)) in enumerate(zip(reqs, keys, strict=True)):
+            sp = sampling_params(r)
+            sp.output_kind = RequestOutputKind.DELTA
+            params = engine.decorate(sp, r.steer(), {"key": sk, "steps": list(settings.steps)})
+            yield f"s{i}:{nonce}", {"prompt_token_ids": r.prompt_token_ids}, params
+
+    def on_output(out):
+        kind, i = out.request_id[0], int(out.request_id[1:].split(":")[0])
+        if kind != "s":
+            return ()
+        comp = out.outputs[0]
+        tokens[i].extend(comp.token_ids)
+        texts[i].append(comp.text)
+        if out.finished:
+            finish[i] = comp.finish_reason
+        if i in replayed or not (len(tokens[i]) >= need or out.finished):
+            return ()
+        replayed.add(i)
+        r = reqs[i]
+        ids, avail = _replay_prompt(r, tokens[i], settings.steps)
+        cap = {"key": keys[i][1], "steps": avail, "base": len(r.prompt_token_ids) - 1}
+        return [(f"r{i}:{nonce}", {"prompt_token_ids": ids},
+                 engine.decorate(replay_params, None, cap))]
+
+    engine.stream(submit_steered(), on_output)
+    outs = [
+        SimpleNamespace(outputs=[SimpleNamespace(
+            text="".join(texts[i]), token_ids=tokens[i], finish_reason=finish[i])])
+        for i in range(len(reqs))
+    ]
     collected = engine.collect(_pairs(reqs, keys, settings, engine.num_layers))
     return [
         _finish(r, o, c, settings, engine.num_layers)

@@ -216,6 +216,35 @@ class SteeredEngine(_SteeringClient):
         """Take captured (steered, replay) pairs from the workers, with features."""
         return self.llm.collective_rpc("asteer_collect", args=(pairs,))[0]
 
+    def stream(self, submissions, on_output) -> None:
+        """Run requests step by step; `on_output(out)` may return more to submit.
+
+        `submissions` and the callback's return value are `(request_id, prompt, params)`
+        tuples with params already decorated (`decorate`). This is how a rollout's
+        replay joins the running batch as soon as the rollout has its first tokens,
+        instead of waiting for the whole batch to finish.
+        """
+        core = self.llm.llm_engine
+        live: set[str] = set()
+        try:
+            for rid, prompt, params in submissions:
+                core.add_request(rid, prompt, params)
+                live.add(rid)
+            while core.has_unfinished_requests():
+                for out in core.step():
+                    if out.finished:
+                        live.discard(out.request_id)
+                    for rid, prompt, params in on_output(out) or ():
+                        core.add_request(rid, prompt, params)
+                        live.add(rid)
+        finally:
+            if live:
+                core.abort_request(list(live))
+
+    def decorate(self, sampling_params: Any, steer: SteerSpec | None, capture: dict | None):
+        """One request's SamplingParams with its steering and capture specs (validated)."""
+        return self._decorate(1, sampling_params, [steer], [capture])[0]
+
     def pool_hidden(
         self, prompts: Sequence[Sequence[int]], layer: int, skip: int = 1
     ) -> np.ndarray:
