@@ -122,8 +122,8 @@ def _keys(reqs) -> list[tuple[str, str]]:
 def _replay_params():
     from vllm import SamplingParams
 
-    # One prefill; the sampled token is discarded.
-    return SamplingParams(max_tokens=1, temperature=0.0)
+    # One prefill; the sampled token is discarded (and never detokenized).
+    return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 
 def _check_features(settings: CaptureSettings) -> None:

@@ -214,7 +214,9 @@ class CaptureBuffer:
                 return None
             hidden, residual = output
             m = self.m if branches else self.max_rows
-            rows = torch.index_select(hidden + residual, 0, index[:m])
+            idx = index[:m]
+            # gather first, then add: m rows, not the whole batch
+            rows = hidden.index_select(0, idx) + residual.index_select(0, idx)
             post[:m, layer].copy_(rows)
             return None
 
@@ -233,7 +235,8 @@ class CaptureBuffer:
                 return None
             hidden, residual = output
             m = self.m if branches else self.max_rows
-            rows = torch.index_select(hidden + residual, 0, index[:m])
+            idx = index[:m]
+            rows = hidden.index_select(0, idx) + residual.index_select(0, idx)
             keep = (row_layer[:m] == layer).unsqueeze(-1)
             pre[:m].copy_(torch.where(keep, rows, pre[:m]))
             return None

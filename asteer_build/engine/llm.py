@@ -64,7 +64,10 @@ class _VectorRegistry:
         self.hidden = hidden
         self.entries: dict[str, tuple[int, str]] = {}
 
-    def prepare(self, vectors: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def prepare(
+        self, vectors: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+        """Validate on the client; returns the tensors and their RPC wire form."""
         out = {}
         for name, vec in vectors.items():
             if not isinstance(name, str) or not name:
@@ -78,15 +81,19 @@ class _VectorRegistry:
                 bad = int((~torch.isfinite(t)).sum())
                 raise ValueError(f"vector {name!r}: {bad} NaN or inf entries")
             out[name] = t
-        return out
+        return out, {k: encode_vector(t) for k, t in out.items()}
 
-    def commit(self, tensors: dict[str, torch.Tensor], digests: list[dict[str, str]]) -> None:
+    def commit(
+        self, tensors: dict[str, torch.Tensor], digests: list[dict[str, str]]
+    ) -> dict[str, str]:
+        """Record what every worker stored (checked by digest); returns name -> digest."""
         for name, t in tensors.items():
             d = vector_digest(t)
             for rank_digests in digests:
                 if rank_digests.get(name) != d:
                     raise RuntimeError(f"vector {name!r}: a worker stored different content")
             self.entries[name] = (t.numel(), d)
+        return {k: self.entries[k][1] for k in tensors}
 
 
 class _SteeringClient:
@@ -174,11 +181,9 @@ class SteeredEngine(_SteeringClient):
 
     def register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
         """Send vectors to every worker once; later requests refer to them by name."""
-        tensors = self._vectors.prepare(vectors)
-        wire = {k: encode_vector(t) for k, t in tensors.items()}
+        tensors, wire = self._vectors.prepare(vectors)
         digests = self.llm.collective_rpc("asteer_register_vectors", args=(wire,))
-        self._vectors.commit(tensors, digests)
-        return {k: self._vectors.entries[k][1] for k in tensors}
+        return self._vectors.commit(tensors, digests)
 
     @property
     def vectors(self) -> dict[str, tuple[int, str]]:
@@ -312,11 +317,9 @@ class AsyncSteeredEngine(_SteeringClient):
         return cls(AsyncLLM.from_engine_args(args))
 
     async def register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
-        tensors = self._vectors.prepare(vectors)
-        wire = {k: encode_vector(t) for k, t in tensors.items()}
+        tensors, wire = self._vectors.prepare(vectors)
         digests = await self.engine.collective_rpc("asteer_register_vectors", args=(wire,))
-        self._vectors.commit(tensors, digests)
-        return {k: self._vectors.entries[k][1] for k in tensors}
+        return self._vectors.commit(tensors, digests)
 
     async def generate(
         self,
