@@ -1,0 +1,222 @@
+"""The vectors stage on real vLLM (CPU): pooled on the engine vs the HF reference, bit-
+identical rebuilds, per-concept resume, the local offline bank writer, steering with the
+vectors in the tiny world, and clear errors for bad input.
+
+One engine for the module, on a tiny world built to be steerable (init 0.02, tied
+embeddings x3, research/cpu-notes.md): at the default spec the blocks' random output
+swamps the embeddings and no DiffMean vector moves a concept's token rate (measured, see
+the issue-4 report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asteer_build.banks import BankError, EngineWriter, build_banks
+from asteer_build.engine import SteeredEngine, SteerSpec
+from asteer_build.sources import Concept, SourceError, load_concepts, load_prompts, tiny_concepts
+from asteer_build.tinyworld import TinyWorldSpec, build_tiny_model
+from asteer_build.vectors import build_vectors, load_vectors
+
+from .conftest import PROMPTS, chat_ids, engine_args
+
+LAYER = 2
+STEERABLE = TinyWorldSpec(initializer_range=0.02, embed_scale=3.0)
+METHODS = ["diffmean", "probe"]
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(build_tiny_model(STEERABLE))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = SteeredEngine(model, **engine_args())
+    yield eng
+    eng.shutdown()
+
+
+class CountingEngine:
+    """The real engine, counting how many texts it was asked to pool."""
+
+    def __init__(self, engine: SteeredEngine) -> None:
+        self.engine, self.pooled = engine, 0
+
+    def pool_hidden(self, prompts, layer, skip=1):
+        self.pooled += len(prompts)
+        return self.engine.pool_hidden(prompts, layer, skip)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def _read(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_vllm_vectors_match_hf_reference(engine, model, tmp_path):
+    cs = tiny_concepts()[:4]
+    a = build_vectors(model, cs, LAYER, METHODS, tmp_path / "vllm", engine=engine, bank_size=12)
+    b = build_vectors(model, cs, LAYER, METHODS, tmp_path / "hf", pool="hf", bank_size=12,
+                      device="cpu")
+    va, _ = load_vectors(_read(tmp_path / "vllm"))
+    vb, _ = load_vectors(_read(tmp_path / "hf"))
+    assert sorted(va) == sorted(vb) == sorted(f"{m}/{c.concept_id}" for m in METHODS
+                                                for c in cs)
+    for k in va:
+        assert va[k].dtype == torch.float32 and va[k].shape == (128,)
+        torch.testing.assert_close(va[k], vb[k], rtol=1e-4, atol=2e-5)
+    for c in cs:
+        ea, eb = a["probe"][c.concept_id], b["probe"][c.concept_id]
+        assert ea["probe_accuracy"] == eb["probe_accuracy"] and ea["probe_accuracy"] > 0.6
+        assert ea["bank_size"] == 12 and ea["layer"] == LAYER and ea["pool"] == "vllm"
+        assert a["diffmean"][c.concept_id]["probe_accuracy"] is None
+        assert a["diffmean"][c.concept_id]["norm"] == pytest.approx(
+            float(va[f"diffmean/{c.concept_id}"].double().norm()))
+    # the two methods are different vectors, not one written twice
+    c0 = cs[0].concept_id
+    assert not torch.allclose(va[f"diffmean/{c0}"], va[f"probe/{c0}"])
+
+
+def test_rebuild_is_bit_identical_and_interrupted_stage_resumes(engine, model, tmp_path):
+    cs = tiny_concepts()[:6]
+    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r1", engine=engine, bank_size=10)
+    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r2", engine=engine, bank_size=10,
+                  cache_dir=tmp_path / "cache-r2")
+    first = _read(tmp_path / "r1")
+    assert first == _read(tmp_path / "r2")  # bytes, every file
+
+    # interrupted after 2 concepts: their cache files are committed, the rest redone
+    seen: list[str] = []
+
+    def stop(cid, entries):
+        seen.append(cid)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    counting = CountingEngine(engine)
+    with pytest.raises(KeyboardInterrupt):
+        build_vectors(model, cs, LAYER, METHODS, tmp_path / "r3", engine=counting,
+                      bank_size=10, cache_dir=tmp_path / "cache", on_concept=stop)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+    counting.pooled = 0
+    redone: list[str] = []
+    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r3", engine=counting, bank_size=10,
+                  cache_dir=tmp_path / "cache", on_concept=lambda cid, e: redone.append(cid))
+    assert redone == [c.concept_id for c in cs[2:]]
+    assert counting.pooled == 4 * 2 * 10  # only the four unfinished concepts
+    got, _ = load_vectors(_read(tmp_path / "r3"))
+    want, _ = load_vectors(first)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    for c in cs[:2]:  # read back from the cache, exactly
+        assert torch.equal(got[f"diffmean/{c.concept_id}"], want[f"diffmean/{c.concept_id}"])
+    # a fully cached rerun pools nothing
+    counting.pooled = 0
+    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r4", engine=counting, bank_size=10,
+                  cache_dir=tmp_path / "cache")
+    assert counting.pooled == 0
+    assert _read(tmp_path / "r4") == _read(tmp_path / "r3")
+
+
+def test_local_engine_writes_banks_offline(engine, model, tmp_path):
+    cs = [Concept("tw-ocean", "ocean"), Concept("tw-robot", "robot")]
+    w = EngineWriter(engine, "tiny-local", max_tokens=20)
+    banks = build_banks(cs, w, tmp_path / "banks", n=3)
+    assert w.calls == 2 * 2 * 3
+    for c in cs:
+        b = banks[c.concept_id]
+        assert len(b.positives) == len(b.negatives) == 3
+        assert all(t.strip() for t in b.positives + b.negatives)
+        assert b.header["writer"] == "engine" and b.header["model"] == "tiny-local"
+        assert b.header["max_tokens"] == 20 and b.header["prompt"]["json_suffix"] is None
+    w2 = EngineWriter(engine, "tiny-local", max_tokens=20)
+    assert build_banks(cs, w2, tmp_path / "banks", n=3).keys() == banks.keys()
+    assert w2.calls == 0
+    # and the vectors stage reads them from the bank folder
+    idx = build_vectors(model, cs, LAYER, ["diffmean"], tmp_path / "v", engine=engine,
+                        bank_dir=tmp_path / "banks")
+    assert set(idx["diffmean"]) == {c.concept_id for c in cs}
+    assert idx["diffmean"]["tw-ocean"]["bank_size"] == 3
+
+
+def test_diffmean_steering_raises_concept_rate(engine, model, tmp_path):
+    cs = tiny_concepts()
+    build_vectors(model, cs, LAYER, ["diffmean"], tmp_path / "v", engine=engine, bank_size=16)
+    vecs, _ = load_vectors(_read(tmp_path / "v"))
+    engine.register_vectors(vecs)
+    tok = engine.get_tokenizer()
+    ids = chat_ids(model, PROMPTS[:4])
+    from vllm import SamplingParams
+
+    alphas = (0.0, 16.0, 64.0)
+    prompts, specs, params, where = [], [], [], []
+    for c in cs:
+        for a in alphas:
+            for i, x in enumerate(ids):
+                for s in range(2):
+                    prompts.append({"prompt_token_ids": x})
+                    specs.append(SteerSpec(f"diffmean/{c.concept_id}", a, LAYER) if a else None)
+                    params.append(SamplingParams(temperature=1.0, max_tokens=24,
+                                                 seed=1000 * i + s))
+                    where.append((c.concept_id, a))
+    outs = engine.generate(prompts, params, steer=specs)
+    counts: dict[tuple[str, float], list[int]] = {}
+    for (cid, a), o in zip(where, outs, strict=True):
+        concept = cid.removeprefix("tw-")
+        tid = tok(" " + concept).input_ids
+        assert len(tid) == 1, concept
+        got = counts.setdefault((cid, a), [0, 0])
+        got[0] += sum(t == tid[0] for t in o.outputs[0].token_ids)
+        got[1] += len(o.outputs[0].token_ids)
+    rate = {k: n / max(1, t) for k, (n, t) in counts.items()}
+    table = {c.concept_id: [round(rate[(c.concept_id, a)], 3) for a in alphas] for c in cs}
+    print(json.dumps(table))
+    rising = [cid for cid, r in table.items() if r[0] <= r[1] <= r[2] and r[2] >= r[0] + 0.05]
+    assert len(rising) >= 9, table
+    assert np.mean([r[2] for r in table.values()]) > 5 * np.mean(
+        [r[0] for r in table.values()]) + 0.05, table
+
+
+def test_bad_input_fails_clearly(engine, model, tmp_path):
+    cs = tiny_concepts()[:2]
+    with pytest.raises(ValueError, match="layer 6 is beyond the model .* 6 decoder layers"):
+        build_vectors(model, cs, 6, ["diffmean"], tmp_path / "x", engine=engine, bank_size=4)
+    with pytest.raises(BankError, match="tw-emoji: contrast bank has no positives"):
+        build_vectors(model, cs[:1], LAYER, ["diffmean"], tmp_path / "x", engine=engine,
+                      banks={"tw-emoji": ([], ["the water is good"])})
+    with pytest.raises(BankError, match="no contrast bank at"):
+        build_vectors(model, cs, LAYER, ["diffmean"], tmp_path / "x", engine=engine,
+                      bank_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="unknown method"):
+        build_vectors(model, cs, LAYER, ["pca"], tmp_path / "x", engine=engine, bank_size=4)
+    # sources
+    (tmp_path / "dup.json").write_text(json.dumps([
+        {"concept_id": "a", "concept": "ocean"}, {"concept_id": "a", "concept": "music"}]))
+    with pytest.raises(SourceError, match="duplicate concept_id 'a' in rows 0 and 1"):
+        load_concepts("dup.json", str(tmp_path))
+    (tmp_path / "empty.csv").write_text("concept_id,concept\na,ocean\nb,  \n")
+    with pytest.raises(SourceError, match="row 1: empty 'concept'"):
+        load_concepts("empty.csv", str(tmp_path))
+    (tmp_path / "alpaca.json").write_text(json.dumps(
+        [{"instruction": f"question {i}", "dataset": "x"} for i in range(20)]))
+    with pytest.raises(SourceError, match="column 'prompt_text' .* not found; columns: "
+                                          r"\['dataset', 'instruction'\]"):
+        load_prompts({"path": "alpaca.json", "columns": {"prompt": "prompt_text"}},
+                     str(tmp_path))
+    with pytest.raises(SourceError, match="missing column 'prompt_id'"):
+        load_prompts("alpaca.json", str(tmp_path))
+    # the working form: named column, ids from source rows, seeded sample
+    spec = {"path": "alpaca.json", "columns": {"prompt": "instruction"}, "sample": 5,
+            "seed": 42}
+    ps = load_prompts(spec, str(tmp_path))
+    assert len(ps) == 5 and ps == load_prompts(spec, str(tmp_path))
+    assert all(p.prompt == f"question {int(p.prompt_id[1:])}" for p in ps)
+    assert [p.prompt_id for p in ps] != [p.prompt_id for p in load_prompts(
+        {**spec, "seed": 7}, str(tmp_path))]
