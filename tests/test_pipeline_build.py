@@ -104,7 +104,7 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     run = work / "killed"
     cfg = write_config(work / "killed.yaml", tiny_config(run))
     p = start_cli("run", "--config", str(cfg), "--no-progress",
-                  ASTEER_FAULT_COMMIT_DELAY_S="1.0")
+                  ASTEER_FAULT_COMMIT_DELAY_S="0.5")
     try:
         # Kill while a rollouts shard sits under its temp name, after some are committed.
         wait_for(lambda: len(committed(run, "rollouts")) >= 2 and
@@ -183,7 +183,7 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster):
     pids = work / "actor-pids"
     cfg = write_config(work / "ray.yaml", tiny_config(run))
     runtime_env = {"env_vars": {"ASTEER_ACTOR_PID_DIR": str(pids),
-                                "ASTEER_FAULT_COMMIT_DELAY_S": "1.0",
+                                "ASTEER_FAULT_COMMIT_DELAY_S": "0.5",
                                 "TOKENIZERS_PARALLELISM": "false"}}
     sub_id = f"asteer-test-{os.getpid()}"
     r = subprocess.run(
@@ -230,3 +230,34 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster):
     assert summary["rollouts"]["requeued"] >= 1
     _assert_same_build(run, reference)
     assert pq.read_metadata(run / "labelled" / "shard-000005.parquet").num_rows == 4
+
+
+def test_judge_failures_are_recorded_then_rerun_failed_relabels(work, reference):
+    """No engine: the judge stage alone over committed rollouts. An unreachable judge
+    endpoint leaves rows failed (never a fake label); `--rerun-failed` with a working
+    judge relabels exactly those."""
+    run = work / "judge"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("labelled", ".staging"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"]["labelled"] = {}
+    (run / "build.json").write_text(json.dumps(m))
+    broken = tiny_config(run)
+    broken["judge"] = {
+        "kind": "llm", "model": "judge-x",
+        "endpoints": [{"base_url": f"http://127.0.0.1:{free_port()}/v1", "max_concurrency": 4}],
+        "retry": {"max_attempts": 1, "timeout_s": 2, "acquire_timeout_s": 5},
+    }
+    r = cli("run", "--config", str(write_config(work / "judge-broken.yaml", broken)),
+            "--stages", "judge", timeout=300, OPENAI_API_KEY="unused")
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = read_stage(str(run), "labelled")
+    assert set(t.column("judge_status").to_pylist()) == {"failed"}
+    assert t.column("label").null_count == t.num_rows
+    assert json.loads(cli("status", str(run), timeout=60).stdout)[
+        "stages"]["labelled"]["failed"] == 24
+    fixed = write_config(work / "judge-fixed.yaml", tiny_config(run))
+    r = cli("run", "--config", str(fixed), "--stages", "judge", "--rerun-failed", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = read_stage(str(run), "labelled")
+    assert set(t.column("judge_status").to_pylist()) == {"ok"}
+    assert t.column("label").equals(read_stage(str(reference), "labelled").column("label"))
