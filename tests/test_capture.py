@@ -239,3 +239,19 @@ def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied
     assert not np.allclose(engine.pool_hidden(ids, layer=3), got)
     with pytest.raises(ValueError, match="layer 6 out of range"):
         engine.pool_hidden(ids, layer=6)
+
+
+def test_probe_feature_rows_for_online_suggestion(engine):
+    """`asteer-train suggest`'s live path: short probes + replays over an alpha grid."""
+    from asteer_build.features import probe_feature_rows
+
+    rows = probe_feature_rows(engine, "a", ["explain the ocean", "why is coffee good"],
+                              [0.0, 1.0, 4.0], layer=1, probe_tokens=6)
+    assert list(rows["alpha"]) == [0.0, 1.0, 4.0] * 2
+    assert set(rows["prompt"]) == {"explain the ocean", "why is coffee good"}
+    names = F.feature_names(STEPS, [0, 1, 2, 3])
+    assert list(rows.columns) == ["prompt", "alpha", *[n for n in names if n != "alpha"]]
+    assert np.isfinite(rows[names].to_numpy()).all()
+    assert (rows["dn_t0_k0"] == 0).sum() == 2 and (rows["dn_t0_k0"] > 0).sum() == 4
+    with pytest.raises(ValueError, match="probe_tokens=3"):
+        probe_feature_rows(engine, "a", ["x"], [1.0], layer=1, probe_tokens=3)
