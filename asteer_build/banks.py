@@ -281,6 +281,7 @@ class EndpointWriter:
         self.empty_retries = empty_retries
         self.calls = 0
         self.pool: Any = None
+        self.last_stats: list[dict[str, Any]] = []
 
     def describe(self) -> dict[str, Any]:
         return {"writer": self.name, "model": self.model, "temperature": self.temperature,
@@ -302,6 +303,7 @@ class EndpointWriter:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.pool is not None:
+            self.last_stats = self.pool.stats()  # retries/ejections survive the close
             await self.pool.aclose()
             self.pool = None
 

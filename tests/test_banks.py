@@ -227,6 +227,10 @@ def test_endpoint_writer_survives_server_kill_and_restart(tmp_path):
             assert b.header["temperature"] == 0.8 and "incorporate" in (
                 b.header["prompt"]["positive"])
         assert writer.pool is None  # closed
+        # the kill cost retries, not texts: requests failed and were retried
+        assert writer.last_stats[0]["errors"] >= 1, writer.last_stats
+        print(f"written at kill {written_at_kill}/36, calls {writer.calls}, "
+              f"pool {writer.last_stats}")
         stats_ok = writer.calls
         assert stats_ok >= 3 * 2 * N
         # a rerun finds every bank cached and asks the server nothing
