@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,22 +106,25 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
 
 
 def _vectors_stage(run: Run) -> None:
-    from . import vectors as vec_mod
-    from .work import resolve_model_path
+    """Per model: build the vector files (on a Ray GPU worker with the Ray executor, since
+    the head node often has no GPU), store them, and record one manifest entry."""
+    from .work import vector_files
 
     for m in run.cfg.models:
         if run.manifest.is_committed("vectors", m.name):
             continue
         t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
-            opts = dict(run.cfg.vectors)
-            vec_mod.build_vectors(resolve_model_path(m.path), run.plan.concepts,
-                                  run.cfg.layer, list(run.cfg.methods), tmp, **opts)
-            files = []
-            for p in sorted(Path(tmp).iterdir()):
-                files.append(run.store.put_file("vectors", f"{m.name}/{p.name}",
-                                                f"vectors/{m.name}/{p.name}",
-                                                p.read_bytes(), len(run.plan.concepts)))
+        args = (m.path, run.plan.concepts, run.cfg.layer, list(run.cfg.methods),
+                dict(run.cfg.vectors))
+        if run.opts.executor == "ray":
+            from .execute_ray import vector_files_on_ray
+
+            built = vector_files_on_ray(run.cfg, *args)
+        else:
+            built = vector_files(*args)
+        files = [run.store.put_file("vectors", f"{m.name}/{name}", f"vectors/{m.name}/{name}",
+                                    data, len(run.plan.concepts))
+                 for name, data in sorted(built.items())]
         # One entry per model; its files ride along, so the entry names them all.
         entry = files[-1]
         run.manifest.record([ShardFile("vectors", m.name, f"vectors/{m.name}", entry.rows,

@@ -27,7 +27,7 @@ from typing import Any
 
 from .plan import Shard
 
-__all__ = ["run_rollouts_ray", "EngineHost"]
+__all__ = ["run_rollouts_ray", "vector_files_on_ray", "EngineHost"]
 
 log = logging.getLogger("asteer_build.ray")
 
@@ -342,13 +342,30 @@ class _ModelDispatch:
             remove_placement_group(s.pg)
 
 
+def _init(cfg: Any) -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def vector_files_on_ray(cfg: Any, *args: Any) -> dict[str, bytes]:
+    """`work.vector_files` as a Ray task: on a GPU worker when the cluster has GPUs."""
+    import ray
+
+    from .work import vector_files
+
+    gpus = 1 if _init(cfg).get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(vector_files)
+    return ray.get(task.remote(*args))
+
+
 def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
     import ray
 
     cfg = run.cfg
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    cluster = ray.cluster_resources()
+    cluster = _init(cfg)
     actor_cls = ray.remote(EngineHost)
     t0 = time.time()
     summary: dict[str, Any] = {"executor": "ray", "actors": [], "requeued": 0, "failed": []}

@@ -21,7 +21,7 @@ from .shards import ShardFile, Store
 
 __all__ = [
     "ROLLOUT_SCHEMA", "ModelContext", "resolve_model_path", "model_context", "shard_requests",
-    "write_shard", "capture_settings", "engine_kwargs",
+    "write_shard", "capture_settings", "engine_kwargs", "vector_files",
 ]
 
 ROLLOUT_SCHEMA = pa.schema([
@@ -42,6 +42,20 @@ def resolve_model_path(path: str) -> str:
 
         return str(build_tiny_model())
     return path
+
+
+def vector_files(model_path: str, concepts: list[Any], layer: int, methods: list[str],
+                 opts: dict[str, Any]) -> dict[str, bytes]:
+    """Run `build_vectors` into a scratch folder and return its files (name -> bytes),
+    so the caller can store them anywhere (and a Ray task can ship them back)."""
+    import tempfile
+    from pathlib import Path
+
+    from .vectors import build_vectors
+
+    with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
+        build_vectors(resolve_model_path(model_path), concepts, layer, methods, tmp, **opts)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
 def engine_kwargs(m: ModelConfig) -> dict[str, Any]:
