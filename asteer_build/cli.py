@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .publish import add_publish_command
 
     add_publish_command(sub)
+    from .demo import add_demo_command
+
+    add_demo_command(sub)
     return p
 
 

@@ -84,7 +84,8 @@ def run_demo(
     frame = _label_table(folder)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    concept_fraction_plot(frame, plots / "label_fraction_by_concept.png")
+    for method, sub in frame.groupby("method"):
+        concept_fraction_plot(sub, plots / f"label_fraction_by_concept-{method}.png")
     counts = frame["label"].value_counts().to_dict()
     n = len(frame)
     summary: dict[str, Any] = {
@@ -129,3 +130,11 @@ def print_summary(s: dict[str, Any]) -> None:
         print("  strength search: method, success rate, mean decoded tokens per item")
         for m, r in p["search"].items():
             print(f"  {m:<14} {r['success_rate']:.3f} {r['mean_tokens']:>10.1f}")
+
+
+def add_demo_command(sub) -> None:
+    sp = sub.add_parser("demo", help="the tiny world end to end (vectors to strength search)")
+    sp.add_argument("--out", default="demo_out")
+    sp.add_argument("--config", default=str(DEFAULT_CONFIG))
+    sp.add_argument("--trials", type=int, default=8, help="hyperparameter search trials")
+    sp.set_defaults(fn=lambda a: run_demo(a.out, a.config, n_trials=a.trials))

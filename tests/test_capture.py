@@ -129,6 +129,9 @@ def test_short_response_records_missing_steps(engine, varied_model):
     ids = chat_ids(varied_model, PROMPTS[:1])
     (res,) = run_with_capture(engine, [_req(0, ids[0], max_tokens=2)], CaptureSettings())
     assert res.extra["steps_missing"] == [3, 5]
+    # every rollout has the same activation shape: missing steps are zero rows
+    assert res.activations["steered"].shape == (4, 4, 128)
+    assert not res.activations["steered"][2:].any() and res.activations["steered"][:2].any()
     assert all(math.isfinite(v) for v in res.features.values())
 
 

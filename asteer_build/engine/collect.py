@@ -25,6 +25,12 @@ def _stack(rows: dict, steps: list[int], layers: list[int]):
     return post, pre
 
 
+def _pad(x: torch.Tensor, idx: list[int], n: int) -> torch.Tensor:
+    out = x.new_zeros((n, *x.shape[1:]))
+    out[idx] = x
+    return out
+
+
 def _wire(t: torch.Tensor, dtype: str) -> dict[str, Any]:
     arr = t.detach().to("cpu", getattr(torch, dtype)).contiguous()
     return {"shape": list(arr.shape), "dtype": dtype, "data": arr.numpy().tobytes()}
@@ -52,19 +58,17 @@ def collect_pairs(
         layers = [int(p["layer"]) + int(k) for k in p["offsets"]]
         s, s_pre = _stack(s_rows, present, layers)
         r, _ = _stack(r_rows, present, layers)
+        if len(present) < len(want):
+            # Missing steps (a response shorter than the step) are zero rows, in the
+            # features and the activations alike, so every rollout has the same shape.
+            idx = [want.index(t) for t in present]
+            s, r, s_pre = (_pad(x, idx, len(want)) for x in (s, r, s_pre))
         if p.get("features", True):
             vec = state.vectors.get(p["vector"])
             if vec is None:
                 res["error"] = f"unknown vector {p['vector']!r}"
             else:
-                if len(present) < len(want):
-                    # Missing steps (short responses) are zero rows: documented as such.
-                    idx = [want.index(t) for t in present]
-                    fs = s.new_zeros((len(want), *s.shape[1:]))
-                    fr = r.new_zeros((len(want), *r.shape[1:]))
-                    fs[idx], fr[idx] = s, r
-                else:
-                    fs, fr = s, r
+                fs, fr = s, r
                 key = (len(want), len(layers))
                 groups.setdefault(key, []).append(
                     (len(results) - 1, fs, fr, vec, float(p["alpha"]))
