@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .shards import MANIFEST, Manifest, Store, open_store, software_versions
+from .shards import MANIFEST, Manifest, Store, _fsync_dir, open_store, software_versions
 
 __all__ = [
     "PUBLISH_FORMAT",
@@ -302,19 +302,6 @@ def _sha256_file(p: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temp_for(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
 
@@ -323,7 +310,7 @@ def _commit_temp(tmp: Path, dest: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    _fsync_dir(str(dest.parent))
 
 
 def _write_atomic(dest: Path, data: bytes) -> None:
