@@ -66,7 +66,9 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     if opts.executor not in ("local", "ray"):
         raise ValueError(f"--executor: expected local or ray (got {opts.executor!r})")
     where = "--out" if opts.out else "output"
-    location = opts.out or (cfg.resolve(cfg.output) if cfg.output else None)
+    # Relative outputs are relative to the working directory, like --out (sources are
+    # relative to the config file: they travel with it; outputs do not).
+    location = opts.out or cfg.output
     uri = check_output(location, where)
     plan = make_plan(cfg)
     for i in opts.rerun_shards:
