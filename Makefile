@@ -28,8 +28,13 @@ test: setup
 demo: setup
 	$(BIN)/asteer-build demo --out demo_out
 
+# Each script writes its JSON to benchmarks/results/ (minutes each; bench_train ~1 h here).
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_capture.py
+	$(BIN)/python benchmarks/bench_judge.py
+	$(BIN)/python benchmarks/bench_build.py
+	$(BIN)/python benchmarks/bench_train.py
 
 lint: setup
 	$(BIN)/ruff check .
