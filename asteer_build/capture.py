@@ -138,7 +138,8 @@ def run_with_capture(
 
     Each rollout's replay is submitted as soon as the rollout has generated the tokens
     the replay needs (or finished), so replays run inside the same continuous batch as
-    the remaining decoding instead of after it.
+    the remaining decoding instead of after it; a prefill of each distinct prompt runs
+    first so the replays find its unsteered KV in the prefix cache.
     """
     from vllm.sampling_params import RequestOutputKind
 
@@ -154,6 +155,12 @@ def run_with_capture(
     replay_params = _replay_params()
 
     def submit_steered():
+        # One unsteered prefill per distinct prompt whose steered prompt KV is salted
+        # (mode `all`): its blocks are cached by the time the replays arrive, a few
+        # steps later, so every replay of that prompt reuses them.
+        warm = {tuple(r.prompt_token_ids) for r in reqs if r.positions == "all"}
+        for j, ids in enumerate(sorted(warm)):
+            yield f"w{j}:{nonce}", {"prompt_token_ids": list(ids)}, replay_params
         for i, (r, (sk, _)) in enumerate(zip(reqs, keys, strict=True)):
             sp = sampling_params(r)
             sp.output_kind = RequestOutputKind.DELTA
