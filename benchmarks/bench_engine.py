@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--hf-batches", default="8,32,64,128,256")
+    ap.add_argument("--name", default="bench_engine", help="results/<name>.json")
     args = ap.parse_args()
 
     import torch
@@ -149,7 +150,7 @@ def main() -> None:
         "steering_state": {k: info[k] for k in ("adapter", "capacity", "steer_layers")},
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    write("bench_engine", payload)
+    write(args.name, payload)
 
 
 if __name__ == "__main__":

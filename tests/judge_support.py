@@ -163,6 +163,9 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.hold_after: int | None = None
         self.held = 0
+        # requests let through to the server (counted when admitted, not when answered,
+        # so concurrent requests cannot slip past `hold_after`)
+        self.admitted = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -197,7 +200,7 @@ class FaultProxy:
             self.attempts.clear()
             self.forwarded.clear()
             self.injected.clear()
-            self.hold_after, self.held = None, 0
+            self.hold_after, self.held, self.admitted = None, 0, 0
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._server.close)
@@ -256,12 +259,11 @@ class FaultProxy:
                     n = self.attempts[key]
                     self.attempts[key] += 1
                     action = self.plan(key, n, body)
-                    if (
-                        self.hold_after is not None
-                        and sum(self.forwarded.values()) >= self.hold_after
-                    ):
+                    if self.hold_after is not None and self.admitted >= self.hold_after:
                         action = "hold"
                         self.held += 1
+                    elif action == "pass":
+                        self.admitted += 1
                     if action != "pass":
                         self.injected[action] += 1
             if action == "hold":
