@@ -203,20 +203,23 @@ class CaptureBuffer:
         return self.store.pop(key, None)
 
     # ---- hooks ---------------------------------------------------------------------------
+    def _selected_rows(self, output) -> tuple[int, torch.Tensor]:
+        """This step's selected tokens of `hidden + residual` (gathered before adding: m
+        rows, not the whole batch); graph-safe runners gather all `max_rows` slots."""
+        hidden, residual = output
+        m = self.m if self.allow_python_branches else self.max_rows
+        idx = self.token_index[:m]
+        return m, hidden.index_select(0, idx) + residual.index_select(0, idx)
+
     def make_post_hook(self, layer: int):
         """After block `layer` (and after its steering): copy the residual stream."""
         post = self.post
-        index = self.token_index
         branches = self.allow_python_branches
 
         def capture_post(module, args, output):
             if branches and not self.active:
                 return None
-            hidden, residual = output
-            m = self.m if branches else self.max_rows
-            idx = index[:m]
-            # gather first, then add: m rows, not the whole batch
-            rows = hidden.index_select(0, idx) + residual.index_select(0, idx)
+            m, rows = self._selected_rows(output)
             post[:m, layer].copy_(rows)
             return None
 
@@ -226,17 +229,13 @@ class CaptureBuffer:
         """At a steerable block, before the steering hook: the state before the addition,
         kept only for rows whose request steers this layer."""
         pre = self.pre
-        index = self.token_index
         row_layer = self.row_layer
         branches = self.allow_python_branches
 
         def capture_pre(module, args, output):
             if branches and not self.active:
                 return None
-            hidden, residual = output
-            m = self.m if branches else self.max_rows
-            idx = index[:m]
-            rows = hidden.index_select(0, idx) + residual.index_select(0, idx)
+            m, rows = self._selected_rows(output)
             keep = (row_layer[:m] == layer).unsqueeze(-1)
             pre[:m].copy_(torch.where(keep, rows, pre[:m]))
             return None
