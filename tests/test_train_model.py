@@ -19,6 +19,7 @@ from train.model import (
     TrainingError,
     class_weights,
     fit_predictor,
+    search_subsample,
 )
 from train.run import fit_data, run_all, with_splits
 from train.splits import Splits
@@ -145,6 +146,49 @@ def test_class_weights_balance_classes():
     w = class_weights(y)
     assert w[0] == 12 / 18 and w[6] == 12 / 6 and w[-1] == 12 / 12
     assert np.isclose(w[y == 0].sum(), w[y == 1].sum())
+
+
+def test_search_subsample_is_stratified_sorted_and_only_when_needed():
+    y = np.array([0] * 700 + [1] * 100 + [2] * 200)
+    np.random.default_rng(3).shuffle(y)
+    assert search_subsample(y, None, 0) is None and search_subsample(y, 1000, 0) is None
+    idx = search_subsample(y, 250, 0)
+    assert len(idx) == 250 and len(np.unique(idx)) == 250 and np.all(np.diff(idx) > 0)
+    assert np.bincount(y[idx]).tolist() == [175, 25, 50]  # each class keeps its share
+    assert np.array_equal(idx, search_subsample(y, 250, 0))  # seeded
+    assert not np.array_equal(idx, search_subsample(y, 250, 1))
+
+
+def test_large_training_sets_search_on_a_subsample_then_refit_on_all_rows(dataset):
+    """Trials see ~search_rows rows; the selected configuration is refit on every
+    training row, and that refit booster (not the trial's) is the predictor."""
+    d = load_dataset(dataset)
+    f, names = d.frame, d.feature_names
+    tr, va = f[f["prompt_id"] < "p005"], f[f["prompt_id"] >= "p005"]
+    args = (
+        tr[names].to_numpy(np.float32),
+        tr["label"].to_numpy(),
+        va[names].to_numpy(np.float32),
+        va["label"].to_numpy(),
+        names,
+    )
+    kw = {"n_trials": 2, "max_rounds": 100, "early_stopping_rounds": 20, "num_threads": 1}
+    p = fit_predictor(*args, search_rows=len(tr) // 4, **kw)
+    s = p.metadata["search"]
+    assert abs(s["search_rows"] - len(tr) // 4) <= 3 and s["train_rows"] == len(tr)
+    assert s["refit"]["rows"] == len(tr)
+    assert p.booster.best_iteration == s["refit"]["best_iteration"]
+    assert s["val_macro_f1"] == s["refit"]["val_macro_f1"]
+    from train.metrics import macro_f1
+
+    assert macro_f1(args[3], p.predict(args[2])) == pytest.approx(s["val_macro_f1"])
+    # the selected trial's parameters are the ones refit
+    assert {k: p.params[k] for k in s["trials"][s["selected_trial"]]["params"]} == (
+        s["trials"][s["selected_trial"]]["params"]
+    )
+    full = fit_predictor(*args, search_rows=None, **kw)
+    assert "refit" not in full.metadata["search"]
+    assert full.metadata["search"]["search_rows"] == len(tr)
 
 
 def test_ablation_restricts_features(dataset, tmp_path):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from train.data import DatasetError
-from train.model import FeatureMismatchError, TrainingError
+from train.model import SEARCH_ROWS, FeatureMismatchError, TrainingError
 from train.search import DEFAULT_KS, DEFAULT_PROBE_TOKENS
 from train.splits import DEFAULT_UNSEEN_FRACTION, SplitError
 from train.suggest import LiveSuggestError
@@ -52,6 +52,13 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-alpha", action="store_true", help="ablation: drop alpha")
     p.add_argument("--max-rounds", type=int, default=1000)
     p.add_argument("--early-stopping", type=int, default=50)
+    p.add_argument(
+        "--search-rows",
+        type=int,
+        default=SEARCH_ROWS,
+        help="trials train on a stratified subsample of this many rows, the chosen "
+        "configuration is then refit on all; 0 = every trial on all rows",
+    )
 
 
 def _add_search(p: argparse.ArgumentParser) -> None:
@@ -78,6 +85,7 @@ def _fit_kwargs(a: argparse.Namespace) -> dict:
         "num_threads": a.threads,
         "max_rounds": a.max_rounds,
         "early_stopping_rounds": a.early_stopping,
+        "search_rows": a.search_rows or None,
     }
 
 

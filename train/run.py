@@ -26,7 +26,7 @@ from train.evaluate import (
     metrics_markdown,
 )
 from train.feature_names import select_features
-from train.model import Predictor, fit_predictor
+from train.model import SEARCH_ROWS, Predictor, fit_predictor
 from train.search import DEFAULT_KS, DEFAULT_PROBE_TOKENS, evaluate_search, search_markdown
 from train.splits import DEFAULT_UNSEEN_FRACTION, Splits, make_splits
 
@@ -64,6 +64,7 @@ def fit_data(
     num_threads: int = 2,
     max_rounds: int = 1000,
     early_stopping_rounds: int = 50,
+    search_rows: int | None = SEARCH_ROWS,
 ) -> Predictor:
     """Split, search, save ``out_dir/predictor`` (model.txt + predictor.json)."""
     splits = make_splits(
@@ -84,6 +85,7 @@ def fit_data(
         num_threads=num_threads,
         max_rounds=max_rounds,
         early_stopping_rounds=early_stopping_rounds,
+        search_rows=search_rows,
     )
     predictor.metadata.update(
         {
