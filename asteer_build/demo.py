@@ -63,7 +63,7 @@ def concept_fraction_plot(frame, path: Path) -> Path:
 def run_demo(
     out: str | Path = "demo_out",
     config: str | Path = DEFAULT_CONFIG,
-    n_trials: int = 8,
+    n_trials: int = 20,
     stages_only: bool = False,
 ) -> dict[str, Any]:
     from train.data import list_pairs
@@ -136,5 +136,5 @@ def add_demo_command(sub) -> None:
     sp = sub.add_parser("demo", help="the tiny world end to end (vectors to strength search)")
     sp.add_argument("--out", default="demo_out")
     sp.add_argument("--config", default=str(DEFAULT_CONFIG))
-    sp.add_argument("--trials", type=int, default=8, help="hyperparameter search trials")
+    sp.add_argument("--trials", type=int, default=20, help="search trials (the predictor's)")
     sp.set_defaults(fn=lambda a: run_demo(a.out, a.config, n_trials=a.trials))

@@ -15,7 +15,7 @@ def demo(tmp_path_factory):
     from asteer_build.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, n_trials=4)
+    summary = run_demo(out)  # `make demo`'s own settings: what it prints is what is checked
     return out, summary
 
 
@@ -58,6 +58,7 @@ def test_summary_numbers_equal_the_result_files(demo):
         assert train_summary["macro_f1"] == p["macro_f1"]
         assert train_summary["search"] == p["search"]
         # on the builder's own data the predictor beats both baselines on unseen
-        # concepts (issue 8)
+        # concepts (issue 8). On this default split; over 10 split seeds it does so on
+        # average, not on every split (benchmarks/results/predictor_vs_baselines.json)
         unseen = p["macro_f1"]["unseen"]
         assert unseen["predictor"] > max(unseen["majority"], unseen["alpha_only"]), (key, unseen)
