@@ -622,19 +622,15 @@ def _plan(info: _RunInfo, configs: tuple[str, ...], opts: PublishOptions) -> lis
             for i, sl in enumerate(_pack(inputs, opts.target_file_bytes))
         ]
 
+    def same_name_plan(name: str, schema, inputs) -> _ConfigPlan:
+        """A config whose folder is its name and whose features follow its schema."""
+        return _ConfigPlan(name, name, schema, _features_of(schema), files_for(name, name, inputs))
+
     if "rollouts" in configs:
         inputs = _rollout_inputs(m)
         if not inputs:
             raise PublishError(f"{store.uri}: no committed rollouts shards to publish")
-        plans.append(
-            _ConfigPlan(
-                "rollouts",
-                "rollouts",
-                ROLLOUTS_SCHEMA,
-                _features_of(ROLLOUTS_SCHEMA),
-                files_for("rollouts", "rollouts", inputs),
-            )
-        )
+        plans.append(same_name_plan("rollouts", ROLLOUTS_SCHEMA, inputs))
     if "features" in configs and (opts.explicit or _entries(m, "features")):
         inputs = _entries(m, "features")
         if not inputs:
@@ -643,15 +639,7 @@ def _plan(info: _RunInfo, configs: tuple[str, ...], opts: PublishOptions) -> lis
                 "no committed features shards (was capture on?)"
             )
         schema = _features_schema(store, inputs, info.shard_model)
-        plans.append(
-            _ConfigPlan(
-                "features",
-                "features",
-                schema,
-                _features_of(schema),
-                files_for("features", "features", inputs),
-            )
-        )
+        plans.append(same_name_plan("features", schema, inputs))
     if "activations" in configs and (opts.explicit or _entries(m, "activations")):
         inputs = _entries(m, "activations")
         if not inputs:

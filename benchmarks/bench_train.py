@@ -155,21 +155,26 @@ def variants(xgb) -> list[tuple[str, str, int | None]]:
     return out
 
 
+def fit_variant(xgb, name: str, shape: str, bins: int | None, x, y, w):
+    """Fit one of `variants`; returns (predict: rows -> (n, 3) probabilities, timings,
+    parameters), so the timing and the quality parts fit exactly the same thing."""
+    if bins is None:
+        extra = QUANTIZED if name.endswith("_quantized") else {}
+        lg, t = fit_lightgbm(x, y, w, shape, extra)
+        params = {"dataset": lgb_dataset_params(), "train": lgb_params(shape) | extra}
+        return (lambda m: _lgb_predict(lg, m)), t, params
+    xg, t = fit_xgboost(xgb, x, y, w, shape, bins)
+    return (lambda m: np.asarray(xg.inplace_predict(m))), t, xgb_params(shape, bins)
+
+
 def fit_part(xgb, x, y, w) -> dict:
     res: dict = {}
     for name, shape, bins in variants(xgb):
-        if bins is None:
-            extra = QUANTIZED if name.endswith("_quantized") else {}
-            booster, t = fit_lightgbm(x, y, w, shape, extra)
-            params = {"dataset": lgb_dataset_params(), "train": lgb_params(shape) | extra}
-            rps = _rows_per_s(lambda m, b=booster: _lgb_predict(b, m), x)
-        else:
-            booster, t = fit_xgboost(xgb, x, y, w, shape, bins)
-            params = xgb_params(shape, bins)
-            rps = _rows_per_s(lambda m, b=booster: b.inplace_predict(m), x)
+        predict, t, params = fit_variant(xgb, name, shape, bins, x, y, w)
+        rps = _rows_per_s(predict, x)
         res[name] = {"params": params, **t, "predict_rows_per_s": rps}
         print(name, {k: round(v, 1) for k, v in res[name].items() if k != "params"}, flush=True)
-        del booster
+        del predict
     ratios = {}
     for name, shape, bins in variants(xgb):
         if bins is not None:
@@ -233,15 +238,9 @@ def quality_part(xgb, split_seeds: int = 10) -> dict:
             rows = rows or {k: len(v) for k, v in ys.items()}
             w = class_weights(ys["train"])
             for name, shape, bins in variants(xgb):
-                if bins is None:
-                    extra = QUANTIZED if name.endswith("_quantized") else {}
-                    b, _ = fit_lightgbm(xs["train"], ys["train"], w, shape, extra)
-                    pred = {k: _lgb_predict(b, xs[k]) for k in ("val", "unseen")}
-                else:
-                    b, _ = fit_xgboost(xgb, xs["train"], ys["train"], w, shape, bins)
-                    pred = {k: b.inplace_predict(xs[k]) for k in ("val", "unseen")}
+                predict, _, _ = fit_variant(xgb, name, shape, bins, xs["train"], ys["train"], w)
                 per_seed[name].append(
-                    {k: macro_f1(ys[k], np.asarray(p).argmax(1)) for k, p in pred.items()}
+                    {k: macro_f1(ys[k], predict(xs[k]).argmax(1)) for k in ("val", "unseen")}
                 )
         m: dict = {"rows_seed0": rows, "features": len(d.feature_names)}
         for name in names:
