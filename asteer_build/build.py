@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from .config import BuildConfig, check_output
+from .console import console
 from .plan import Plan, Shard, make_plan, shard_name
 from .shards import Manifest, ShardFile, Store, open_store
 
-__all__ = ["RunOptions", "BuildRefused", "prepare_run", "run_build", "build_status",
-           "STAGE_ORDER"]
+__all__ = ["RunOptions", "BuildRefused", "prepare_run", "execute_run", "run_build",
+           "build_status", "log_file", "summary_text", "STAGE_ORDER", "SUMMARY"]
 
 log = logging.getLogger("asteer_build")
 
 #: user-facing stages; `rollouts` also writes features / activations when capturing
 STAGE_ORDER = ("vectors", "rollouts", "judge")
 _ROLLOUT_SETS = ("rollouts", "features", "activations")
+#: the last run's full summary, in the run folder (stdout gets it only with `--json`)
+SUMMARY = "summary.json"
 
 
 class BuildRefused(RuntimeError):
@@ -116,6 +119,8 @@ def _vectors_stage(run: Run) -> None:
         if run.manifest.is_committed("vectors", m.name):
             continue
         t0 = time.time()
+        console.say(f"vectors: {m.name}: building {', '.join(run.cfg.methods)} (starts an "
+                    "engine)")
         args = (m.path, run.plan.concepts, run.cfg.layer, list(run.cfg.methods),
                 dict(run.cfg.vectors))
         if run.opts.executor == "ray":
@@ -132,8 +137,8 @@ def _vectors_stage(run: Run) -> None:
         run.manifest.record([ShardFile("vectors", m.name, f"vectors/{m.name}", entry.rows,
                                        entry.sha256, sum(f.bytes for f in files))],
                             parts={f.path: f.sha256 for f in files})
-        log.info("vectors for %s: %d concepts x %s in %.1fs", m.name, len(run.plan.concepts),
-                 list(run.cfg.methods), time.time() - t0)
+        console.say(f"vectors: {m.name}: {len(run.plan.concepts)} concepts x "
+                    f"{', '.join(run.cfg.methods)} in {time.time() - t0:.1f}s")
 
 
 def pending_shards(run: Run) -> list[Shard]:
@@ -148,6 +153,8 @@ def _rollouts_stage(run: Run) -> dict[str, Any]:
     todo = pending_shards(run)
     if not todo:
         return {"shards_run": 0, "items_run": 0}
+    console.say(f"rollouts: {len(todo)} of {len(run.plan.shards)} shards to run "
+                f"({sum(len(s.items) for s in todo):,} items, {run.opts.executor} executor)")
     if run.opts.executor == "ray":
         from .execute_ray import run_rollouts_ray
 
@@ -163,6 +170,7 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
     from judge.shards import judge_shard
 
     jc = JudgeConfig.from_dict(run.cfg.judge)
+    console.say(f"judge: {len(todo)} shard(s) to label ({jc.kind} judge)")
     staging = Path(_staging_dir(run)) / "labelled"
     staging.mkdir(parents=True, exist_ok=True)
     cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(Path(_staging_dir(run)) /
@@ -170,7 +178,9 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
     reports = []
 
     async def label_all(judge: Any, workers: int) -> None:
-        with JudgmentCache(cache_path) as cache:
+        bar = console.progress(total=len(todo), unit="shard", desc="judge",
+                               disable=not run.opts.progress)
+        with JudgmentCache(cache_path) as cache, bar:
             for name in todo:
                 src = staging / f"{name}.src.parquet"
                 dest = staging / f"{name}.parquet"
@@ -190,6 +200,7 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
                 src.unlink(missing_ok=True)
                 dest.unlink(missing_ok=True)
                 reports.append(rep)
+                bar.update(1)
 
     if jc.kind == "rules":
         from judge.judges import RulesJudge
@@ -231,7 +242,13 @@ def _judge_stage(run: Run) -> dict[str, Any]:
 
 
 def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:
-    run = prepare_run(cfg, opts)
+    return execute_run(prepare_run(cfg, opts))
+
+
+def execute_run(run: Run) -> dict[str, Any]:
+    """The stages of a prepared run; the summary is also written to `summary.json` in the
+    run folder (the CLI prints it on stdout only with `--json`)."""
+    opts = run.opts
     t0 = time.time()
     summary: dict[str, Any] = {"run": run.store.uri, "plan_hash": run.plan.plan_hash,
                                "items": run.plan.n_items, "shards": len(run.plan.shards)}
@@ -246,7 +263,40 @@ def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:
     run.store.clean_temps()
     summary["seconds"] = round(time.time() - t0, 2)
     summary["status"] = build_status(run.store)
+    run.store.write_bytes_atomic(SUMMARY, (json.dumps(summary, indent=1, default=str) + "\n")
+                                 .encode())
     return summary
+
+
+def log_file(run: Run) -> Path:
+    """Where a quiet `asteer-build run` sends every engine, Ray and library log line:
+    `logs/build.log` in the run folder, or a local file under the cache for a remote
+    run folder (the CLI copies it there at the end)."""
+    if run.store.local:
+        return Path(run.store.path("logs/build.log"))
+    root = Path(os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer")
+    return root / "logs" / run.plan.plan_hash / "build.log"
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The few lines `asteer-build run` ends with (the full summary is `summary.json`)."""
+    st = summary["status"]["stages"]
+    lines = [f"run {summary['run']}: {summary['items']:,} items in {summary['shards']} shards, "
+             f"{summary['seconds']:.1f}s"]
+    ro = summary.get("rollouts")
+    if ro is not None:
+        extra = f", {ro['tokens']:,} tokens" if "tokens" in ro else ""
+        lines.append(f"  rollouts: {ro['shards_run']} shard(s) run now ({ro['items_run']:,} "
+                     f"items{extra}); {st['rollouts']['shards_done']}/"
+                     f"{st['rollouts']['shards_total']} done")
+    ju = summary.get("judge")
+    if ju is not None:
+        lab = st.get("labelled", {})
+        lines.append(f"  judge: {ju['shards_judged']} shard(s) labelled now; "
+                     f"{lab.get('shards_done', 0)}/{summary['shards']} done, "
+                     f"{lab.get('ok', 0):,} ok, {lab.get('failed', 0):,} failed")
+    lines.append(f"  summary: {summary['run']}/{SUMMARY}")
+    return "\n".join(lines)
 
 
 def build_status(run: str | Store) -> dict[str, Any]:

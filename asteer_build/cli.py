@@ -5,21 +5,28 @@
                      [--rerun-shards 3,17] [--rerun-failed] [--stages vectors,rollouts,judge]
     asteer-build status RUN_DIR
 
-`plan` and `status` print JSON on stdout (plus a table for `plan`); `run` prints its
-summary as JSON last. Exit status: 0 ok, 2 bad config or arguments (nothing was done),
-3 refused (the output folder holds another plan), 1 anything else.
+`plan` and `status` print JSON on stdout (plus a table for `plan`). `run` and `demo` show
+stage lines, progress bars and a short summary; every other line (vLLM, Ray, transformers,
+our own log) goes to a log file in the run folder (`logs/build.log`; the demo's
+`OUT/logs/demo.log`), unless `--verbose`. Their full summary is `summary.json` in the
+run folder, and on stdout with `--json` (for scripts). Exit status: 0 ok, 2 bad config or
+arguments (nothing was done), 3 refused (the output folder holds another plan), 1
+anything else; errors are printed on stderr, naming the log file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+from .console import LOG_FORMAT, console
+
+__all__ = ["main", "build_parser", "add_output_flags"]
 
 
 def _ints(s: str) -> list[int]:
@@ -51,8 +58,26 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     return summ
 
 
+def add_output_flags(sp: argparse.ArgumentParser) -> None:
+    """`--verbose` and `--json` of the long commands (`run`, `demo`)."""
+    sp.add_argument("--verbose", action="store_true",
+                    help="show every log line (vLLM, Ray, ...) here instead of in the run "
+                         "folder's log file")
+    sp.add_argument("--json", action="store_true",
+                    help="also print the full summary as JSON on stdout (it is always in the "
+                         "run folder's summary.json)")
+
+
+def quiet(args: argparse.Namespace, log_path: str | os.PathLike[str], what: str
+          ) -> contextlib.AbstractContextManager[Any]:
+    """The block of a long command whose output goes to `log_path`, unless `--verbose`."""
+    if args.verbose:
+        return contextlib.nullcontext()
+    return console.quiet_to(log_path, what)
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from .build import RunOptions, run_build
+    from .build import RunOptions, execute_run, log_file, prepare_run, summary_text
     from .config import load_config
 
     cfg = load_config(args.config)
@@ -60,7 +85,22 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                       rerun_failed=args.rerun_failed,
                       stages=args.stages or RunOptions().stages,
                       progress=not args.no_progress)
-    return run_build(cfg, opts)
+    # Config and output checks print straight to the terminal; the log file lives in
+    # the run folder, which exists only once they pass.
+    run = prepare_run(cfg, opts)
+    path = log_file(run)
+    try:
+        with quiet(args, path, f"asteer-build run --config {args.config}"):
+            summary = execute_run(run)
+            console.summary(summary_text(summary))
+    finally:
+        if not run.store.local and not args.verbose and path.exists():
+            try:  # best effort: a remote run folder keeps its log next to its shards
+                run.store.write_bytes_atomic("logs/build.log", path.read_bytes())
+            except OSError as e:
+                print(f"asteer-build: could not copy the log to {run.store.uri}: {e}",
+                      file=sys.stderr)
+    return summary
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stages", type=_stages, default=None,
                     help="comma-separated subset of vectors,rollouts,judge")
     sp.add_argument("--no-progress", action="store_true")
+    add_output_flags(sp)
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("status", help="progress per stage of a run folder")
     sp.add_argument("run_dir")
@@ -111,24 +152,35 @@ def main(argv: list[str] | None = None) -> int:
     # stdout carries the JSON summary only; vLLM logs to stdout by default.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    # `plan`, `status` and `publish` always print their JSON; `run` and `demo` with --json.
+    prints_json = getattr(args, "json", True)
+    console.json = prints_json
     from .build import BuildRefused
     from .config import ConfigError
     from .sources import SourceError
 
+    # Errors are printed after a quiet block has put the terminal back, so they reach it;
+    # the traceback, when there is one, is in the log file named by the hint.
     try:
         out = args.fn(args)
     except (ConfigError, SourceError) as e:
-        print(f"asteer-build: config error: {e}", file=sys.stderr)
+        print(f"asteer-build: config error: {e}{console.log_hint()}", file=sys.stderr)
         return 2
     except BuildRefused as e:
         print(f"asteer-build: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as e:
-        print(f"asteer-build: error: {e}", file=sys.stderr)
+        print(f"asteer-build: error: {e}{console.log_hint()}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=1, default=str))
+    except Exception as e:
+        if console.log_path is None:
+            raise  # not quiet: the traceback is on the terminal already
+        print(f"asteer-build: error: {type(e).__name__}: {e}{console.log_hint()}",
+              file=sys.stderr)
+        return 1
+    if prints_json:
+        print(json.dumps(out, indent=1, default=str))
     return 0
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .console import console
+
 log = logging.getLogger("asteer_build")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -80,10 +82,12 @@ def run_demo(
     build = run_build(cfg, RunOptions(out=str(out / "build")))
     t_build = time.time() - t0
     folder = out / "dataset"
+    console.say("demo: assembling the dataset folder")
     assemble(build["run"], str(folder), repo="local/asteer-demo")
     frame = _label_table(folder)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
+    console.say("demo: plotting label fractions")
     for method, sub in frame.groupby("method"):
         concept_fraction_plot(sub, plots / f"label_fraction_by_concept-{method}.png")
     counts = frame["label"].value_counts().to_dict()
@@ -100,6 +104,8 @@ def run_demo(
     if not stages_only:
         for model, method in list_pairs(folder):
             tdir = out / "train" / f"{model}-{method}"
+            console.say(f"demo: training and evaluating the predictor for {model}/{method} "
+                        f"({n_trials} search trials)")
             res = run_all(folder, tdir, model=model, method=method, n_trials=n_trials)
             summary["predictors"][f"{model}/{method}"] = {
                 "summary_file": str(tdir / "summary.json"),
@@ -114,22 +120,36 @@ def run_demo(
     return summary
 
 
-def print_summary(s: dict[str, Any]) -> None:
-    print(f"\nasteer demo: {s['rollouts']} rollouts in {s['seconds']} s "
-          f"(build {s['build_seconds']} s); dataset at {s['dataset']}")
-    print("labels: " + ", ".join(f"{k} {v} ({s['label_fractions'][k]:.0%})"
-                                 for k, v in s["labels"].items()))
+def summary_text(s: dict[str, Any]) -> str:
+    """The human summary the demo ends with: every number in it is from `summary.json`."""
+    lines = [f"\nasteer demo: {s['rollouts']} rollouts in {s['seconds']} s "
+             f"(build {s['build_seconds']} s); dataset at {s['dataset']}",
+             "labels: " + ", ".join(f"{k} {v} ({s['label_fractions'][k]:.0%})"
+                                    for k, v in s["labels"].items())]
     for key, p in s["predictors"].items():
-        print(f"\n{key}: macro-F1 (seen-test / unseen)")
+        lines.append(f"\n{key}: macro-F1 (seen-test / unseen)")
         seen = p["macro_f1"].get("seen_test", {})
         unseen = p["macro_f1"].get("unseen", {})
         for m in sorted(set(seen) | set(unseen)):
             a, b = seen.get(m), unseen.get(m)
-            print(f"  {m:<12} {a if a is None else f'{a:.3f}'} / "
-                  f"{b if b is None else f'{b:.3f}'}")
-        print("  strength search: method, success rate, mean decoded tokens per item")
+            lines.append(f"  {m:<12} {a if a is None else f'{a:.3f}'} / "
+                         f"{b if b is None else f'{b:.3f}'}")
+        lines.append("  strength search: method, success rate, mean decoded tokens per item")
         for m, r in p["search"].items():
-            print(f"  {m:<14} {r['success_rate']:.3f} {r['mean_tokens']:>10.1f}")
+            lines.append(f"  {m:<14} {r['success_rate']:.3f} {r['mean_tokens']:>10.1f}")
+    return "\n".join(lines)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    console.summary(summary_text(s))
+
+
+def cmd_demo(a: Any) -> dict[str, Any]:
+    """`asteer-build demo`: quiet unless --verbose; the log is OUT/logs/demo.log."""
+    from .cli import quiet
+
+    with quiet(a, Path(a.out).resolve() / "logs" / "demo.log", "asteer-build demo"):
+        return run_demo(a.out, a.config, n_trials=a.trials)
 
 
 def add_demo_command(sub) -> None:
@@ -137,4 +157,7 @@ def add_demo_command(sub) -> None:
     sp.add_argument("--out", default="demo_out")
     sp.add_argument("--config", default=str(DEFAULT_CONFIG))
     sp.add_argument("--trials", type=int, default=20, help="search trials (the predictor's)")
-    sp.set_defaults(fn=lambda a: run_demo(a.out, a.config, n_trials=a.trials))
+    from .cli import add_output_flags
+
+    add_output_flags(sp)
+    sp.set_defaults(fn=cmd_demo)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .console import console
 from .plan import Shard
 from .rollouts import run_rollouts
 from .work import capture_settings, engine_kwargs, model_context, shard_requests, write_shard
@@ -18,8 +19,6 @@ __all__ = ["run_rollouts_local"]
 
 
 def run_rollouts_local(run: Any, todo: list[Shard]) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from .engine import SteeredEngine
 
     cfg, store, manifest = run.cfg, run.store, run.manifest
@@ -32,10 +31,11 @@ def run_rollouts_local(run: Any, todo: list[Shard]) -> dict[str, Any]:
         if not shards:
             continue
         ctx = model_context(store, cfg, model, run.plan.prompts)
+        console.say(f"rollouts: {model.name}: starting the engine")
         engine = SteeredEngine(ctx.path, steer_layers=[cfg.layer], **engine_kwargs(model))
         try:
             engine.register_vectors(ctx.vectors)
-            bar = tqdm(total=sum(len(s.items) for s in shards), unit="item",
+            bar = console.progress(total=sum(len(s.items) for s in shards), unit="item",
                        desc=f"rollouts {model.name}", disable=not run.opts.progress)
             t_model = time.time()
             tokens = 0

@@ -20,11 +20,11 @@ import asyncio
 import collections
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .console import console
 from .plan import Shard
 
 __all__ = ["run_rollouts_ray", "vector_files_on_ray", "EngineHost"]
@@ -203,8 +203,8 @@ class _ModelDispatch:
         self.attempts[shard.index] += 1
         if self.attempts[shard.index] > self.ro.max_shard_retries:
             self.summary["failed"].append(shard.index)
-            log.error("[ray] shard %s failed %d times; giving up on it", shard.name,
-                      self.attempts[shard.index])
+            console.say(f"[ray] shard {shard.name} failed {self.attempts[shard.index]} times; "
+                        "giving up on it", logging.ERROR)
         else:
             self.queue.appendleft(shard)
             self.summary["requeued"] += 1
@@ -213,8 +213,8 @@ class _ModelDispatch:
         """Requeue the slot's shards (bounded retries) and replace its actor."""
         import ray
 
-        log.warning("[ray] actor %s (pid %s) lost: %s; requeueing %d shard(s)", slot.key,
-                    slot.pid, why, len(slot.inflight))
+        console.say(f"[ray] actor {slot.key} (pid {slot.pid}) lost: {why}; requeueing "
+                    f"{len(slot.inflight)} shard(s)", logging.WARNING)
         for shard, _ in slot.inflight.values():
             self._retry(shard)
         slot.inflight.clear()
@@ -284,16 +284,16 @@ class _ModelDispatch:
                 self.fail_slot(slot, f"health check raised: {str(e).splitlines()[-1][:200]}")
                 return
             shard, _ = slot.inflight.pop(ref)
-            log.warning("[ray] shard %s raised on %s: %s", shard.name, slot.key,
-                        str(e).splitlines()[-1][:300])
+            console.say(f"[ray] shard {shard.name} raised on {slot.key}: "
+                        f"{str(e).splitlines()[-1][:300]}", logging.WARNING)
             self._retry(shard)
             return
         if kind == "start":
             slot.ready, slot.start_ref, slot.pid = True, None, res["pid"]
             slot.t_first = slot.t_first or time.time()
-            log.info("[ray] actor %s up on %s pid %s in %.1fs (%d requests in flight)",
-                     slot.key, res["node"], res["pid"], time.time() - slot.started_at,
-                     res["max_in_flight"])
+            console.say(f"[ray] actor {slot.key} up on {res['node']} pid {res['pid']} in "
+                        f"{time.time() - slot.started_at:.1f}s ({res['max_in_flight']} "
+                        "requests in flight)")
         elif kind == "health":
             slot.health_ref = None
         else:
@@ -321,9 +321,9 @@ class _ModelDispatch:
             dt = now - (s.t_first or now)
             rate = s.items / dt if dt > 0 else 0.0
             tok = s.tokens / dt if dt > 0 else 0.0
-            print(f"[ray] {s.key} pid={s.pid} shards={s.shards} items={s.items} "
-                  f"items/s={rate:.1f} tok/s={tok:.0f} in_flight={len(s.inflight)} "
-                  f"restarts={s.restarts} queue={len(self.queue)}", file=sys.stderr, flush=True)
+            console.say(f"[ray] {s.key} pid={s.pid} shards={s.shards} items={s.items} "
+                        f"items/s={rate:.1f} tok/s={tok:.0f} in_flight={len(s.inflight)} "
+                        f"restarts={s.restarts} queue={len(self.queue)}")
 
     def close(self) -> None:
         import ray
@@ -388,10 +388,9 @@ def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
                    tokens=tokens_run, seconds=round(dt, 2),
                    generate_seconds=round(gen_seconds, 2),
                    items_per_s=round(items_run / dt, 2) if dt else None)
-    print(f"[ray] summary: {summary['shards_run']} shards, {items_run} items, "
-          f"{tokens_run} tokens in {dt:.1f}s ({items_run / max(dt, 1e-9):.1f} items/s); "
-          f"requeued {summary['requeued']}, failed {summary['failed']}", file=sys.stderr,
-          flush=True)
+    console.say(f"[ray] summary: {summary['shards_run']} shards, {items_run} items, "
+                f"{tokens_run} tokens in {dt:.1f}s ({items_run / max(dt, 1e-9):.1f} items/s); "
+                f"requeued {summary['requeued']}, failed {summary['failed']}")
     if summary["failed"]:
         raise RuntimeError(f"shards {summary['failed']} failed after "
                            f"{cfg.ray.max_shard_retries} retries; rerun to retry them")
