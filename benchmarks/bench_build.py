@@ -51,8 +51,8 @@ def _build(cfg: Path, executor: str) -> dict:
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
     r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--executor",
-                        executor, "--no-progress"], cwd=ROOT, env=env, capture_output=True,
-                       text=True)
+                        executor, "--no-progress", "--json"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
     wall = time.time() - t0
     if r.returncode != 0:
         raise SystemExit(f"build failed ({executor}):\n{r.stderr[-4000:]}")

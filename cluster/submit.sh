@@ -21,4 +21,4 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 asteer-build plan "$CONFIG" >/dev/null
 exec ray job submit --address "$RAY_ADDRESS" --working-dir . \
   --runtime-env cluster/runtime_env.yaml --submission-id "$RUN" \
-  -- asteer-build run --config "$CONFIG" --executor ray --no-progress "$@"
+  -- asteer-build run --config "$CONFIG" --executor ray --no-progress --json "$@"

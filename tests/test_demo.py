@@ -1,26 +1,66 @@
-"""`make demo`'s build, end to end on the tiny world, and what it writes (issue 9)."""
+"""`make demo`'s build, end to end on the tiny world, and what it writes (issue 9) and
+shows on the terminal (issue 13: a quiet first run)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+
+from .pipeline_support import BIN, ROOT, env
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from asteer_build.demo import run_demo
-
+    """`asteer-build demo` as `make demo` runs it: a subprocess with its own settings (what
+    it prints is what is checked) and vLLM's default log level, so the engine's INFO
+    start-up lines exist and must land in the log file, not on the terminal."""
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out)  # `make demo`'s own settings: what it prints is what is checked
-    return out, summary
+    e = env()
+    e.pop("VLLM_LOGGING_LEVEL", None)
+    p = subprocess.run([str(BIN / "asteer-build"), "demo", "--out", str(out)], cwd=ROOT,
+                       env=e, capture_output=True, timeout=880)
+    # bytes, decoded here: text mode would turn tqdm's `\r` redraws into newlines
+    r = subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(errors="replace"),
+                                    p.stderr.decode(errors="replace"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return out, summary, r
+
+
+def terminal_lines(text: str) -> list[str]:
+    """Lines as a terminal shows them: a tqdm bar redraws itself with `\\r`, so only the
+    last `\\r`-separated segment of each line stays on screen."""
+    return [line.split("\r")[-1] for line in text.rstrip("\n").split("\n")] if text else []
+
+
+def test_demo_terminal_is_short_and_the_engine_log_is_in_the_run_folder(demo):
+    out, _, r = demo
+    lines = terminal_lines(r.stdout) + terminal_lines(r.stderr)
+    print(f"demo terminal: {len(lines)} lines")
+    assert len(lines) < 60, "\n".join(lines)
+    log = (out / "logs" / "demo.log").read_text()
+    # vLLM's own start-up line, written by the engine-core child process: children
+    # inherit the redirected stdout/stderr, so their output is in the log too.
+    assert "Initializing a V1 LLM engine" in log
+    assert "(EngineCore" in log
+    assert "Initializing a V1 LLM engine" not in r.stdout + r.stderr
+    assert "EngineCore" not in r.stdout + r.stderr
+    # our stage lines are on the terminal and in the log, which the terminal names
+    assert f"log: {out / 'logs' / 'demo.log'}" in r.stderr
+    for stage in ("vectors: tiny", "rollouts: tiny", "judge:", "demo: training"):
+        assert stage in r.stderr and stage in log, stage
+    # no JSON without --json; the run folder's build has its own summary and log
+    assert "{" not in r.stdout
+    assert (out / "build" / "summary.json").exists()
 
 
 def test_demo_writes_every_plot_as_a_png(demo):
-    out, summary = demo
+    out, summary, _ = demo
     plots = sorted((out / "plots").glob("*.png"))
     names = {p.name for p in plots}
     for method in ("diffmean", "probe"):
@@ -33,7 +73,7 @@ def test_demo_writes_every_plot_as_a_png(demo):
 
 
 def test_demo_has_all_three_regimes(demo):
-    _, summary = demo
+    _, summary, _ = demo
     assert summary["judge_status"] == {"ok": summary["rollouts"]}
     assert set(summary["label_fractions"]) == {"under", "success", "over"}
     for label, frac in summary["label_fractions"].items():
@@ -41,9 +81,11 @@ def test_demo_has_all_three_regimes(demo):
 
 
 def test_summary_numbers_equal_the_result_files(demo):
-    out, summary = demo
-    on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    from asteer_build.demo import summary_text
+
+    out, summary, r = demo
+    # what the demo printed is summary.json's numbers, rendered
+    assert summary_text(summary) in r.stdout
     import pyarrow.parquet as pq
 
     labels = []

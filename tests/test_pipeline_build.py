@@ -51,13 +51,19 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(work) -> Path:
-    """An uninterrupted local build."""
+    """An uninterrupted local build, run as a user would: quiet, no --json."""
     run = work / "ref"
     cfg = write_config(work / "ref.yaml", tiny_config(run))
     r = cli("run", "--config", str(cfg), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(r.stdout)
+    # No JSON on stdout: a short human summary; the full one is summary.json in the run
+    # folder, every engine/library line is in its logs/build.log.
+    assert "{" not in r.stdout and f"summary: {run}/summary.json" in r.stdout
+    assert len((r.stdout + r.stderr).splitlines()) < 20, r.stdout + r.stderr
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["status"]["stages"]["labelled"]["rows"] == 24
+    log = (run / "logs" / "build.log").read_text()
+    assert "vectors: tiny" in log and "judge: 6 shard(s)" in log
     return run
 
 
@@ -117,9 +123,10 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     # No partial shard is visible: temp names are dot files, committed files check out.
     check_no_partial(run)
     assert all(not f.name.startswith(".") for f in visible_shards(run, "rollouts"))
-    r = cli("run", "--config", str(cfg), "--no-progress")
+    r = cli("run", "--config", str(cfg), "--no-progress", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(r.stdout)
+    summary = json.loads(r.stdout)  # --json: stdout is the summary JSON, nothing else
+    assert summary == json.loads((run / "summary.json").read_text())
     assert summary["rollouts"]["shards_run"] == 6 - len(before)  # committed ones skipped
     _assert_same_build(run, reference)
 
@@ -131,7 +138,7 @@ def test_rerun_shards_rewrites_only_those(work, reference):
     files = {p: (p.stat().st_mtime_ns, sha(p)) for st in ("rollouts", "labelled")
              for p in visible_shards(run, st)}
     time.sleep(0.05)
-    r = cli("run", "--config", str(cfg), "--no-progress", "--rerun-shards", "1,4")
+    r = cli("run", "--config", str(cfg), "--no-progress", "--rerun-shards", "1,4", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["rollouts"]["shards_run"] == 2
     for p, (mtime, digest) in files.items():
@@ -190,7 +197,7 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster):
         [str(BIN / "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", ".",
          "--submission-id", sub_id, "--no-wait", "--runtime-env-json", json.dumps(runtime_env),
          "--", "asteer-build", "run", "--config", str(cfg), "--executor", "ray",
-         "--no-progress"],
+         "--no-progress", "--json"],
         cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     victims: list[psutil.Process] = []
