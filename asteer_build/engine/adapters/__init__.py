@@ -7,6 +7,8 @@ runner's batch geometry, before the forward. Everything else is shared.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -39,3 +41,40 @@ def new_request_prompt_len(new_req: Any) -> int:
     if ids is None:
         ids = getattr(new_req, "prefill_token_ids", None) or []
     return len(ids)
+
+
+def graph_capture_possible(
+    vllm_config: Any, environ: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
+    """Whether the hooks can be traced once or recorded into a CUDA graph.
+
+    If so, they must take their graph-safe (branch-free) form: a Python branch on host
+    state would be frozen at trace or capture time (e.g. "nobody steers: return early"
+    recorded during capture, then replayed for every decode step). This depends on the
+    compile mode *and* the cudagraph mode: with compilation off (`-O0`,
+    `TORCH_COMPILE_DISABLE=1`, or vLLM's fallback from piecewise to full graphs) full
+    CUDA graphs still capture the eager model. Conservative on purpose: vLLM may still
+    lower the cudagraph mode after the model loads (attention backend support), and the
+    graph-safe form is correct, only slower, when nothing is captured.
+
+    Returns (possible, reason) for the log.
+    """
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    env = os.environ if environ is None else environ
+    if getattr(vllm_config.model_config, "enforce_eager", False):
+        return False, "enforce_eager"
+    cc = vllm_config.compilation_config
+    cg = getattr(cc, "cudagraph_mode", None)
+    # None is "not resolved yet": vLLM may still pick a graph mode.
+    graphs = cg is None or cg != CUDAGraphMode.NONE
+    compiled = cc.mode not in (None, CompilationMode.NONE) and env.get(
+        "TORCH_COMPILE_DISABLE", "0"
+    ) not in ("1", "true", "True")
+    if graphs and compiled:
+        return True, f"compile mode {cc.mode} and cudagraph mode {cg}"
+    if graphs:
+        return True, f"cudagraph mode {cg} (compilation off)"
+    if compiled:
+        return True, f"compile mode {cc.mode}"
+    return False, "no compilation and no CUDA graphs"
