@@ -318,7 +318,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
 def _check_capture(capture: dict[str, Any]) -> None:
     """Build the capture settings once now, so a bad field fails before any engine."""
     try:
-        from .capture import CaptureSettings
+        from .rollouts import CaptureSettings
     except ImportError:
         return
     known = set(getattr(CaptureSettings, "__dataclass_fields__", {}))

@@ -813,9 +813,9 @@ def _size_category(n: int) -> str:
 
 
 def _feature_doc() -> str:
-    """The feature families as `asteer_build.features` defines them (its docstring), read
+    """The feature families as `asteer_build.engine.features` defines them (its docstring), read
     without importing the module, which would pull in torch."""
-    spec = importlib.util.find_spec("asteer_build.features")
+    spec = importlib.util.find_spec("asteer_build.engine.features")
     if spec is None or not spec.origin:
         return ""
     return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
@@ -1112,7 +1112,7 @@ def _card(
         out += [
             "## Feature definitions",
             "",
-            "From `asteer_build.features`:",
+            "From `asteer_build.engine.features`:",
             "",
             "```text",
             doc.strip(),

