@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import atomic
 from .sources import Concept
 
 __all__ = [
@@ -439,15 +439,6 @@ def load_bank(path: str | Path) -> Bank:
     return Bank(header["concept_id"], pos, neg, header)
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _Partial:
     """The append-only record of one concept's finished texts."""
 
@@ -461,7 +452,7 @@ class _Partial:
         # Rewrite what survived (drops a torn line), then append.
         lines = [json.dumps({"header": header}) + "\n"]
         lines += [json.dumps(r) + "\n" for r in self.done.values()]
-        _write_atomic(path, lines)
+        atomic.write_text(path, "".join(lines))
         self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish/close
 
     def add(self, r: BankRequest, text: str) -> None:
@@ -564,7 +555,7 @@ def _finish(c: Concept, part: _Partial, cache: Path, n: int) -> Bank:
         raise BankError(f"{c.concept_id}: writer left {len(missing)} text(s) unwritten "
                         f"({missing[:5]}...); rerun to resume")
     final = bank_path(cache, c.concept_id)
-    _write_atomic(final, [json.dumps({"header": part.header}) + "\n"]
-                  + [json.dumps(r) + "\n" for r in recs])
+    atomic.write_text(final, "".join([json.dumps({"header": part.header}) + "\n"]
+                                     + [json.dumps(r) + "\n" for r in recs]))
     part.path.unlink(missing_ok=True)
     return load_bank(final)

@@ -41,11 +41,13 @@ def _stages(s: str) -> tuple[str, ...]:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
-    from .config import load_config
+    from .config import load_config, resolve_config
     from .plan import plan_summary
 
-    cfg = load_config(args.config)
-    summ = plan_summary(cfg)
+    path = resolve_config(args.config)
+    cfg = load_config(path)
+    summ = {"config": str(path.resolve()), **plan_summary(cfg)}
+    print(f"config: {summ['config']}", file=sys.stderr)
     print(f"{summ['name']}: {summ['items']:,} rollouts in {summ['shards']:,} shards of "
           f"<= {summ['shard_size']}", file=sys.stderr)
     for r in summ["by_model_method"]:
@@ -121,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("plan", help="counts, shards and token estimate of a config")
-    sp.add_argument("config")
+    sp.add_argument("config", help="a config file, or a packaged config by name "
+                    "(asteer-paper, demo)")
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("run", help="build (or resume) a run folder")
     sp.add_argument("--config", required=True)

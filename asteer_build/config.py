@@ -318,7 +318,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
 def _check_capture(capture: dict[str, Any]) -> None:
     """Build the capture settings once now, so a bad field fails before any engine."""
     try:
-        from .capture import CaptureSettings
+        from .rollouts import CaptureSettings
     except ImportError:
         return
     known = set(getattr(CaptureSettings, "__dataclass_fields__", {}))
@@ -347,10 +347,33 @@ def _check_judge(judge: dict[str, Any]) -> None:
                    "(or set judge.kind: rules)")
 
 
-def load_config(path: str | os.PathLike[str]) -> BuildConfig:
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped in the package (`asteer_build/configs/*.yaml`), by name."""
+    from importlib.resources import files
+
+    root = files("asteer_build.configs")
+    return {e.name.removesuffix(".yaml"): Path(str(e)) for e in root.iterdir()
+            if e.name.endswith(".yaml")}
+
+
+def resolve_config(path: str | os.PathLike[str]) -> Path:
+    """A config file by path, or a packaged one by name (`asteer-paper`,
+    `asteer-paper.yaml` or `configs/asteer-paper.yaml` where no such file exists), so the
+    README's commands work from an installed wheel in any directory. A file that exists
+    always wins over the packaged config of the same name."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config: file not found (got {str(path)!r})")
+    if p.is_file():
+        return p
+    known = packaged_configs()
+    name = p.name.removesuffix(".yaml")
+    if name in known and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return known[name]
+    raise ConfigError(f"config: file not found (got {str(path)!r}); packaged configs: "
+                      f"{', '.join(sorted(known))}")
+
+
+def load_config(path: str | os.PathLike[str]) -> BuildConfig:
+    p = resolve_config(path)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -18,7 +18,7 @@ from .console import console
 
 log = logging.getLogger("asteer_build")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # the packaged asteer_build/configs/demo.yaml (config.resolve_config)
 LABELS = {0: "under", 1: "success", 2: "over"}
 
 
@@ -155,7 +155,8 @@ def cmd_demo(a: Any) -> dict[str, Any]:
 def add_demo_command(sub) -> None:
     sp = sub.add_parser("demo", help="the tiny world end to end (vectors to strength search)")
     sp.add_argument("--out", default="demo_out")
-    sp.add_argument("--config", default=str(DEFAULT_CONFIG))
+    sp.add_argument("--config", default=DEFAULT_CONFIG,
+                    help="a config file, or a packaged config by name (default: demo)")
     sp.add_argument("--trials", type=int, default=20, help="search trials (the predictor's)")
     from .cli import add_output_flags
 

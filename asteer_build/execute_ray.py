@@ -49,9 +49,11 @@ class EngineHost:
 
     async def start(self) -> dict[str, Any]:
         from .engine import AsyncSteeredEngine
+        from .lockcheck import require_lock
         from .shards import open_store
         from .work import capture_settings, engine_kwargs, model_context
 
+        require_lock(f"engine actor for {self.model_name} on {_node_ip()}")
         model = next(m for m in self.cfg.models if m.name == self.model_name)
         self.store = open_store(self.store_uri)
         self.ctx = model_context(self.store, self.cfg, model, self.prompts)
@@ -345,6 +347,9 @@ class _ModelDispatch:
 def _init(cfg: Any) -> dict[str, float]:
     import ray
 
+    from .lockcheck import require_lock
+
+    require_lock("job driver")
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, log_to_driver=True)
     return ray.cluster_resources()

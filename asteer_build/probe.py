@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import atomic
 from .banks import Bank, BankError, check_bank
 from .sources import Concept
 
@@ -215,10 +215,10 @@ def compute_vectors(
                               "bank_digest": bank_objs[cid].digest(), "pool": pool_kind}
             if cache:
                 f = cache / f"{_safe(cid)}.safetensors"
-                tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
-                save_file(tens, str(tmp), metadata={"fingerprint": fingerprint(bank_objs[cid]),
-                                                     "entries": json.dumps(ents)})
-                os.replace(tmp, f)
+                with atomic.atomic_path(f) as tmp:
+                    save_file(tens, str(tmp),
+                              metadata={"fingerprint": fingerprint(bank_objs[cid]),
+                                        "entries": json.dumps(ents)})
             results[cid] = (tens, ents)
             if on_concept:
                 on_concept(cid, ents)

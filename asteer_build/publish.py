@@ -48,7 +48,6 @@ import math
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .shards import MANIFEST, Manifest, Store, _fsync_dir, open_store, software_versions
+from . import atomic
+from .shards import MANIFEST, Manifest, Store, open_store, software_versions
 
 __all__ = [
     "PUBLISH_FORMAT",
@@ -286,7 +286,7 @@ class _State:
             self.save()
 
     def save(self) -> None:
-        _write_atomic(
+        atomic.write_bytes(
             self.path,
             json.dumps(
                 {"format": PUBLISH_FORMAT, "files": self.files}, indent=1, sort_keys=True
@@ -300,30 +300,6 @@ def _sha256_file(p: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _temp_for(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def _commit_temp(tmp: Path, dest: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-    _fsync_dir(str(dest.parent))
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_for(dest)
-    tmp.write_bytes(data)
-    _commit_temp(tmp, dest)
-
-
-def _clean_temps(folder: Path) -> None:
-    for p in folder.rglob(".*.tmp-*"):
-        if p.is_file():
-            p.unlink()
 
 
 # ----------------------------------------------------------------------- parquet out
@@ -343,7 +319,7 @@ class _ParquetOut:
 
     def __init__(self, dest: Path, schema: pa.Schema, rows_per_group: int) -> None:
         self.dest = dest
-        self.tmp = _temp_for(dest)
+        self.tmp = atomic.temp_path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         self.schema = schema
         self.rows_per_group = max(1, rows_per_group)
@@ -381,7 +357,7 @@ class _ParquetOut:
         if self.buffered:
             self._flush(self.buffered)
         self.writer.close()
-        _commit_temp(self.tmp, self.dest)
+        atomic.commit(self.tmp, self.dest)
         return self.rows, self.nbytes
 
     def abort(self) -> None:
@@ -725,7 +701,7 @@ def _copy_vectors(
             data = info.store.read_bytes(rel)
             if hashlib.sha256(data).hexdigest() != sha:
                 raise PublishError(f"{rel}: contents do not match build.json's checksum")
-            _write_atomic(folder / rel, data)
+            atomic.write_bytes(folder / rel, data)
             state.record(
                 rel,
                 {
@@ -837,9 +813,9 @@ def _size_category(n: int) -> str:
 
 
 def _feature_doc() -> str:
-    """The feature families as `asteer_build.features` defines them (its docstring), read
+    """The feature families as `asteer_build.engine.features` defines them (its docstring), read
     without importing the module, which would pull in torch."""
-    spec = importlib.util.find_spec("asteer_build.features")
+    spec = importlib.util.find_spec("asteer_build.engine.features")
     if spec is None or not spec.origin:
         return ""
     return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
@@ -1136,7 +1112,7 @@ def _card(
         out += [
             "## Feature definitions",
             "",
-            "From `asteer_build.features`:",
+            "From `asteer_build.engine.features`:",
             "",
             "```text",
             doc.strip(),
@@ -1196,7 +1172,7 @@ def assemble(
         raise FileNotFoundError(f"{store.uri}: not a run folder (no {MANIFEST})")
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _clean_temps(out)
+    atomic.clean_temps(out)
     state = _State(out)
     info = _scan_rollouts(store, manifest, opts)
     plans = _plan(info, opts.configs, opts)
@@ -1300,7 +1276,7 @@ def assemble(
 def _write_if_changed(p: Path, data: bytes) -> None:
     if p.is_file() and p.read_bytes() == data:
         return
-    _write_atomic(p, data)
+    atomic.write_bytes(p, data)
 
 
 def _file_entry(folder: Path, rel: str, config: str) -> dict[str, Any]:

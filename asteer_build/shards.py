@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from . import atomic
+
 __all__ = [
     "Store", "open_store", "Manifest", "ShardFile", "software_versions", "STAGES",
     "MANIFEST", "committed_files", "read_stage",
@@ -120,11 +122,7 @@ class Store:
             p = self.path(tmp)
             with open(p, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            _fault_pause()
-            os.replace(p, self.path(rel))
-            _fsync_dir(os.path.dirname(self.path(rel)))
+            atomic.commit(p, self.path(rel), before_rename=_fault_pause)
         else:
             with self.fs.open_output_stream(self.path(tmp)) as f:
                 f.write(data)
@@ -191,19 +189,6 @@ def _fault_pause() -> None:
     delay = os.environ.get("ASTEER_FAULT_COMMIT_DELAY_S")
     if delay:
         time.sleep(float(delay))
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def open_store(uri: str) -> Store:

@@ -15,10 +15,10 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from . import atomic
 
 __all__ = [
     "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "build_tiny_model", "cache_dir"
@@ -179,9 +179,7 @@ def build_tiny_model(spec: TinyWorldSpec | None = None, root: Path | None = None
     target = root / f"llama-{spec.key()}"
     if (target / "asteer_tinyworld.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with atomic.commit_dir(target) as tmp:
         _write_tokenizer(spec, tmp)
         from transformers import AutoTokenizer
 
@@ -191,14 +189,6 @@ def build_tiny_model(spec: TinyWorldSpec | None = None, root: Path | None = None
         (tmp / "asteer_tinyworld.json").write_text(
             json.dumps({**asdict(spec), "format": FORMAT_VERSION}, indent=2)
         )
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "asteer_tinyworld.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

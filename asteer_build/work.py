@@ -66,14 +66,14 @@ def engine_kwargs(m: ModelConfig) -> dict[str, Any]:
 
 
 def capture_settings(cfg: BuildConfig) -> Any:
-    """The config's capture section as `asteer_build.capture.CaptureSettings`, or None
+    """The config's capture section as `asteer_build.rollouts.CaptureSettings`, or None
     when capture is off (or the capture module is not installed yet)."""
     if not cfg.capture:
         return None
     try:
-        from .capture import CaptureSettings
+        from .rollouts import CaptureSettings
     except ImportError as e:
-        raise RuntimeError(f"capture: configured, but asteer_build.capture is missing: {e}") from e
+        raise RuntimeError(f"capture: configured, but asteer_build.rollouts is missing: {e}") from e
     return CaptureSettings(**cfg.capture)
 
 

@@ -47,9 +47,14 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from asteer_build.capture import CaptureSettings, activation_bytes, run_with_capture
     from asteer_build.engine import SteeredEngine
-    from asteer_build.rollouts import RolloutRequest, run_rollouts
+    from asteer_build.rollouts import (
+        CaptureSettings,
+        RolloutRequest,
+        activation_bytes,
+        run_rollouts,
+        run_with_capture,
+    )
     from asteer_build.tinyworld import CONCEPT_WORDS, build_tiny_model
 
     path = str(build_tiny_model())
@@ -91,7 +96,7 @@ def main() -> None:
         return sp
 
     R.sampling_params = fixed_len
-    import asteer_build.capture as C
+    import asteer_build.rollouts as C
 
     C.sampling_params = fixed_len
     settings = CaptureSettings()

@@ -15,8 +15,20 @@ fi
 RUN="$1"; CONFIG="$2"; shift 2
 cd "$(dirname "$0")/.."
 : "${RAY_ADDRESS:=http://127.0.0.1:8265}"
-# Clusters started by `ray start` (Ray >= 2.5x) want the auth token from ~/.ray/auth_token.
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# The cluster runs with Ray's token authentication (cluster/README.md); the job client
+# sends the same token. Never turned off here: without a token we stop and say how to get it.
+if [ "${RAY_AUTH_MODE:-token}" != "token" ]; then
+  echo "submit.sh: RAY_AUTH_MODE=${RAY_AUTH_MODE} but asteer clusters run with token auth;" \
+       "unset it (or set it to token)" >&2
+  exit 2
+fi
+export RAY_AUTH_MODE=token
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+  echo "submit.sh: no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token);" \
+       "use the cluster's token: the file you created with \`ray get-auth-token --generate\`" \
+       "before \`ray up\` (cluster/README.md)" >&2
+  exit 2
+fi
 # Check the config (fields, alpha grids, model paths) before anything is uploaded.
 asteer-build plan "$CONFIG" >/dev/null
 exec ray job submit --address "$RAY_ADDRESS" --working-dir . \

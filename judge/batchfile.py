@@ -19,6 +19,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from asteer_build import atomic
+
 from .cache import JudgmentCache, cache_key
 from .rubric import (
     RUBRIC_VERSION,
@@ -115,9 +117,7 @@ def write_requests(
         else [out.with_name(f"{out.stem}-{i:05d}{out.suffix}") for i in range(len(chunks))]
     )
     for path, chunk in zip(paths, chunks, strict=True):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in chunk), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, "".join(line + "\n" for line in chunk))
     return paths
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asteer_build import atomic
+
 from .cache import JudgmentCache, cache_key
 from .judges import Judge, Outcome
 
@@ -55,19 +57,6 @@ class ShardReport:
 
 def list_shards(directory: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in Path(directory).glob("*.parquet") if not p.name.startswith("."))
-
-
-def _write_atomic(table: pa.Table, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _column(table: pa.Table, name: str, n: int) -> list:
@@ -178,7 +167,8 @@ async def judge_shard(
         else:
             table = table.append_column(name, arr)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(table, dest)
+    with atomic.atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
     report.ok, report.failed = status.count("ok"), status.count("failed")
     report.pending = status.count("pending")
     return report

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from asteer_build import features as F
-from asteer_build.capture import CaptureSettings, run_with_capture
 from asteer_build.engine import SteeredEngine
+from asteer_build.engine import features as F
 from asteer_build.reference import HFReference
-from asteer_build.rollouts import RolloutRequest
+from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .conftest import PROMPTS, chat_ids, engine_args
 
@@ -169,7 +168,7 @@ def test_capture_hits_prefix_cache_and_still_gets_step_zero(engine, varied_model
 
 
 def _np_features(s, r, v_c, alpha, steps, offsets):
-    """Plain numpy reimplementation of asteer_build.features, from its docstring."""
+    """Plain numpy reimplementation of asteer_build.engine.features, from its docstring."""
     v = alpha * v_c
 
     def cos(a, b):
@@ -246,7 +245,7 @@ def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied
 
 def test_probe_feature_rows_for_online_suggestion(engine):
     """`asteer-train suggest`'s live path: short probes + replays over an alpha grid."""
-    from asteer_build.features import probe_feature_rows
+    from asteer_build.rollouts import probe_feature_rows
 
     rows = probe_feature_rows(engine, "a", ["explain the ocean", "why is coffee good"],
                               [0.0, 1.0, 4.0], layer=1, probe_tokens=6)

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from asteer_build.capture import CaptureSettings, run_with_capture
 from asteer_build.engine import SteeredEngine, SteerSpec
 from asteer_build.reference import HFReference
-from asteer_build.rollouts import RolloutRequest
+from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .conftest import PROMPTS, chat_ids, engine_args
 

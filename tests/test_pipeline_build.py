@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -158,10 +159,30 @@ def test_rerun_shards_rewrites_only_those(work, reference):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(work):
-    port, dash = free_port(), free_port()
-    e = env(RAY_USAGE_STATS_ENABLED="0")
+def ray_token(work) -> Path:
+    """A cluster token of our own, as `ray get-auth-token --generate` would write, but in
+    the test's folder (RAY_AUTH_TOKEN_PATH), never in the user's ~/.ray."""
+    path = work / "ray-auth" / "token"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
+def _auth_env(token: Path, **extra: str) -> dict[str, str]:
+    e = env(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token), **extra)
     e.pop("RAY_ADDRESS", None)
+    e.pop("RAY_AUTH_TOKEN", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(work, ray_token):
+    """A local cluster with token authentication on, the way Ray ships it and the way
+    cluster/README.md tells users to run theirs."""
+    port, dash = free_port(), free_port()
+    e = _auth_env(ray_token)
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}", "--disable-usage-stats"],
@@ -174,22 +195,50 @@ def ray_cluster(work):
                        timeout=120)
 
 
-def _client_env() -> dict[str, str]:
-    """Ray >= 2.5x clusters started by `ray start` require the local auth token
-    (~/.ray/auth_token) from job clients; this mode makes the CLI send it."""
-    return env(RAY_AUTH_MODE="token")
+@pytest.fixture(scope="module")
+def client_env(ray_token):
+    return _auth_env(ray_token)
 
 
-def _job(addr: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _job(addr: str, e: dict[str, str], *args: str,
+         timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), "job", *args, "--address", addr], cwd=ROOT,
-                          env=_client_env(), capture_output=True, text=True, timeout=timeout)
+                          env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster):
+def test_ray_job_submit_without_the_token_is_refused(ray_cluster, client_env, work):
+    """Auth is really on: a client without the cluster's token (none in RAY_AUTH_TOKEN_PATH,
+    RAY_AUTH_TOKEN or its home) or with a wrong one gets Ray's own error, and no job runs."""
+    home = work / "no-token-home"
+    home.mkdir(exist_ok=True)
+    no_token = {k: v for k, v in client_env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    no_token["HOME"] = str(home)
+    r = _job(ray_cluster, no_token, "submit", "--no-wait", "--", "true", timeout=60)
+    # Ray 2.60 raises AuthenticationError or, on the submit path, aborts in its C++ token
+    # loader; both say this.
+    assert r.returncode != 0
+    assert "Token authentication is enabled but Ray couldn't find an authentication token" \
+        in r.stderr, r.stderr[-3000:]
+    wrong = dict(no_token, RAY_AUTH_TOKEN=secrets.token_hex(32))
+    r = _job(ray_cluster, wrong, "submit", "--no-wait", "--", "true", timeout=60)
+    assert r.returncode != 0 and "ray.exceptions.AuthenticationError" in r.stderr, \
+        r.stderr[-3000:]
+    unset = {k: v for k, v in no_token.items() if k != "RAY_AUTH_MODE"}
+    r = _job(ray_cluster, unset, "submit", "--no-wait", "--", "true", timeout=60)
+    assert r.returncode != 0 and "ray.exceptions.AuthenticationError" in r.stderr, \
+        r.stderr[-3000:]
+    r = _job(ray_cluster, client_env, "list", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "entrypoint='true'" not in r.stdout + r.stderr
+
+
+def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, client_env):
     run = work / "ray"
     pids = work / "actor-pids"
     cfg = write_config(work / "ray.yaml", tiny_config(run))
+    # As cluster/runtime_env.yaml does with the GPU lock: driver and actors check theirs.
     runtime_env = {"env_vars": {"ASTEER_ACTOR_PID_DIR": str(pids),
+                                "ASTEER_REQUIRE_LOCK": "requirements/cpu.txt",
                                 "ASTEER_FAULT_COMMIT_DELAY_S": "0.5",
                                 "TOKENIZERS_PARALLELISM": "false"}}
     sub_id = f"asteer-test-{os.getpid()}"
@@ -198,7 +247,7 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster):
          "--submission-id", sub_id, "--no-wait", "--runtime-env-json", json.dumps(runtime_env),
          "--", "asteer-build", "run", "--config", str(cfg), "--executor", "ray",
          "--no-progress", "--json"],
-        cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=180)
+        cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     victims: list[psutil.Process] = []
     try:
@@ -218,12 +267,12 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster):
         assert done_at_kill < 6
 
         def finished():
-            r = _job(ray_cluster, "status", sub_id, timeout=60)
+            r = _job(ray_cluster, client_env, "status", sub_id, timeout=60)
             s = (r.stdout + r.stderr).lower()
             return next((x for x in ("succeeded", "failed", "stopped") if x in s), None)
 
         status = wait_for(finished, 400, "the Ray job", poll=2.0)
-        logs = _job(ray_cluster, "logs", sub_id, timeout=60).stdout
+        logs = _job(ray_cluster, client_env, "logs", sub_id, timeout=60).stdout
         assert status == "succeeded", logs[-4000:]
     finally:
         for v in victims:

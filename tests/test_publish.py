@@ -72,7 +72,7 @@ def run_dir(tmp_path_factory) -> Path:
     """vectors (real) -> rollouts + features + activations (pipeline writer) -> judge."""
     from asteer_build.build import RunOptions, prepare_run, run_build
     from asteer_build.config import parse_config
-    from asteer_build.features import feature_names
+    from asteer_build.engine.features import feature_names
     from asteer_build.rollouts import RolloutResult
     from asteer_build.vectors import load_vectors
     from asteer_build.work import write_shard
@@ -222,7 +222,7 @@ def test_card_yaml_parses_and_its_counts_equal_the_data(published, run_dir):
         assert int(cells[2]) == t.num_rows
         assert [int(cells[i]) for i in (4, 5, 6)] == [labels.count(k) for k in (0, 1, 2)]
     assert len(set(labelled.column("label").to_pylist())) >= 2, "fixture should vary labels"
-    # Feature families from asteer_build.features, the rubric version, the build config.
+    # Feature families from asteer_build.engine.features, the rubric version, the build config.
     for needle in (
         "`dnr` = dn(t) / dn(t0)",
         "sa",

@@ -216,10 +216,10 @@ def test_suggest_from_precomputed_rows(small_predictor):
 def test_live_suggest_errors_name_what_is_missing(small_predictor, monkeypatch):
     p, frame = small_predictor
     pkg = types.ModuleType("asteer_build")
-    feats = types.ModuleType("asteer_build.features")
-    pkg.features = feats
+    feats = types.ModuleType("asteer_build.rollouts")
+    pkg.rollouts = feats
     monkeypatch.setitem(sys.modules, "asteer_build", pkg)
-    monkeypatch.setitem(sys.modules, "asteer_build.features", feats)
+    monkeypatch.setitem(sys.modules, "asteer_build.rollouts", feats)
     with pytest.raises(LiveSuggestError, match="no callable `probe_feature_rows`"):
         suggest_live(p, "m", np.ones(4), ["hi"], [1.0, 2.0])
 

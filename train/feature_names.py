@@ -1,6 +1,6 @@
 """Feature-name parsing and feature-subset selection (ablations).
 
-The builder (asteer_build/features.py) names every feature column self-describingly.
+The builder (asteer_build/engine/features.py) names every feature column self-describingly.
 Everything here that depends on that scheme goes through ``parse_feature_name`` so a
 change in the scheme is a change to one function. Assumed scheme:
 

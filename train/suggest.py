@@ -2,7 +2,7 @@
 
 ``suggest`` works from feature rows that are already computed (one per alpha of the
 grid), so it needs no engine. ``suggest_live`` is the only code in ``train`` that
-touches the builder: it imports ``asteer_build.features`` when called, never at import
+touches the builder: it imports ``asteer_build.rollouts`` when called, never at import
 time, so the training package stays installable without vLLM / Ray.
 """
 
@@ -20,7 +20,7 @@ from train.model import Predictor
 # check cannot drift apart).
 LIVE_FUNCTION = "probe_feature_rows"
 LIVE_SIGNATURE = (
-    f"asteer_build.features.{LIVE_FUNCTION}(model, vector, prompts, alphas, layer, "
+    f"asteer_build.rollouts.{LIVE_FUNCTION}(model, vector, prompts, alphas, layer, "
     "probe_tokens) -> pandas.DataFrame with columns prompt, alpha and the feature "
     "columns named as in the dataset"
 )
@@ -77,17 +77,17 @@ def suggest(
 
 def _live_probe_function():
     try:
-        import asteer_build.features as features  # lazy on purpose: pulls in the engine
+        import asteer_build.rollouts as rollouts  # lazy on purpose: pulls in the engine
     except ImportError as exc:
         raise LiveSuggestError(
-            f"live suggest needs the builder package (asteer_build.features): {exc}. "
+            f"live suggest needs the builder package (asteer_build.rollouts): {exc}. "
             "Install asteer with the cpu or gpu extra, or use "
             "`asteer-train suggest --features FILE` with precomputed feature rows."
         ) from exc
-    fn = getattr(features, LIVE_FUNCTION, None)
+    fn = getattr(rollouts, LIVE_FUNCTION, None)
     if not callable(fn):
         raise LiveSuggestError(
-            f"asteer_build.features has no callable `{LIVE_FUNCTION}`; live suggest needs "
+            f"asteer_build.rollouts has no callable `{LIVE_FUNCTION}`; live suggest needs "
             f"{LIVE_SIGNATURE}. Use `asteer-train suggest --features FILE` with "
             "precomputed feature rows meanwhile."
         )

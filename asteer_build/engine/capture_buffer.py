@@ -17,7 +17,7 @@ per-step capture index, drained to host after the forward, every row labelled.
   memory with an event, no sync in the step) and are stored per key as (step, post, pre).
   Memory on the device is fixed whatever the batch: `max_rows x (layers + 1) x hidden`.
 - The client fetches by key over RPC (`asteer_collect`), which also computes the
-  steerability features on the worker's device (`asteer_build.features`) and frees them.
+  steerability features on the worker's device (`asteer_build.engine.features`) and frees them.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from .staging import StagedArrays
 
 logger = logging.getLogger("asteer.engine")
 
@@ -56,22 +59,22 @@ class CaptureBuffer:
         device: torch.device,
         allow_python_branches: bool,
         max_stored_keys: int = 200_000,
+        staging: dict[str, Any] | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.max_rows = max_rows
         self.device = device
         self.post = torch.zeros(max_rows, num_layers, hidden_size, dtype=dtype, device=device)
         self.pre = torch.zeros(max_rows, hidden_size, dtype=dtype, device=device)
-        on_cpu = device.type == "cpu"
-        self._host_index = torch.zeros(max_rows, dtype=torch.int64, pin_memory=not on_cpu)
-        self._host_layer = torch.full((max_rows,), -1, dtype=torch.int64, pin_memory=not on_cpu)
-        if on_cpu:
-            self.token_index, self.row_layer = self._host_index, self._host_layer
-        else:
-            self.token_index = torch.zeros(max_rows, dtype=torch.int64, device=device)
-            self.row_layer = torch.full((max_rows,), -1, dtype=torch.int64, device=device)
+        # token_index[:m]: batch index of each selected token (0 past m: a valid token);
+        # row_layer[:m]: its request's steering layer (-1 past m: no layer). One host
+        # buffer per step in flight (see staging.py).
+        self._staged = StagedArrays(
+            size=max_rows, fills={"index": 0, "layer": -1}, device=device, **(staging or {})
+        )
+        self.token_index = self._staged["index"]
+        self.row_layer = self._staged["layer"]
         self.m = 0  # rows selected this step
-        self._last_m = 0
         self.active = False  # any capture rows this step (eager runners skip hooks)
         self.allow_python_branches = allow_python_branches
         # req_id -> (key, base or -1 for "prompt_len - 1", step mask, steering layer)
@@ -119,24 +122,33 @@ class CaptureBuffer:
 
     # ---- per step ------------------------------------------------------------------------
     def fill(self, arrays, num_computed_req: np.ndarray, num_scheduled_req: np.ndarray) -> None:
-        m = self._select(arrays, num_computed_req, num_scheduled_req)
-        if not self.allow_python_branches and self._last_m > m:
-            # Graph-safe hooks gather all max_rows rows: stale entries must point at a
-            # valid token (0) and at no layer.
-            self._host_index[m : self._last_m] = 0
-            self._host_layer[m : self._last_m] = -1
-        upto = max(m, self._last_m)
-        if upto and self.token_index is not self._host_index:
-            self.token_index[:upto].copy_(self._host_index[:upto], non_blocking=True)
-            self.row_layer[:upto].copy_(self._host_layer[:upto], non_blocking=True)
-        self._last_m = m
+        sel = self._select(arrays, num_computed_req, num_scheduled_req)
+        if sel is None:
+            self._staged.write(0)
+            m = 0
+        else:
+            tok, lay = sel
+            m = int(tok.size)
+            self._staged.write(m, {"index": tok, "layer": lay})
         self.m = m
         self.active = m > 0
 
-    def _select(self, arrays, num_computed_req: np.ndarray, num_scheduled_req: np.ndarray) -> int:
+    def fill_empty(self) -> None:
+        """A step with no capture rows (dummy or padding-only batches): every index is
+        in bounds (token 0) and no row is kept."""
+        self._step_keys = []
+        self._step_steps = np.zeros(0, dtype=np.int64)
+        self._staged.write(0)
+        self.m = 0
+        self.active = False
+
+    def _select(
+        self, arrays, num_computed_req: np.ndarray, num_scheduled_req: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """This step's selected tokens (batch indices) and their steering layers."""
         keys, base, mask, layer = arrays
         if not self.requests or not mask.any():
-            return 0
+            return None
         n = int(num_scheduled_req.sum())
         req_of_tok = np.repeat(np.arange(len(num_scheduled_req)), num_scheduled_req)
         starts = np.cumsum(num_scheduled_req) - num_scheduled_req
@@ -149,19 +161,16 @@ class CaptureBuffer:
         sel = ok & (((mask[req_of_tok] >> tt) & np.uint64(1)) == 1)
         tok = np.nonzero(sel)[0]
         if tok.size == 0:
-            return 0
+            return None
         if tok.size > self.max_rows:
             dropped = {keys[r] for r in req_of_tok[tok[self.max_rows :]]}
             self.overflowed |= dropped
             logger.error("asteer: capture buffer full (%d rows); %d keys lose rows; raise "
                          "capture_rows", self.max_rows, len(dropped))
             tok = tok[: self.max_rows]
-        m = tok.size
-        self._host_index[:m] = torch.from_numpy(tok)
-        self._host_layer[:m] = torch.from_numpy(layer[req_of_tok[tok]])
         self._step_keys = [keys[r] for r in req_of_tok[tok]]
         self._step_steps = t[tok]
-        return m
+        return tok, layer[req_of_tok[tok]]
 
     def drain(self) -> None:
         """After the forward: move this step's rows off the fixed buffer, labelled."""
@@ -205,11 +214,20 @@ class CaptureBuffer:
     # ---- hooks ---------------------------------------------------------------------------
     def _selected_rows(self, output) -> tuple[int, torch.Tensor]:
         """This step's selected tokens of `hidden + residual` (gathered before adding: m
-        rows, not the whole batch); graph-safe runners gather all `max_rows` slots."""
+        rows, not the whole batch).
+
+        Graph-safe runners cannot read `m` (a host value baked in at trace/capture time),
+        so they gather `min(max_rows, num_tokens)` rows: a function of the batch shape
+        only, so a CUDA graph captured for a size-8 decode batch gathers 8 rows, not
+        `max_rows`. Rows past m read token 0 and are never drained.
+        """
         hidden, residual = output
-        m = self.m if self.allow_python_branches else self.max_rows
-        idx = self.token_index[:m]
-        return m, hidden.index_select(0, idx) + residual.index_select(0, idx)
+        if self.allow_python_branches:
+            k = self.m
+        else:
+            k = torch.sym_min(self.max_rows, hidden.shape[0])
+        idx = self.token_index[:k]
+        return k, hidden.index_select(0, idx) + residual.index_select(0, idx)
 
     def make_post_hook(self, layer: int):
         """After block `layer` (and after its steering): copy the residual stream."""
@@ -260,20 +278,21 @@ class PoolBuffer:
     """
 
     def __init__(self, *, hidden_size: int, slots: int, max_num_tokens: int,
-                 device: torch.device, allow_python_branches: bool) -> None:
+                 device: torch.device, allow_python_branches: bool,
+                 staging: dict[str, Any] | None = None) -> None:
+        # Slot 0 is the sink of tokens nobody pools (graph-safe hooks add every token
+        # somewhere); it is never handed out nor read.
         self.sum = torch.zeros(slots + 1, hidden_size, dtype=torch.float32, device=device)
         self.slots = slots
         self._free = list(range(slots, 0, -1))
-        on_cpu = device.type == "cpu"
-        self._host_slot = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=not on_cpu)
-        self._host_layer = torch.full((max_num_tokens,), -1, dtype=torch.int64,
-                                      pin_memory=not on_cpu)
-        if on_cpu:
-            self.tok_slot, self.tok_layer = self._host_slot, self._host_layer
-        else:
-            self.tok_slot = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-            self.tok_layer = torch.full((max_num_tokens,), -1, dtype=torch.int64, device=device)
-        self._dirty = 0
+        # Per scheduled token: its pooling slot (0 = none) and layer (-1 = none); one
+        # host buffer per step in flight (see staging.py).
+        self._staged = StagedArrays(
+            size=max_num_tokens, fills={"slot": 0, "layer": -1}, device=device,
+            **(staging or {}),
+        )
+        self.tok_slot = self._staged["slot"]
+        self.tok_layer = self._staged["layer"]
         self.active_layers: set[int] = set()
         self.allow_python_branches = allow_python_branches
         # req_id -> (key, slot, layer, skip, count)
@@ -310,19 +329,22 @@ class PoolBuffer:
         self.generation += 1
 
     def _mean(self, item) -> torch.Tensor:
+        """The slot's mean, still on the device: `release` runs inside the step, so it
+        only enqueues the division; `take` (an RPC, off the step path) moves it to host."""
         _, slot, _, _, count = item
-        return (self.sum[slot] / max(count, 1)).cpu()
+        return self.sum[slot] / max(count, 1)
 
     def take(self, key: str) -> torch.Tensor | None:
-        """The pooled state once the request's prefill is done (it may not be released
-        yet: the worker learns about finished requests only at the next step)."""
+        """The pooled state (float32, host) once the request's prefill is done (it may
+        not be released yet: the worker learns about finished requests only at the next
+        step)."""
         if key in self.store:
-            return self.store.pop(key)
+            return self.store.pop(key).cpu()
         req_id = self.by_key.get(key)
         if req_id is None:
             return None
         self.taken.add(key)
-        return self._mean(self.requests[req_id])
+        return self._mean(self.requests[req_id]).cpu()
 
     def request_arrays(self, req_ids: list[str]):
         get = self.requests.get
@@ -336,35 +358,34 @@ class PoolBuffer:
         slot, layer, skip = arrays
         n = int(num_scheduled_req.sum())
         if not self.requests or not slot.any():
-            if self._dirty:
-                self._host_slot[: self._dirty] = 0
-                self._host_layer[: self._dirty] = -1
-                self._push(self._dirty)
-                self._dirty = 0
-            self.active_layers = set()
+            self.fill_empty()
             return
         starts = np.cumsum(num_scheduled_req) - num_scheduled_req
         pos = np.repeat(num_computed_req, num_scheduled_req) + (
             np.arange(n, dtype=np.int64) - np.repeat(starts, num_scheduled_req)
         )
-        ok = (pos >= np.repeat(skip, num_scheduled_req)) & (np.repeat(slot, num_scheduled_req) > 0)
-        hs = self._host_slot.numpy()
-        hl = self._host_layer.numpy()
-        hs[:n] = np.where(ok, np.repeat(slot, num_scheduled_req), 0)
-        hl[:n] = np.where(ok, np.repeat(layer, num_scheduled_req), -1)
-        if self._dirty > n:
-            hs[n : self._dirty] = 0
-            hl[n : self._dirty] = -1
-        self._push(max(n, self._dirty))
-        self._dirty = n
+        tok_slot = np.repeat(slot, num_scheduled_req)
+        ok = (pos >= np.repeat(skip, num_scheduled_req)) & (tok_slot > 0)
+        self._staged.write(n, {
+            "slot": np.where(ok, tok_slot, 0),
+            "layer": np.where(ok, np.repeat(layer, num_scheduled_req), -1),
+        })
         self.active_layers = {int(x) for x in np.unique(layer[slot > 0])}
 
-    def _push(self, upto: int) -> None:
-        if self.tok_slot is not self._host_slot:
-            self.tok_slot[:upto].copy_(self._host_slot[:upto], non_blocking=True)
-            self.tok_layer[:upto].copy_(self._host_layer[:upto], non_blocking=True)
+    def fill_empty(self) -> None:
+        """A step that pools nothing (no pooling requests, dummy or padding batches)."""
+        self._staged.write(0)
+        self.active_layers = set()
 
     def make_hook(self, layer: int):
+        """Add this layer's pooled tokens into their slots.
+
+        Graph-safe form: one `index_add_` over the batch, tokens not pooled here sent to
+        the sink slot 0 (an index select, no `[n, hidden]` mask multiply). The float32
+        cast and the add over all `n` tokens remain at every hooked layer and step: which
+        tokens pool is only known on the device, and a graph cannot size work by it.
+        Eager runners skip layers nobody pools at this step.
+        """
         total = self.sum
         slots, layers = self.tok_slot, self.tok_layer
         branches = self.allow_python_branches
@@ -374,8 +395,8 @@ class PoolBuffer:
                 return None
             hidden, residual = output
             n = hidden.shape[0]
-            w = (layers[:n] == layer).unsqueeze(-1).to(torch.float32)
-            total.index_add_(0, slots[:n], (hidden + residual).float() * w)
+            dst = torch.where(layers[:n] == layer, slots[:n], 0)
+            total.index_add_(0, dst, (hidden + residual).float())
             return None
 
         return pool_hook

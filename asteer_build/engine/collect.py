@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import features as F
+from . import features as F
 from .capture_buffer import CaptureBuffer
 from .steering import SteeringState
 

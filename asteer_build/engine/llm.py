@@ -31,6 +31,7 @@ def _engine_kwargs(
             f"SteeredEngine sets worker_cls={WORKER_CLS!r}; got {kwargs['worker_cls']!r}"
         )
     kwargs["worker_cls"] = WORKER_CLS
+    _check_plugin(kwargs)
     _cpu_memory_default(kwargs)
     extra = dict(kwargs.pop("additional_config", None) or {})
     cfg: dict[str, Any] = {}
@@ -41,6 +42,22 @@ def _engine_kwargs(
     extra[CONFIG_KEY] = cfg
     kwargs["additional_config"] = extra
     return kwargs
+
+
+def _check_plugin(kwargs: dict[str, Any]) -> None:
+    """Fail before starting an engine whose engine core would not salt steered KV.
+
+    The engine-core process is started from this one and inherits its environment, so
+    whether it loads the `asteer` plugin is decided here. (The worker checks again
+    inside the engine.)
+    """
+    from .prefix_cache import PLUGIN_MISSING, plugin_will_load
+
+    if kwargs.get("enable_prefix_caching") is False:
+        return
+    ok, why = plugin_will_load()
+    if not ok:
+        raise RuntimeError(PLUGIN_MISSING.format(where=why))
 
 
 def _cpu_memory_default(kwargs: dict[str, Any]) -> None:

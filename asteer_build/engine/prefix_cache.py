@@ -55,6 +55,45 @@ def steer_extra_keys(request: Any, end_token_idx: int) -> tuple[tuple[str, str],
     return tuple(keys)
 
 
+PLUGIN_MISSING = (
+    "asteer: the prefix-cache salting plugin is not active in the vLLM engine-core "
+    "process{where}, and prefix caching is on: steered requests would reuse KV blocks "
+    "computed without their steering (and captures would lose their first steps). The "
+    "plugin is the `vllm.general_plugins` entry point `asteer` "
+    "(asteer_build.engine.plugin:register): install the package (`pip install -e .`, "
+    "not just a checkout on PYTHONPATH), keep `asteer` in VLLM_PLUGINS if you set it, "
+    "or start the engine with enable_prefix_caching=False."
+)
+
+
+def installed() -> bool:
+    """Whether this process's block hashing carries the steering salt."""
+    try:
+        utils = importlib.import_module("vllm.v1.core.kv_cache_utils")
+    except ImportError:  # pragma: no cover - depends on install
+        return False
+    return bool(getattr(utils.generate_block_hash_extra_keys, "_asteer", False))
+
+
+def plugin_will_load(environ: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Whether vLLM processes started from this one will load the plugin.
+
+    Checked by the client before starting an engine: the engine-core process inherits
+    this environment and these installed distributions. Returns (ok, why not).
+    """
+    import os
+    from importlib.metadata import entry_points
+
+    env = os.environ if environ is None else environ
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "asteer"]
+    if not eps:
+        return False, " (no `asteer` entry point in vllm.general_plugins: package not installed)"
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and "asteer" not in allowed.split(","):
+        return False, f" (VLLM_PLUGINS={allowed!r} leaves it out)"
+    return True, ""
+
+
 def install() -> bool:
     utils = importlib.import_module("vllm.v1.core.kv_cache_utils")
     orig = utils.generate_block_hash_extra_keys

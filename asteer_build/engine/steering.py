@@ -236,6 +236,12 @@ class SteeringState:
             self._events[turn] = event
             self._turn = 1 - turn
 
+    def fill_empty(self) -> None:
+        """A step that steers nothing (dummy or padding-only batches: vLLM runs them
+        without the geometry the adapters fill from): every token reads the zero row."""
+        z = np.zeros(0, dtype=np.int64)
+        self.fill_index(z, z, z, z)
+
     # ---- hooks ---------------------------------------------------------------------------
     def make_hook(self, layer: int):
         slot = self.slot_of_layer[layer]

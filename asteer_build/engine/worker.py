@@ -34,8 +34,6 @@ class _SteeringWorkerMixin:
         self._asteer_install()
 
     def _asteer_install(self) -> None:
-        from vllm.config import CompilationMode
-
         runner = self.model_runner  # type: ignore[attr-defined]
         vcfg = self.vllm_config  # type: ignore[attr-defined]
         adapter = adapters.select(runner)
@@ -53,10 +51,9 @@ class _SteeringWorkerMixin:
         )
         sizes = getattr(vcfg.compilation_config, "cudagraph_capture_sizes", None) or [0]
         max_tokens = max(max_tokens, max(sizes)) + 8
-        eager = (
-            vcfg.model_config.enforce_eager
-            or vcfg.compilation_config.mode == CompilationMode.NONE
-        )
+        _check_prefix_salt(vcfg)
+        graphs, why = adapters.graph_capture_possible(vcfg)
+        eager = not graphs
         model = runner.get_model()
         state = SteeringState(
             num_layers=num_layers,
@@ -100,8 +97,9 @@ class _SteeringWorkerMixin:
         self.asteer_pool = pool
         self.asteer_adapter = adapter.NAME
         logger.info(
-            "asteer: steering installed (%s adapter, layers %s, %d rows, eager=%s)",
-            adapter.NAME, state.steer_layers, state.capacity, eager,
+            "asteer: steering installed (%s adapter, layers %s, %d rows, %s hooks: %s)",
+            adapter.NAME, state.steer_layers, state.capacity,
+            "eager" if eager else "graph-safe", why,
         )
 
     # ---- RPC (collective_rpc by name) ---------------------------------------------------
@@ -142,7 +140,31 @@ class _SteeringWorkerMixin:
             "capture_rows": self.asteer_capture.max_rows if self.asteer_capture else 0,
             "captures_stored": len(self.asteer_capture.store) if self.asteer_capture else 0,
             "vectors": dict(s.vector_digest),
+            "prefix_salt": _salt_installed(),
+            "graph_safe_hooks": not s.allow_python_branches,
         }
+
+
+def _salt_installed() -> bool:
+    from .prefix_cache import installed
+
+    return installed()
+
+
+def _check_prefix_salt(vcfg: Any) -> None:
+    """Refuse to serve steering with prefix caching on and no block-hash salt.
+
+    The salt lives in the scheduler, i.e. the engine-core process. With one worker per
+    engine (the uniprocess executor: one GPU, or vLLM's CPU backend) this worker runs in
+    that process, so the check is exact; multiprocess workers are started by it with the
+    same environment and installed packages, so the same answer holds there. The
+    client checks before starting (`SteeredEngine`), this catches raw `vllm.LLM`
+    engines with `worker_cls` set by hand.
+    """
+    from .prefix_cache import PLUGIN_MISSING, installed
+
+    if getattr(vcfg.cache_config, "enable_prefix_caching", False) and not installed():
+        raise RuntimeError(PLUGIN_MISSING.format(where=""))
 
 
 def _platform_worker():

@@ -16,7 +16,7 @@ import numpy as np
 from ..capture_buffer import CAP_KEY, POOL_KEY, CaptureBuffer, PoolBuffer
 from ..spec import from_extra_args
 from ..steering import SteeringState
-from . import UnsupportedVLLMError, new_request_prompt_len
+from .common import UnsupportedVLLMError, new_request_prompt_len
 
 NAME = "cpu-v1"
 
@@ -80,6 +80,18 @@ def install(
 
     runner.execute_model = execute_model
     runner._prepare_inputs = _prepare_inputs
+    if hasattr(runner, "_dummy_run"):
+        orig_dummy = runner._dummy_run
+
+        def _dummy_run(*args, **kwargs):
+            # Warmup / profiling / DP dummy batches bypass `_prepare_inputs`: give them
+            # in-bounds indices that select nothing instead of the last step's.
+            state.fill_empty()
+            capture.fill_empty()
+            pool.fill_empty()
+            return orig_dummy(*args, **kwargs)
+
+        runner._dummy_run = _dummy_run
     _fix_seeded_partial_prefill(runner)
 
 

@@ -1,4 +1,4 @@
-"""Adapter for vLLM 0.33's GPU Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`).
+"""Adapter for vLLM 0.32/0.33's GPU Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`).
 
 MRv2 keeps each request in a persistent state slot (`req_states.req_id_to_index`) for its
 lifetime and builds every step's batch through `idx_mapping_np` (batch index -> slot). So
@@ -6,7 +6,9 @@ the per-request row and window start live in two slot-indexed arrays, written wh
 request is added and cleared when it finishes or is preempted (MRv2 frees preempted
 requests and re-adds them as new on resume); the per-step lookup is one numpy gather,
 with no per-request Python in the step. The index is filled right after
-`prepare_inputs`, before the forward or the full-graph replay reads it.
+`prepare_inputs`, before the forward or the full-graph replay reads it. Dummy runs
+(`execute_model(dummy_run=True)`: data-parallel ranks without work, warmup, graph
+capture) skip `prepare_inputs`, so they get an empty fill instead.
 
 Not exercised in CI (no GPU there): the CPU adapter and the shared `SteeringState` are.
 """
@@ -20,7 +22,7 @@ import numpy as np
 from ..capture_buffer import CAP_KEY, POOL_KEY, CaptureBuffer, PoolBuffer
 from ..spec import from_extra_args
 from ..steering import SteeringState
-from . import UnsupportedVLLMError, new_request_prompt_len
+from .common import UnsupportedVLLMError, new_request_prompt_len
 
 NAME = "gpu-v2"
 
@@ -30,7 +32,7 @@ def check(runner: Any) -> None:
     missing = [a for a in need if not hasattr(runner, a)]
     if missing:
         raise UnsupportedVLLMError(
-            f"asteer: this vLLM's Model Runner V2 lacks {missing}; supported is vLLM 0.33"
+            f"asteer: this vLLM's Model Runner V2 lacks {missing}; supported are vLLM 0.32 and 0.33"
         )
 
 
@@ -106,6 +108,11 @@ def install(
         return batch
 
     def execute_model(*args, **kwargs):
+        if kwargs.get("dummy_run", args[2] if len(args) > 2 else False):
+            # Dummy batches (DP ranks with no work, warmup, graph capture) skip
+            # `prepare_inputs`: without this they would read the last real step's
+            # indices (capture gathers past the dummy batch, dummy tokens pooled).
+            fill_empty(state, capture, pool)
         try:
             return orig_execute(*args, **kwargs)
         finally:
@@ -115,3 +122,10 @@ def install(
     runner.add_requests = add_requests
     runner.prepare_inputs = prepare_inputs
     runner.execute_model = execute_model
+
+
+def fill_empty(state: SteeringState, capture: CaptureBuffer, pool: PoolBuffer) -> None:
+    """Indices for a step with no real requests: in bounds, selecting nothing."""
+    state.fill_empty()
+    capture.fill_empty()
+    pool.fill_empty()

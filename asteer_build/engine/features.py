@@ -26,7 +26,6 @@ position mode where t0 is not steered) is 1.0 if dn(t) <= 1e-6 too, else dn(t) /
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -136,56 +135,3 @@ def compute(
 def compute_named(steered, replay, v_c, alpha, steps, offsets) -> dict[str, float]:
     values = compute(steered, replay, v_c, alpha).cpu().tolist()
     return dict(zip(feature_names(steps, offsets), values, strict=True))
-
-
-def probe_feature_rows(
-    model: Any,
-    vector: Any,
-    prompts: Sequence[str],
-    alphas: Sequence[float],
-    layer: int,
-    probe_tokens: int = 6,
-    *,
-    positions: str = "all",
-    temperature: float = 0.7,
-    seed: int = 0,
-    engine_args: dict[str, Any] | None = None,
-):
-    """Features of short steered probes (+ replays) for every (prompt, alpha), in one batch.
-
-    For online prediction (`asteer-train suggest`): `model` is a running `SteeredEngine`
-    or a model path/id to start one with `engine_args`; `vector` a registered name or a
-    `[hidden]` array; prompts are user turns (the model's chat template is applied).
-    Returns a DataFrame with `prompt`, `alpha` and the feature columns.
-    """
-    import pandas as pd
-
-    from .capture import CaptureSettings, run_with_capture
-    from .engine import SteeredEngine
-    from .rollouts import RolloutRequest
-
-    engine = model if isinstance(model, SteeredEngine) else SteeredEngine(
-        str(model), **(engine_args or {}))
-    name = vector if isinstance(vector, str) else "asteer-suggest"
-    if not isinstance(vector, str):
-        engine.register_vectors({name: torch.as_tensor(vector, dtype=torch.float32)})
-    tok = engine.get_tokenizer()
-    settings = CaptureSettings(activations=False)
-    if probe_tokens < max(settings.steps) + 1:
-        raise ValueError(f"probe_tokens={probe_tokens}: need >= {max(settings.steps) + 1} "
-                         f"to reach capture step {max(settings.steps)}")
-    reqs, keys = [], []
-    for i, p in enumerate(prompts):
-        ids = list(tok.apply_chat_template([{"role": "user", "content": p}],
-                                           add_generation_prompt=True, tokenize=True,
-                                           return_dict=False))
-        for j, a in enumerate(alphas):
-            reqs.append(RolloutRequest(
-                id=f"suggest-{i}-{j}", prompt_token_ids=ids, vector=name, alpha=float(a),
-                layer=int(layer), positions=positions, seed=seed + j,
-                max_tokens=probe_tokens, temperature=temperature))
-            keys.append((p, float(a)))
-    rows = []
-    for (p, a), res in zip(keys, run_with_capture(engine, reqs, settings), strict=True):
-        rows.append({"prompt": p, "alpha": a, **(res.features or {})})
-    return pd.DataFrame(rows)

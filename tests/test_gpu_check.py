@@ -1,0 +1,52 @@
+"""`benchmarks/gpu_check.py --device cpu`: our hooks under torch.compile equal eager, and
+the check is not vacuous (a hook broken on purpose makes it fail).
+
+CI traces with the `aot_eager` backend (Dynamo + AOTAutograd functionalization, as
+Inductor sees the graph, without C++ codegen: seconds instead of a minute on 2 cores);
+the committed benchmarks/results/gpu_check-cpu.json is the Inductor run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_cpu_passes(tmp_path):
+    out = tmp_path / "gpu_check-cpu.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--backend", "aot_eager",
+         "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["passed"] and all(report["reference_sanity"].values())
+    checks = report["checks"]["compile"]
+    assert set(checks) == {"steered_outputs", "captured_rows", "pooled_means"}
+    assert all(c["pass"] for c in checks.values())
+
+
+@pytest.mark.parametrize("brk,failing", [
+    ("steer", "steered_outputs"),  # the hook skips the addition
+    ("capture-branch", "captured_rows"),  # eager form traced at a step with no rows
+])
+def test_gpu_check_fails_when_a_hook_is_broken(tmp_path, brk, failing):
+    from benchmarks.gpu_check import main
+
+    out = tmp_path / f"broken-{brk}.json"
+    rc = main(["--device", "cpu", "--backend", "aot_eager", "--break", brk,
+               "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 1 and not report["passed"]
+    assert not report["checks"]["compile"][failing]["pass"]
