@@ -17,16 +17,15 @@ anything else; errors are printed on stderr, naming the log file.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 from typing import Any
 
-from .console import LOG_FORMAT, console
+from .console import LOG_FORMAT, add_output_flags, console, quiet_for
 
-__all__ = ["main", "build_parser", "add_output_flags"]
+__all__ = ["main", "build_parser"]
 
 
 def _ints(s: str) -> list[int]:
@@ -60,24 +59,6 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     return summ
 
 
-def add_output_flags(sp: argparse.ArgumentParser) -> None:
-    """`--verbose` and `--json` of the long commands (`run`, `demo`)."""
-    sp.add_argument("--verbose", action="store_true",
-                    help="show every log line (vLLM, Ray, ...) here instead of in the run "
-                         "folder's log file")
-    sp.add_argument("--json", action="store_true",
-                    help="also print the full summary as JSON on stdout (it is always in the "
-                         "run folder's summary.json)")
-
-
-def quiet(args: argparse.Namespace, log_path: str | os.PathLike[str], what: str
-          ) -> contextlib.AbstractContextManager[Any]:
-    """The block of a long command whose output goes to `log_path`, unless `--verbose`."""
-    if args.verbose:
-        return contextlib.nullcontext()
-    return console.quiet_to(log_path, what)
-
-
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .build import RunOptions, execute_run, log_file, prepare_run, summary_text
     from .config import load_config
@@ -92,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     run = prepare_run(cfg, opts)
     path = log_file(run)
     try:
-        with quiet(args, path, f"asteer-build run --config {args.config}"):
+        with quiet_for(args, path, f"asteer-build run --config {args.config}"):
             summary = execute_run(run)
             console.summary(summary_text(summary))
     finally:

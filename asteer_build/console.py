@@ -15,6 +15,7 @@ Without a `quiet()` block (`--verbose`, the library used from Python, tests call
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -136,3 +137,21 @@ class Console:
 
 #: the process's one console
 console = Console()
+
+
+def add_output_flags(sp: argparse.ArgumentParser) -> None:
+    """`--verbose` and `--json` of the long commands (`run`, `demo`)."""
+    sp.add_argument("--verbose", action="store_true",
+                    help="show every log line (vLLM, Ray, ...) here instead of in the run "
+                         "folder's log file")
+    sp.add_argument("--json", action="store_true",
+                    help="also print the full summary as JSON on stdout (it is always in the "
+                         "run folder's summary.json)")
+
+
+def quiet_for(args: argparse.Namespace, log_path: str | os.PathLike[str], what: str
+              ) -> contextlib.AbstractContextManager[Any]:
+    """The block of a long command whose output goes to `log_path`, unless `--verbose`."""
+    if args.verbose:
+        return contextlib.nullcontext()
+    return console.quiet_to(log_path, what)

@@ -146,9 +146,9 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def cmd_demo(a: Any) -> dict[str, Any]:
     """`asteer-build demo`: quiet unless --verbose; the log is OUT/logs/demo.log."""
-    from .cli import quiet
+    from .console import quiet_for
 
-    with quiet(a, Path(a.out).resolve() / "logs" / "demo.log", "asteer-build demo"):
+    with quiet_for(a, Path(a.out).resolve() / "logs" / "demo.log", "asteer-build demo"):
         return run_demo(a.out, a.config, n_trials=a.trials)
 
 
@@ -158,7 +158,7 @@ def add_demo_command(sub) -> None:
     sp.add_argument("--config", default=DEFAULT_CONFIG,
                     help="a config file, or a packaged config by name (default: demo)")
     sp.add_argument("--trials", type=int, default=20, help="search trials (the predictor's)")
-    from .cli import add_output_flags
+    from .console import add_output_flags
 
     add_output_flags(sp)
     sp.set_defaults(fn=cmd_demo)
