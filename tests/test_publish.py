@@ -10,12 +10,14 @@ network step is pointed at a loopback server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +31,14 @@ import pytest
 from asteer_build import publish as pub
 from asteer_build.publish import PublishError, PublishOptions
 
-pytestmark = pytest.mark.timeout(300)
+# The 300 s bound is each test's own body. The module fixtures below (a real vectors stage:
+# torch + transformers imports, the HF reference, the judge stage) are built once, inside
+# the setup of whichever selected test first asks for them; a whole-item timer billed that
+# one-off build to that test, and on a loaded 2-core machine the build alone took 100-300 s,
+# so the first test failed with "Timeout (>300.0s)" in setup. The fixtures get their own,
+# separate bound (`_fixture_deadline`).
+pytestmark = pytest.mark.timeout(300, func_only=True)
+FIXTURE_TIMEOUT_S = 900
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_FAKEasteerTOKEN0123456789abcdefXYZ"
@@ -67,9 +76,32 @@ def _response(i: int, concept: str, alpha: float) -> str:
     return "the city is a good place for people to learn and work"
 
 
+@contextlib.contextmanager
+def _fixture_deadline(what: str, seconds: float = FIXTURE_TIMEOUT_S):
+    """Fail a module fixture's build that runs past `seconds` (pytest-timeout, with
+    func_only, leaves setup unbounded). SIGALRM, like pytest-timeout's signal method,
+    which is not armed during setup."""
+
+    def fire(signum, frame):
+        pytest.fail(f"{what}: not built within {seconds:.0f} s", pytrace=True)
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """vectors (real) -> rollouts + features + activations (pipeline writer) -> judge."""
+    with _fixture_deadline("run_dir"):
+        return _build_run(tmp_path_factory)
+
+
+def _build_run(tmp_path_factory) -> Path:
     from asteer_build.build import RunOptions, prepare_run, run_build
     from asteer_build.config import parse_config
     from asteer_build.engine.features import feature_names
@@ -110,12 +142,13 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def published(run_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pub") / "ds"
-    pub.assemble(
-        str(run_dir),
-        str(folder),
-        repo="asteer-org/asteer-test",
-        opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
-    )
+    with _fixture_deadline("published"):
+        pub.assemble(
+            str(run_dir),
+            str(folder),
+            repo="asteer-org/asteer-test",
+            opts=PublishOptions(configs=pub.CONFIGS, **SMALL),
+        )
     return folder
 
 
@@ -441,6 +474,7 @@ def test_upload_is_one_call_with_the_right_arguments(published, tmp_path):
             )
     finally:
         srv.shutdown()
+        srv.server_close()
     create = _Recorder.log[0]
     assert (create["method"], create["path"]) == ("POST", "/api/repos/create")
     assert create["auth"] == f"Bearer {FAKE_TOKEN}"
