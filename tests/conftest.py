@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `datasets` caches a local folder's Arrow files under a key that ignores the folder's
+# path and times, so a "load it back" test could read another run's cache: one fresh
+# cache per test session.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="asteer-test-hf-datasets-")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 PROMPTS = [
