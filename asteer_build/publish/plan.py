@@ -290,27 +290,26 @@ def plan_configs(info: RunInfo, configs: tuple[str, ...], opts: PublishOptions) 
         """A config whose folder is its name and whose features follow its schema."""
         return ConfigPlan(name, name, schema, _features_of(schema), files_for(name, name, inputs))
 
+    def captured(stage: str, hint: str) -> list[tuple[str, dict[str, Any]]]:
+        """The stage's shards. None is an error when the config was asked for by name,
+        and a silent skip by default (a run built without capture)."""
+        inputs = stage_entries(m, stage)
+        if not inputs and opts.explicit:
+            raise PublishError(
+                f"{store.uri}: --configs asks for {stage}, but the run has "
+                f"no committed {stage} shards ({hint})"
+            )
+        return inputs
+
     if "rollouts" in configs:
         inputs = rollout_inputs(m)
         if not inputs:
             raise PublishError(f"{store.uri}: no committed rollouts shards to publish")
         plans.append(same_name_plan("rollouts", ROLLOUTS_SCHEMA, inputs))
-    if "features" in configs and (opts.explicit or stage_entries(m, "features")):
-        inputs = stage_entries(m, "features")
-        if not inputs:
-            raise PublishError(
-                f"{store.uri}: --configs asks for features, but the run has "
-                "no committed features shards (was capture on?)"
-            )
+    if "features" in configs and (inputs := captured("features", "was capture on?")):
         schema = _features_schema(store, inputs, info.shard_model)
         plans.append(same_name_plan("features", schema, inputs))
-    if "activations" in configs and (opts.explicit or stage_entries(m, "activations")):
-        inputs = stage_entries(m, "activations")
-        if not inputs:
-            raise PublishError(
-                f"{store.uri}: --configs asks for activations, but the run "
-                "has no committed activations shards (capture.activations)"
-            )
+    if "activations" in configs and (inputs := captured("activations", "capture.activations")):
         layout = _activations_layout(store, inputs, info.shard_model)
         one = len({json.dumps(v) for v in layout.values()}) == 1
         for model in sorted(layout):
