@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="progress per stage of a run folder")
     sp.add_argument("run_dir")
     sp.set_defaults(fn=cmd_status)
-    from .publish import add_publish_command
+    from .publish.cli import add_publish_command
 
     add_publish_command(sub)
     from .demo import add_demo_command

@@ -73,7 +73,7 @@ def run_demo(
 
     from .build import RunOptions, run_build
     from .config import load_config
-    from .publish import assemble
+    from .publish.assemble import assemble
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,67 @@
+"""`asteer-build publish`: the subcommand's arguments and its report on stderr (the JSON
+summary goes to stdout through the CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .hub import publish
+from .layout import CONFIGS, DEFAULT_CONFIGS, PublishOptions
+
+
+def _configs_arg(s: str) -> tuple[str, ...]:
+    vals = tuple(x.strip() for x in s.split(",") if x.strip())
+    if vals == ("all",):
+        return CONFIGS
+    return tuple(dict.fromkeys(("rollouts", *vals)))
+
+
+def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
+    opts = PublishOptions(
+        configs=args.configs or DEFAULT_CONFIGS,
+        explicit=args.configs is not None,
+        folder=args.folder,
+    )
+    res = publish(args.run_dir, args.repo, opts=opts, private=args.private, dry_run=args.dry_run)
+    width = max((len(f["path"]) for f in res.files), default=10)
+    print(
+        f"{res.folder}: {len(res.files)} files, "
+        f"{sum(f['bytes'] for f in res.files) / 1e6:,.1f} MB "
+        f"({len(res.written)} written, {len(res.skipped)} unchanged)",
+        file=sys.stderr,
+    )
+    for f in res.files:
+        print(
+            f"  {f['path']:<{width}} {f['bytes']:>14,} B"
+            + (f" {f['rows']:>10,} rows" if f["rows"] is not None else ""),
+            file=sys.stderr,
+        )
+    print(
+        f"{'dry run: nothing uploaded' if args.dry_run else f'uploaded to {args.repo}'}",
+        file=sys.stderr,
+    )
+    return res.as_dict()
+
+
+def add_publish_command(sub: Any) -> None:
+    """Register `asteer-build publish` on the CLI's subparsers."""
+    sp = sub.add_parser("publish", help="assemble a run folder as a HF dataset and upload it")
+    sp.add_argument("run_dir")
+    sp.add_argument("--repo", required=True, help="Hub dataset repo id, ORG/NAME")
+    sp.add_argument("--private", action="store_true")
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="assemble the folder and list its files; no token, no upload",
+    )
+    sp.add_argument(
+        "--configs",
+        type=_configs_arg,
+        default=None,
+        help=f"comma-separated subset of {','.join(CONFIGS)} or `all` "
+        f"(default: {','.join(DEFAULT_CONFIGS)}; rollouts always)",
+    )
+    sp.add_argument("--folder", help="local dataset folder (default: under ~/.cache/asteer)")
+    sp.set_defaults(fn=cmd_publish)
