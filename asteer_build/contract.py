@@ -101,15 +101,17 @@ FEATURES_KEY_FIELDS: tuple[pa.Field, ...] = (
     pa.field("method", pa.string()),
     pa.field("concept_id", pa.string()),
     pa.field("prompt_id", pa.string()),
-    pa.field("alpha", pa.float64()),
+    # a key *and* a feature: float32 like every feature (the rollouts' float64 is exact)
+    pa.field("alpha", pa.float32()),
 )
-#: key columns that are not features (`alpha` is a key *and* a feature)
+#: key columns that are not features
 FEATURE_KEYS = tuple(f.name for f in FEATURES_KEY_FIELDS if f.name not in META_FEATURES)
 FEATURE_TYPE = pa.float32()
 
 
 def features_schema(names: Iterable[str]) -> pa.Schema:
-    """A `features` table: the keys, then one float32 column per feature name."""
+    """A `features` table: the keys (`alpha` among them), then one float32 column per
+    other feature name, in the order given."""
     keys = {f.name for f in FEATURES_KEY_FIELDS}
     return pa.schema(
         [*FEATURES_KEY_FIELDS, *(pa.field(n, FEATURE_TYPE) for n in names if n not in keys)]

@@ -153,7 +153,7 @@ def _features_table(items: list[Item], results: list[RolloutResult]) -> pa.Table
         "method": pa.array([it.method for it in items], pa.string()),
         "concept_id": pa.array([it.concept_id for it in items], pa.string()),
         "prompt_id": pa.array([it.prompt_id for it in items], pa.string()),
-        "alpha": pa.array([it.alpha for it in items], pa.float64()),
+        "alpha": pa.array([it.alpha for it in items], pa.float32()),  # == the alpha feature
     }
     for n in names:
         cols[n] = pa.array(np.asarray([r.features[n] for r in results], np.float32))

@@ -46,8 +46,10 @@ def test_features_concepts_prompts_types():
     assert s.names == [
         "id", "model", "method", "concept_id", "prompt_id", "alpha", "dn_t0_k0", "vector_norm",
     ]
-    assert s.field("alpha").type == pa.float64()  # a key: the rollout's alpha, exactly
-    assert s.field("dn_t0_k0").type == s.field("vector_norm").type == pa.float32()
+    # alpha is a key and a feature: float32 like the others (the rollouts hold it exactly)
+    assert s.field("alpha").type == s.field("dn_t0_k0").type == pa.float32()
+    assert s.field("vector_norm").type == pa.float32()
+    assert C.ROLLOUTS_SCHEMA.field("alpha").type == pa.float64()
     assert C.FEATURE_KEYS == ("id", "model", "method", "concept_id", "prompt_id")
     assert C.CONCEPTS_SCHEMA.equals(pa.schema([
         ("concept_id", pa.string()), ("concept", pa.string()),
@@ -105,9 +107,8 @@ def test_default_feature_names_count_and_round_trip():
 
 
 def test_one_scheme_for_builder_and_synthetic_names():
-    from train.synthetic import feature_columns
-
     from asteer_build.engine import feature_names as N
+    from train.synthetic import feature_columns
 
     assert C.feature_names is N.feature_names and C.parse_feature_name is N.parse_feature_name
     cols = feature_columns(groups=("SA",), tokens=(0, 2), offsets=(0, 1))
@@ -166,13 +167,12 @@ def _items(n: int):
 
 def test_a_builder_shard_conforms_and_the_judge_completes_it(tmp_path):
     pytest.importorskip("torch")
-    from judge.cache import JudgmentCache
-    from judge.judges import Outcome
-    from judge.shards import JUDGE_COLUMNS, judge_shards
-
     from asteer_build.rollouts import RolloutResult
     from asteer_build.shards import Store
     from asteer_build.work import ROLLOUT_SCHEMA, write_shard
+    from judge.cache import JudgmentCache
+    from judge.judges import Outcome
+    from judge.shards import JUDGE_COLUMNS, judge_shards
 
     assert ROLLOUT_SCHEMA is C.ROLLOUTS_SHARD_SCHEMA and JUDGE_COLUMNS == C.JUDGE_COLUMNS
 
