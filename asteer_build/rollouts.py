@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .contract import DEFAULT_OFFSETS, DEFAULT_STEPS, feature_names
 from .engine import SteerSpec
 from .engine.collect import unwire
-from .engine.features import feature_names
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,6 @@ def _result(req: RolloutRequest, out: Any) -> RolloutResult:
         response_token_ids=list(comp.token_ids),
         finish_reason=str(comp.finish_reason),
     )
-
-
-DEFAULT_STEPS = (0, 1, 3, 5)
-DEFAULT_OFFSETS = (0, 1, 2, 3, 5, 10, 15)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import contract
 from .config import TINYWORLD, BuildConfig, ModelConfig
 from .plan import Item, Shard
 from .rollouts import RolloutRequest, RolloutResult
@@ -24,16 +25,8 @@ __all__ = [
     "write_shard", "capture_settings", "engine_kwargs", "vector_files",
 ]
 
-ROLLOUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("model", pa.string()), ("method", pa.string()),
-    ("concept_id", pa.string()), ("concept", pa.string()), ("concept_level", pa.string()),
-    ("prompt_id", pa.string()), ("prompt", pa.string()), ("layer", pa.int32()),
-    ("alpha", pa.float64()), ("vector_norm", pa.float32()), ("seed", pa.int64()),
-    ("response", pa.string()), ("response_tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("label", pa.int8()), ("judge_model", pa.string()),
-    ("judge_status", pa.string()), ("judge_explanation", pa.string()),
-])
-_KEYS = ("id", "model", "method", "concept_id", "prompt_id", "alpha")
+#: a rollouts shard as written here: the contract's rollout columns, judgment pending
+ROLLOUT_SCHEMA = contract.ROLLOUTS_SHARD_SCHEMA
 
 
 def resolve_model_path(path: str) -> str:
@@ -160,11 +153,11 @@ def _features_table(items: list[Item], results: list[RolloutResult]) -> pa.Table
         "method": pa.array([it.method for it in items], pa.string()),
         "concept_id": pa.array([it.concept_id for it in items], pa.string()),
         "prompt_id": pa.array([it.prompt_id for it in items], pa.string()),
-        "alpha": pa.array([it.alpha for it in items], pa.float64()),
+        "alpha": pa.array([it.alpha for it in items], pa.float32()),  # == the alpha feature
     }
     for n in names:
         cols[n] = pa.array(np.asarray([r.features[n] for r in results], np.float32))
-    return pa.table(cols)
+    return pa.table(cols, schema=contract.features_schema(names))
 
 
 def _nested(arr: np.ndarray) -> pa.Array:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asteer_build import atomic
+from asteer_build import atomic, contract
 
 from .cache import JudgmentCache, cache_key
 from .judges import Judge, Outcome
@@ -34,13 +34,8 @@ __all__ = ["JUDGE_COLUMNS", "REQUIRED_COLUMNS", "ShardReport", "judge_shards", "
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("id", "prompt", "concept", "response")
-JUDGE_COLUMNS: dict[str, pa.DataType] = {
-    "label": pa.int8(),
-    "judge_model": pa.string(),
-    "judge_status": pa.string(),
-    "judge_explanation": pa.string(),
-    "judge_error": pa.string(),
-}
+#: the columns the judge sets, in order: the dataset contract's (asteer_build.contract)
+JUDGE_COLUMNS: dict[str, pa.DataType] = contract.JUDGE_COLUMNS
 
 
 @dataclass

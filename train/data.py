@@ -16,9 +16,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asteer_build import contract
+
 # Key columns of the `features` config; everything else in it is a feature column.
 # `alpha` is a key *and* a feature (the reference predictor uses it).
-FEATURE_KEYS = ("id", "model", "method", "concept_id", "prompt_id")
+FEATURE_KEYS = contract.FEATURE_KEYS
+# The columns of the contract's `rollouts` config that training reads.
 ROLLOUT_COLUMNS = (
     "id",
     "model",
@@ -33,7 +36,7 @@ ROLLOUT_COLUMNS = (
     "label",
     "judge_status",
 )
-CLASS_NAMES = ("under", "success", "over")
+CLASS_NAMES = contract.LABEL_NAMES
 # Only what training reads: the optional `activations` config can be hundreds of GB.
 HUB_PATTERNS = ["features/**", "rollouts/**", "concepts/**", "*.json", "*.md"]
 
@@ -173,7 +176,7 @@ def load_dataset(
         for c in features.columns
         if c not in FEATURE_KEYS and pd.api.types.is_numeric_dtype(features[c])
     ]
-    for meta in ("alpha", "vector_norm"):  # the reference uses alpha and ||v|| as features
+    for meta in contract.META_FEATURES:  # the reference uses alpha and ||v|| as features
         if meta not in feature_cols and meta in rollouts.columns:
             feature_cols.append(meta)
     features = features.drop(

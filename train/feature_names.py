@@ -1,57 +1,17 @@
-"""Feature-name parsing and feature-subset selection (ablations).
+"""Feature-subset selection (ablations) over the builder's feature names.
 
-The builder (asteer_build/engine/features.py) names every feature column self-describingly.
-Everything here that depends on that scheme goes through ``parse_feature_name`` so a
-change in the scheme is a change to one function. Assumed scheme:
-
-- per-cell entry:         ``{group}_t{token}_k{layer_offset}``   e.g. ``SA_t0_k0``
-- per-token statistic:    ``{group}_t{token}_{stat}``            e.g. ``DA_t1_mean``
-- per-layer statistic:    ``{group}_k{layer_offset}_{stat}``     e.g. ``DN_k3_max``
-- global statistic:       ``{group}_{stat}``                     e.g. ``DS_std``
-- scalars:                ``alpha``, ``vector_norm``
-Anything else parses as its own group with no token / layer.
+The naming scheme itself (forming and parsing names such as ``sa_t0_k0``, ``da_t1_mean``,
+``dn_k3_max``, ``ds_std``, ``alpha``, ``vector_norm``) is the dataset contract's
+(`asteer_build.contract`, from `asteer_build.engine.feature_names`); it is re-exported
+here so everything in `train` that depends on the scheme goes through
+``parse_feature_name``.
 """
 
 from __future__ import annotations
 
-import re
-from typing import NamedTuple
+from asteer_build.contract import META_FEATURES, STATS, FeatureInfo, parse_feature_name
 
-STATS = ("mean", "std", "max", "min")
-META_FEATURES = ("alpha", "vector_norm")
-
-_STAT = "|".join(STATS)
-_CELL = re.compile(r"^(?P<group>.+?)_t(?P<token>\d+)_k(?P<k>-?\d+)$")
-_TOKEN_STAT = re.compile(rf"^(?P<group>.+?)_t(?P<token>\d+)_(?P<stat>{_STAT})$")
-_LAYER_STAT = re.compile(rf"^(?P<group>.+?)_k(?P<k>-?\d+)_(?P<stat>{_STAT})$")
-_GLOBAL_STAT = re.compile(rf"^(?P<group>.+?)_(?P<stat>{_STAT})$")
-
-
-class FeatureInfo(NamedTuple):
-    name: str
-    group: str
-    token: int | None  # decode step t, None if the feature spans several or none
-    layer_offset: int | None  # k in L + k, None if it spans several or none
-    stat: str | None  # None for per-cell entries and scalars
-
-
-def parse_feature_name(name: str) -> FeatureInfo:
-    """The single place that knows the builder's feature naming scheme."""
-    if name in META_FEATURES:
-        return FeatureInfo(name, name, None, None, None)
-    m = _CELL.match(name)
-    if m:
-        return FeatureInfo(name, m["group"], int(m["token"]), int(m["k"]), None)
-    m = _TOKEN_STAT.match(name)
-    if m:
-        return FeatureInfo(name, m["group"], int(m["token"]), None, m["stat"])
-    m = _LAYER_STAT.match(name)
-    if m:
-        return FeatureInfo(name, m["group"], None, int(m["k"]), m["stat"])
-    m = _GLOBAL_STAT.match(name)
-    if m:
-        return FeatureInfo(name, m["group"], None, None, m["stat"])
-    return FeatureInfo(name, name, None, None, None)
+__all__ = ["STATS", "META_FEATURES", "FeatureInfo", "parse_feature_name", "select_features"]
 
 
 def select_features(

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from asteer_build import contract
+
 SPLITS = ("train", "val", "test", "unseen")
 # Reference: 28 / 7 / 15 of 50 prompts per seen concept.
 DEFAULT_PROMPT_FRACTIONS = (0.56, 0.14, 0.30)
-DEFAULT_UNSEEN_FRACTION = 0.2  # 10 of 50 per level
+DEFAULT_UNSEEN_FRACTION = contract.UNSEEN_FRACTION  # 10 of 50 per level
 
 
 class SplitError(ValueError):
@@ -76,15 +78,17 @@ class Splits:
 def partition_concepts(
     concepts: pd.DataFrame,
     unseen_fraction: float = DEFAULT_UNSEEN_FRACTION,
-    seed: int = 42,
+    seed: int = contract.PARTITION_SEED,
     unseen: list[str] | None = None,
     use_partition_column: bool = False,
 ) -> tuple[list[str], list[str], str]:
     """Seen / unseen concept ids, stratified by ``concept_level``.
 
     Precedence: an explicit ``unseen`` list, then the concepts config's ``partition``
-    column (``ood`` = unseen), then a seeded per-level draw of ``unseen_fraction``
-    (rounded, at least one per level with two or more concepts, never all of a level).
+    column (``ood`` = unseen), then the contract's seeded per-level draw of
+    ``unseen_fraction`` (`asteer_build.contract.partition_concepts`: rounded, at least one
+    per level with two or more concepts, never all of a level), the one publish draws the
+    ``partition`` column with. Concepts without a level are never drawn.
     """
     ids = [str(c) for c in concepts["concept_id"]]
     if len(set(ids)) != len(ids):
@@ -98,19 +102,18 @@ def partition_concepts(
         if "partition" not in concepts.columns:
             raise SplitError("concepts config has no 'partition' column")
         part = concepts["partition"].astype(str)
-        chosen, how = {i for i, p in zip(ids, part, strict=True) if p == "ood"}, "partition-column"
+        chosen = {i for i, p in zip(ids, part, strict=True) if p == contract.PARTITION_UNSEEN}
+        how = "partition-column"
     else:
         if not 0.0 <= unseen_fraction < 1.0:
             raise SplitError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
-        rng = np.random.default_rng(seed)
-        chosen, how = set(), "fraction"
-        levels = concepts.assign(concept_id=ids).groupby("concept_level")["concept_id"]
-        for _, group in sorted(levels, key=lambda kv: str(kv[0])):
-            members = sorted(group)
-            n = int(round(unseen_fraction * len(members)))
-            if unseen_fraction > 0 and len(members) >= 2:
-                n = min(max(n, 1), len(members) - 1)
-            chosen.update(rng.permutation(members)[:n].tolist())
+        levels = {
+            i: lvl
+            for i, lvl in zip(ids, concepts["concept_level"], strict=True)
+            if not pd.isna(lvl)
+        }
+        chosen = set(contract.partition_concepts(levels, unseen_fraction, seed))
+        how = "fraction"
     seen = sorted(set(ids) - chosen)
     if not seen:
         raise SplitError("no seen concepts left to train on")

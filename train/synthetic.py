@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from train.feature_names import STATS
+from asteer_build import contract
+from asteer_build.contract import ROW_STATS, STATS
 
 GROUPS = ("DN", "DS", "DA", "SA")
 TOKENS = (0, 1, 3, 5)
@@ -26,13 +27,10 @@ LEVELS = ("low", "mid", "high")
 
 
 def feature_columns(groups=GROUPS, tokens=TOKENS, offsets=OFFSETS) -> list[str]:
-    """Column names in the builder's scheme (see train.feature_names)."""
+    """Column names in the builder's scheme (`asteer_build.contract.group_names`)."""
     cols = []
     for g in groups:
-        cols += [f"{g}_t{t}_k{k}" for t in tokens for k in offsets]
-        cols += [f"{g}_{s}" for s in STATS]
-        cols += [f"{g}_t{t}_{s}" for t in tokens for s in STATS[:3]]
-        cols += [f"{g}_k{k}_{s}" for k in offsets for s in STATS[:3]]
+        cols += contract.group_names(g, tokens, offsets)
     return cols + ["vector_norm"]
 
 
@@ -67,15 +65,20 @@ def generate(
             "concept_id": concept_ids,
             "concept": [f"concept number {i}" for i in range(n_concepts)],
             "concept_level": levels,
-            "partition": ["ood" if i >= n_concepts - 3 else "id" for i in range(n_concepts)],
-        }
+            "partition": [
+                contract.PARTITION_UNSEEN if i >= n_concepts - 3 else contract.PARTITION_SEEN
+                for i in range(n_concepts)
+            ],
+        },
+        schema=contract.CONCEPTS_SCHEMA,
     )
     prompts = pa.table(
         {
             "prompt_id": prompt_ids,
             "prompt": [f"Please answer question {j}." for j in range(n_prompts)],
             "source": ["synthetic"] * n_prompts,
-        }
+        },
+        schema=contract.PROMPTS_SCHEMA,
     )
     cols = feature_columns()
     roll_parts, feat_parts = [], []
@@ -124,10 +127,10 @@ def generate(
             for s, fn in zip(STATS, (np.mean, np.std, np.max, np.min), strict=True):
                 feats[f"{g}_{s}"] = fn(flat, axis=1)
             for ti, t in enumerate(TOKENS):
-                for s, fn in zip(STATS[:3], (np.mean, np.std, np.max), strict=True):
+                for s, fn in zip(ROW_STATS, (np.mean, np.std, np.max), strict=True):
                     feats[f"{g}_t{t}_{s}"] = fn(m[:, ti, :], axis=1)
             for ki, k in enumerate(OFFSETS):
-                for s, fn in zip(STATS[:3], (np.mean, np.std, np.max), strict=True):
+                for s, fn in zip(ROW_STATS, (np.mean, np.std, np.max), strict=True):
                     feats[f"{g}_k{k}_{s}"] = fn(m[:, :, ki], axis=1)
         feats["vector_norm"] = norm_c[ci]
 
@@ -168,7 +171,11 @@ def generate(
                     "judge_model": ["synthetic"] * n,
                     "judge_status": status.tolist(),
                     "judge_explanation": [""] * n,
-                }
+                    "judge_error": [
+                        "synthetic failure" if s == "failed" else None for s in status
+                    ],
+                },
+                schema=contract.ROLLOUTS_SCHEMA,
             )
         )
         feat_parts.append(
@@ -181,7 +188,8 @@ def generate(
                     "prompt_id": [prompt_ids[p] for p in pj],
                     "alpha": a,
                     **{c: pa.array(feats[c].astype(np.float32)) for c in cols},
-                }
+                },
+                schema=contract.features_schema(cols),
             )
         )
     return {

@@ -25,13 +25,17 @@ position mode where t0 is not steered) is 1.0 if dn(t) <= 1e-6 too, else dn(t) /
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+
+# The names (and which steps / offsets each family has) are the dataset contract's, kept
+# torch-free in feature_names.py; `compute_batch` returns values in their order.
+from .feature_names import GROUPS, feature_names
+
+__all__ = ["EPS_COS", "EPS_DN", "GROUPS", "matrices", "feature_names", "compute_batch",
+           "compute", "compute_named"]
 
 EPS_COS = 1e-12
 EPS_DN = 1e-6
-GROUPS = ("dn", "ds", "da", "sa", "dnr", "dsd", "dad")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -68,31 +72,6 @@ def matrices(
         "dn": dn, "ds": ds, "da": da, "sa": sa,
         "dnr": dnr, "dsd": ds[..., 1:, :] - ds[..., :1, :], "dad": da[..., 1:, :] - da[..., :1, :],
     }
-
-
-def _layout(steps: Sequence[int], offsets: Sequence[int]) -> dict[str, tuple[list, list]]:
-    ks_all = list(offsets)
-    ks_no0 = [k for k in ks_all if k != 0]
-    ts_all = list(steps)
-    ts_dyn = ts_all[1:]
-    return {
-        "dn": (ts_all, ks_all), "ds": (ts_all, ks_all), "da": (ts_all, ks_no0),
-        "sa": (ts_all, ks_all), "dnr": (ts_dyn, ks_all), "dsd": (ts_dyn, ks_all),
-        "dad": (ts_dyn, ks_no0),
-    }
-
-
-def feature_names(steps: Sequence[int], offsets: Sequence[int]) -> list[str]:
-    """Column names, in the order `compute` returns values."""
-    if list(offsets)[:1] != [0]:
-        raise ValueError(f"layer offsets must start with 0 (the steered layer), got {offsets}")
-    names: list[str] = []
-    for g, (ts, ks) in _layout(steps, offsets).items():
-        names += [f"{g}_t{t}_k{k}" for t in ts for k in ks]
-        names += [f"{g}_{stat}" for stat in ("mean", "std", "max", "min")]
-        names += [f"{g}_t{t}_{stat}" for t in ts for stat in ("mean", "std", "max")]
-        names += [f"{g}_k{k}_{stat}" for k in ks for stat in ("mean", "std", "max")]
-    return names + ["alpha", "vector_norm"]
 
 
 def _stats(m: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,251 @@
+"""The dataset contract (asteer_build/contract.py): its types, that what the builder, the
+judge and the synthetic dataset write conforms to it, that `train` and `datasets` read it,
+the feature-name scheme and the concept partition."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from asteer_build import contract as C
+
+# ARCHITECTURE.md, "Dataset schema": the published rollouts row, in order.
+ROLLOUT_TYPES = [
+    ("id", pa.string()), ("model", pa.string()), ("method", pa.string()),
+    ("concept_id", pa.string()), ("concept", pa.string()), ("concept_level", pa.string()),
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("layer", pa.int32()),
+    ("alpha", pa.float64()), ("vector_norm", pa.float32()), ("seed", pa.int64()),
+    ("response", pa.string()), ("response_tokens", pa.int32()),
+    ("finish_reason", pa.string()), ("label", pa.int8()), ("judge_model", pa.string()),
+    ("judge_status", pa.string()), ("judge_explanation", pa.string()),
+    ("judge_error", pa.string()),
+]
+
+
+def test_rollouts_types_and_the_named_additions():
+    assert C.ROLLOUTS_SCHEMA.equals(pa.schema(ROLLOUT_TYPES))
+    assert C.ROLLOUTS_SCHEMA.metadata is None
+    assert all(f.nullable for f in C.ROLLOUTS_SCHEMA)
+    # the builder's shard is the same row without the judge's `judge_error`
+    assert C.ROLLOUTS_SHARD_SCHEMA.equals(pa.schema(ROLLOUT_TYPES[:-1]))
+    assert list(C.JUDGE_COLUMNS) == [
+        "label", "judge_model", "judge_status", "judge_explanation", "judge_error",
+    ]
+    assert C.ROLLOUTS_SCHEMA.names[-len(C.JUDGE_COLUMNS):] == list(C.JUDGE_COLUMNS)
+    for name, typ in C.JUDGE_COLUMNS.items():
+        assert C.ROLLOUTS_SCHEMA.field(name).type == typ
+
+
+def test_features_concepts_prompts_types():
+    s = C.features_schema(["dn_t0_k0", "alpha", "vector_norm"])
+    assert s.names == [
+        "id", "model", "method", "concept_id", "prompt_id", "alpha", "dn_t0_k0", "vector_norm",
+    ]
+    # alpha is a key and a feature: float32 like the others (the rollouts hold it exactly)
+    assert s.field("alpha").type == s.field("dn_t0_k0").type == pa.float32()
+    assert s.field("vector_norm").type == pa.float32()
+    assert C.ROLLOUTS_SCHEMA.field("alpha").type == pa.float64()
+    assert C.FEATURE_KEYS == ("id", "model", "method", "concept_id", "prompt_id")
+    assert C.CONCEPTS_SCHEMA.equals(pa.schema([
+        ("concept_id", pa.string()), ("concept", pa.string()),
+        ("concept_level", pa.string()), ("partition", pa.string()),
+    ]))
+    assert C.PROMPTS_SCHEMA.equals(pa.schema([
+        ("prompt_id", pa.string()), ("prompt", pa.string()), ("source", pa.string()),
+    ]))
+    assert (C.PARTITION_SEEN, C.PARTITION_UNSEEN) == ("id", "ood")
+
+
+def test_the_contract_and_its_readers_load_without_torch_vllm_or_ray():
+    code = (
+        "import sys\n"
+        "import asteer_build.contract, judge.shards, train.data, train.splits, "
+        "train.synthetic, train.feature_names\n"
+        "heavy = [m for m in ('torch', 'vllm', 'ray') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------ feature names
+
+
+def test_default_feature_names_count_and_round_trip():
+    names = C.feature_names()
+    assert len(names) == 414 == len(set(names))
+    assert C.feature_names(C.DEFAULT_STEPS, C.DEFAULT_OFFSETS) == names
+    assert names[-2:] == ["alpha", "vector_norm"]
+    cells = 0
+    for name in names:
+        info = C.parse_feature_name(name)
+        if name in C.META_FEATURES:
+            assert info == (name, name, None, None, None)
+            assert C.feature_family(name) is None
+            continue
+        assert info.group in C.GROUPS and C.feature_family(name) == info.group
+        # the parsed parts form the name again
+        t = "" if info.token is None else f"_t{info.token}"
+        k = "" if info.layer_offset is None else f"_k{info.layer_offset}"
+        s = "" if info.stat is None else f"_{info.stat}"
+        assert f"{info.group}{t}{k}{s}" == name
+        if info.stat is None:
+            cells += 1
+            assert info.token in C.DEFAULT_STEPS and info.layer_offset in C.DEFAULT_OFFSETS
+        else:
+            assert info.stat in (C.STATS if info.token is None and info.layer_offset is None
+                                 else C.ROW_STATS)
+    assert cells == 4 * 7 * 3 + 4 * 6 + 3 * 7 * 2 + 3 * 6  # dn ds sa, da, dnr dsd, dad
+    for key in C.FEATURE_KEYS:
+        assert C.feature_family(key) is None
+    with pytest.raises(ValueError, match="start with 0"):
+        C.feature_names((0, 1), (1, 2))
+
+
+def test_one_scheme_for_builder_and_synthetic_names():
+    from asteer_build.engine import feature_names as N
+    from train.synthetic import feature_columns
+
+    assert C.feature_names is N.feature_names and C.parse_feature_name is N.parse_feature_name
+    cols = feature_columns(groups=("SA",), tokens=(0, 2), offsets=(0, 1))
+    assert cols == [*C.group_names("SA", (0, 2), (0, 1)), "vector_norm"]
+    assert C.parse_feature_name("SA_t2_k1") == ("SA_t2_k1", "SA", 2, 1, None)
+    assert C.parse_feature_name("SA_k1_max") == ("SA_k1_max", "SA", None, 1, "max")
+    assert C.feature_family("SA_t0_k0") is None  # not one of the builder's families
+
+
+# ---------------------------------------------------------------------------- partition
+
+
+def test_partition_is_deterministic_per_seed():
+    levels = {f"c{i:03d}": ("low", "mid", "high")[i % 3] for i in range(150)}
+    unseen = C.partition_concepts(levels)
+    assert unseen == C.partition_concepts(dict(reversed(levels.items())))  # order-free
+    assert unseen == sorted(unseen) and len(unseen) == 30
+    for lvl in ("low", "mid", "high"):
+        assert sum(levels[c] == lvl for c in unseen) == 10
+    assert C.partition_concepts(levels, seed=7) != unseen
+    assert C.partition_concepts(levels, seed=7) == C.partition_concepts(levels, seed=7)
+    # at least one per level of two or more, never a whole level, none of a singleton
+    small = {"a": "low", "b": "low", "c": "mid"}
+    assert len(C.partition_concepts(small)) == 1 and "c" not in C.partition_concepts(small)
+    assert C.partition_concepts(small, unseen_fraction=0.0) == []
+
+
+def test_train_draws_the_contract_partition():
+    pd = pytest.importorskip("pandas")
+    from train.splits import partition_concepts
+
+    frame = pd.DataFrame(
+        {"concept_id": [f"c{i:02d}" for i in range(30)],
+         "concept_level": ["low", "mid", "high"] * 10}
+    )
+    levels = dict(zip(frame.concept_id, frame.concept_level, strict=True))
+    for seed in (0, 42):
+        _, unseen, how = partition_concepts(frame, seed=seed)
+        assert how == "fraction" and unseen == C.partition_concepts(levels, seed=seed)
+
+
+# ---------------------------------------------------------- writers conform, readers read
+
+
+def _items(n: int):
+    from asteer_build.plan import Item, Shard
+
+    items = [
+        Item(id=f"r{i}", model="tiny", method="diffmean", concept_id=f"c{i % 2}",
+             concept=f"concept {i % 2}", concept_level="low", prompt_id=f"p{i}",
+             prompt=f"prompt {i}", layer=1, alpha=0.5 * i, sample=0, seed=i)
+        for i in range(n)
+    ]
+    return Shard(0, "tiny", "diffmean", items)
+
+
+def test_a_builder_shard_conforms_and_the_judge_completes_it(tmp_path):
+    pytest.importorskip("torch")
+    from asteer_build.rollouts import RolloutResult
+    from asteer_build.shards import Store
+    from asteer_build.work import ROLLOUT_SCHEMA, write_shard
+    from judge.cache import JudgmentCache
+    from judge.judges import Outcome
+    from judge.shards import JUDGE_COLUMNS, judge_shards
+
+    assert ROLLOUT_SCHEMA is C.ROLLOUTS_SHARD_SCHEMA and JUDGE_COLUMNS == C.JUDGE_COLUMNS
+
+    shard = _items(4)
+    names = C.feature_names((0, 1), (0, 1))
+    results = [
+        RolloutResult(it.id, f"text {j}", [1, 2, 3], "length",
+                      {n: float(j) for n in names[:-2]} | {"alpha": it.alpha,
+                                                            "vector_norm": 2.0})
+        for j, it in enumerate(shard.items)
+    ]
+    store = Store(str(tmp_path / "run"))
+    files = write_shard(store, shard, results, {"diffmean/c0": 2.0, "diffmean/c1": 3.0})
+    paths = {f.stage: store.path(f.path) for f in files}
+    rollouts = pq.read_table(paths["rollouts"])
+    assert rollouts.schema.equals(C.ROLLOUTS_SHARD_SCHEMA)
+    assert set(rollouts.column("judge_status").to_pylist()) == {"pending"}
+    assert pq.read_schema(paths["features"]).equals(C.features_schema(names))
+
+    class HalfFails:
+        judge_model = rubric_version = "half-v1"
+
+        async def judge(self, prompt, concept, response):
+            if response.endswith(("0", "2")):
+                return Outcome("ok", 1, "fine")
+            return Outcome("failed", error="no verdict")
+
+    with JudgmentCache(tmp_path / "cache.jsonl") as cache:
+        reports = asyncio.run(judge_shards(tmp_path / "run/rollouts", tmp_path / "labelled",
+                                           HalfFails(), cache, workers=2))
+    assert [(r.ok, r.failed) for r in reports] == [(2, 2)]
+    judged = pq.read_table(tmp_path / "labelled" / "shard-000000.parquet")
+    assert judged.schema.equals(C.ROLLOUTS_SCHEMA)
+    assert judged.column("judge_status").to_pylist() == ["ok", "failed", "ok", "failed"]
+    assert judged.column("judge_error").to_pylist() == [None, "no verdict", None, "no verdict"]
+    assert set(judged.column("judge_status").to_pylist()) <= set(C.JUDGE_STATUSES)
+
+
+def test_synthetic_dataset_is_the_contract_and_train_reads_it(tmp_path):
+    pytest.importorskip("pandas")
+    from train.data import CLASS_NAMES, FEATURE_KEYS, ROLLOUT_COLUMNS, load_dataset
+    from train.synthetic import feature_columns, generate, write_dataset
+
+    tables = generate(n_concepts=6, n_prompts=4)
+    assert tables["rollouts"].schema.equals(C.ROLLOUTS_SCHEMA)
+    assert tables["features"].schema.equals(C.features_schema(feature_columns()))
+    assert tables["concepts"].schema.equals(C.CONCEPTS_SCHEMA)
+    assert tables["prompts"].schema.equals(C.PROMPTS_SCHEMA)
+    assert set(ROLLOUT_COLUMNS) <= set(C.ROLLOUTS_SCHEMA.names)
+    assert FEATURE_KEYS == C.FEATURE_KEYS and CLASS_NAMES == C.LABEL_NAMES
+
+    data = load_dataset(write_dataset(tmp_path, tables))
+    assert data.report["rows_used"] > 0
+    assert data.feature_names == ["alpha", *feature_columns()]
+    assert set(data.concepts.partition) == {C.PARTITION_SEEN, C.PARTITION_UNSEEN}
+
+
+def test_datasets_loads_contract_tables_with_the_card_types(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from train.synthetic import generate, write_dataset
+
+    folder = write_dataset(tmp_path, generate(n_concepts=3, n_prompts=2))
+    # The card's YAML `features` of each config are `Features.from_arrow_schema` of the
+    # contract schema (publish embeds them); `load_dataset` reads the files back as them.
+    for config, schema in (("rollouts", C.ROLLOUTS_SCHEMA), ("concepts", C.CONCEPTS_SCHEMA),
+                           ("prompts", C.PROMPTS_SCHEMA)):
+        features = datasets.Features.from_arrow_schema(schema)
+        ds = datasets.load_dataset("parquet", data_files=str(folder / config / "*.parquet"),
+                                   split="train", cache_dir=str(tmp_path / "hf"))
+        assert ds.features == features, config
+    yaml = {f["name"]: f["dtype"]
+            for f in datasets.Features.from_arrow_schema(C.ROLLOUTS_SCHEMA)._to_yaml_list()}
+    assert yaml["label"] == "int8" and yaml["vector_norm"] == "float32"
+    assert yaml["layer"] == yaml["response_tokens"] == "int32"
+    assert yaml["alpha"] == "float64" and yaml["seed"] == "int64"
+    assert yaml["judge_error"] == "string"
