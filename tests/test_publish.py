@@ -309,14 +309,6 @@ def test_train_package_loads_the_published_folder(published):
     )
 
 
-def test_rollouts_schema_is_the_pipeline_schema_plus_judge_error():
-    from asteer_build.work import ROLLOUT_SCHEMA
-
-    assert pub.ROLLOUTS_SCHEMA.remove(pub.ROLLOUTS_SCHEMA.get_field_index("judge_error")).equals(
-        ROLLOUT_SCHEMA
-    )
-
-
 # ------------------------------------------------------------ idempotence and resumption
 
 

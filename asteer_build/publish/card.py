@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from .. import contract
 from .build_json import scrub
 from .layout import SPLIT, PublishOptions
 from .plan import ConfigPlan, RunInfo
@@ -106,18 +106,15 @@ def label_table(folder: Path, files: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-_FAMILY = re.compile(r"^(dn|ds|da|sa|dnr|dsd|dad)_")
-
-
 def _schema_md(features: Any) -> str:
     """Column table; feature columns (hundreds) are summarised per family, since the
     YAML header already lists each one with its type."""
     lines = ["| column | type |", "|---|---|"]
     families: dict[str, list[str]] = {}
     for name, f in features.items():
-        m = _FAMILY.match(name)
-        if m:
-            families.setdefault(m.group(1), []).append(name)
+        fam = contract.feature_family(name)
+        if fam:
+            families.setdefault(fam, []).append(name)
         else:
             lines.append(f"| `{name}` | `{f!r}` |")
     if families:

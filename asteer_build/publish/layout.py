@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
+from .. import contract
 
 #: bump when the folder layout or Parquet writing changes: invalidates every file key
 PUBLISH_FORMAT = 1
@@ -23,46 +22,14 @@ STATE_FILE = ".asteer-publish.json"
 SPLIT = "train"
 #: what the Hub upload skips: the state file and temp files of an interrupted publish
 UPLOAD_IGNORE = [".*", "**/.*"]
-UNSEEN_FRACTION = 0.2
-PARTITION_SEED = 42
-
-# The rollouts contract (ARCHITECTURE.md) plus the judge's `judge_error`, which says why
-# a failed row has no label; a test keeps it in step with asteer_build.work.ROLLOUT_SCHEMA.
-ROLLOUTS_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("model", pa.string()),
-        ("method", pa.string()),
-        ("concept_id", pa.string()),
-        ("concept", pa.string()),
-        ("concept_level", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("layer", pa.int32()),
-        ("alpha", pa.float64()),
-        ("vector_norm", pa.float32()),
-        ("seed", pa.int64()),
-        ("response", pa.string()),
-        ("response_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("label", pa.int8()),
-        ("judge_model", pa.string()),
-        ("judge_status", pa.string()),
-        ("judge_explanation", pa.string()),
-        ("judge_error", pa.string()),
-    ]
-)
-CONCEPTS_SCHEMA = pa.schema(
-    [
-        ("concept_id", pa.string()),
-        ("concept", pa.string()),
-        ("concept_level", pa.string()),
-        ("partition", pa.string()),
-    ]
-)
-PROMPTS_SCHEMA = pa.schema(
-    [("prompt_id", pa.string()), ("prompt", pa.string()), ("source", pa.string())]
-)
+# The schemas of the small configs, the rollouts schema and the concept partition are the
+# dataset contract's (asteer_build/contract.py), shared with the builder, judge and train.
+ROLLOUTS_SCHEMA = contract.ROLLOUTS_SCHEMA
+CONCEPTS_SCHEMA = contract.CONCEPTS_SCHEMA
+PROMPTS_SCHEMA = contract.PROMPTS_SCHEMA
+UNSEEN_FRACTION = contract.UNSEEN_FRACTION
+PARTITION_SEED = contract.PARTITION_SEED
+partition_concepts = contract.partition_concepts
 
 
 class PublishError(ValueError):
@@ -111,27 +78,3 @@ class PublishResult:
             "bytes": sum(f["bytes"] for f in self.files),
             "files": self.files,
         }
-
-
-def partition_concepts(
-    levels: dict[str, str], unseen_fraction: float = UNSEEN_FRACTION, seed: int = PARTITION_SEED
-) -> list[str]:
-    """Unseen concept ids: per level, a seeded draw of `unseen_fraction` (at least one
-    per level of two or more, never all of a level).
-
-    The same draw as `train.splits.partition_concepts`' default, so a trainer that uses
-    the published `partition` column and one that draws its own split agree (a test
-    holds the two together); reimplemented so publishing does not need pandas.
-    """
-    rng = np.random.default_rng(seed)
-    chosen: list[str] = []
-    by_level: dict[str, list[str]] = {}
-    for cid, lvl in levels.items():
-        by_level.setdefault(str(lvl), []).append(str(cid))
-    for lvl in sorted(by_level):
-        members = sorted(by_level[lvl])
-        n = int(round(unseen_fraction * len(members)))
-        if unseen_fraction > 0 and len(members) >= 2:
-            n = min(max(n, 1), len(members) - 1)
-        chosen += rng.permutation(members)[:n].tolist()
-    return sorted(chosen)

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import contract
 from ..shards import Manifest, Store
 from .layout import (
     CONCEPTS_SCHEMA,
@@ -151,7 +152,8 @@ def scan_run(store: Store, manifest: Manifest, opts: PublishOptions) -> RunInfo:
             "concept_id": ids,
             "concept": [concepts[c][0] for c in ids],
             "concept_level": [concepts[c][1] for c in ids],
-            "partition": ["ood" if c in unseen else "id" for c in ids],
+            "partition": [contract.PARTITION_UNSEEN if c in unseen else contract.PARTITION_SEEN
+                          for c in ids],
         },
         schema=CONCEPTS_SCHEMA,
     )
