@@ -121,8 +121,7 @@ def _vectors_stage(run: Run) -> None:
         t0 = time.time()
         console.say(f"vectors: {m.name}: building {', '.join(run.cfg.methods)} (starts an "
                     "engine)")
-        args = (m.path, run.plan.concepts, run.cfg.layer, list(run.cfg.methods),
-                dict(run.cfg.vectors))
+        args = (m.path, run.plan.concepts, run.cfg.vector_settings())
         if run.opts.executor == "ray":
             from .execute_ray import vector_files_on_ray
 

@@ -154,6 +154,14 @@ class BuildConfig:
     #: the file this came from, for relative paths; not part of the hash
     base_dir: str = "."
 
+    def vector_settings(self) -> Any:
+        """The `vectors:` section (with `layer` and `methods`) as the vectors stage's
+        `asteer_build.vectors.VectorSettings`."""
+        from .vectors.settings import VectorSettings
+
+        return VectorSettings.from_section(self.vectors, layer=self.layer,
+                                           methods=self.methods)
+
     def alphas(self, model: ModelConfig, method: str) -> tuple[float, ...]:
         return model.alphas[method].values
 
@@ -304,7 +312,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     for key in ("concepts", "prompts"):
         if key in d and d[key] in (None, ""):
             raise _err(key, "expected `builtin:tinyworld`, a file path, or a list", d[key])
-    return BuildConfig(
+    cfg = BuildConfig(
         name=name, models=models, methods=methods, layer=layer,
         concepts=d.get("concepts", "builtin:tinyworld"),
         prompts=d.get("prompts", "builtin:tinyworld"),
@@ -313,6 +321,11 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
         base_dir=base_dir,
     )
+    try:
+        cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 def _check_capture(capture: dict[str, Any]) -> None:

@@ -356,7 +356,8 @@ def _init(cfg: Any) -> dict[str, float]:
 
 
 def vector_files_on_ray(cfg: Any, *args: Any) -> dict[str, bytes]:
-    """`work.vector_files` as a Ray task: on a GPU worker when the cluster has GPUs."""
+    """`work.vector_files` (the vectors stage) as a Ray task: on a GPU worker when the
+    cluster has GPUs."""
     import ray
 
     from .work import vector_files

@@ -37,17 +37,17 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def vector_files(model_path: str, concepts: list[Any], layer: int, methods: list[str],
-                 opts: dict[str, Any]) -> dict[str, bytes]:
-    """Run `build_vectors` into a scratch folder and return its files (name -> bytes),
-    so the caller can store them anywhere (and a Ray task can ship them back)."""
+def vector_files(model_path: str, concepts: list[Any], settings: Any) -> dict[str, bytes]:
+    """Run the vectors stage (`asteer_build.vectors.build_vectors` with `settings`, a
+    `VectorSettings`) into a scratch folder and return its files (name -> bytes), so the
+    caller can store them anywhere (and a Ray task can ship them back)."""
     import tempfile
     from pathlib import Path
 
-    from .vectors import build_vectors
+    from .vectors.stage import build_vectors
 
     with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
-        build_vectors(resolve_model_path(model_path), concepts, layer, methods, tmp, **opts)
+        build_vectors(resolve_model_path(model_path), concepts, tmp, settings)
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
@@ -99,7 +99,7 @@ def chat_prompt_ids(path: str, prompt: str) -> list[int]:
 
 
 def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts) -> ModelContext:
-    from .vectors import load_vectors
+    from .vectors.stage import load_vectors
 
     path = resolve_model_path(model.path)
     files = {}

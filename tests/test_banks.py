@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from asteer_build.banks import (
+from asteer_build.sources import Concept, tiny_concepts
+from asteer_build.vectors import (
     SEED_INSTRUCTIONS,
     BankError,
     EndpointWriter,
@@ -25,7 +26,6 @@ from asteer_build.banks import (
     parse_response,
     plan_requests,
 )
-from asteer_build.sources import Concept, tiny_concepts
 
 try:
     from .judge_support import CPU_FLAGS, VLLM_CLI, _stop, free_port, vllm_env

@@ -41,6 +41,26 @@ def test_bad_config_fails_before_any_work_naming_the_field(tmp_path, mutate, fie
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("section, msg", [
+    ({"bank_size": 0}, r"vectors.bank_size: expected an integer >= 1 \(got 0\)"),
+    ({"pool": "transformers"}, "vectors.pool: expected vllm or hf"),
+    ({"probe_l2": "lots"}, "vectors.probe_l2: expected a number"),
+    ({"bank_szie": 8}, "vectors.bank_szie: unknown field"),
+    ([8], "vectors: expected a mapping"),
+])
+def test_bad_vectors_section_names_the_field(section, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_config(tiny_config(None, vectors=section))
+
+
+def test_vectors_section_maps_onto_the_stage_settings():
+    from asteer_build.vectors import VectorSettings
+
+    s = parse_config(tiny_config(None, vectors={"bank_size": 16, "probe_lr": "5e-3"}))
+    assert s.vector_settings() == VectorSettings(2, ("diffmean", "probe"), bank_size=16)
+    assert parse_config(tiny_config(None, vectors=None)).vector_settings().pool == "vllm"
+
+
 def test_unreachable_output_via_flag_names_the_flag(tmp_path):
     (tmp_path / "file").write_text("x")
     err = _run_bad(tmp_path, tiny_config(None), "--out", str(tmp_path / "file" / "sub"))

@@ -16,11 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from asteer_build.banks import BankError, EngineWriter, build_banks
 from asteer_build.engine import SteeredEngine, SteerSpec
 from asteer_build.sources import Concept, SourceError, load_concepts, load_prompts, tiny_concepts
 from asteer_build.tinyworld import TinyWorldSpec, build_tiny_model
-from asteer_build.vectors import build_vectors, load_vectors
+from asteer_build.vectors import (
+    BankError,
+    EngineWriter,
+    VectorSettings,
+    build_banks,
+    build_vectors,
+    load_vectors,
+)
 
 from .conftest import PROMPTS, chat_ids, engine_args
 
@@ -61,9 +67,10 @@ def _read(folder: Path) -> dict[str, bytes]:
 
 def test_vllm_vectors_match_hf_reference(engine, model, tmp_path):
     cs = tiny_concepts()[:4]
-    a = build_vectors(model, cs, LAYER, METHODS, tmp_path / "vllm", engine=engine, bank_size=12)
-    b = build_vectors(model, cs, LAYER, METHODS, tmp_path / "hf", pool="hf", bank_size=12,
-                      device="cpu")
+    a = build_vectors(model, cs, tmp_path / "vllm", VectorSettings(LAYER, METHODS, bank_size=12),
+                      engine=engine)
+    b = build_vectors(model, cs, tmp_path / "hf", VectorSettings(
+        LAYER, METHODS, pool="hf", bank_size=12, device="cpu"))
     va, _ = load_vectors(_read(tmp_path / "vllm"))
     vb, _ = load_vectors(_read(tmp_path / "hf"))
     assert sorted(va) == sorted(vb) == sorted(f"{m}/{c.concept_id}" for m in METHODS
@@ -85,9 +92,11 @@ def test_vllm_vectors_match_hf_reference(engine, model, tmp_path):
 
 def test_rebuild_is_bit_identical_and_interrupted_stage_resumes(engine, model, tmp_path):
     cs = tiny_concepts()[:6]
-    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r1", engine=engine, bank_size=10)
-    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r2", engine=engine, bank_size=10,
-                  cache_dir=tmp_path / "cache-r2")
+    s10 = VectorSettings(LAYER, METHODS, bank_size=10)
+    cached = VectorSettings(LAYER, METHODS, bank_size=10, cache_dir=tmp_path / "cache")
+    build_vectors(model, cs, tmp_path / "r1", s10, engine=engine)
+    build_vectors(model, cs, tmp_path / "r2", VectorSettings(
+        LAYER, METHODS, bank_size=10, cache_dir=tmp_path / "cache-r2"), engine=engine)
     first = _read(tmp_path / "r1")
     assert first == _read(tmp_path / "r2")  # bytes, every file
 
@@ -101,14 +110,13 @@ def test_rebuild_is_bit_identical_and_interrupted_stage_resumes(engine, model, t
 
     counting = CountingEngine(engine)
     with pytest.raises(KeyboardInterrupt):
-        build_vectors(model, cs, LAYER, METHODS, tmp_path / "r3", engine=counting,
-                      bank_size=10, cache_dir=tmp_path / "cache", on_concept=stop)
+        build_vectors(model, cs, tmp_path / "r3", cached, engine=counting, on_concept=stop)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
     assert not list((tmp_path / "cache").glob(".*tmp*"))
     counting.pooled = 0
     redone: list[str] = []
-    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r3", engine=counting, bank_size=10,
-                  cache_dir=tmp_path / "cache", on_concept=lambda cid, e: redone.append(cid))
+    build_vectors(model, cs, tmp_path / "r3", cached, engine=counting,
+                  on_concept=lambda cid, e: redone.append(cid))
     assert redone == [c.concept_id for c in cs[2:]]
     assert counting.pooled == 4 * 2 * 10  # only the four unfinished concepts
     got, _ = load_vectors(_read(tmp_path / "r3"))
@@ -119,8 +127,7 @@ def test_rebuild_is_bit_identical_and_interrupted_stage_resumes(engine, model, t
         assert torch.equal(got[f"diffmean/{c.concept_id}"], want[f"diffmean/{c.concept_id}"])
     # a fully cached rerun pools nothing
     counting.pooled = 0
-    build_vectors(model, cs, LAYER, METHODS, tmp_path / "r4", engine=counting, bank_size=10,
-                  cache_dir=tmp_path / "cache")
+    build_vectors(model, cs, tmp_path / "r4", cached, engine=counting)
     assert counting.pooled == 0
     assert _read(tmp_path / "r4") == _read(tmp_path / "r3")
 
@@ -140,15 +147,16 @@ def test_local_engine_writes_banks_offline(engine, model, tmp_path):
     assert build_banks(cs, w2, tmp_path / "banks", n=3).keys() == banks.keys()
     assert w2.calls == 0
     # and the vectors stage reads them from the bank folder
-    idx = build_vectors(model, cs, LAYER, ["diffmean"], tmp_path / "v", engine=engine,
-                        bank_dir=tmp_path / "banks")
+    idx = build_vectors(model, cs, tmp_path / "v", VectorSettings(
+        LAYER, ["diffmean"], bank_dir=tmp_path / "banks"), engine=engine)
     assert set(idx["diffmean"]) == {c.concept_id for c in cs}
     assert idx["diffmean"]["tw-ocean"]["bank_size"] == 3
 
 
 def test_diffmean_steering_raises_concept_rate(engine, model, tmp_path):
     cs = tiny_concepts()
-    build_vectors(model, cs, LAYER, ["diffmean"], tmp_path / "v", engine=engine, bank_size=16)
+    build_vectors(model, cs, tmp_path / "v", VectorSettings(LAYER, ["diffmean"], bank_size=16),
+                  engine=engine)
     vecs, _ = load_vectors(_read(tmp_path / "v"))
     engine.register_vectors(vecs)
     tok = engine.get_tokenizer()
@@ -187,15 +195,17 @@ def test_diffmean_steering_raises_concept_rate(engine, model, tmp_path):
 def test_bad_input_fails_clearly(engine, model, tmp_path):
     cs = tiny_concepts()[:2]
     with pytest.raises(ValueError, match="layer 6 is beyond the model .* 6 decoder layers"):
-        build_vectors(model, cs, 6, ["diffmean"], tmp_path / "x", engine=engine, bank_size=4)
+        build_vectors(model, cs, tmp_path / "x", VectorSettings(6, ["diffmean"], bank_size=4),
+                      engine=engine)
     with pytest.raises(BankError, match="tw-emoji: contrast bank has no positives"):
-        build_vectors(model, cs[:1], LAYER, ["diffmean"], tmp_path / "x", engine=engine,
-                      banks={"tw-emoji": ([], ["the water is good"])})
+        build_vectors(model, cs[:1], tmp_path / "x", VectorSettings(LAYER, ["diffmean"]),
+                      engine=engine, banks={"tw-emoji": ([], ["the water is good"])})
     with pytest.raises(BankError, match="no contrast bank at"):
-        build_vectors(model, cs, LAYER, ["diffmean"], tmp_path / "x", engine=engine,
-                      bank_dir=tmp_path / "nowhere")
+        build_vectors(model, cs, tmp_path / "x", VectorSettings(
+            LAYER, ["diffmean"], bank_dir=tmp_path / "nowhere"), engine=engine)
     with pytest.raises(ValueError, match="unknown method"):
-        build_vectors(model, cs, LAYER, ["pca"], tmp_path / "x", engine=engine, bank_size=4)
+        build_vectors(model, cs, tmp_path / "x", VectorSettings(LAYER, ["pca"], bank_size=4),
+                      engine=engine)
     # sources
     (tmp_path / "dup.json").write_text(json.dumps([
         {"concept_id": "a", "concept": "ocean"}, {"concept_id": "a", "concept": "music"}]))

@@ -1,0 +1,141 @@
+"""The vectors stage's settings: one frozen dataclass, and the one place the config's
+`vectors:` section maps onto it (`VectorSettings.from_section`).
+
+`asteer_build.config` checks the section with it when a config loads
+(`BuildConfig.vector_settings`), so a bad field fails before any engine starts.
+
+The section's keys are the dataclass's fields other than `layer` and `methods` (those
+come from the config's top level):
+
+    vectors:
+      pool: vllm            # vllm (prefill-only pooling on the engine) | hf (the reference)
+      bank_size: 32         # texts per side when the banks come from the built-in templates
+      seed: 0               # template banks and the probe's init
+      bank_dir: null        # a folder of written banks (`build_banks`), one per concept
+      cache_dir: null       # per-concept vector cache, so a killed stage resumes
+      probe_epochs: 10
+      probe_lr: 0.005
+      probe_weight_decay: 0.001
+      probe_l2: 0.01
+      device: null          # the HF reference's device (pool: hf); default cuda if present
+      engine_args: null     # the pooling engine's arguments; default: the tiny CPU engine's
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["METHODS", "POOLS", "ProbeSettings", "VectorSettings"]
+
+METHODS = ("diffmean", "probe")
+POOLS = ("vllm", "hf")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The LinearProbe trainer's hyper-parameters (`methods.train_probe`)."""
+
+    epochs: int = 10
+    lr: float = 5e-3
+    weight_decay: float = 1e-3
+    l2: float = 0.01
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int(v: Any, where: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{where}: expected an integer >= {minimum} (got {v!r})")
+    return v
+
+
+def _float(v: Any, where: str) -> float:
+    """A number >= 0; a numeric string too (YAML reads `5e-3` as a string)."""
+    try:
+        x = float(v) if isinstance(v, str) else v
+    except ValueError:
+        x = None
+    if isinstance(x, bool) or not isinstance(x, int | float) or x != x or x < 0:
+        raise ValueError(f"{where}: expected a number >= 0 (got {v!r})")
+    return float(x)
+
+
+def _path(v: Any, where: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str | os.PathLike) or not str(v).strip():
+        raise ValueError(f"{where}: expected a folder path or null (got {v!r})")
+    return str(v)
+
+
+@dataclass(frozen=True)
+class VectorSettings:
+    """Everything that decides a model's vector files, besides the model, the concepts and
+    (optionally) banks handed in directly. Invalid values raise `ValueError` naming the
+    config field (`vectors.<field>`, or `methods`)."""
+
+    layer: int
+    methods: tuple[str, ...] = METHODS
+    pool: str = "vllm"
+    bank_size: int = 32
+    seed: int = 0
+    bank_dir: str | None = None
+    cache_dir: str | None = None
+    probe_epochs: int = 10
+    probe_lr: float = 0.005
+    probe_weight_decay: float = 0.001
+    probe_l2: float = 0.01
+    device: str | None = None
+    engine_args: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"methods: unknown method(s) {bad} (known: {', '.join(METHODS)})")
+        set_(self, "methods", methods)
+        _int(self.layer, "layer", 0)
+        if self.pool not in POOLS:
+            raise ValueError(f"vectors.pool: expected vllm or hf (got {self.pool!r})")
+        _int(self.bank_size, "vectors.bank_size", 1)
+        _int(self.seed, "vectors.seed", 0)
+        _int(self.probe_epochs, "vectors.probe_epochs", 0)
+        for name in ("probe_lr", "probe_weight_decay", "probe_l2"):
+            set_(self, name, _float(getattr(self, name), f"vectors.{name}"))
+        for name in ("bank_dir", "cache_dir"):
+            set_(self, name, _path(getattr(self, name), f"vectors.{name}"))
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(f"vectors.device: expected a torch device name (got "
+                             f"{self.device!r})")
+        if self.engine_args is not None and not isinstance(self.engine_args, Mapping):
+            raise ValueError(f"vectors.engine_args: expected a mapping (got "
+                             f"{self.engine_args!r})")
+
+    @property
+    def probe(self) -> ProbeSettings:
+        return ProbeSettings(self.probe_epochs, self.probe_lr, self.probe_weight_decay,
+                             self.probe_l2, self.seed)
+
+    @classmethod
+    def section_keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name not in ("layer", "methods"))
+
+    @classmethod
+    def from_section(cls, section: Any, *, layer: int, methods: Sequence[str]
+                     ) -> VectorSettings:
+        """The config's `vectors:` section (a mapping, or None for all defaults)."""
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise ValueError(f"vectors: expected a mapping (got {section!r})")
+        known = cls.section_keys()
+        for k in section:
+            if k not in known:
+                raise ValueError(f"vectors.{k}: unknown field (known: {', '.join(known)})")
+        return cls(layer=layer, methods=tuple(methods), **section)

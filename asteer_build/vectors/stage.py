@@ -1,0 +1,211 @@
+"""The vectors stage: contrast banks -> pooled states -> DiffMean / LinearProbe vectors,
+written as one model's vector files.
+
+Files per model: `<method>.safetensors` (one float32 tensor per concept id) and
+`index.json` ({method: {concept_id: {norm, layer, bank_size, probe_accuracy, ...}}}).
+
+Banks come from, in order: the `banks` handed in, `settings.bank_dir` (written by
+`banks.build_banks`), or the built-in templates (`writers.TemplateWriter`, enough for the
+tiny world and a working fallback elsewhere).
+
+The stage is resumable per concept: each finished concept's vectors go to
+`<cache_dir>/<concept>.safetensors` (temp name, then rename) with a fingerprint of
+everything that determines them (model, layer, bank texts, probe settings, pooling path),
+and a rerun reuses matching files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import atomic
+from ..sources import Concept
+from .banks import Bank, BankError, bank_path, check_bank, load_bank, plan_requests, safe_name
+from .methods import make_vector
+from .pooling import Pooling, open_pooling, tokenize_texts
+from .settings import ProbeSettings, VectorSettings
+from .writers import TemplateWriter
+
+__all__ = ["build_vectors", "compute_vectors", "stage_banks", "load_vectors"]
+
+OnConcept = Callable[[str, dict[str, Any]], None]
+
+
+def _as_bank(cid: str, b: Any) -> Bank:
+    if isinstance(b, Bank):
+        return b
+    pos, neg = b
+    return Bank(cid, list(pos), list(neg))
+
+
+def stage_banks(concepts: Sequence[Concept], settings: VectorSettings,
+                banks: Mapping[str, Any] | None = None) -> dict[str, Bank]:
+    """Each concept's bank, in concept order: from `banks` ({id: Bank or (pos, neg)}),
+    else from `settings.bank_dir`, else from the built-in templates."""
+    if banks is None and settings.bank_dir is not None:
+        banks = {}
+        for c in concepts:
+            p = bank_path(settings.bank_dir, c.concept_id)
+            if not p.exists():
+                raise BankError(f"{c.concept_id}: no contrast bank at {p}; write the banks "
+                                "first (asteer_build.vectors.build_banks)")
+            banks[c.concept_id] = load_bank(p)
+    if banks is None:
+        w = TemplateWriter()
+        banks = {}
+        for c in concepts:
+            texts = dict(w.write(c, plan_requests(c, settings.bank_size, settings.seed)))
+            banks[c.concept_id] = Bank(
+                c.concept_id, [t for r, t in texts.items() if r.kind == "pos"],
+                [t for r, t in texts.items() if r.kind == "neg"])
+    missing = [c.concept_id for c in concepts if c.concept_id not in banks]
+    if missing:
+        raise BankError(f"no contrast bank for concept(s) {missing}")
+    out = {c.concept_id: _as_bank(c.concept_id, banks[c.concept_id]) for c in concepts}
+    for cid, b in out.items():
+        check_bank(cid, b.positives, b.negatives)  # before any engine starts
+    return out
+
+
+def build_vectors(model_path: str, concepts: Sequence[Concept], out_dir: str | Path,
+                  settings: VectorSettings, *, engine: Any = None,
+                  banks: Mapping[str, Any] | None = None,
+                  on_concept: OnConcept | None = None) -> dict[str, Any]:
+    """The stage end to end: write `<method>.safetensors` + `index.json` into `out_dir`
+    and return the index. `engine`: a running `SteeredEngine` to pool on (else one is
+    started for `pool: vllm`); `banks`: texts handed in, overriding `settings.bank_dir`."""
+    bank_objs = stage_banks(concepts, settings, banks)
+    with open_pooling(model_path, settings, engine) as pooling:
+        return compute_vectors(model_path, bank_objs, out_dir, settings, pooling,
+                               on_concept=on_concept)
+
+
+def _fingerprint(model_id: str, s: VectorSettings, probe: ProbeSettings, kind: str,
+                 b: Bank) -> str:
+    key = {"model": model_id, "layer": int(s.layer), "methods": sorted(s.methods),
+           "probe": probe.as_dict(), "bank": b.digest(), "pool": kind, "v": 1}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+Result = tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]
+
+
+def _cached(cache: Path | None, cid: str, fingerprint: str) -> Result | None:
+    f = cache / f"{safe_name(cid)}.safetensors" if cache else None
+    if f is None or not f.exists():
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata() or {}
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    return load_file(str(f)), json.loads(meta["entries"])
+
+
+def _concept_vectors(s: VectorSettings, probe: ProbeSettings, kind: str, b: Bank,
+                     pos: np.ndarray, neg: np.ndarray) -> Result:
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise RuntimeError(f"{b.concept_id}: non-finite pooled states at layer {s.layer}")
+    tens: dict[str, torch.Tensor] = {}
+    ents: dict[str, dict[str, Any]] = {}
+    for meth in s.methods:
+        v, acc = make_vector(meth, pos, neg, probe)
+        tens[meth] = v.contiguous()
+        ents[meth] = {"norm": float(v.double().norm()), "layer": int(s.layer),
+                      "bank_size": len(pos), "n_positive": len(pos),
+                      "n_negative": len(neg), "probe_accuracy": acc,
+                      "bank_digest": b.digest(), "pool": kind}
+    return tens, ents
+
+
+def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Path,
+                    settings: VectorSettings, pooling: Pooling, *,
+                    concepts_per_call: int | None = None,
+                    on_concept: OnConcept | None = None) -> dict[str, Any]:
+    """Vectors for every bank (checked by `stage_banks`), pooled with `pooling`; concepts
+    already in `settings.cache_dir` under the same fingerprint are read back, not pooled."""
+    from safetensors.torch import save_file
+
+    s, layer, num_layers = settings, settings.layer, pooling.num_layers
+    if not 0 <= int(layer) < num_layers:
+        raise ValueError(f"layer {layer} is beyond the model {model_id}: it has {num_layers} "
+                         f"decoder layers (valid layers 0..{num_layers - 1})")
+    probe = s.probe
+    cache = Path(s.cache_dir) if s.cache_dir else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+
+    def fingerprint(b: Bank) -> str:
+        return _fingerprint(model_id, s, probe, pooling.kind, b)
+
+    results: dict[str, Result] = {}
+    todo: list[str] = []
+    for cid, b in banks.items():
+        hit = _cached(cache, cid, fingerprint(b))
+        if hit is not None:
+            results[cid] = hit
+        else:
+            todo.append(cid)
+
+    per_call = concepts_per_call or max(1, 1024 // max(1, 2 * max(
+        (len(banks[c].positives) + len(banks[c].negatives)) // 2 for c in todo)
+        if todo else 1))
+    for g0 in range(0, len(todo), per_call):
+        group = todo[g0:g0 + per_call]
+        ids: list[list[int]] = []
+        spans = []
+        for cid in group:
+            b = banks[cid]
+            a = len(ids)
+            ids += tokenize_texts(pooling.tokenizer, b.positives)
+            m = len(ids)
+            ids += tokenize_texts(pooling.tokenizer, b.negatives)
+            spans.append((a, m, len(ids)))
+        pooled = pooling.pool(ids, int(layer))
+        for cid, (a, m, e) in zip(group, spans, strict=True):
+            tens, ents = _concept_vectors(s, probe, pooling.kind, banks[cid],
+                                          pooled[a:m], pooled[m:e])
+            if cache:
+                with atomic.atomic_path(cache / f"{safe_name(cid)}.safetensors") as tmp:
+                    save_file(tens, str(tmp), metadata={"fingerprint": fingerprint(banks[cid]),
+                                                        "entries": json.dumps(ents)})
+            results[cid] = (tens, ents)
+            if on_concept:
+                on_concept(cid, ents)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {m: {} for m in s.methods}
+    for meth in s.methods:
+        tensors = {cid: results[cid][0][meth] for cid in banks}
+        for cid in banks:
+            index[meth][cid] = results[cid][1][meth]
+        save_file(tensors, str(out / f"{meth}.safetensors"))
+    (out / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    return index
+
+
+def load_vectors(folder_files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor],
+                                                         dict[str, float]]:
+    """From a model's vector files (name -> bytes): {"method/concept_id": tensor} and the
+    norms under the same keys, as the engine registers them."""
+    from safetensors.torch import load
+
+    index = json.loads(folder_files["index.json"])
+    vecs: dict[str, torch.Tensor] = {}
+    norms: dict[str, float] = {}
+    for method, entries in index.items():
+        tens = load(folder_files[f"{method}.safetensors"])
+        for cid, e in entries.items():
+            vecs[f"{method}/{cid}"] = tens[cid]
+            norms[f"{method}/{cid}"] = float(e["norm"])
+    return vecs, norms
