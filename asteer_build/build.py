@@ -164,15 +164,17 @@ def _rollouts_stage(run: Run) -> dict[str, Any]:
 
 
 async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
+    """Label each shard in memory: read its table through the store, label it with
+    `judge.label.alabel_table`, commit the bytes through the store's atomic write and
+    the manifest. A killed run redoes an uncommitted shard; the judgment cache (an
+    append log written as answers arrive) serves the rows already judged."""
     from judge.cache import JudgmentCache
     from judge.config import JudgeConfig
-    from judge.shards import judge_shard
+    from judge.label import LabelReport, alabel_table, table_from_parquet, table_to_parquet
 
     jc = JudgeConfig.from_dict(run.cfg.judge)
     console.say(f"judge: {len(todo)} shard(s) to label ({jc.kind} judge)")
-    staging = Path(_staging_dir(run)) / "labelled"
-    staging.mkdir(parents=True, exist_ok=True)
-    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(Path(_staging_dir(run)) /
+    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(Path(_scratch_dir(run)) /
                                                               "judge-cache.jsonl")
     reports = []
 
@@ -181,23 +183,17 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
                                disable=not run.opts.progress)
         with JudgmentCache(cache_path) as cache, bar:
             for name in todo:
-                src = staging / f"{name}.src.parquet"
-                dest = staging / f"{name}.parquet"
                 entry = run.manifest.entries("labelled").get(name)
                 base = entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
-                src.write_bytes(run.store.read_bytes(base))
-                if dest.exists() and name not in rerun:
-                    pass  # a killed judge run left it: judge_shard resumes from it
-                elif dest.exists():
-                    dest.unlink()
-                rep = await judge_shard(src, dest, judge, cache, rerun_failed=name in rerun,
-                                        workers=workers)
+                rep = LabelReport(f"{name}.parquet")
+                table = table_from_parquet(run.store.read_bytes(base))
+                table = await alabel_table(table, judge, cache=cache,
+                                           rerun_failed=name in rerun, workers=workers,
+                                           report=rep)
                 f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
-                                       dest.read_bytes(), rep.rows)
+                                       table_to_parquet(table), rep.rows)
                 run.manifest.record([f], ok=rep.ok, failed=rep.failed, pending=rep.pending,
                                     judge_model=judge.judge_model)
-                src.unlink(missing_ok=True)
-                dest.unlink(missing_ok=True)
                 reports.append(rep)
                 bar.update(1)
 
@@ -216,9 +212,10 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
     return reports
 
 
-def _staging_dir(run: Run) -> str:
-    """Local scratch for the judge (it works on local files); inside the run folder when
-    that is local, so a resumed judge finds its half-labelled shard again."""
+def _scratch_dir(run: Run) -> str:
+    """Local home of the judge cache (an append log, so a local file): inside the run
+    folder when that is local (`.staging`, the name earlier runs used, so they find
+    their cache again), else under $ASTEER_CACHE by plan hash."""
     if run.store.local:
         return run.store.path(".staging")
     root = Path(os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer")

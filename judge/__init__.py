@@ -6,7 +6,8 @@ plus `judge_error`, the redacted reason a row failed: without it a failed row co
 be told from one that was never tried, and `--rerun-failed` would have nothing to show.
 
 Modules: `rubric` (prompt, schema, parsing), `pool` (endpoints, dispatch, retries),
-`judges` (LLM and rules judges), `rules` (tiny-world measures), `cache`, `shards`,
+`judges` (LLM and rules judges), `rules` (tiny-world measures), `cache`, `label`
+(label a table: the one labelling path), `shards` (shard directories on top of it),
 `batchfile` (OpenAI Batch API files), `agreement` (kappa, review samples), `config`,
 `secrets` (key redaction), `cli` (`asteer-judge`).
 """

@@ -1,8 +1,9 @@
 """OpenAI Batch API files: the cheap path for large runs, and `vllm run-batch` input.
 
-`write_requests` turns every unjudged row into one `/v1/chat/completions` request line,
-deduplicated by the judgment cache key, which doubles as `custom_id`: results map back
-to rows by content, so a row moved between shards or repeated still gets its label.
+`write_requests` turns every row still to judge (`judge.label.rows_to_judge`) into one
+`/v1/chat/completions` request line, deduplicated by the judgment cache key, which
+doubles as `custom_id`: results map back to rows by content, so a row moved between
+shards or repeated still gets its label.
 Files are split at `max_per_file` lines (the Batch API caps a file at 50,000 requests).
 
 `read_results` parses result files, puts each readable judgment into the cache and
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from asteer_build import atomic
 
 from .cache import JudgmentCache, cache_key
+from .label import rows_to_judge
 from .rubric import (
     RUBRIC_VERSION,
     JudgmentParseError,
@@ -85,21 +87,11 @@ def write_requests(
     for shard in list_shards(in_dir):
         done = Path(out_dir) / shard.name if out_dir is not None else shard
         t = pq.read_table(done if done.exists() else shard)
-        status = (
-            t.column("judge_status").to_pylist()
-            if "judge_status" in t.column_names
-            else [None] * t.num_rows
+        prompts, concepts, responses = (
+            t.column(c).to_pylist() for c in ("prompt", "concept", "response")
         )
-        for p, c, r, s in zip(
-            t.column("prompt").to_pylist(),
-            t.column("concept").to_pylist(),
-            t.column("response").to_pylist(),
-            status,
-            strict=True,
-        ):
-            if s == "ok" or (s == "failed" and not rerun_failed):
-                continue
-            p, c, r = p or "", c or "", r or ""
+        for i in rows_to_judge(t, rerun_failed=rerun_failed):
+            p, c, r = prompts[i] or "", concepts[i] or "", responses[i] or ""
             key = cache_key(RUBRIC_VERSION, model, p, c, r)
             if key in seen or (cache is not None and key in cache):
                 continue

@@ -182,3 +182,47 @@ def test_agree_cli_writes_sample(tmp_path):
     with open(tmp_path / "s.csv") as f:
         sample = list(csv.DictReader(f))
     assert len(sample) == 12 and sample[0]["human_label"] == ""
+
+
+def test_label_table_in_memory_with_a_batch_judge(tmp_path):
+    """The table API: rows keep their order, failures stay failed with their error, a
+    request a batch judge never answers stays pending, and the cache spares a second ask."""
+    from asteer_build import contract
+    from judge.judges import Outcome
+    from judge.label import BatchJudge, LabelReport, alabel_table, label_table
+
+    class Batch:
+        judge_model = rubric_version = "batch-v1"
+
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+
+        async def judge_many(self, requests, on_done):
+            self.asked.append(len(requests))
+            for req in requests:  # a real one would submit, poll, then collect
+                if req.response.endswith("ok"):
+                    on_done(req.key, Outcome("ok", 1, "fine"))
+                elif req.response.endswith("bad"):
+                    on_done(req.key, Outcome("failed", error="no verdict"))
+
+    responses = ["a ok", "b bad", "c lost", "a ok"]
+    table = pa.table({"id": [f"r{i}" for i in range(4)], "prompt": ["p"] * 4,
+                      "concept": ["c"] * 4, "response": responses})
+    judge = Batch()
+    assert isinstance(judge, BatchJudge) and not isinstance(RulesJudge(), BatchJudge)
+    rep = LabelReport()
+    out = label_table(table, judge, report=rep)
+    assert out.column_names == ["id", "prompt", "concept", "response", *contract.JUDGE_COLUMNS]
+    assert out.column("judge_status").to_pylist() == ["ok", "failed", "pending", "ok"]
+    assert out.column("label").to_pylist() == [1, None, None, 1]
+    assert out.column("judge_error").to_pylist() == [None, "no verdict", None, None]
+    assert (rep.rows, rep.calls, rep.ok, rep.failed, rep.pending) == (4, 3, 2, 1, 1)
+
+    async def twice(cache: JudgmentCache) -> pa.Table:
+        first = await alabel_table(table, judge, cache=cache)
+        return await alabel_table(first, judge, cache=cache, rerun_failed=True)
+
+    with JudgmentCache(tmp_path / "cache.jsonl") as cache:
+        again = asyncio.run(twice(cache))
+    assert judge.asked == [3, 3, 2]  # the second pass asks only failed + pending
+    assert again.column("judge_status").to_pylist() == ["ok", "failed", "pending", "ok"]
