@@ -149,13 +149,13 @@ def generate(
         ]
         if not with_labels:
             status[:] = "pending"
+        # the key columns both tables start with, in the contract's order
+        keys = {"id": ids, "model": [model] * n, "method": [method] * n,
+                "concept_id": [concept_ids[c] for c in ci]}
         roll_parts.append(
             pa.table(
                 {
-                    "id": ids,
-                    "model": [model] * n,
-                    "method": [method] * n,
-                    "concept_id": [concept_ids[c] for c in ci],
+                    **keys,
                     "concept": [f"concept number {c}" for c in ci],
                     "concept_level": [levels[c] for c in ci],
                     "prompt_id": [prompt_ids[p] for p in pj],
@@ -181,10 +181,7 @@ def generate(
         feat_parts.append(
             pa.table(
                 {
-                    "id": ids,
-                    "model": [model] * n,
-                    "method": [method] * n,
-                    "concept_id": [concept_ids[c] for c in ci],
+                    **keys,
                     "prompt_id": [prompt_ids[p] for p in pj],
                     "alpha": a,
                     **{c: pa.array(feats[c].astype(np.float32)) for c in cols},
