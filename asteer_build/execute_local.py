@@ -8,17 +8,20 @@ at most the shard in progress.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .console import console
 from .plan import Shard
 from .rollouts import run_rollouts
 from .work import capture_settings, engine_kwargs, model_context, shard_requests, write_shard
 
+if TYPE_CHECKING:
+    from .build import Run
+
 __all__ = ["run_rollouts_local"]
 
 
-def run_rollouts_local(run: Any, todo: list[Shard]) -> dict[str, Any]:
+def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
     from .engine import SteeredEngine
 
     cfg, store, manifest = run.cfg, run.store, run.manifest

@@ -22,10 +22,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .console import console
 from .plan import Shard
+
+if TYPE_CHECKING:
+    from .build import Run
+    from .config import BuildConfig, ModelConfig
+    from .engine.protocol import AsyncSteeringEngine
+    from .sources import Prompt
+    from .work import ModelContext
 
 __all__ = ["run_rollouts_ray", "vector_files_on_ray", "EngineHost"]
 
@@ -35,13 +42,13 @@ log = logging.getLogger("asteer_build.ray")
 class EngineHost:
     """The body of the engine actor (a plain class, so it can be tested without Ray)."""
 
-    def __init__(self, cfg: Any, store_uri: str, model_name: str, prompts: list[Any],
+    def __init__(self, cfg: BuildConfig, store_uri: str, model_name: str, prompts: list[Prompt],
                  max_in_flight: int) -> None:
         self.cfg, self.store_uri, self.model_name = cfg, store_uri, model_name
         self.prompts = prompts
         self.max_in_flight = max_in_flight
-        self.engine: Any = None
-        self.ctx: Any = None
+        self.engine: AsyncSteeringEngine | None = None
+        self.ctx: ModelContext | None = None
         self.sem: asyncio.Semaphore | None = None
         self.items_done = 0
         self.tokens_done = 0
@@ -152,7 +159,7 @@ def _resources(cluster: dict[str, float], tp: int, cpus: float) -> tuple[list[di
     return bundles, actor
 
 
-def _replicas(model: Any, cluster: dict[str, float], cpus: float, n_shards: int) -> int:
+def _replicas(model: ModelConfig, cluster: dict[str, float], cpus: float, n_shards: int) -> int:
     if model.replicas:
         return model.replicas
     if cluster.get("GPU", 0) >= 1:
@@ -165,7 +172,7 @@ def _replicas(model: Any, cluster: dict[str, float], cpus: float, n_shards: int)
 class _ModelDispatch:
     """The driver side for one model: its slots, its shard queue, retries, progress."""
 
-    def __init__(self, run: Any, model: Any, shards: list[Shard], actor_cls: Any,
+    def __init__(self, run: Run, model: ModelConfig, shards: list[Shard], actor_cls: Any,
                  cluster: dict[str, float], summary: dict[str, Any]) -> None:
         import ray
         from ray.util.placement_group import placement_group
@@ -344,7 +351,7 @@ class _ModelDispatch:
             remove_placement_group(s.pg)
 
 
-def _init(cfg: Any) -> dict[str, float]:
+def _init(cfg: BuildConfig) -> dict[str, float]:
     import ray
 
     from .lockcheck import require_lock
@@ -355,7 +362,7 @@ def _init(cfg: Any) -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def vector_files_on_ray(cfg: Any, *args: Any) -> dict[str, bytes]:
+def vector_files_on_ray(cfg: BuildConfig, *args: Any) -> dict[str, bytes]:
     """`work.vector_files` (the vectors stage) as a Ray task: on a GPU worker when the
     cluster has GPUs."""
     import ray
@@ -367,7 +374,7 @@ def vector_files_on_ray(cfg: Any, *args: Any) -> dict[str, bytes]:
     return ray.get(task.remote(*args))
 
 
-def run_rollouts_ray(run: Any, todo: list[Shard]) -> dict[str, Any]:
+def run_rollouts_ray(run: Run, todo: list[Shard]) -> dict[str, Any]:
     import ray
 
     cfg = run.cfg

@@ -38,6 +38,7 @@ import torch
 from .contract import DEFAULT_OFFSETS, DEFAULT_STEPS, feature_names
 from .engine import SteerSpec
 from .engine.collect import unwire
+from .engine.protocol import AsyncSteeringEngine, SteeringEngine
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def _check_features(settings: CaptureSettings) -> None:
 
 
 def run_with_capture(
-    engine: Any, requests: Sequence[RolloutRequest], settings: CaptureSettings
+    engine: SteeringEngine, requests: Sequence[RolloutRequest], settings: CaptureSettings
 ) -> list[RolloutResult]:
     """Rollouts with capture, replay and features (synchronous `SteeredEngine`).
 
@@ -260,7 +261,7 @@ def run_with_capture(
 
 
 async def run_one_with_capture_async(
-    engine: Any, req: RolloutRequest, settings: CaptureSettings
+    engine: AsyncSteeringEngine, req: RolloutRequest, settings: CaptureSettings
 ) -> RolloutResult:
     """The same for one request on an `AsyncSteeredEngine` (the Ray feeder's unit)."""
     _check_features(settings)
@@ -285,7 +286,8 @@ def activation_bytes(settings: CaptureSettings, hidden: int, layers_kept: int) -
     return len(settings.steps) * (2 * layers_kept + 1) * hidden * item
 
 
-def run_rollouts(engine: Any, requests: Sequence[RolloutRequest], capture: Any = None):
+def run_rollouts(engine: SteeringEngine, requests: Sequence[RolloutRequest],
+                 capture: CaptureSettings | None = None) -> list[RolloutResult]:
     """Generate every request in one continuous batch; results in request order."""
     if capture is not None:
         return run_with_capture(engine, requests, capture)
@@ -297,7 +299,8 @@ def run_rollouts(engine: Any, requests: Sequence[RolloutRequest], capture: Any =
     return [_result(r, o) for r, o in zip(requests, outs, strict=True)]
 
 
-async def run_rollout_async(engine: Any, req: RolloutRequest, capture: Any = None):
+async def run_rollout_async(engine: AsyncSteeringEngine, req: RolloutRequest,
+                            capture: CaptureSettings | None = None) -> RolloutResult:
     """One request on an `AsyncSteeredEngine`; the feeder keeps many of these in flight."""
     if capture is not None:
         return await run_one_with_capture_async(engine, req, capture)
@@ -308,7 +311,7 @@ async def run_rollout_async(engine: Any, req: RolloutRequest, capture: Any = Non
 
 
 def probe_feature_rows(
-    model: Any,
+    model: SteeringEngine | str,
     vector: Any,
     prompts: Sequence[str],
     alphas: Sequence[float],
@@ -331,7 +334,7 @@ def probe_feature_rows(
 
     from .engine import SteeredEngine
 
-    engine = model if isinstance(model, SteeredEngine) else SteeredEngine(
+    engine = model if isinstance(model, SteeringEngine) else SteeredEngine(
         str(model), **(engine_args or {}))
     name = vector if isinstance(vector, str) else "asteer-suggest"
     if not isinstance(vector, str):

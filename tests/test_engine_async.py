@@ -25,6 +25,9 @@ def test_async_engine_concurrent_requests_match_reference(varied_model):
     async def run():
         eng = AsyncSteeredEngine.from_args(varied_model, **engine_args())
         try:
+            from asteer_build.engine.protocol import AsyncSteeringEngine
+
+            assert isinstance(eng, AsyncSteeringEngine)
             await eng.register_vectors(v)
             with pytest.raises(ValueError, match=r"steer\[0\]\.layer"):
                 bad = SteerSpec("v", 1, 9)

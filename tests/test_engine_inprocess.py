@@ -59,6 +59,11 @@ def _residuals(engine, prompt, spec) -> dict[int, torch.Tensor]:
 
 def test_in_process_engine_is_used(engine):
     assert type(engine.llm.llm_engine.engine_core).__name__ == "InprocClient"
+    # the pipeline is typed against this Protocol; SteeredEngine is its implementation
+    from asteer_build.engine.protocol import AsyncSteeringEngine, SteeringEngine
+
+    assert isinstance(engine, SteeringEngine)
+    assert not isinstance(engine, AsyncSteeringEngine)  # no generate_final
 
 
 @pytest.mark.parametrize("mode", ["all", "generated", "last_prompt_and_generated"])

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.protocol import SteeringEngine
 from .settings import VectorSettings
 
 __all__ = ["Pooler", "Pooling", "tokenize_texts", "engine_pooler", "hf_pooler",
@@ -43,7 +44,7 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def engine_pooler(engine: Any, chunk: int = 2048) -> Pooler:
+def engine_pooler(engine: SteeringEngine, chunk: int = 2048) -> Pooler:
     def pool(ids: list[list[int]], layer: int) -> np.ndarray:
         parts = [engine.pool_hidden(ids[i:i + chunk], layer, skip=1)
                  for i in range(0, len(ids), chunk)]
@@ -72,7 +73,8 @@ class Pooling:
 
 
 @contextmanager
-def open_pooling(model_path: str, settings: VectorSettings, engine: Any = None
+def open_pooling(model_path: str, settings: VectorSettings,
+                 engine: SteeringEngine | None = None
                  ) -> Iterator[Pooling]:
     """The backend `settings.pool` names: the HF reference, or the vLLM engine (the one
     given, else one started here with `settings.engine_args` and shut down after)."""

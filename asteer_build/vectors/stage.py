@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import atomic
+from ..engine.protocol import SteeringEngine
 from ..sources import Concept
 from .banks import Bank, BankError, bank_path, check_bank, load_bank, plan_requests, safe_name
 from .methods import make_vector
@@ -75,7 +76,7 @@ def stage_banks(concepts: Sequence[Concept], settings: VectorSettings,
 
 
 def build_vectors(model_path: str, concepts: Sequence[Concept], out_dir: str | Path,
-                  settings: VectorSettings, *, engine: Any = None,
+                  settings: VectorSettings, *, engine: SteeringEngine | None = None,
                   banks: Mapping[str, Any] | None = None,
                   on_concept: OnConcept | None = None) -> dict[str, Any]:
     """The stage end to end: write `<method>.safetensors` + `index.json` into `out_dir`

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..engine.protocol import SteeringEngine
 from ..sources import Concept
 from .banks import BankError, BankRequest
 
@@ -212,7 +213,7 @@ class EngineWriter:
 
     name = "engine"
 
-    def __init__(self, engine: Any, model: str, *, temperature: float = 0.8,
+    def __init__(self, engine: SteeringEngine, model: str, *, temperature: float = 0.8,
                  max_tokens: int = 150) -> None:
         self.engine, self.model = engine, model
         self.temperature, self.max_tokens = temperature, max_tokens

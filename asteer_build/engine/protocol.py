@@ -1,0 +1,68 @@
+"""What the pipeline asks of a steered engine, as Protocols.
+
+The pipeline (rollouts, the vectors stage, the executors) is typed against these rather
+than against `SteeredEngine` / `AsyncSteeredEngine` themselves: the seam says which
+methods a build relies on (and so what a future engine, e.g. one per vLLM major version
+or a remote one, must offer), and importing it costs no torch or vLLM. The two classes
+in `llm.py` are the implementations; tests/test_engine_inprocess.py holds them to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .spec import SteerSpec
+
+__all__ = ["SteeringEngine", "AsyncSteeringEngine"]
+
+
+@runtime_checkable
+class SteeringEngine(Protocol):
+    """A synchronous engine with per-request steering and capture (`SteeredEngine`)."""
+
+    num_layers: int
+    hidden_size: int
+
+    def register_vectors(self, vectors: Mapping[str, Any]) -> dict[str, str]: ...
+
+    def get_tokenizer(self) -> Any: ...
+
+    def generate(self, prompts: Any, sampling_params: Any = None,
+                 steer: Sequence[SteerSpec | None] | None = None, *,
+                 capture: Sequence[dict | None] | None = None, use_tqdm: bool = False,
+                 **kwargs: Any) -> list[Any]: ...
+
+    def decorate(self, sampling_params: Any, steer: SteerSpec | None,
+                 capture: dict | None) -> Any: ...
+
+    def stream(self, submissions: Sequence[tuple[str, Any, Any]],
+               on_output: Callable[[Any], Sequence[tuple[str, Any, Any]] | None]) -> None: ...
+
+    def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def pool_hidden(self, prompts: Sequence[Sequence[int]], layer: int,
+                    skip: int = 1) -> np.ndarray: ...
+
+    def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncSteeringEngine(Protocol):
+    """The asyncio engine the Ray actors feed (`AsyncSteeredEngine`)."""
+
+    num_layers: int
+    hidden_size: int
+
+    async def register_vectors(self, vectors: Mapping[str, Any]) -> dict[str, str]: ...
+
+    async def generate_final(self, prompt: Any, sampling_params: Any,
+                             steer: SteerSpec | None = None, request_id: str | None = None,
+                             capture: dict | None = None) -> Any: ...
+
+    async def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def shutdown(self) -> None: ...
