@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -82,26 +83,15 @@ async def judge_shards(
     out_dir: str | os.PathLike[str] | None,
     judge: Judge | BatchJudge,
     cache: JudgmentCache,
-    *,
-    rerun_failed: bool = False,
-    cache_only: bool = False,
-    workers: int = 64,
-    external_failures: dict[str, str] | None = None,
+    **options: Any,
 ) -> list[ShardReport]:
-    """Judge every shard of `in_dir` into `out_dir` (default: rewrite in place)."""
+    """Judge every shard of `in_dir` into `out_dir` (default: rewrite in place);
+    `options` are `judge_shard`'s keywords (rerun_failed, cache_only, workers,
+    external_failures), passed to each shard unchanged."""
     out = Path(out_dir) if out_dir is not None else Path(in_dir)
     reports = []
     for src in list_shards(in_dir):
-        rep = await judge_shard(
-            src,
-            out / src.name,
-            judge,
-            cache,
-            rerun_failed=rerun_failed,
-            cache_only=cache_only,
-            workers=workers,
-            external_failures=external_failures,
-        )
+        rep = await judge_shard(src, out / src.name, judge, cache, **options)
         log.info(
             "%s: %d rows, %d calls, %d cached, ok=%d failed=%d pending=%d%s",
             rep.name,
