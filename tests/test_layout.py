@@ -138,3 +138,19 @@ def test_train_and_judge_load_without_vllm_or_ray():
     for m, deps in _graph(top_level_only=True).items():
         if m.startswith(("train", "judge")):
             assert not {d for d in deps if d.split(".")[0] in heavy or d in heavy}, m
+
+
+def test_public_api_keeps_its_import_paths():
+    """The names the README gives users import from where it says (issue 14, item 8)."""
+    from asteer_build.capture import CaptureSettings as Old
+    from asteer_build.cli import main as build_main
+    from asteer_build.engine import AsyncSteeredEngine, SteeredEngine, SteerSpec
+    from asteer_build.rollouts import CaptureSettings, RolloutResult, run_rollouts
+    from judge.cli import main as judge_main
+    from train.cli import main as train_main
+
+    assert Old is CaptureSettings
+    assert SteeredEngine.__module__ == AsyncSteeredEngine.__module__ == "asteer_build.engine.llm"
+    assert SteerSpec("v", 1.0, 2).positions == "all"
+    assert all(callable(f) for f in (run_rollouts, build_main, judge_main, train_main))
+    assert "features" in RolloutResult.__dataclass_fields__
