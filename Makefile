@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml $(LOCK_CPU)
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -x -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -x -q -p no:cacheprovider --durations=20 tests
 
 demo: setup
 	$(BIN)/asteer-build demo --out demo_out
