@@ -114,10 +114,10 @@ class Store:
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Temp name, fsync, rename (and fsync the folder): never a torn file."""
-        parent, _, base = rel.rpartition("/")
+        parent = rel.rpartition("/")[0]
         if parent:
             self.makedirs(parent)
-        tmp = f"{parent + '/' if parent else ''}.{base}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = atomic.temp_path(rel).as_posix()
         if self.local:
             p = self.path(tmp)
             with open(p, "wb") as f:
@@ -158,7 +158,7 @@ class Store:
             return 0
         for info in infos:
             base = info.base_name
-            if info.type == pafs.FileType.File and base.startswith(".") and ".tmp-" in base:
+            if info.type == pafs.FileType.File and atomic.is_temp(base):
                 self.fs.delete_file(info.path)
                 n += 1
         return n
