@@ -22,12 +22,24 @@ class HFReference:
     """A `transformers` causal LM with per-row steering hooks."""
 
     def __init__(
-        self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+        self,
+        model_path: str,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        attn_implementation: str | None = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        if attn_implementation is None:
+            # SDPA has no soft-capping, and transformers then silently drops Gemma 2's
+            # attention cap: an oracle must compute the model as defined, so eager.
+            cfg = AutoConfig.from_pretrained(model_path)
+            capped = getattr(cfg, "attn_logit_softcapping", None) is not None
+            attn_implementation = "eager" if capped else "sdpa"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=attn_implementation
+        ).to(device)
         self.model.eval()
         self.device = torch.device(device)
         self.dtype = dtype

@@ -21,7 +21,8 @@ from pathlib import Path
 from . import atomic
 
 __all__ = [
-    "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "build_tiny_model", "cache_dir"
+    "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",
+    "build_arch_model", "build_tiny_model", "cache_dir",
 ]
 
 # Words the tokenizer learns as whole tokens. Concept words are what the tiny world's
@@ -100,7 +101,21 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def _write_tokenizer(spec: TinyWorldSpec, out: Path) -> None:
+@dataclass(frozen=True)
+class _Chat:
+    """A tokenizer's special tokens and chat template (the tiny world's or a real family's)."""
+
+    special_tokens: tuple[str, ...]
+    bos: str | None
+    eos: str
+    pad: str
+    template: str
+
+
+_TINY_CHAT = _Chat(tuple(SPECIAL_TOKENS), "<|bos|>", "<|eos|>", "<|pad|>", CHAT_TEMPLATE)
+
+
+def _write_tokenizer(spec: TinyWorldSpec, out: Path, chat: _Chat = _TINY_CHAT) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,21 +125,23 @@ def _write_tokenizer(spec: TinyWorldSpec, out: Path) -> None:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(chat.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"],
+        bos_token=chat.bos,
+        eos_token=chat.eos,
+        pad_token=chat.pad,
+        additional_special_tokens=[
+            t for t in chat.special_tokens if t not in (chat.bos, chat.eos, chat.pad)
+        ],
         padding_side="left",
         model_max_length=spec.max_position_embeddings,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat.template
     fast.save_pretrained(str(out))
 
 
@@ -189,6 +206,214 @@ def build_tiny_model(spec: TinyWorldSpec | None = None, root: Path | None = None
         (tmp / "asteer_tinyworld.json").write_text(
             json.dumps({**asdict(spec), "format": FORMAT_VERSION}, indent=2)
         )
+    return target
+
+
+# --- The paper's three architectures in miniature ------------------------------------
+#
+# The reference testbed steers Qwen3-1.7B, gemma-2-2b-it and Llama-3.2-3B. Their model
+# classes differ in ways a steering hook can trip over: Qwen3 normalises q and k per
+# head; Gemma 2 scales the embeddings by sqrt(hidden), wraps every block's attention and
+# MLP in extra norms, soft-caps attention and final logits and alternates sliding-window
+# and global attention; Llama 3.2 uses llama3 rope scaling and tied embeddings. Each
+# builder below writes a small random model of the real Hugging Face class with those
+# features switched on at sizes where they act on short test prompts, plus a chat
+# template shaped like the real family's, on the tiny world's own tokenizer.
+
+ARCHS = ("qwen3", "gemma2", "llama3")
+
+_QWEN3_TEMPLATE = (
+    # Like Qwen3's: ChatML turns, no BOS, earlier assistant turns lose their reasoning,
+    # and `enable_thinking=False` pre-fills an empty think block.
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' %}"
+    "{%- set content = m['content'] %}"
+    "{%- if '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\n\n</think>\n\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+_GEMMA2_TEMPLATE = (
+    # Like gemma-2-it's: BOS, <start_of_turn>user / model turns, no system role,
+    # roles must alternate.
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+_LLAMA3_TEMPLATE = (
+    # Like Llama 3.2's: BOS, a system header that always carries the knowledge-cutoff
+    # and date lines, <|start_header_id|>role<|end_header_id|> turns ending in <|eot_id|>.
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\n' }}"
+    "{{- 'Today Date: ' + date_string + '\n\n' }}"
+    "{{- system_message + '<|eot_id|>' }}"
+    "{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+    "{{- m['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{%- endif %}"
+)
+
+_ARCH_CHATS = {
+    "qwen3": _Chat(
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+        None, "<|im_end|>", "<|endoftext|>", _QWEN3_TEMPLATE,
+    ),
+    "gemma2": _Chat(
+        ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+        "<bos>", "<eos>", "<pad>", _GEMMA2_TEMPLATE,
+    ),
+    "llama3": _Chat(
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+         "<|eot_id|>", "<|finetune_right_pad_id|>"),
+        "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", _LLAMA3_TEMPLATE,
+    ),
+}
+# Tokens that end a turn (the generation config's EOS list, as in the real models).
+_ARCH_STOPS = {
+    "qwen3": ("<|im_end|>", "<|endoftext|>"),
+    "gemma2": ("<eos>", "<end_of_turn>"),
+    "llama3": ("<|end_of_text|>", "<|eot_id|>"),
+}
+#: Sliding window of the tiny Gemma 2 (real: 4096): short enough that test prompts plus
+#: a few generated tokens run past it, so windowed layers really drop early tokens.
+GEMMA2_SLIDING_WINDOW = 16
+
+
+def arch_spec(arch: str, seed: int = 0) -> TinyWorldSpec:
+    """The size knobs of one architecture's tiny model (hidden 64, head_dim 32, GQA 2:1)."""
+    if arch not in ARCHS:
+        raise ValueError(f"tinyworld: arch={arch!r} is not one of {', '.join(ARCHS)}")
+    return TinyWorldSpec(
+        seed=seed, hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1,
+        intermediate_size=192, initializer_range=0.1,
+        # Gemma multiplies embeddings by sqrt(hidden); at full size a token's own (tied)
+        # embedding then dominates the stream and greedy decoding repeats it. Shrunk x10,
+        # the blocks steer the text and greedy output varies, as the parity tests need.
+        embed_scale=0.1 if arch == "gemma2" else 1.0,
+    )
+
+
+def _arch_config(arch: str, spec: TinyWorldSpec, vocab_size: int, ids: dict[str, int]):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
+        tie_word_embeddings=True,
+        eos_token_id=[ids[t] for t in _ARCH_STOPS[arch]],
+        dtype=spec.dtype,
+    )
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            **common, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default",
+                                                          "rope_theta": 1_000_000.0},
+            bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        )
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+
+        layer_types = [
+            "sliding_attention" if i % 2 == 0 else "full_attention"
+            for i in range(spec.num_layers)
+        ]
+        return Gemma2Config(
+            **common, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+            # Real caps are 50 (attention) and 30 (logits); the tiny model's scores are
+            # far smaller, so caps this low are what makes tanh bend them here.
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            # Real gemma-2-2b has query_pre_attn_scalar == head_dim; a different value
+            # here shows the engine takes the scale from the config, not head_dim.
+            query_pre_attn_scalar=48,
+            sliding_window=GEMMA2_SLIDING_WINDOW, layer_types=layer_types,
+            bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
+        )
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **common, rms_norm_eps=1e-5,
+        # Llama 3.2's rope scaling (factor 32, low 1, high 4); the original context is
+        # 128 (real: 8192) so that all three frequency bands occur at head_dim 32.
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 128},
+        bos_token_id=ids["<|begin_of_text|>"], pad_token_id=ids["<|finetune_right_pad_id|>"],
+    )
+
+
+def build_arch_model(arch: str, seed: int = 0, root: Path | None = None) -> Path:
+    """Write (or reuse) a tiny random model of one of the paper's architectures.
+
+    `arch` is one of ARCHS: "qwen3" (Qwen3ForCausalLM), "gemma2" (Gemma2ForCausalLM),
+    "llama3" (LlamaForCausalLM with llama3 rope scaling). Cached and written atomically
+    like `build_tiny_model`.
+    """
+    spec = arch_spec(arch, seed)
+    chat = _ARCH_CHATS[arch]
+    root = Path(root) if root else cache_dir() / "tinyworld"
+    payload = json.dumps({**asdict(spec), "arch": arch, "format": FORMAT_VERSION},
+                         sort_keys=True)
+    target = root / f"{arch}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    if (target / "asteer_tinyworld.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    with atomic.commit_dir(target) as tmp:
+        _write_tokenizer(spec, tmp, chat)
+        tok = AutoTokenizer.from_pretrained(str(tmp))
+        ids = {t: tok.convert_tokens_to_ids(t) for t in chat.special_tokens}
+        config = _arch_config(arch, spec, len(tok), ids)
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(spec.embed_scale)
+        model = model.to(getattr(torch, spec.dtype))
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+        ).save_pretrained(str(tmp))
+        (tmp / "asteer_tinyworld.json").write_text(json.dumps(json.loads(payload), indent=2))
     return target
 
 
