@@ -25,8 +25,12 @@ for the steer hook's branch on a numpy count and which CUDA graphs record as tak
 capture; the eager form of the capture and pool hooks only, whose branch on a Python
 flag the trace bakes in) so the checks can be seen to fail.
 
+`--engine` adds part (b), the engine smoke on real vLLM (benchmarks/engine_smoke.py:
+three engine starts, compiled cold, compiled warm from the compile cache, eager), under
+`engine_smoke` in the same JSON. It is opt-in: it needs vLLM, and on CPU it compiles the
+model (minutes on 2 cores), which CI's `--device cpu` run must not pay.
+
 Writes benchmarks/results/gpu_check-<device>.json (or `--out`); exit status 1 on failure.
-Part (b), an engine smoke on vLLM, is not written yet (see README "GPU checks").
 """
 
 from __future__ import annotations
@@ -303,6 +307,27 @@ def compare(ref: dict[str, Any], got: dict[str, Any], tol: float) -> dict[str, A
     return checks
 
 
+def _engine_smoke(args: argparse.Namespace) -> dict[str, Any]:
+    """Part (b); a failure to run at all (no vLLM, an engine that does not start) is a
+    failed check in the report, not a traceback."""
+    import shutil
+    import tempfile
+
+    cache = args.compile_cache or Path(tempfile.mkdtemp(prefix="asteer-gpu-check-cache-"))
+    if str(HERE.parent) not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, str(HERE.parent))
+    try:
+        from benchmarks.engine_smoke import run_smoke
+
+        return run_smoke(args.device, cache, args.engine_model)
+    except Exception as e:
+        return {"checks": {"runs": {"pass": False, "error": f"{type(e).__name__}: {e}"[:2000]}},
+                "passed": False}
+    finally:
+        if args.compile_cache is None:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -316,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--break", dest="brk", default=None,
                     choices=["steer", "branch", "capture-branch"],
                     help="break the tested variants on purpose (the checks must fail)")
+    ap.add_argument("--engine", action="store_true",
+                    help="also run the engine smoke on vLLM (part b; needs vLLM installed)")
+    ap.add_argument("--engine-model", default=None,
+                    help="model folder for --engine (default: the tiny world, float32)")
+    ap.add_argument("--compile-cache", type=Path, default=None,
+                    help="vLLM cache root for --engine (default: a fresh temp dir, so the "
+                         "first start compiles cold and the restart reads what it wrote)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -375,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = {"total_s": time.perf_counter() - t0, "setup_s": h.setup_s,
                          "median_step_ms": statistics.median(h.step_ms[1:])}
     passed = all(c["pass"] for r in results.values() for c in r.values())
+    smoke = _engine_smoke(args) if args.engine else None
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -383,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "reference_sanity": sanity,
         "checks": results,
         "timings": timings,
-        "passed": passed and all(sanity.values()),
+        "engine_smoke": smoke,
+        "passed": passed and all(sanity.values()) and (smoke is None or smoke["passed"]),
     }
     out = args.out or HERE / "results" / f"gpu_check-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(name, {k: ("PASS" if c["pass"] else "FAIL", c["max_abs_diff"])
                      for k, c in r.items()})
+    if smoke is not None:
+        print("engine_smoke", {k: "PASS" if c["pass"] else "FAIL"
+                               for k, c in smoke["checks"].items()})
     print("gpu_check:", "PASS" if report["passed"] else "FAIL", "->", out)
     return 0 if report["passed"] else 1
 

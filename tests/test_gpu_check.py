@@ -50,3 +50,23 @@ def test_gpu_check_fails_when_a_hook_is_broken(tmp_path, brk, failing):
     report = json.loads(out.read_text())
     assert rc == 1 and not report["passed"]
     assert not report["checks"]["compile"][failing]["pass"]
+
+
+def test_engine_smoke_is_opt_in_and_reports_into_the_same_json(tmp_path):
+    """Without `--engine` the JSON has no engine part; with it, a smoke that cannot run
+    (here: no such model folder, refused before any engine starts) is a failed check in
+    the report and exit status 1, not a traceback. The smoke itself (three vLLM engine
+    starts, one compiling) is too slow for CI; tests/test_engine_compiled.py covers the
+    compiled engine here."""
+    from benchmarks.gpu_check import main
+
+    plain = tmp_path / "plain.json"
+    assert main(["--device", "cpu", "--backend", "aot_eager", "--out", str(plain)]) == 0
+    assert json.loads(plain.read_text())["engine_smoke"] is None
+    out = tmp_path / "smoke.json"
+    rc = main(["--device", "cpu", "--backend", "aot_eager", "--engine",
+               "--engine-model", str(tmp_path / "no-such-model"), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 1 and not report["passed"]
+    smoke = report["engine_smoke"]
+    assert not smoke["passed"] and "no-such-model" in smoke["checks"]["runs"]["error"]
