@@ -179,12 +179,13 @@ def _rows(spec: Any, key: str, base_dir: str, origin: dict[str, Any] | None = No
         _default_ids(rows, key)
         return rows, where, limit
     if isinstance(spec, list):
-        return [dict(r) if isinstance(r, dict) else {} for r in spec], key, limit
+        return [{**(r if isinstance(r, dict) else {}), _INDEX: i}
+                for i, r in enumerate(spec)], key, limit
     if not isinstance(spec, str):
         raise SourceError(f"{key}: expected {BUILTIN!r}, a file path or a list, got {spec!r}")
     path = Path(spec if os.path.isabs(spec) else os.path.join(base_dir, spec))
     origin.setdefault("path", str(path))
-    return _read_rows(path, key), str(path), limit
+    return [{**r, _INDEX: i} for i, r in enumerate(_read_rows(path, key))], str(path), limit
 
 
 def _level_rows(d: dict[str, Any], where: str) -> list[dict[str, Any]]:

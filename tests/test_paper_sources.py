@@ -152,6 +152,8 @@ def test_prompt_ids_are_sample_positions_and_keep_their_row(offline):
     assert [p.source_index for p in ps] == random.Random(7).sample(range(805), 5)
     assert [p.prompt_id for p in ps] == ["0", "1", "2", "3", "4"]
     assert ps[0].source == f"hub:{REPO}/alpaca_eval.json"
+    inline = load_prompts([{"prompt_id": "a", "prompt": "x"}, {"prompt_id": "b", "prompt": "y"}])
+    assert [(p.prompt_id, p.source_index) for p in inline] == [("a", 0), ("b", 1)]
 
 
 def test_a_concept_id_outside_every_level_range_is_named(tmp_path, monkeypatch):
