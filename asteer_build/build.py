@@ -100,6 +100,11 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
                      "config": manifest.data["config"]})
         manifest.data["config"], manifest.data["config_hash"] = cfg.as_dict(), cfg.config_hash()
         manifest.save()
+    if plan.sources and manifest.data.get("sources") != plan.sources:
+        # Where concepts and prompts came from: a Hub file's resolved commit, so a build
+        # names the exact data it was made from (publish copies it into build.json).
+        manifest.data["sources"] = plan.sources
+        manifest.save()
     removed = store.clean_temps()
     if removed:
         log.info("removed %d temp file(s) left by an interrupted writer", removed)

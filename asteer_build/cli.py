@@ -1,11 +1,12 @@
 """`asteer-build`: plan, run and inspect a build.
 
-    asteer-build plan CONFIG
+    asteer-build plan CONFIG [--json]
     asteer-build run --config CONFIG [--out DIR] [--executor local|ray]
                      [--rerun-shards 3,17] [--rerun-failed] [--stages vectors,rollouts,judge]
     asteer-build status RUN_DIR
 
-`plan` and `status` print JSON on stdout (plus a table for `plan`). `run` and `demo` show
+`plan` and `status` print JSON on stdout (plus a table for `plan`; `plan --json` also
+lists the resolved prompts and concepts). `run` and `demo` show
 stage lines, progress bars and a short summary; every other line (vLLM, Ray, transformers,
 our own log) goes to a log file in the run folder (`logs/build.log`; the demo's
 `OUT/logs/demo.log`), unless `--verbose`. Their full summary is `summary.json` in the
@@ -45,8 +46,16 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
 
     path = resolve_config(args.config)
     cfg = load_config(path)
-    summ = {"config": str(path.resolve()), **plan_summary(cfg)}
+    summ = {"config": str(path.resolve()), **plan_summary(cfg, listing=args.listing)}
     print(f"config: {summ['config']}", file=sys.stderr)
+    for key, src in summ["sources"].items():
+        if not src["loaded"]:
+            print(f"  {key}: {src['count']} expected, not loaded ({src['not_loaded']})",
+                  file=sys.stderr)
+        elif (src.get("origin") or {}).get("commit"):
+            o = src["origin"]
+            print(f"  {key}: {src['count']} from hub:{o['hub']}/{o['file']} at "
+                  f"{o['commit'][:12]}", file=sys.stderr)
     print(f"{summ['name']}: {summ['items']:,} rollouts in {summ['shards']:,} shards of "
           f"<= {summ['shard_size']}", file=sys.stderr)
     for r in summ["by_model_method"]:
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="counts, shards and token estimate of a config")
     sp.add_argument("config", help="a config file, or a packaged config by name "
                     "(asteer-paper, demo)")
+    sp.add_argument("--json", dest="listing", action="store_true",
+                    help="the JSON on stdout also lists the resolved prompts (prompt_id, "
+                    "source_index, prompt) and concepts (concept_id, level, partition)")
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("run", help="build (or resume) a run folder")
     sp.add_argument("--config", required=True)

@@ -19,7 +19,9 @@ Rollouts, one base plus named additions rather than copies:
 `features`: the keys `FEATURES_KEY_FIELDS` then one float32 column per feature name
 (`features_schema(names)`). `concepts` and `prompts`: `CONCEPTS_SCHEMA`,
 `PROMPTS_SCHEMA`; a concept's `partition` is `PARTITION_UNSEEN` (``ood``) or
-`PARTITION_SEEN` (``id``), drawn by `partition_concepts`.
+`PARTITION_SEEN` (``id``), drawn by `partition_concepts`; seen concepts' prompts are
+split by `prompt_splits`. Both are the authors' algorithms (research/fidelity-gaps.md,
+section 7), shared by `publish`, `train` and `asteer-build plan --json`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ __all__ = [
     "ROLLOUTS_SHARD_SCHEMA", "ROLLOUTS_SCHEMA", "FEATURES_KEY_FIELDS", "FEATURE_KEYS",
     "FEATURE_TYPE", "features_schema", "CONCEPTS_SCHEMA", "PROMPTS_SCHEMA",
     "PARTITION_SEEN", "PARTITION_UNSEEN", "UNSEEN_FRACTION", "PARTITION_SEED",
-    "partition_concepts",
+    "PARTITION_SCHEMES", "LEVEL_ORDER", "PROMPT_TEST_SIZE", "PROMPT_VAL_SIZE", "sort_ids",
+    "partition_concepts", "prompt_split_sizes", "prompt_splits",
     # the feature-name scheme (asteer_build.engine.feature_names)
     "GROUPS", "STATS", "ROW_STATS", "META_FEATURES", "DEFAULT_STEPS", "DEFAULT_OFFSETS",
     "FeatureInfo", "feature_names", "group_names", "parse_feature_name", "feature_family",
@@ -136,29 +139,116 @@ PROMPTS_SCHEMA = pa.schema(
 
 UNSEEN_FRACTION = 0.2  # 10 of 50 per level
 PARTITION_SEED = 42
+#: `stratified`: the authors' per-level draw (default); `contiguous`: their legacy
+#: static ranges (the last concepts in id order are unseen)
+PARTITION_SCHEMES = ("stratified", "contiguous")
+#: levels are drawn in this order (the authors' `LEVEL_POOLS` order); others after, sorted
+LEVEL_ORDER = ("low", "mid", "high")
+#: the authors' per-concept prompt split: test = int(n * 0.3), val = int((n - test) * 0.2)
+PROMPT_TEST_SIZE = 0.3
+PROMPT_VAL_SIZE = 0.2
+
+
+def sort_ids(ids: Iterable[str]) -> list[str]:
+    """Ids in ascending numeric order when every id is an integer (the authors' concept
+    and sample ids are ints; ours are their strings, and "10" < "9" as text), else in
+    text order. Both draws below walk ids in this order, so it decides who is unseen."""
+    ids = [str(i) for i in ids]
+    try:
+        keyed = [(int(i), i) for i in ids]
+    except ValueError:
+        return sorted(ids)
+    return [i for _, i in sorted(keyed)]
+
+
+def _n_unseen(n: int, unseen_fraction: float) -> int:
+    k = int(round(unseen_fraction * n))
+    if unseen_fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    return k
 
 
 def partition_concepts(
     levels: Mapping[str, str],
     unseen_fraction: float = UNSEEN_FRACTION,
     seed: int = PARTITION_SEED,
+    scheme: str = "stratified",
 ) -> list[str]:
-    """Unseen concept ids (sorted) from {concept_id: concept_level}: per level (levels in
-    sorted order), a seeded permutation of the sorted members, of which the first
-    round(`unseen_fraction` * n) are unseen (at least one per level of two or more,
-    never all of a level). The published `partition` column and `train`'s own draw both
-    come from here."""
+    """Unseen concept ids (in `sort_ids` order) from {concept_id: concept_level}.
+
+    `stratified` is the authors' draw (`xgb/concept_partition.py`), so a build of their
+    concepts holds out the concepts they held out: one `numpy.random.default_rng(seed)`;
+    per level in the order low, mid, high (then any other level, sorted), over the
+    level's ids in `sort_ids` order, `order = rng.permutation(n)`; the ids in that order,
+    of which the last round(`unseen_fraction` * n) are unseen (40 seen / 10 unseen of
+    50). Small levels: at least one unseen per level of two or more, never all of it.
+
+    `contiguous` is the authors' legacy static ranges (ids 0-119 seen, 120-149 unseen):
+    the last round(`unseen_fraction` * N) of all N ids in `sort_ids` order.
+
+    The published `partition` column, `train`'s split and `plan --json` all come from
+    here.
+    """
     import numpy as np  # the seeded draw; numpy comes with pyarrow's users anyway
 
+    if scheme not in PARTITION_SCHEMES:
+        raise ValueError(f"partition scheme: expected one of {PARTITION_SCHEMES} "
+                         f"(got {scheme!r})")
+    if not 0.0 <= unseen_fraction < 1.0:
+        raise ValueError(f"unseen_fraction: must be in [0, 1) (got {unseen_fraction})")
+    if scheme == "contiguous":
+        ids = sort_ids(levels)
+        k = _n_unseen(len(ids), unseen_fraction)
+        return sort_ids(ids[len(ids) - k:]) if k else []
     rng = np.random.default_rng(seed)
-    chosen: list[str] = []
     by_level: dict[str, list[str]] = {}
     for cid, lvl in levels.items():
         by_level.setdefault(str(lvl), []).append(str(cid))
-    for lvl in sorted(by_level):
-        members = sorted(by_level[lvl])
-        n = int(round(unseen_fraction * len(members)))
-        if unseen_fraction > 0 and len(members) >= 2:
-            n = min(max(n, 1), len(members) - 1)
-        chosen += rng.permutation(members)[:n].tolist()
-    return sorted(chosen)
+    order = [lv for lv in LEVEL_ORDER if lv in by_level]
+    order += sorted(lv for lv in by_level if lv not in LEVEL_ORDER)
+    chosen: list[str] = []
+    for lvl in order:
+        members = sort_ids(by_level[lvl])
+        n = len(members)
+        shuffled = [members[i] for i in rng.permutation(n).tolist()]
+        chosen += shuffled[n - _n_unseen(n, unseen_fraction):]
+    return sort_ids(chosen)
+
+
+def prompt_split_sizes(n: int, test_size: float = PROMPT_TEST_SIZE,
+                       val_size: float = PROMPT_VAL_SIZE) -> tuple[int, int, int]:
+    """(train, val, test) prompts per seen concept, as the authors count them
+    (`xgb/train_weighted_search.py`): test = max(1, int(n * test_size)), val = max(1,
+    int((n - test) * val_size)), train the rest: 28 / 7 / 15 of 50."""
+    n_test = min(max(1, int(n * test_size)), n)
+    n_val = min(max(1, int((n - n_test) * val_size)), n - n_test)
+    return n - n_test - n_val, n_val, n_test
+
+
+def prompt_splits(
+    seen: Iterable[str],
+    prompts: Iterable[str],
+    seed: int = PARTITION_SEED,
+    test_size: float = PROMPT_TEST_SIZE,
+    val_size: float = PROMPT_VAL_SIZE,
+) -> dict[tuple[str, str], str]:
+    """{(concept_id, prompt_id): "train" | "val" | "test"} for the seen concepts, the
+    authors' per-concept prompt split: one `numpy.random.RandomState(seed)` shared by
+    all seen concepts, taken in `sort_ids` order; per concept `perm = arange(n)`,
+    `rng.shuffle(perm)`; the first `test` positions are test, the next `val` val, the
+    rest train. Position i is the i-th prompt in `sort_ids` order: the authors'
+    `sample_id`, the position in their sampled list (the paper config's prompt ids)."""
+    import numpy as np
+
+    pids = sort_ids(dict.fromkeys(str(p) for p in prompts))
+    n = len(pids)
+    _, n_val, n_test = prompt_split_sizes(n, test_size, val_size)
+    rng = np.random.RandomState(seed)
+    out: dict[tuple[str, str], str] = {}
+    for cid in sort_ids(dict.fromkeys(str(c) for c in seen)):
+        perm = np.arange(n)
+        rng.shuffle(perm)
+        for rank, pos in enumerate(perm.tolist()):
+            out[(cid, pids[pos])] = ("test" if rank < n_test else
+                                     "val" if rank < n_test + n_val else "train")
+    return out

@@ -12,8 +12,9 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from . import contract
 from .config import BuildConfig
-from .sources import Concept, Prompt, load_concepts, load_prompts, source_count
+from .sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 
 __all__ = ["Item", "Shard", "Plan", "item_id", "item_seed", "make_plan", "plan_summary",
            "shard_name"]
@@ -77,6 +78,9 @@ class Plan:
     prompts: list[Prompt]
     shards: list[Shard]
     plan_hash: str
+    #: where concepts and prompts came from (Hub repo, file, revision, resolved commit),
+    #: for build.json
+    sources: dict = field(default_factory=dict)
 
     def items(self) -> Iterator[Item]:
         for s in self.shards:
@@ -115,18 +119,42 @@ def make_plan(cfg: BuildConfig) -> Plan:
                                 shards.append(cur)
                             cur.items.append(it)
                             h.update(f"{iid}|{it.seed}|{c.concept}|{p.prompt}\n".encode())
-    return Plan(cfg, concepts, prompts, shards, h.hexdigest()[:16])
+    sources = {k: v for k, v in (("concepts", getattr(concepts, "origin", None)),
+                                 ("prompts", getattr(prompts, "origin", None))) if v}
+    return Plan(cfg, concepts, prompts, shards, h.hexdigest()[:16], sources)
 
 
-def plan_summary(cfg: BuildConfig) -> dict:
+#: characters of each prompt that `plan --json` lists
+PROMPT_PREVIEW = 120
+
+
+def _load_or_expect(spec, key: str, base_dir: str) -> tuple[list | None, int, str | None]:
+    """(rows, count, why not loaded): a source that is not here (file absent, Hub file
+    neither cached nor reachable) counts from its `expect:`; any other problem fails."""
+    loader = load_concepts if key == "concepts" else load_prompts
+    try:
+        rows = loader(spec, base_dir)
+        return rows, len(rows), None
+    except SourceUnavailable as e:
+        if not (isinstance(spec, dict) and spec.get("expect") is not None):
+            raise
+        return None, int(spec["expect"]), str(e)
+
+
+def plan_summary(cfg: BuildConfig, listing: bool = False) -> dict:
     """Counts per (model, method), shards and a token estimate, without building items
-    (the paper's 1.4M are cheap to count; files absent here count from `expect:`)."""
-    n_c, exact_c = source_count(cfg.concepts, "concepts", cfg.base_dir)
-    n_p, exact_p = source_count(cfg.prompts, "prompts", cfg.base_dir)
+    (the paper's 1.4M are cheap to count). Sources are loaded (from the Hugging Face
+    cache when offline); one that is not here counts from its `expect:`, and the summary
+    says so (`counts_exact` false, `sources.*.loaded` false). `listing` adds the resolved
+    prompts (`prompt_id`, `source_index`, `prompt`) and concepts (`concept_id`,
+    `concept`, `level`, `partition` as publish and train draw it) so a testbed can be
+    checked before any GPU hour."""
+    concepts, n_c, why_c = _load_or_expect(cfg.concepts, "concepts", cfg.base_dir)
+    prompts, n_p, why_p = _load_or_expect(cfg.prompts, "prompts", cfg.base_dir)
     prompt_tokens = _TEMPLATE_TOKENS + 32
-    if exact_p:
-        ps = load_prompts(cfg.prompts, cfg.base_dir)
-        prompt_tokens = _TEMPLATE_TOKENS + sum(len(p.prompt) for p in ps) // max(len(ps), 1) // 4
+    if prompts:
+        prompt_tokens = (_TEMPLATE_TOKENS
+                         + sum(len(p.prompt) for p in prompts) // max(len(prompts), 1) // 4)
     rows = []
     total = shards = 0
     for m in cfg.models:
@@ -139,13 +167,23 @@ def plan_summary(cfg: BuildConfig) -> dict:
                          "items": n, "shards": k})
             total += n
             shards += k
-    return {
+    sources = {}
+    for key, loaded, n, why in (("concepts", concepts, n_c, why_c),
+                                ("prompts", prompts, n_p, why_p)):
+        src = {"count": n, "loaded": loaded is not None}
+        if why:
+            src["not_loaded"] = why
+        if loaded is not None and getattr(loaded, "origin", None):
+            src["origin"] = loaded.origin
+        sources[key] = src
+    out = {
         "name": cfg.name,
         "items": total,
         "shards": shards,
         "shard_size": cfg.shard_size,
         "by_model_method": rows,
-        "counts_exact": exact_c and exact_p,
+        "counts_exact": why_c is None and why_p is None,
+        "sources": sources,
         "tokens": {
             "prefill_estimate": total * prompt_tokens,
             "decode_upper_bound": total * cfg.sampling.max_tokens,
@@ -153,3 +191,19 @@ def plan_summary(cfg: BuildConfig) -> dict:
         "stages": ["vectors", "rollouts" + (" (+features, activations)" if cfg.capture
                                             else ""), "judge"],
     }
+    if listing:
+        out["prompts"] = None if prompts is None else [
+            {"prompt_id": p.prompt_id, "source_index": p.source_index,
+             "prompt": p.prompt[:PROMPT_PREVIEW]} for p in prompts]
+        out["concepts"] = None if concepts is None else _concept_listing(concepts)
+    return out
+
+
+def _concept_listing(concepts: list[Concept]) -> list[dict]:
+    """Concepts in config order with the partition the default publish / train draw
+    gives them (`contract.partition_concepts`: the authors' draw, seed 42)."""
+    unseen = set(contract.partition_concepts({c.concept_id: c.concept_level
+                                              for c in concepts}))
+    return [{"concept_id": c.concept_id, "concept": c.concept, "level": c.concept_level,
+             "partition": "unseen" if c.concept_id in unseen else "seen"}
+            for c in concepts]

@@ -121,19 +121,68 @@ def test_one_scheme_for_builder_and_synthetic_names():
 # ---------------------------------------------------------------------------- partition
 
 
-def test_partition_is_deterministic_per_seed():
+# The authors' own output, obtained by running their `xgb/concept_partition.py`
+# (`build_stratified_shuffle_partition`) and the prompt split of their
+# `xgb/train_weighted_search.py` (seed 42, 50 prompts) on their 150 concept ids.
+AUTHORS_UNSEEN_42 = [0, 1, 2, 8, 12, 13, 14, 33, 36, 41, 52, 57, 69, 71, 79, 81, 85, 89, 93,
+                     99, 101, 103, 108, 115, 128, 130, 131, 132, 139, 148]
+AUTHORS_UNSEEN_7 = [2, 5, 11, 21, 23, 25, 31, 34, 40, 53, 60, 62, 69, 70, 71, 74, 77, 81, 83,
+                    90, 97, 105, 121, 123, 131, 142, 144, 145, 147, 148]
+AUTHORS_SPLIT_42 = {  # seen concept -> (test prompts, val prompts)
+    3: ([3, 4, 8, 12, 13, 17, 19, 25, 26, 30, 32, 37, 39, 45, 48], [6, 9, 15, 16, 41, 46, 47]),
+    149: ([2, 9, 17, 18, 23, 24, 26, 27, 28, 32, 34, 36, 41, 45, 48],
+          [0, 7, 10, 12, 19, 25, 49]),
+}
+PAPER_LEVELS = {str(i): lvl for lvl, ranges in (("low", ((0, 39), (120, 129))),
+                                                ("mid", ((40, 79), (130, 139))),
+                                                ("high", ((80, 119), (140, 149))))
+                for a, b in ranges for i in range(a, b + 1)}
+
+
+def test_partition_is_the_authors_draw():
+    assert C.partition_concepts(PAPER_LEVELS) == [str(i) for i in AUTHORS_UNSEEN_42]
+    assert C.partition_concepts(PAPER_LEVELS, seed=7) == [str(i) for i in AUTHORS_UNSEEN_7]
+    # order-free in the mapping; ids walked in numeric order ("10" after "9")
+    assert C.partition_concepts(dict(reversed(PAPER_LEVELS.items()))) == \
+        C.partition_concepts(PAPER_LEVELS)
+    # their legacy static ranges: 0-119 seen, 120-149 unseen
+    assert C.partition_concepts(PAPER_LEVELS, scheme="contiguous") == \
+        [str(i) for i in range(120, 150)]
+    with pytest.raises(ValueError, match="partition scheme: expected one of"):
+        C.partition_concepts(PAPER_LEVELS, scheme="static")
+
+
+def test_partition_of_text_ids_and_small_levels():
+    import numpy as np
+
+    # Text ids: text order; levels low, mid, high (not alphabetical), one generator.
     levels = {f"c{i:03d}": ("low", "mid", "high")[i % 3] for i in range(150)}
-    unseen = C.partition_concepts(levels)
-    assert unseen == C.partition_concepts(dict(reversed(levels.items())))  # order-free
-    assert unseen == sorted(unseen) and len(unseen) == 30
+    rng = np.random.default_rng(42)
+    want = []
     for lvl in ("low", "mid", "high"):
-        assert sum(levels[c] == lvl for c in unseen) == 10
-    assert C.partition_concepts(levels, seed=7) != unseen
-    assert C.partition_concepts(levels, seed=7) == C.partition_concepts(levels, seed=7)
+        pool = sorted(c for c, v in levels.items() if v == lvl)
+        want += [pool[i] for i in rng.permutation(50)][40:]
+    assert C.partition_concepts(levels) == sorted(want)
     # at least one per level of two or more, never a whole level, none of a singleton
     small = {"a": "low", "b": "low", "c": "mid"}
     assert len(C.partition_concepts(small)) == 1 and "c" not in C.partition_concepts(small)
     assert C.partition_concepts(small, unseen_fraction=0.0) == []
+
+
+def test_sort_ids_is_numeric_for_integer_ids():
+    assert C.sort_ids(["10", "9", "100"]) == ["9", "10", "100"]
+    assert C.sort_ids(["b", "10", "9"]) == ["10", "9", "b"]
+
+
+def test_prompt_split_is_the_authors():
+    seen = [c for c in C.sort_ids(PAPER_LEVELS) if int(c) not in AUTHORS_UNSEEN_42]
+    split = C.prompt_splits(seen, [str(i) for i in range(50)], seed=42)
+    assert C.prompt_split_sizes(50) == (28, 7, 15)
+    for cid, (test, val) in AUTHORS_SPLIT_42.items():
+        got = {s: sorted(int(p) for (c, p), v in split.items() if c == str(cid) and v == s)
+               for s in ("test", "val", "train")}
+        assert got["test"] == test and got["val"] == val
+        assert got["train"] == sorted(set(range(50)) - set(test) - set(val))
 
 
 def test_train_draws_the_contract_partition():
@@ -147,7 +196,9 @@ def test_train_draws_the_contract_partition():
     levels = dict(zip(frame.concept_id, frame.concept_level, strict=True))
     for seed in (0, 42):
         _, unseen, how = partition_concepts(frame, seed=seed)
-        assert how == "fraction" and unseen == C.partition_concepts(levels, seed=seed)
+        assert how == "stratified" and unseen == C.partition_concepts(levels, seed=seed)
+    _, unseen, how = partition_concepts(frame, scheme="contiguous")
+    assert how == "contiguous" and unseen == [f"c{i:02d}" for i in range(24, 30)]
 
 
 # ---------------------------------------------------------- writers conform, readers read

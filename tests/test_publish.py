@@ -267,6 +267,12 @@ def test_card_yaml_parses_and_its_counts_equal_the_data(published, run_dir):
         assert needle in text, needle
     m = json.loads((published / "build.json").read_text())
     assert m["config_hash"] in text and m["config"]["name"] == "publish-test"
+    # The partition as the authors draw it, said in build.json and in the card's words.
+    assert m["partition"]["scheme"] == "stratified" and m["partition"]["seed"] == 42
+    assert m["partition"]["level_order"] == ["low", "mid", "high"]
+    assert m["partition"]["prompt_split"] == {"test_size": 0.3, "val_size": 0.2, "seed": 42}
+    assert "`numpy.random.default_rng(42)`; per `concept_level` in the order low, mid, high" \
+        in text
     assert set(m["stages"]) >= {"rollouts", "labelled", "features", "activations", "vectors"}
     assert {f["path"] for f in m["files"]} >= {
         "concepts/train-00000.parquet",

@@ -86,7 +86,7 @@ def test_reference_proportions_for_50_per_level():
         }
     )
     seen, unseen, how = partition_concepts(concepts)
-    assert (len(seen), len(unseen), how) == (120, 30, "fraction")
+    assert (len(seen), len(unseen), how) == (120, 30, "stratified")
     lv = concepts.set_index("concept_id")["concept_level"]
     assert lv[unseen].value_counts().to_dict() == {"low": 10, "mid": 10, "high": 10}
     assert partition_concepts(concepts)[1] == unseen  # seeded
@@ -190,3 +190,23 @@ def test_hub_id_goes_through_snapshot_download(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(DatasetError, match="could not download Hub dataset 'a/b': no network"):
         load_dataset("a/b")
+
+
+def test_paper_ids_split_as_the_authors():
+    """Numeric ids (the authors' concept_id and sample_id): the partition and the
+    per-concept prompt split are the authors' own output (values in test_contract)."""
+    from .test_contract import AUTHORS_SPLIT_42, AUTHORS_UNSEEN_42, PAPER_LEVELS
+
+    concepts = pd.DataFrame({"concept_id": list(PAPER_LEVELS),
+                             "concept_level": list(PAPER_LEVELS.values())})
+    frame = pd.DataFrame([(c, str(p)) for c in PAPER_LEVELS for p in range(50)],
+                         columns=["concept_id", "prompt_id"])
+    s = make_splits(frame, concepts)
+    assert s.unseen == [str(i) for i in AUTHORS_UNSEEN_42] and s.how == "stratified"
+    for cid, (test, val) in AUTHORS_SPLIT_42.items():
+        assert sorted(int(p) for (c, p), v in s.items.items()
+                      if c == str(cid) and v == "test") == test
+        assert sorted(int(p) for (c, p), v in s.items.items()
+                      if c == str(cid) and v == "val") == val
+    legacy = make_splits(frame, concepts, partition="contiguous")
+    assert legacy.unseen == [str(i) for i in range(120, 150)] and legacy.how == "contiguous"

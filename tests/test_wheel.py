@@ -38,6 +38,10 @@ def installed(tmp_path_factory) -> Path:
 def _run(target: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(target))  # the wheel ahead of .venv's editable
     env.pop("PYTHONSAFEPATH", None)
+    # The paper config reads the authors' files from the Hub: no network in tests, and a
+    # cache miss then counts from `expect:` (tests/test_paper_sources.py reads a cache).
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HUB_CACHE"] = str(cwd / "hf-hub-cache")
     return subprocess.run([str(target / "bin" / args[0]), *args[1:]], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

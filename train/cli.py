@@ -15,7 +15,7 @@ from pathlib import Path
 from train.data import DatasetError
 from train.model import SEARCH_ROWS, FeatureMismatchError, TrainingError
 from train.search import DEFAULT_KS, DEFAULT_PROBE_TOKENS
-from train.splits import DEFAULT_UNSEEN_FRACTION, SplitError
+from train.splits import DEFAULT_UNSEEN_FRACTION, PARTITION_SCHEMES, SplitError
 from train.suggest import LiveSuggestError
 
 
@@ -46,6 +46,13 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
         "--use-partition-column",
         action="store_true",
         help="unseen = concepts whose `partition` is 'ood'",
+    )
+    p.add_argument(
+        "--partition",
+        choices=PARTITION_SCHEMES,
+        default="stratified",
+        help="unseen concepts: stratified = the authors' per-level draw (seed --seed); "
+        "contiguous = their legacy static ranges (the last concepts in id order)",
     )
     p.add_argument("--groups", help="ablation: comma-separated feature groups to keep")
     p.add_argument("--tokens", help="ablation: comma-separated decode steps to keep")
@@ -79,6 +86,7 @@ def _fit_kwargs(a: argparse.Namespace) -> dict:
         "unseen_fraction": a.unseen_fraction,
         "unseen": _csv(a.unseen),
         "use_partition_column": a.use_partition_column,
+        "partition": a.partition,
         "groups": _csv(a.groups),
         "tokens": _csv(a.tokens, int),
         "no_alpha": a.no_alpha,

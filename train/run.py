@@ -58,6 +58,7 @@ def fit_data(
     unseen_fraction: float = DEFAULT_UNSEEN_FRACTION,
     unseen: list[str] | None = None,
     use_partition_column: bool = False,
+    partition: str = "stratified",
     groups: list[str] | None = None,
     tokens: list[int] | None = None,
     no_alpha: bool = False,
@@ -68,7 +69,8 @@ def fit_data(
 ) -> Predictor:
     """Split, search, save ``out_dir/predictor`` (model.txt + predictor.json)."""
     splits = make_splits(
-        data.frame, data.concepts, unseen_fraction, seed, unseen, use_partition_column
+        data.frame, data.concepts, unseen_fraction, seed, unseen, use_partition_column,
+        partition,
     )
     frame = with_splits(data, splits)
     names = select_features(data.feature_names, groups, tokens, no_alpha)

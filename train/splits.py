@@ -4,23 +4,24 @@ Two leaks matter. A concept in both seen and unseen would inflate the unseen sco
 alphas of one (concept, prompt) in different splits would let the model interpolate the
 item's window instead of reading it from the hidden states. So concepts are partitioned
 first (per level, so every level is represented in both), and the prompt split assigns
-whole (concept, prompt) items.
+whole (concept, prompt) items. Both draws are the authors' (`asteer_build.contract`), so
+a model trained on the paper testbed is tested on the concepts and prompts theirs was.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from asteer_build import contract
 
 SPLITS = ("train", "val", "test", "unseen")
-# Reference: 28 / 7 / 15 of 50 prompts per seen concept.
-DEFAULT_PROMPT_FRACTIONS = (0.56, 0.14, 0.30)
+# Reference: 28 / 7 / 15 of 50 prompts per seen concept (test 0.3, val 0.2 of the rest).
+DEFAULT_TEST_SIZE = contract.PROMPT_TEST_SIZE
+DEFAULT_VAL_SIZE = contract.PROMPT_VAL_SIZE
 DEFAULT_UNSEEN_FRACTION = contract.UNSEEN_FRACTION  # 10 of 50 per level
+PARTITION_SCHEMES = contract.PARTITION_SCHEMES
 
 
 class SplitError(ValueError):
@@ -35,7 +36,7 @@ class Splits:
     unseen: list[str]
     items: dict[tuple[str, str], str]  # (concept_id, prompt_id) -> split name
     seed: int
-    how: str  # "fraction", "explicit" or "partition-column"
+    how: str  # "stratified", "contiguous", "explicit" or "partition-column"
 
     def assign(self, frame: pd.DataFrame) -> pd.Series:
         """Split name per row; a row of an unknown item is an error, not a silent drop."""
@@ -81,14 +82,16 @@ def partition_concepts(
     seed: int = contract.PARTITION_SEED,
     unseen: list[str] | None = None,
     use_partition_column: bool = False,
+    scheme: str = "stratified",
 ) -> tuple[list[str], list[str], str]:
-    """Seen / unseen concept ids, stratified by ``concept_level``.
+    """Seen / unseen concept ids.
 
     Precedence: an explicit ``unseen`` list, then the concepts config's ``partition``
-    column (``ood`` = unseen), then the contract's seeded per-level draw of
-    ``unseen_fraction`` (`asteer_build.contract.partition_concepts`: rounded, at least one
-    per level with two or more concepts, never all of a level), the one publish draws the
-    ``partition`` column with. Concepts without a level are never drawn.
+    column (``ood`` = unseen), then the contract's draw ``scheme``
+    (`asteer_build.contract.partition_concepts`): ``stratified``, the authors' per-level
+    draw of ``unseen_fraction`` that publish writes into the ``partition`` column, or
+    ``contiguous``, their legacy static ranges. Concepts without a level are never drawn.
+    Ids come back in `contract.sort_ids` order (numeric when all are integers).
     """
     ids = [str(c) for c in concepts["concept_id"]]
     if len(set(ids)) != len(ids):
@@ -97,7 +100,7 @@ def partition_concepts(
         unknown = sorted(set(unseen) - set(ids))
         if unknown:
             raise SplitError(f"unseen concepts not in the dataset: {unknown}")
-        chosen, how = set(unseen), "explicit"
+        chosen, how = {str(u) for u in unseen}, "explicit"
     elif use_partition_column:
         if "partition" not in concepts.columns:
             raise SplitError("concepts config has no 'partition' column")
@@ -105,6 +108,8 @@ def partition_concepts(
         chosen = {i for i, p in zip(ids, part, strict=True) if p == contract.PARTITION_UNSEEN}
         how = "partition-column"
     else:
+        if scheme not in PARTITION_SCHEMES:
+            raise SplitError(f"partition: expected one of {PARTITION_SCHEMES}, got {scheme!r}")
         if not 0.0 <= unseen_fraction < 1.0:
             raise SplitError(f"unseen_fraction must be in [0, 1), got {unseen_fraction}")
         levels = {
@@ -112,22 +117,12 @@ def partition_concepts(
             for i, lvl in zip(ids, concepts["concept_level"], strict=True)
             if not pd.isna(lvl)
         }
-        chosen = set(contract.partition_concepts(levels, unseen_fraction, seed))
-        how = "fraction"
-    seen = sorted(set(ids) - chosen)
+        chosen = set(contract.partition_concepts(levels, unseen_fraction, seed, scheme))
+        how = scheme
+    seen = contract.sort_ids(set(ids) - chosen)
     if not seen:
         raise SplitError("no seen concepts left to train on")
-    return seen, sorted(chosen), how
-
-
-def _prompt_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
-    if n >= 3:  # every split must exist for early stopping and testing
-        n_val = max(n_val, 1)
-        n_train = max(min(n_train, n - n_val - 1), 1)
-    n_test = n - n_train - n_val
-    return n_train, n_val, n_test
+    return seen, contract.sort_ids(chosen), how
 
 
 def make_splits(
@@ -137,33 +132,26 @@ def make_splits(
     seed: int = 42,
     unseen: list[str] | None = None,
     use_partition_column: bool = False,
-    prompt_fractions: tuple[float, float, float] = DEFAULT_PROMPT_FRACTIONS,
+    partition: str = "stratified",
+    test_size: float = DEFAULT_TEST_SIZE,
+    val_size: float = DEFAULT_VAL_SIZE,
 ) -> Splits:
-    """Concept partition plus a per-concept prompt split of the seen concepts.
-
-    Each concept gets its own prompt permutation (seeded by ``seed`` and the concept id)
-    so that a prompt being "hard" does not put it in test for every concept.
+    """Concept partition plus the authors' per-concept prompt split of the seen concepts
+    (`asteer_build.contract.prompt_splits`: one seeded shuffle per concept, so a prompt
+    being "hard" does not put it in test for every concept). The prompts are those of
+    the frame, in `contract.sort_ids` order: for the paper testbed, their sample order.
     """
-    if abs(sum(prompt_fractions) - 1.0) > 1e-6:
-        raise SplitError(f"prompt fractions must sum to 1, got {prompt_fractions}")
+    for name, v in (("test_size", test_size), ("val_size", val_size)):
+        if not 0.0 < v < 1.0:
+            raise SplitError(f"{name} must be in (0, 1), got {v}")
     present = concepts[concepts["concept_id"].astype(str).isin(frame["concept_id"].astype(str))]
     seen, unseen_ids, how = partition_concepts(
-        present, unseen_fraction, seed, unseen, use_partition_column
+        present, unseen_fraction, seed, unseen, use_partition_column, partition
     )
-    items: dict[tuple[str, str], str] = {}
     pairs = frame[["concept_id", "prompt_id"]].astype(str).drop_duplicates()
-    by_concept = pairs.groupby("concept_id")["prompt_id"]
+    drawn = contract.prompt_splits(seen, pairs["prompt_id"], seed, test_size, val_size)
     unseen_set = set(unseen_ids)
-    for concept, prompts in by_concept:
-        prompts = sorted(prompts)
-        if concept in unseen_set:
-            items.update({(concept, p): "unseen" for p in prompts})
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(concept.encode())])
-        order = rng.permutation(prompts).tolist()
-        n_train, n_val, _ = _prompt_counts(len(order), prompt_fractions)
-        for i, p in enumerate(order):
-            items[(concept, p)] = (
-                "train" if i < n_train else "val" if i < n_train + n_val else "test"
-            )
+    items: dict[tuple[str, str], str] = {}
+    for c, p in zip(pairs["concept_id"], pairs["prompt_id"], strict=True):
+        items[(c, p)] = "unseen" if c in unseen_set else drawn[(c, p)]
     return Splits(seen=seen, unseen=unseen_ids, items=items, seed=seed, how=how)

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from ..contract import LEVEL_ORDER, PROMPT_TEST_SIZE, PROMPT_VAL_SIZE
 from ..shards import software_versions
 from .layout import PUBLISH_FORMAT, PublishOptions
 from .plan import RunInfo
@@ -67,10 +68,17 @@ def build_json(
         "software": {"build": d.get("software", {}), "publish": _publish_versions()},
         "configs": configs,
         "partition": {
+            "scheme": opts.partition_scheme,
             "unseen_fraction": opts.unseen_fraction,
             "seed": opts.partition_seed,
-            "stratified_by": "concept_level",
+            "stratified_by": "concept_level" if opts.partition_scheme == "stratified"
+            else None,
+            "level_order": list(LEVEL_ORDER),
+            "id_order": "numeric when every id is an integer, else text",
+            "prompt_split": {"test_size": PROMPT_TEST_SIZE, "val_size": PROMPT_VAL_SIZE,
+                             "seed": opts.partition_seed},
         },
+        "sources": d.get("sources"),
         "stages": stages,
         "files": files,
     }

@@ -310,10 +310,9 @@ def dataset_card(
         "`{family}_{mean|std|max|min}` (whole matrix), `{family}_t{step}_{stat}` "
         "(one decode step over layers) or `{family}_k{offset}_{stat}` (one layer "
         "over steps); see the definitions below.",
-        "concepts": f"`partition`: `ood` = unseen concept (held out of training), `id` = "
-        f"seen. Drawn per `concept_level`, {opts.unseen_fraction:.0%} unseen, "
-        f"seed {opts.partition_seed} (the same draw as `asteer-train`'s default "
-        "split; `asteer-train --use-partition-column` reads this column).",
+        "concepts": "`partition`: `ood` = unseen concept (held out of training), `id` = "
+        "seen. " + _partition_text(opts) + " (the same draw as `asteer-train`'s "
+        "default split; `asteer-train --use-partition-column` reads this column).",
         "prompts": "`source`: where the prompt came from (e.g. `alpaca_eval`), when known.",
     }
     for cp in plans:
@@ -376,3 +375,16 @@ def dataset_card(
         "",
     ]
     return "\n".join(out)
+
+
+def _partition_text(opts: PublishOptions) -> str:
+    """How the `partition` column was drawn, in words a reader can redo by hand."""
+    if opts.partition_scheme == "contiguous":
+        return (f"The last {opts.unseen_fraction:.0%} of concepts in id order (numeric when "
+                "every id is an integer) are unseen: the reference authors' legacy static "
+                "ranges")
+    return (f"Drawn as the reference authors draw it: `numpy.random.default_rng("
+            f"{opts.partition_seed})`; per `concept_level` in the order low, mid, high, over "
+            "the level's ids in ascending order (numeric when every id is an integer), "
+            "`rng.permutation(n)`; in that order the last "
+            f"{opts.unseen_fraction:.0%} are unseen (10 of 50)")

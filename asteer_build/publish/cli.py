@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from .hub import publish
-from .layout import CONFIGS, DEFAULT_CONFIGS, PublishOptions
+from .layout import CONFIGS, DEFAULT_CONFIGS, PARTITION_SCHEMES, PublishOptions
 
 
 def _configs_arg(s: str) -> tuple[str, ...]:
@@ -23,6 +23,7 @@ def cmd_publish(args: argparse.Namespace) -> dict[str, Any]:
         configs=args.configs or DEFAULT_CONFIGS,
         explicit=args.configs is not None,
         folder=args.folder,
+        partition_scheme=args.partition,
     )
     res = publish(args.run_dir, args.repo, opts=opts, private=args.private, dry_run=args.dry_run)
     width = max((len(f["path"]) for f in res.files), default=10)
@@ -64,4 +65,11 @@ def add_publish_command(sub: Any) -> None:
         f"(default: {','.join(DEFAULT_CONFIGS)}; rollouts always)",
     )
     sp.add_argument("--folder", help="local dataset folder (default: under ~/.cache/asteer)")
+    sp.add_argument(
+        "--partition",
+        choices=PARTITION_SCHEMES,
+        default="stratified",
+        help="the concepts' `partition` column: stratified = the reference authors' "
+        "per-level draw; contiguous = their legacy static ranges",
+    )
     sp.set_defaults(fn=cmd_publish)

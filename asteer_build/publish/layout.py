@@ -29,6 +29,7 @@ CONCEPTS_SCHEMA = contract.CONCEPTS_SCHEMA
 PROMPTS_SCHEMA = contract.PROMPTS_SCHEMA
 UNSEEN_FRACTION = contract.UNSEEN_FRACTION
 PARTITION_SEED = contract.PARTITION_SEED
+PARTITION_SCHEMES = contract.PARTITION_SCHEMES
 partition_concepts = contract.partition_concepts
 
 
@@ -50,6 +51,8 @@ class PublishOptions:
     row_group_max_rows: int = 100_000
     unseen_fraction: float = UNSEEN_FRACTION
     partition_seed: int = PARTITION_SEED
+    #: `stratified` (the authors' draw) or `contiguous` (their legacy static ranges)
+    partition_scheme: str = "stratified"
     #: called with each file's folder path right after it is committed (tests interrupt
     #: a publish from here; a progress bar could hook in too)
     on_file: Callable[[str], None] | None = None

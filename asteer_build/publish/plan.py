@@ -141,10 +141,11 @@ def scan_run(store: Store, manifest: Manifest, opts: PublishOptions) -> RunInfo:
             zip(u.column("prompt_id").to_pylist(), u.column("prompt").to_pylist(), strict=True)
         )
     sources = _prompt_sources(manifest.data.get("config", {}))
-    ids = sorted(concepts)
+    ids = contract.sort_ids(concepts)
     unseen = set(
         partition_concepts(
-            {c: concepts[c][1] for c in ids}, opts.unseen_fraction, opts.partition_seed
+            {c: concepts[c][1] for c in ids}, opts.unseen_fraction, opts.partition_seed,
+            opts.partition_scheme,
         )
     )
     ctab = pa.table(
