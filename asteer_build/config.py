@@ -322,9 +322,19 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         base_dir=base_dir,
     )
     try:
-        cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine starts
+        vs = cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if not vs.has_banks:
+        from .tinyworld import is_tiny_model
+
+        real = [m.name for m in models if not is_tiny_model(m.path)]
+        if real:
+            raise _err("vectors.banks", f"required for model(s) {real}: the built-in "
+                       "template banks are for the tiny world only; set vectors.banks "
+                       "(e.g. {hub: Fcr09/SteerBoost-data, pattern: "
+                       "'training/{concept_id}.json'} or {path: FOLDER}) or "
+                       "vectors.bank_dir")
     return cfg
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from . import atomic
 
 __all__ = [
-    "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "build_tiny_model", "cache_dir"
+    "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "build_tiny_model", "cache_dir",
+    "is_tiny_model",
 ]
 
 # Words the tokenizer learns as whole tokens. Concept words are what the tiny world's
@@ -190,6 +191,16 @@ def build_tiny_model(spec: TinyWorldSpec | None = None, root: Path | None = None
             json.dumps({**asdict(spec), "format": FORMAT_VERSION}, indent=2)
         )
     return target
+
+
+def is_tiny_model(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is the tiny world: the config's `tinyworld`, or a folder written by
+    `build_tiny_model` (it carries `asteer_tinyworld.json`). Sources that only make sense
+    for the tiny world (the template contrast banks) check this."""
+    if str(path) == "tinyworld":
+        return True
+    p = Path(path)
+    return p.is_dir() and (p / "asteer_tinyworld.json").is_file()
 
 
 def main() -> None:  # pragma: no cover - convenience entry
