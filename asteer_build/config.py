@@ -159,8 +159,12 @@ class BuildConfig:
         `asteer_build.vectors.VectorSettings`."""
         from .vectors.settings import VectorSettings
 
-        return VectorSettings.from_section(self.vectors, layer=self.layer,
-                                           methods=self.methods)
+        section = self.vectors
+        banks = section.get("banks") if isinstance(section, dict) else None
+        if isinstance(banks, dict) and isinstance(banks.get("path"), str):
+            # a bank folder is relative to the config file, like `concepts:` and `prompts:`
+            section = {**section, "banks": {**banks, "path": self.resolve(banks["path"])}}
+        return VectorSettings.from_section(section, layer=self.layer, methods=self.methods)
 
     def alphas(self, model: ModelConfig, method: str) -> tuple[float, ...]:
         return model.alphas[method].values

@@ -14,10 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from asteer_build.build import vector_settings_for
 from asteer_build.config import ConfigError, parse_config
 from asteer_build.sources import Concept
 from asteer_build.tinyworld import build_tiny_model, is_tiny_model
-from asteer_build.vectors import BankError, ProbeSettings, VectorSettings, stage_banks, train_probe
+from asteer_build.vectors import (
+    BankError,
+    ProbeSettings,
+    VectorSettings,
+    build_vectors,
+    stage_banks,
+    train_probe,
+)
 from asteer_build.vectors.bankfiles import BankFiles, load_bank_files
 
 REPO = "Fcr09/SteerBoost-data"
@@ -98,6 +106,11 @@ def test_local_folder_banks_and_bad_files(tmp_path):
     with pytest.raises(BankError, match=rf"^1: bank file {f} has no `positive` key "
                                         r"\(keys: \['negative'\]\)"):
         load_bank_files(CS, {"path": str(root)})
+    # the stage refuses it before any engine starts (no engine for this model here)
+    with pytest.raises(BankError, match="^1: bank file .* has no `positive` key"):
+        build_vectors("Qwen/Qwen3-1.7B", CS, tmp_path / "out",
+                      VectorSettings(2, banks={"path": str(root)}))
+    assert not (tmp_path / "out").exists()
     f.write_text(json.dumps({"positive": ["a b c"]}))
     with pytest.raises(BankError, match="^1: bank file .* has no `negative` key"):
         load_bank_files(CS, {"path": str(root)})
@@ -163,7 +176,21 @@ def test_template_banks_are_for_the_tiny_world_only(tmp_path):
     ok = parse_config({**base, "vectors": {"banks": {"hub": REPO, "revision": COMMIT}}})
     assert ok.vector_settings().banks == BankFiles(hub=REPO, revision=COMMIT)
     assert parse_config({**base, "models": base["models"][:1]}).vector_settings().banks is None
+    # the build pools on each model's own engine arguments unless vectors.engine_args is set
+    gpu = {"dtype": "bfloat16", "max_model_len": 4096}
+    paper = parse_config({**base, "models": [{"name": "qwen", "path": "Qwen/Qwen3-1.7B",
+                                              "engine_args": gpu, "tensor_parallel_size": 2}],
+                          "vectors": {"banks": {"hub": REPO}}})
+    assert vector_settings_for(paper, paper.models[0]).engine_args == {
+        **gpu, "tensor_parallel_size": 2}
+    own = parse_config({**base, "models": [
+        {"name": "qwen", "path": "Qwen/Qwen3-1.7B", "engine_args": gpu}],
+        "vectors": {"banks": {"hub": REPO}, "engine_args": {"dtype": "float32"}}})
+    assert vector_settings_for(own, own.models[0]).engine_args == {"dtype": "float32"}
     assert parse_config({**base, "models": [{"name": "t", "path": tiny}]}).models[0].path == tiny
+    # a bank folder is relative to the config file
+    rel = parse_config({**base, "vectors": {"banks": {"path": "data"}}}, base_dir=str(tmp_path))
+    assert rel.vector_settings().banks.path == str(tmp_path / "data")
 
 
 def _authors_probe(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:

@@ -3,9 +3,13 @@
 
 Reference setting (the authors' `extract_hidden_states`): each text is tokenized raw, no
 chat template, with the tokenizer's default special tokens (`add_special_tokens=True`);
-the state is the output of block `layer`, averaged over positions 1.. . Position 0 is the
-BOS where the tokenizer adds one (Gemma, Llama) and the text's first token where it does
-not (Qwen3, the tiny world): we skip what the reference skipped, either way.
+the state is the output of block `layer`, averaged over positions 1.. (position 0 is
+skipped). For the reference's models that is exactly what `tokenize_texts` gives: Gemma-2
+and Llama-3.2 add their BOS (position 0 is the BOS), Qwen3 has none (position 0 is the
+text's first token). One addition: a tokenizer that declares a BOS but does not add it
+(the tiny world's) gets it in front, so position 0 is a BOS there too; without it the
+tiny world's pooled states are much noisier (measured: template-bank probe training
+accuracy 0.50-0.83 instead of 0.71-0.96 at 12 + 12 texts).
 
 - `engine_pooler`: the steered vLLM engine (`SteeredEngine.pool_hidden`: prefill-only
   requests pooled on the device), so 150 concepts x 100 texts cost one prefill pass. The
@@ -35,10 +39,17 @@ Pooler = Callable[[list[list[int]], int], np.ndarray]
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """As the reference tokenized bank texts: raw, the tokenizer's default special tokens,
-    nothing added or removed here (adding a BOS the tokenizer leaves out would pool a
-    different span than the reference did)."""
-    return [list(tokenizer(t, add_special_tokens=True).input_ids) for t in texts]
+    """As the reference tokenized bank texts: raw, the tokenizer's default special tokens;
+    plus the declared BOS where the tokenizer leaves it out (module docstring: never the
+    case for the reference's models)."""
+    bos = tokenizer.bos_token_id
+    out = []
+    for t in texts:
+        ids = list(tokenizer(t, add_special_tokens=True).input_ids)
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        out.append(ids)
+    return out
 
 
 def engine_pooler(engine: SteeringEngine, chunk: int = 2048) -> Pooler:
