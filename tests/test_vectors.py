@@ -20,6 +20,7 @@ from asteer_build.engine import SteeredEngine, SteerSpec
 from asteer_build.sources import Concept, SourceError, load_concepts, load_prompts, tiny_concepts
 from asteer_build.tinyworld import TinyWorldSpec, build_tiny_model
 from asteer_build.vectors import (
+    Bank,
     BankError,
     EngineWriter,
     VectorSettings,
@@ -319,6 +320,20 @@ def test_bad_input_fails_clearly(engine, model, tmp_path):
     with pytest.raises(BankError, match="no contrast bank at"):
         build_vectors(model, cs, tmp_path / "x", VectorSettings(
             LAYER, ["diffmean"], bank_dir=tmp_path / "nowhere"), engine=engine)
+    # a tokenizer without a BOS (as Qwen3's): a one-token text has nothing to pool
+    from transformers import AutoTokenizer
+
+    from asteer_build.vectors.pooling import Pooling, engine_pooler
+    from asteer_build.vectors.stage import compute_vectors
+
+    no_bos = AutoTokenizer.from_pretrained(model, bos_token=None)
+    assert no_bos.bos_token_id is None
+    with pytest.raises(BankError, match=r"tw-emoji: negative text 1 \('water'\) is 1 "
+                                        "token.* pooling skips position 0"):
+        compute_vectors(model, {"tw-emoji": Bank("tw-emoji", ["the emoji is good"],
+                                                 ["the water is good", "water"])},
+                        tmp_path / "x", VectorSettings(LAYER, ["diffmean"]),
+                        Pooling(engine_pooler(engine), no_bos, engine.num_layers, "vllm"))
     with pytest.raises(ValueError, match="unknown method"):
         build_vectors(model, cs, tmp_path / "x", VectorSettings(LAYER, ["pca"], bank_size=4),
                       engine=engine)

@@ -146,6 +146,17 @@ def _concept_vectors(s: VectorSettings, probe: ProbeSettings, kind: str, b: Bank
     return tens, ents
 
 
+def _bank_ids(tokenizer: Any, cid: str, side: str, texts: Sequence[str]) -> list[list[int]]:
+    """The texts' token ids for pooling; a text of one token has nothing left once
+    position 0 is skipped (the reference would average nothing: NaN), so it is refused."""
+    ids = tokenize_texts(tokenizer, texts)
+    for i, x in enumerate(ids):
+        if len(x) < 2:
+            raise BankError(f"{cid}: {side} text {i} ({texts[i]!r:.60}) is {len(x)} token(s); "
+                            "pooling skips position 0 and needs at least one more")
+    return ids
+
+
 def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Path,
                     settings: VectorSettings, pooling: Pooling, *,
                     concepts_per_call: int | None = None,
@@ -183,19 +194,10 @@ def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Pat
         ids: list[list[int]] = []
         spans = []
         for cid in group:
-            b = banks[cid]
-            a = len(ids)
-            for side, texts in (("positive", b.positives), ("negative", b.negatives)):
-                got = tokenize_texts(pooling.tokenizer, texts)
-                for i, x in enumerate(got):
-                    if len(x) < 2:  # nothing left once position 0 is skipped
-                        raise BankError(f"{cid}: {side} text {i} is {len(x)} token(s) "
-                                        f"({texts[i]!r:.60}); pooling skips position 0 and "
-                                        "needs at least one more")
-                ids += got
-                if side == "positive":
-                    m = len(ids)
-            spans.append((a, m, len(ids)))
+            pos = _bank_ids(pooling.tokenizer, cid, "positive", banks[cid].positives)
+            neg = _bank_ids(pooling.tokenizer, cid, "negative", banks[cid].negatives)
+            spans.append((len(ids), len(ids) + len(pos), len(ids) + len(pos) + len(neg)))
+            ids += pos + neg
         pooled = pooling.pool(ids, int(layer))
         for cid, (a, m, e) in zip(group, spans, strict=True):
             tens, ents = _concept_vectors(s, probe, pooling.kind, banks[cid],
