@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import BuildConfig, check_output
+from .config import BuildConfig, ModelConfig, check_output
 from .console import console
 from .plan import Plan, Shard, make_plan, shard_name
 from .shards import Manifest, ShardFile, Store, open_store
@@ -115,6 +115,20 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     return Run(cfg, plan, store, manifest, opts)
 
 
+def vector_settings_for(cfg: BuildConfig, m: ModelConfig) -> Any:
+    """The vectors stage's settings for model `m`: with `vectors.engine_args` unset, the
+    pooling engine is the model's own (its `engine_args` and tensor parallelism), not the
+    tiny CPU engine's defaults, so a real model pools on its GPU settings."""
+    import dataclasses
+
+    from .work import engine_kwargs
+
+    s = cfg.vector_settings()
+    if s.engine_args is None:
+        s = dataclasses.replace(s, engine_args=engine_kwargs(m))
+    return s
+
+
 def _vectors_stage(run: Run) -> None:
     """Per model: build the vector files (on a Ray GPU worker with the Ray executor, since
     the head node often has no GPU), store them, and record one manifest entry."""
@@ -126,7 +140,7 @@ def _vectors_stage(run: Run) -> None:
         t0 = time.time()
         console.say(f"vectors: {m.name}: building {', '.join(run.cfg.methods)} (starts an "
                     "engine)")
-        args = (m.path, run.plan.concepts, run.cfg.vector_settings())
+        args = (m.path, run.plan.concepts, vector_settings_for(run.cfg, m))
         if run.opts.executor == "ray":
             from .execute_ray import vector_files_on_ray
 

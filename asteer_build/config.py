@@ -159,8 +159,12 @@ class BuildConfig:
         `asteer_build.vectors.VectorSettings`."""
         from .vectors.settings import VectorSettings
 
-        return VectorSettings.from_section(self.vectors, layer=self.layer,
-                                           methods=self.methods)
+        section = self.vectors
+        banks = section.get("banks") if isinstance(section, dict) else None
+        if isinstance(banks, dict) and isinstance(banks.get("path"), str):
+            # a bank folder is relative to the config file, like `concepts:` and `prompts:`
+            section = {**section, "banks": {**banks, "path": self.resolve(banks["path"])}}
+        return VectorSettings.from_section(section, layer=self.layer, methods=self.methods)
 
     def alphas(self, model: ModelConfig, method: str) -> tuple[float, ...]:
         return model.alphas[method].values
@@ -322,9 +326,19 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         base_dir=base_dir,
     )
     try:
-        cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine starts
+        vs = cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if not vs.has_banks:
+        from .tinyworld import is_tiny_model
+
+        real = [m.name for m in models if not is_tiny_model(m.path)]
+        if real:
+            raise _err("vectors.banks", f"required for model(s) {real}: the built-in "
+                       "template banks are for the tiny world only; set vectors.banks "
+                       "(e.g. {hub: Fcr09/SteerBoost-data, pattern: "
+                       "'training/{concept_id}.json'} or {path: FOLDER}) or "
+                       "vectors.bank_dir")
     return cfg
 
 

@@ -363,13 +363,15 @@ def _init(cfg: BuildConfig) -> dict[str, float]:
 
 
 def vector_files_on_ray(cfg: BuildConfig, *args: Any) -> dict[str, bytes]:
-    """`work.vector_files` (the vectors stage) as a Ray task: on a GPU worker when the
-    cluster has GPUs."""
+    """`work.vector_files` (the vectors stage) as a Ray task: on GPU workers when the
+    cluster has GPUs, as many as the pooling engine's tensor parallelism asks."""
     import ray
 
     from .work import vector_files
 
-    gpus = 1 if _init(cfg).get("GPU", 0) >= 1 else 0
+    tp = int(((args[2].engine_args if len(args) > 2 else None) or {}).get(
+        "tensor_parallel_size", 1))
+    gpus = tp if _init(cfg).get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(vector_files)
     return ray.get(task.remote(*args))
 

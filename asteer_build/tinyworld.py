@@ -22,7 +22,7 @@ from . import atomic
 
 __all__ = [
     "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",
-    "build_arch_model", "build_tiny_model", "cache_dir",
+    "build_arch_model", "build_tiny_model", "cache_dir", "is_tiny_model",
 ]
 
 # Words the tokenizer learns as whole tokens. Concept words are what the tiny world's
@@ -415,6 +415,16 @@ def build_arch_model(arch: str, seed: int = 0, root: Path | None = None) -> Path
         ).save_pretrained(str(tmp))
         (tmp / "asteer_tinyworld.json").write_text(json.dumps(json.loads(payload), indent=2))
     return target
+
+
+def is_tiny_model(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is the tiny world: the config's `tinyworld`, or a folder written by
+    `build_tiny_model` (it carries `asteer_tinyworld.json`). Sources that only make sense
+    for the tiny world (the template contrast banks) check this."""
+    if str(path) == "tinyworld":
+        return True
+    p = Path(path)
+    return p.is_dir() and (p / "asteer_tinyworld.json").is_file()
 
 
 def main() -> None:  # pragma: no cover - convenience entry

@@ -20,6 +20,7 @@ from asteer_build.engine import SteeredEngine, SteerSpec
 from asteer_build.sources import Concept, SourceError, load_concepts, load_prompts, tiny_concepts
 from asteer_build.tinyworld import TinyWorldSpec, build_tiny_model
 from asteer_build.vectors import (
+    Bank,
     BankError,
     EngineWriter,
     VectorSettings,
@@ -88,6 +89,122 @@ def test_vllm_vectors_match_hf_reference(engine, model, tmp_path):
     # the two methods are different vectors, not one written twice
     c0 = cs[0].concept_id
     assert not torch.allclose(va[f"diffmean/{c0}"], va[f"probe/{c0}"])
+
+
+def _authors_format_banks(root: Path, concepts: list[Concept], n: int) -> None:
+    """Bank files as the authors publish them (`training/{cid}.json`, positive/negative
+    lists), synthetic texts from the tiny world's words so they tokenize to real tokens."""
+    import random
+
+    from asteer_build.tinyworld import FILLER_WORDS
+
+    (root / "training").mkdir(parents=True, exist_ok=True)
+    for c in concepts:
+        rng = random.Random(f"authors|{c.concept_id}")
+
+        def words(k: int, rng: random.Random = rng) -> str:
+            return " ".join(rng.choice(FILLER_WORDS) for _ in range(k))
+
+        pos = [f"{words(rng.randint(2, 6))} {c.concept} {words(rng.randint(3, 9))} "
+               f"{c.concept}." for _ in range(n)]
+        neg = [f"{words(rng.randint(4, 14))}." for _ in range(n)]
+        (root / "training" / f"{c.concept_id}.json").write_text(
+            json.dumps({"positive": pos, "negative": neg}, indent=1))
+
+
+def _authors_pooling(model: str, texts: list[str], layer: int) -> np.ndarray:
+    """The authors' pooling, written out in the test from its description, in float32 on
+    transformers: raw text with the tokenizer's default special tokens, the output of
+    decoder layer `layer` (a forward hook), mean over positions 1.. . The tiny world's
+    tokenizer declares a BOS it does not add, so it goes in front, as the stage does for
+    such tokenizers (the reference's models add theirs or have none: pooling.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+    got: list[torch.Tensor] = []
+    h = lm.model.layers[layer].register_forward_hook(
+        lambda mod, args, out: got.append(out[0] if isinstance(out, tuple) else out))
+    rows = []
+    try:
+        with torch.no_grad():
+            for t in texts:
+                ids = tok(t, return_tensors="pt", add_special_tokens=True).input_ids
+                assert int(ids[0, 0]) != tok.bos_token_id  # the tiny world's tokenizer
+                ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
+                lm(input_ids=ids)
+                rows.append(got.pop()[0, 1:, :].mean(0))
+    finally:
+        h.remove()
+    return torch.stack(rows).numpy()
+
+
+def test_authors_banks_pooled_on_vllm_match_the_hf_reference(engine, model, tmp_path,
+                                                            monkeypatch):
+    """Must-show (issue 15): vectors from authors-format bank files, through the stage's
+    vLLM pooling, equal the HF-transformers pooling reference in float32 (relative error
+    below 1e-4); the banks come offline from a pre-populated Hugging Face cache."""
+    import huggingface_hub.constants as hc
+
+    from asteer_build.vectors import ProbeSettings, train_probe
+    from asteer_build.vectors.pooling import tokenize_texts
+
+    try:
+        from .test_bankfiles import REPO, _authors_probe, write_hub_cache
+    except ImportError:
+        from test_bankfiles import REPO, _authors_probe, write_hub_cache
+
+    cs = [Concept(str(i), w) for i, w in enumerate(["ocean", "music", "robot", "dragon"])]
+    n = 12
+    data = tmp_path / "authors"
+    _authors_format_banks(data, cs, n)
+    cache = write_hub_cache(tmp_path / "hf-hub", {
+        f"training/{c.concept_id}.json": (data / "training" / f"{c.concept_id}.json")
+        .read_text() for c in cs})
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+    idx = build_vectors(model, cs, tmp_path / "hub", VectorSettings(
+        LAYER, METHODS, banks={"hub": REPO}), engine=engine)
+    vecs, _ = load_vectors(_read(tmp_path / "hub"))
+    # the local-folder form reads the same files: the same vector files, byte for byte
+    build_vectors(model, cs, tmp_path / "folder", VectorSettings(
+        LAYER, METHODS, banks={"path": str(data)}), engine=engine)
+    assert _read(tmp_path / "folder") == _read(tmp_path / "hub")
+
+    tok = engine.get_tokenizer()
+    worst = {"pooled": 0.0, "diffmean": 0.0, "probe": 0.0}
+    for c in cs:
+        bank = json.loads((data / "training" / f"{c.concept_id}.json").read_text())
+        assert idx["diffmean"][c.concept_id]["bank_size"] == n
+        ref_pos = _authors_pooling(model, bank["positive"], LAYER)
+        ref_neg = _authors_pooling(model, bank["negative"], LAYER)
+        # pooled matrices: the engine's vs the reference, row by row
+        for side, ref in (("positive", ref_pos), ("negative", ref_neg)):
+            ids = tokenize_texts(tok, bank[side])
+            assert all(x == [tok.bos_token_id, *tok(t).input_ids]
+                       for x, t in zip(ids, bank[side], strict=True))
+            got = engine.pool_hidden(ids, LAYER, skip=1)
+            rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+            assert rel.max() < 1e-4, (c.concept_id, side, rel.max())
+            worst["pooled"] = max(worst["pooled"], float(rel.max()))
+        # DiffMean as the authors compute it (float32 means of the pooled rows)
+        ref_dm = torch.from_numpy(ref_pos).mean(0) - torch.from_numpy(ref_neg).mean(0)
+        dm = vecs[f"diffmean/{c.concept_id}"]
+        rel_dm = float((dm - ref_dm).norm() / ref_dm.norm())
+        assert rel_dm < 1e-4, (c.concept_id, rel_dm)
+        worst["diffmean"] = max(worst["diffmean"], rel_dm)
+        # the probe: on the reference's pooled rows our trainer IS the authors' code
+        # (seeded); from the engine's rows (the stage) it lands within the pooling error
+        x = torch.from_numpy(np.concatenate([ref_pos, ref_neg]))
+        y = torch.tensor([1.0] * n + [0.0] * n)
+        theirs = _authors_probe(x, y, seed=0)
+        assert torch.equal(train_probe(ref_pos, ref_neg, ProbeSettings(seed=0))[0], theirs)
+        pr = vecs[f"probe/{c.concept_id}"]
+        rel_pr = float((pr - theirs).norm() / theirs.norm())
+        assert rel_pr < 1e-3, (c.concept_id, rel_pr)
+        worst["probe"] = max(worst["probe"], rel_pr)
+    print("relative error, vLLM stage vs HF reference:", json.dumps(worst))
 
 
 def test_rebuild_is_bit_identical_and_interrupted_stage_resumes(engine, model, tmp_path):
@@ -203,6 +320,20 @@ def test_bad_input_fails_clearly(engine, model, tmp_path):
     with pytest.raises(BankError, match="no contrast bank at"):
         build_vectors(model, cs, tmp_path / "x", VectorSettings(
             LAYER, ["diffmean"], bank_dir=tmp_path / "nowhere"), engine=engine)
+    # a tokenizer without a BOS (as Qwen3's): a one-token text has nothing to pool
+    from transformers import AutoTokenizer
+
+    from asteer_build.vectors.pooling import Pooling, engine_pooler
+    from asteer_build.vectors.stage import compute_vectors
+
+    no_bos = AutoTokenizer.from_pretrained(model, bos_token=None)
+    assert no_bos.bos_token_id is None
+    with pytest.raises(BankError, match=r"tw-emoji: negative text 1 \('water'\) is 1 "
+                                        "token.* pooling skips position 0"):
+        compute_vectors(model, {"tw-emoji": Bank("tw-emoji", ["the emoji is good"],
+                                                 ["the water is good", "water"])},
+                        tmp_path / "x", VectorSettings(LAYER, ["diffmean"]),
+                        Pooling(engine_pooler(engine), no_bos, engine.num_layers, "vllm"))
     with pytest.raises(ValueError, match="unknown method"):
         build_vectors(model, cs, tmp_path / "x", VectorSettings(LAYER, ["pca"], bank_size=4),
                       engine=engine)

@@ -334,7 +334,13 @@ def dataset_card(
             "",
             "`vectors/<model>/<method>.safetensors`: one float32 tensor per `concept_id` "
             "(not normalized); `vectors/<model>/index.json`: per method and concept the "
-            "norm, layer, contrast-bank size and probe accuracy.",
+            "norm, layer, contrast-bank size and probe accuracy. Each contrast-bank text is "
+            "pooled as the reference pools it (raw text, the tokenizer's special tokens, "
+            "the output of block `layer` averaged over positions 1..). DiffMean is "
+            "mean(positive) - mean(negative); LinearProbe is the weight of a bias-free "
+            "logistic probe trained as the reference trains it (AdamW, lr 5e-3, weight "
+            "decay 1e-3, 10 full-batch epochs, BCE plus 0.01 x the weight's L2 norm, not "
+            "its square), from a seeded init.",
             "",
         ]
     doc = _feature_doc()

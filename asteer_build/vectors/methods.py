@@ -1,11 +1,15 @@
 """The two vector methods, on pooled states (`[n, hidden]` float32 arrays, positives and
-negatives). Reference setting: neither is normalized.
+negatives). Reference setting (the authors' `steering.py`): neither is normalized.
 
 - DiffMean: mean(positives) - mean(negatives), accumulated in float64.
-- LinearProbe: the weights of a bias-free logistic probe (`train_probe`: AdamW lr 5e-3,
-  weight decay 1e-3, 10 full-batch epochs, L2 penalty 0.01 on the weights), trained in
-  float64 on the CPU from a seeded init, so a rebuild from the same pooled states is
-  bit-identical. The one place the probe's maths lives.
+- LinearProbe: the weight of a bias-free logistic probe trained as the reference trains
+  it (`train_probe`): `nn.Linear(hidden, 1, bias=False)` and its default init, AdamW
+  (lr 5e-3, weight decay 1e-3), 10 full-batch epochs in float32 on the loss mean
+  BCE-with-logits + 0.01 * ||w||_2 (the norm itself, not its square). The reference
+  draws the init from torch's global generator unseeded; we draw the same init from a
+  generator seeded with `vectors.seed`, so a rebuild from the same pooled states is
+  bit-identical on one machine, and equals the reference's code run after
+  `torch.manual_seed(seed)`. The one place the probe's maths lives.
 """
 
 from __future__ import annotations
@@ -27,28 +31,35 @@ def diffmean(pos: np.ndarray, neg: np.ndarray) -> torch.Tensor:
 
 def train_probe(pos: np.ndarray, neg: np.ndarray, s: ProbeSettings | None = None
                 ) -> tuple[torch.Tensor, float]:
-    """Bias-free logistic probe; returns (weights as float32, training accuracy).
+    """Bias-free logistic probe; returns (weights as float32 `[hidden]`, training accuracy
+    of the final weights).
 
-    Init as `nn.Linear(hidden, 1, bias=False)` does (uniform +-1/sqrt(hidden)), from a
-    generator seeded per call, so the result depends only on the inputs and settings.
+    Same operations, order and dtype as the reference's probe (module docstring), so the
+    only freedom left, the init, is pinned by `s.seed`: `nn.Linear`'s own init
+    (`kaiming_uniform_(a=sqrt(5))`, uniform within +-1/sqrt(hidden)) from a generator
+    seeded per call, so the result depends only on the inputs and the settings. The
+    reference logs the accuracy of the last epoch's logits before its final step; ours
+    is of the weights returned.
     """
     s = s or ProbeSettings()
-    x = torch.from_numpy(np.concatenate([pos, neg]).astype(np.float64))
-    y = torch.cat([torch.ones(len(pos), dtype=torch.float64),
-                   torch.zeros(len(neg), dtype=torch.float64)])
-    d = x.shape[1]
-    g = torch.Generator().manual_seed(s.seed)
-    bound = 1.0 / math.sqrt(d)
-    w = ((torch.rand(d, generator=g, dtype=torch.float64) * 2 - 1) * bound).requires_grad_()
+    x = torch.from_numpy(np.concatenate([pos, neg]).astype(np.float32))
+    y = torch.tensor([1.0] * len(pos) + [0.0] * len(neg), dtype=torch.float32)
+    weight = torch.empty(1, x.shape[1], dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5),
+                                   generator=torch.Generator().manual_seed(s.seed))
+    w = torch.nn.Parameter(weight)
     opt = torch.optim.AdamW([w], lr=s.lr, weight_decay=s.weight_decay)
     for _ in range(s.epochs):
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y) + s.l2 * (w @ w)
+        logits = torch.nn.functional.linear(x, w).squeeze(-1)
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+                + s.l2 * w.norm(2))
         loss.backward()
         opt.step()
-    w = w.detach()
-    acc = float(((x @ w > 0).to(torch.float64) == y).to(torch.float64).mean())
-    return w.to(torch.float32), acc
+    with torch.no_grad():
+        vec = w.detach()[0].clone()
+        acc = float(((x @ vec > 0).to(torch.float32) == y).to(torch.float64).mean())
+    return vec, acc
 
 
 def make_vector(method: str, pos: np.ndarray, neg: np.ndarray, probe: ProbeSettings

@@ -9,16 +9,26 @@ come from the config's top level):
 
     vectors:
       pool: vllm            # vllm (prefill-only pooling on the engine) | hf (the reference)
-      bank_size: 32         # texts per side when the banks come from the built-in templates
+      banks:                # bank files in the authors' layout (`bankfiles.BankFiles`):
+        hub: Fcr09/SteerBoost-data        # a Hub dataset (or `path: FOLDER`)
+        pattern: "training/{concept_id}.json"
+        revision: null      # a branch, tag or commit; null: main, pinned at first file
+      bank_dir: null        # or a folder of banks written by `build_banks`
+      bank_size: 32         # texts per side of the tiny world's template banks
       seed: 0               # template banks and the probe's init
-      bank_dir: null        # a folder of written banks (`build_banks`), one per concept
       cache_dir: null       # per-concept vector cache, so a killed stage resumes
       probe_epochs: 10
       probe_lr: 0.005
       probe_weight_decay: 0.001
-      probe_l2: 0.01
+      probe_l2: 0.01        # weight of the penalty on ||w||_2 (the norm, not its square)
       device: null          # the HF reference's device (pool: hf); default cuda if present
-      engine_args: null     # the pooling engine's arguments; default: the tiny CPU engine's
+      engine_args: null     # the pooling engine's arguments; null: the model's own
+                            # (`models[i].engine_args`, filled in by the build)
+
+Banks come from `banks` or `bank_dir` (at most one). With neither, the tiny world's
+template banks are used, and only for a tiny-world model: a real model without banks is
+refused (by the config and by the stage), since vectors from filler templates would
+quietly stand in for the reference's.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ POOLS = ("vllm", "hf")
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """The LinearProbe trainer's hyper-parameters (`methods.train_probe`)."""
+    """The LinearProbe trainer's hyper-parameters (`methods.train_probe`); `l2` weighs
+    the penalty on the weight's norm ||w||_2 (the reference's, not the squared norm)."""
 
     epochs: int = 10
     lr: float = 5e-3
@@ -84,6 +95,7 @@ class VectorSettings:
     pool: str = "vllm"
     bank_size: int = 32
     seed: int = 0
+    banks: Any = None
     bank_dir: str | None = None
     cache_dir: str | None = None
     probe_epochs: int = 10
@@ -110,12 +122,24 @@ class VectorSettings:
             set_(self, name, _float(getattr(self, name), f"vectors.{name}"))
         for name in ("bank_dir", "cache_dir"):
             set_(self, name, _path(getattr(self, name), f"vectors.{name}"))
+        if self.banks is not None:
+            from .bankfiles import BankFiles
+
+            set_(self, "banks", BankFiles.from_section(self.banks))
+            if self.bank_dir is not None:
+                raise ValueError(f"vectors.banks and vectors.bank_dir are both set "
+                                 f"({self.banks.where()}, {self.bank_dir}): keep one")
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"vectors.device: expected a torch device name (got "
                              f"{self.device!r})")
         if self.engine_args is not None and not isinstance(self.engine_args, Mapping):
             raise ValueError(f"vectors.engine_args: expected a mapping (got "
                              f"{self.engine_args!r})")
+
+    @property
+    def has_banks(self) -> bool:
+        """Whether banks are configured (else only the tiny world's templates apply)."""
+        return self.banks is not None or self.bank_dir is not None
 
     @property
     def probe(self) -> ProbeSettings:

@@ -4,9 +4,11 @@ written as one model's vector files.
 Files per model: `<method>.safetensors` (one float32 tensor per concept id) and
 `index.json` ({method: {concept_id: {norm, layer, bank_size, probe_accuracy, ...}}}).
 
-Banks come from, in order: the `banks` handed in, `settings.bank_dir` (written by
-`banks.build_banks`), or the built-in templates (`writers.TemplateWriter`, enough for the
-tiny world and a working fallback elsewhere).
+Banks come from, in order: the `banks` handed in, `settings.banks` (files in the
+reference authors' layout, from the Hub or a folder: `bankfiles`), `settings.bank_dir`
+(written by `banks.build_banks`), or, for the tiny world only, the built-in templates
+(`writers.TemplateWriter`). A real model with none of these is refused: filler-template
+vectors would silently stand in for the reference's.
 
 The stage is resumable per concept: each finished concept's vectors go to
 `<cache_dir>/<concept>.safetensors` (temp name, then rename) with a fingerprint of
@@ -28,6 +30,7 @@ import torch
 from .. import atomic
 from ..engine.protocol import SteeringEngine
 from ..sources import Concept
+from .bankfiles import load_bank_files
 from .banks import Bank, BankError, bank_path, check_bank, load_bank, plan_requests, safe_name
 from .methods import make_vector
 from .pooling import Pooling, open_pooling, tokenize_texts
@@ -46,10 +49,20 @@ def _as_bank(cid: str, b: Any) -> Bank:
     return Bank(cid, list(pos), list(neg))
 
 
+NO_BANKS = ("no contrast banks configured for model {model}: the built-in template banks "
+            "are for the tiny world only; set vectors.banks (e.g. {{hub: "
+            "Fcr09/SteerBoost-data, pattern: 'training/{{concept_id}}.json'}} or {{path: "
+            "FOLDER}}) or vectors.bank_dir")
+
+
 def stage_banks(concepts: Sequence[Concept], settings: VectorSettings,
-                banks: Mapping[str, Any] | None = None) -> dict[str, Bank]:
+                banks: Mapping[str, Any] | None = None, *,
+                model_path: str | None = None) -> dict[str, Bank]:
     """Each concept's bank, in concept order: from `banks` ({id: Bank or (pos, neg)}),
-    else from `settings.bank_dir`, else from the built-in templates."""
+    else from `settings.banks` or `settings.bank_dir`, else (only when `model_path` is
+    the tiny world, or not given) from the built-in templates."""
+    if banks is None and settings.banks is not None:
+        banks = load_bank_files(concepts, settings.banks)
     if banks is None and settings.bank_dir is not None:
         banks = {}
         for c in concepts:
@@ -58,6 +71,11 @@ def stage_banks(concepts: Sequence[Concept], settings: VectorSettings,
                 raise BankError(f"{c.concept_id}: no contrast bank at {p}; write the banks "
                                 "first (asteer_build.vectors.build_banks)")
             banks[c.concept_id] = load_bank(p)
+    if banks is None and model_path is not None:
+        from ..tinyworld import is_tiny_model
+
+        if not is_tiny_model(model_path):
+            raise BankError(NO_BANKS.format(model=model_path))
     if banks is None:
         w = TemplateWriter()
         banks = {}
@@ -81,8 +99,8 @@ def build_vectors(model_path: str, concepts: Sequence[Concept], out_dir: str | P
                   on_concept: OnConcept | None = None) -> dict[str, Any]:
     """The stage end to end: write `<method>.safetensors` + `index.json` into `out_dir`
     and return the index. `engine`: a running `SteeredEngine` to pool on (else one is
-    started for `pool: vllm`); `banks`: texts handed in, overriding `settings.bank_dir`."""
-    bank_objs = stage_banks(concepts, settings, banks)
+    started for `pool: vllm`); `banks`: texts handed in, overriding the configured ones."""
+    bank_objs = stage_banks(concepts, settings, banks, model_path=model_path)
     with open_pooling(model_path, settings, engine) as pooling:
         return compute_vectors(model_path, bank_objs, out_dir, settings, pooling,
                                on_concept=on_concept)
@@ -91,7 +109,7 @@ def build_vectors(model_path: str, concepts: Sequence[Concept], out_dir: str | P
 def _fingerprint(model_id: str, s: VectorSettings, probe: ProbeSettings, kind: str,
                  b: Bank) -> str:
     key = {"model": model_id, "layer": int(s.layer), "methods": sorted(s.methods),
-           "probe": probe.as_dict(), "bank": b.digest(), "pool": kind, "v": 1}
+           "probe": probe.as_dict(), "bank": b.digest(), "pool": kind, "v": 2}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -126,6 +144,17 @@ def _concept_vectors(s: VectorSettings, probe: ProbeSettings, kind: str, b: Bank
                       "n_negative": len(neg), "probe_accuracy": acc,
                       "bank_digest": b.digest(), "pool": kind}
     return tens, ents
+
+
+def _bank_ids(tokenizer: Any, cid: str, side: str, texts: Sequence[str]) -> list[list[int]]:
+    """The texts' token ids for pooling; a text of one token has nothing left once
+    position 0 is skipped (the reference would average nothing: NaN), so it is refused."""
+    ids = tokenize_texts(tokenizer, texts)
+    for i, x in enumerate(ids):
+        if len(x) < 2:
+            raise BankError(f"{cid}: {side} text {i} ({texts[i]!r:.60}) is {len(x)} token(s); "
+                            "pooling skips position 0 and needs at least one more")
+    return ids
 
 
 def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Path,
@@ -165,12 +194,10 @@ def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Pat
         ids: list[list[int]] = []
         spans = []
         for cid in group:
-            b = banks[cid]
-            a = len(ids)
-            ids += tokenize_texts(pooling.tokenizer, b.positives)
-            m = len(ids)
-            ids += tokenize_texts(pooling.tokenizer, b.negatives)
-            spans.append((a, m, len(ids)))
+            pos = _bank_ids(pooling.tokenizer, cid, "positive", banks[cid].positives)
+            neg = _bank_ids(pooling.tokenizer, cid, "negative", banks[cid].negatives)
+            spans.append((len(ids), len(ids) + len(pos), len(ids) + len(pos) + len(neg)))
+            ids += pos + neg
         pooled = pooling.pool(ids, int(layer))
         for cid, (a, m, e) in zip(group, spans, strict=True):
             tens, ents = _concept_vectors(s, probe, pooling.kind, banks[cid],
