@@ -54,6 +54,8 @@ class RolloutRequest:
     seed: int | None = None
     max_tokens: int = 256
     temperature: float = 0.7
+    #: 0 = off (vLLM's convention); a build fills both from `asteer_build.sampling`
+    top_k: int = 0
     top_p: float = 1.0
 
     def steer(self) -> SteerSpec:
@@ -78,11 +80,15 @@ class RolloutResult:
 
 
 def sampling_params(req: RolloutRequest):
+    """Every sampling value explicitly from the request: vLLM's defaults for the rest
+    (min_p 0, no penalties) are no truncation, and the engine does not merge the model's
+    generation config into params it is given (only its stop tokens)."""
     from vllm import SamplingParams
 
     return SamplingParams(
         max_tokens=req.max_tokens,
         temperature=req.temperature,
+        top_k=req.top_k,
         top_p=req.top_p,
         seed=req.seed,
     )
