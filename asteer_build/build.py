@@ -220,7 +220,8 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
                 f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
                                        table_to_parquet(table), rep.rows)
                 run.manifest.record([f], ok=rep.ok, failed=rep.failed, pending=rep.pending,
-                                    judge_model=judge.judge_model)
+                                    judge_model=judge.judge_model,
+                                    judge_rubric=judge.rubric_version)
                 reports.append(rep)
                 bar.update(1)
 
@@ -234,7 +235,8 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
 
         async with EndpointPool(jc.endpoints, model=jc.model, retry=jc.retry) as pool:
             judge = LLMJudge(pool, jc.model, max_tokens=jc.max_tokens,
-                             temperature=jc.temperature, structured=jc.structured)
+                             temperature=jc.temperature, structured=jc.structured,
+                             rubric=jc.rubric(run.cfg.base_dir))
             await label_all(judge, jc.workers or 2 * pool.capacity)
     return reports
 

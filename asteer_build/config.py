@@ -309,7 +309,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     judge = d.get("judge") or {"kind": "rules"}
     if not isinstance(judge, dict):
         raise _err("judge", "expected a mapping", judge)
-    _check_judge(judge)
+    _check_judge(judge, base_dir)
     capture = d.get("capture")
     if capture is not None and not isinstance(capture, dict):
         raise _err("capture", "expected a mapping or null", capture)
@@ -365,14 +365,16 @@ def _check_capture(capture: dict[str, Any]) -> None:
         raise ConfigError(msg if msg.startswith("capture.") else f"capture: {msg}") from None
 
 
-def _check_judge(judge: dict[str, Any]) -> None:
-    """Validate through the judge package's own parser, so the two never disagree."""
+def _check_judge(judge: dict[str, Any], base_dir: str = ".") -> None:
+    """Validate through the judge package's own parser, so the two never disagree; a
+    `rubric_file` (relative to the config file) is read and checked now."""
     try:
         from judge.config import JudgeConfig
 
-        JudgeConfig.from_dict(judge)
+        JudgeConfig.from_dict(judge).rubric(base_dir)
     except (TypeError, ValueError) as e:
-        raise _err("judge", str(e)) from None
+        msg = str(e)
+        raise (ConfigError(msg) if msg.startswith("judge.") else _err("judge", msg)) from None
     if judge.get("kind", "llm") not in ("llm", "rules"):
         raise _err("judge.kind", "expected `llm` or `rules`", judge.get("kind"))
     if judge.get("kind", "llm") == "llm" and not judge.get("endpoints"):

@@ -328,12 +328,16 @@ def probe_feature_rows(
     temperature: float = 0.7,
     seed: int = 0,
     engine_args: dict[str, Any] | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Features of short steered probes (+ replays) for every (prompt, alpha), in one batch.
 
     For online prediction (`asteer-train suggest`): `model` is a running `SteeredEngine`
     or a model path/id to start one with `engine_args`; `vector` a registered name or a
     `[hidden]` array; prompts are user turns (the model's chat template is applied).
+    Pass the build's effective `top_k` / `top_p` (build.json's `sampling`) to probe as
+    its rollouts were sampled; the defaults are no truncation.
     Returns a DataFrame with `prompt`, `alpha` and the feature columns.
     """
     import pandas as pd
@@ -359,7 +363,8 @@ def probe_feature_rows(
             reqs.append(RolloutRequest(
                 id=f"suggest-{i}-{j}", prompt_token_ids=ids, vector=name, alpha=float(a),
                 layer=int(layer), positions=positions, seed=seed + j,
-                max_tokens=probe_tokens, temperature=temperature))
+                max_tokens=probe_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p))
             keys.append((p, float(a)))
     rows = []
     for (p, a), res in zip(keys, run_with_capture(engine, reqs, settings), strict=True):

@@ -267,6 +267,8 @@ def test_card_yaml_parses_and_its_counts_equal_the_data(published, run_dir):
         assert needle in text, needle
     m = json.loads((published / "build.json").read_text())
     assert m["config_hash"] in text and m["config"]["name"] == "publish-test"
+    assert (m["sampling"]["tiny"]["top_k"], m["sampling"]["tiny"]["top_p"]) == (50, 1.0)
+    assert {e["judge_rubric"] for e in m["stages"]["labelled"].values()} == {"rules-v1"}
     assert set(m["stages"]) >= {"rollouts", "labelled", "features", "activations", "vectors"}
     assert {f["path"] for f in m["files"]} >= {
         "concepts/train-00000.parquet",
