@@ -168,11 +168,17 @@ def test_hub_models_resolve_offline_from_the_cache_and_uncached_fails_only_the_r
     assert not (tmp_path / "run" / "build.json").exists()
 
 
-def test_plan_summary_shows_the_tiny_world_defaults():
+def test_plan_summary_shows_each_models_values_and_sources(tmp_path):
     from asteer_build.config import load_config
 
+    s = plan_summary(parse_config(tiny_config(tmp_path)))["sampling"]["tiny"]
+    assert (s["temperature"], s["top_k"], s["top_p"]) == (0.0, 50, 1.0)
+    assert s["source"]["top_k"] == FROM_DEFAULT
+    # the demo keeps the untruncated sampling it was tuned with, explicitly
     s = plan_summary(load_config("configs/demo.yaml"))["sampling"]["tiny"]
-    assert (s["temperature"], s["top_k"], s["top_p"]) == (1.0, 50, 1.0)
+    assert (s["temperature"], s["top_k"], s["top_p"]) == (1.0, 0, 1.0)
+    assert s["source"] == {"temperature": FROM_CONFIG, "top_k": FROM_CONFIG,
+                           "top_p": FROM_CONFIG}
 
 
 def test_the_engine_samples_with_the_resolved_values_only(gen_model):
