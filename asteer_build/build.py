@@ -18,6 +18,7 @@ from typing import Any
 from .config import BuildConfig, ModelConfig, check_output
 from .console import console
 from .plan import Plan, Shard, make_plan, shard_name
+from .sampling import require_resolved
 from .shards import Manifest, ShardFile, Store, open_store
 
 __all__ = ["RunOptions", "BuildRefused", "prepare_run", "execute_run", "run_build",
@@ -61,6 +62,27 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
+def _sampling_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Why the effective sampling differs, per model and key, with both values and their
+    sources (a changed generation_config.json leaves the config itself unchanged)."""
+    if old is None:
+        return ["effective sampling (not recorded there: a build from before asteer "
+                "recorded it; now " + "; ".join(
+                    f"{n} top_k {e['top_k']}, top_p {e['top_p']}" for n, e in new.items())
+                + ")"]
+    out = []
+    for name, e in new.items():
+        o = old.get(name)
+        if o is None:
+            continue  # a new model: the config diff names it
+        for k in ("temperature", "top_k", "top_p"):
+            if o.get(k) != e[k]:
+                out.append(f"sampling of {name}: {k} {o.get(k)} "
+                           f"({o.get('source', {}).get(k)}) there, {e[k]} "
+                           f"({e['source'][k]}) now")
+    return out
+
+
 def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     """Check everything that can fail before an engine starts, then open the manifest."""
     bad = [s for s in opts.stages if s not in STAGE_ORDER]
@@ -74,6 +96,9 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     location = opts.out or cfg.output
     uri = check_output(location, where)
     plan = make_plan(cfg)
+    # Never sample with values we could not determine (offline, uncached model file).
+    require_resolved(plan.sampling)
+    sampling = {n: e.as_dict() for n, e in plan.sampling.items()}
     for i in opts.rerun_shards:
         if not 0 <= i < len(plan.shards):
             raise ValueError(f"--rerun-shards: shard {i} does not exist (plan has "
@@ -83,14 +108,16 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     if manifest is None:
         manifest = Manifest.create(store, config=cfg.as_dict(), config_hash=cfg.config_hash(),
                                    plan_hash=plan.plan_hash, n_items=plan.n_items,
-                                   n_shards=len(plan.shards))
+                                   n_shards=len(plan.shards), sampling=sampling)
     elif manifest.data["plan_hash"] != plan.plan_hash:
         changed = _config_diff(manifest.data.get("config", {}), cfg.as_dict())
+        changed += _sampling_diff(manifest.data.get("sampling"), sampling)
         raise BuildRefused(
             f"refusing to build into {store.uri}: it holds a build whose items differ from "
             f"this config's (plan {manifest.data['plan_hash']} there, {plan.plan_hash} now; "
             f"changed: {', '.join(changed) or 'concept or prompt files'}). Restore the "
-            "config, or give a new output location (--out DIR or `output:`)."
+            "config (or the model's generation_config.json), or give a new output location "
+            "(--out DIR or `output:`)."
         )
     elif manifest.data["config_hash"] != cfg.config_hash():
         # Same items, different settings that do not change them (judge, engine args,
@@ -212,7 +239,8 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
                 f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
                                        table_to_parquet(table), rep.rows)
                 run.manifest.record([f], ok=rep.ok, failed=rep.failed, pending=rep.pending,
-                                    judge_model=judge.judge_model)
+                                    judge_model=judge.judge_model,
+                                    judge_rubric=judge.rubric_version)
                 reports.append(rep)
                 bar.update(1)
 
@@ -226,7 +254,8 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
 
         async with EndpointPool(jc.endpoints, model=jc.model, retry=jc.retry) as pool:
             judge = LLMJudge(pool, jc.model, max_tokens=jc.max_tokens,
-                             temperature=jc.temperature, structured=jc.structured)
+                             temperature=jc.temperature, structured=jc.structured,
+                             rubric=jc.rubric(run.cfg.base_dir))
             await label_all(judge, jc.workers or 2 * pool.capacity)
     return reports
 

@@ -40,6 +40,14 @@ def _stages(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def _sampling_text(e: dict[str, Any]) -> str:
+    """`temperature 0.7 (config), top_k 20 (generation_config.json), ...`."""
+    parts = [f"{k} from the model, unresolved" if e[k] is None else
+             f"{k} {e[k]} ({e['source'][k]})" for k in ("temperature", "top_k", "top_p")]
+    text = ", ".join(parts)
+    return f"{text}\n    ({e['error']})" if e.get("error") else text
+
+
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from .config import load_config, resolve_config
     from .plan import plan_summary
@@ -62,6 +70,8 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {r['model']:<28} {r['method']:<9} {r['concepts']} concepts x {r['prompts']} "
               f"prompts x {r['alphas']} alphas = {r['items']:,} items, {r['shards']} shards",
               file=sys.stderr)
+    for name, e in summ["sampling"].items():
+        print(f"  sampling {name}: {_sampling_text(e)}", file=sys.stderr)
     t = summ["tokens"]
     print(f"  tokens: ~{t['prefill_estimate']:,} prompt, <= {t['decode_upper_bound']:,} "
           f"generated; stages: {' -> '.join(summ['stages'])}", file=sys.stderr)

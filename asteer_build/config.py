@@ -112,8 +112,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Sampling:
+    """What the config says; `asteer_build.sampling` resolves each model's effective
+    values (unset top_k / top_p come from the model's generation_config.json, else
+    transformers' defaults, as `generate()` does for the reference testbed)."""
+
     temperature: float = 0.7
-    top_p: float = 1.0
+    #: None: the model's generation_config.json, else transformers' default (50);
+    #: an int >= 1 keeps that many tokens; 0 turns top-k off
+    top_k: int | None = None
+    #: None: the model's generation_config.json, else transformers' default (1.0);
+    #: else a probability mass in (0, 1] (1.0 turns top-p off)
+    top_p: float | None = None
     max_tokens: int = 256
     #: item: a seed derived from the item id (reproducible, batch-independent);
     #: fixed: `seed` for every item; none: unseeded (the reference authors' setting)
@@ -210,6 +219,14 @@ def _alpha_map(d: Any, where: str, methods: tuple[str, ...]) -> dict[str, AlphaG
     return {m: AlphaGrid.parse(g, f"{where}.{m}") for m, g in d.items() if m in methods}
 
 
+def _top_k(v: Any) -> int:
+    k = _int(v, "sampling.top_k")
+    if k < 0:
+        raise _err("sampling.top_k", "must be an int >= 1, or 0 for no top-k (leave it "
+                   "unset to take the model's generation_config.json)", v)
+    return k
+
+
 def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     d = _only(raw, "", _TOP, ("models", "methods", "layer"))
     methods = d["methods"]
@@ -256,10 +273,13 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         raise _err("models", "model names repeat; give each a distinct `name`", names)
 
     s = _only(d.get("sampling") or {}, "sampling",
-              {"temperature", "top_p", "max_tokens", "seed_policy", "seed", "samples"})
+              {"temperature", "top_k", "top_p", "max_tokens", "seed_policy", "seed",
+               "samples"})
+    top_k, top_p = s.get("top_k"), s.get("top_p")
     sampling = Sampling(
         temperature=_num(s.get("temperature", 0.7), "sampling.temperature", nonneg=True),
-        top_p=_num(s.get("top_p", 1.0), "sampling.top_p", positive=True),
+        top_k=None if top_k is None else _top_k(top_k),
+        top_p=None if top_p is None else _num(top_p, "sampling.top_p", positive=True),
         max_tokens=_int(s.get("max_tokens", 256), "sampling.max_tokens", minimum=1),
         seed_policy=s.get("seed_policy", "item"),
         seed=_int(s.get("seed", 0), "sampling.seed", minimum=0),
@@ -268,7 +288,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     if sampling.seed_policy not in SEED_POLICIES:
         raise _err("sampling.seed_policy", f"expected one of {SEED_POLICIES}",
                    sampling.seed_policy)
-    if sampling.top_p > 1:
+    if sampling.top_p is not None and sampling.top_p > 1:
         raise _err("sampling.top_p", "must be <= 1", sampling.top_p)
 
     r = _only(d.get("ray") or {}, "ray", {
@@ -293,7 +313,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     judge = d.get("judge") or {"kind": "rules"}
     if not isinstance(judge, dict):
         raise _err("judge", "expected a mapping", judge)
-    _check_judge(judge)
+    _check_judge(judge, base_dir)
     capture = d.get("capture")
     if capture is not None and not isinstance(capture, dict):
         raise _err("capture", "expected a mapping or null", capture)
@@ -359,14 +379,16 @@ def _check_capture(capture: dict[str, Any]) -> None:
         raise ConfigError(msg if msg.startswith("capture.") else f"capture: {msg}") from None
 
 
-def _check_judge(judge: dict[str, Any]) -> None:
-    """Validate through the judge package's own parser, so the two never disagree."""
+def _check_judge(judge: dict[str, Any], base_dir: str = ".") -> None:
+    """Validate through the judge package's own parser, so the two never disagree; a
+    `rubric_file` (relative to the config file) is read and checked now."""
     try:
         from judge.config import JudgeConfig
 
-        JudgeConfig.from_dict(judge)
+        JudgeConfig.from_dict(judge).rubric(base_dir)
     except (TypeError, ValueError) as e:
-        raise _err("judge", str(e)) from None
+        msg = str(e)
+        raise (ConfigError(msg) if msg.startswith("judge.") else _err("judge", msg)) from None
     if judge.get("kind", "llm") not in ("llm", "rules"):
         raise _err("judge.kind", "expected `llm` or `rules`", judge.get("kind"))
     if judge.get("kind", "llm") == "llm" and not judge.get("endpoints"):

@@ -11,10 +11,11 @@ Rollouts, one base plus named additions rather than copies:
 - `ROLLOUT_FIELDS`: what the builder knows about a rollout (keys, steering, response);
 - `LABEL_FIELDS`: the judgment, written by the builder as placeholders (`label` null,
   `judge_status` ``pending``) and filled by the judge;
-- `JUDGE_ERROR_FIELD`: why a failed judgment failed, appended by the judge only.
+- `JUDGE_ERROR_FIELD`: why a failed judgment failed, appended by the judge only;
+- `JUDGE_RUBRIC_FIELD`: the rubric version of the judgment, appended by the judge only.
 
 `ROLLOUTS_SHARD_SCHEMA` (base + label) is a builder shard, `ROLLOUTS_SCHEMA` (base + label
-+ judge error) a judged shard and a published row; `JUDGE_COLUMNS` are the judge's.
++ judge error + judge rubric) a judged shard and a published row; `JUDGE_COLUMNS` are the judge's.
 
 `features`: the keys `FEATURES_KEY_FIELDS` then one float32 column per feature name
 (`features_schema(names)`). `concepts` and `prompts`: `CONCEPTS_SCHEMA`,
@@ -46,7 +47,7 @@ from .engine.feature_names import (
 
 __all__ = [
     "LABEL_NAMES", "JUDGE_STATUSES", "ROLLOUT_FIELDS", "LABEL_FIELDS", "JUDGE_ERROR_FIELD",
-    "JUDGE_FIELDS", "JUDGE_COLUMNS",
+    "JUDGE_RUBRIC_FIELD", "JUDGE_FIELDS", "JUDGE_COLUMNS",
     "ROLLOUTS_SHARD_SCHEMA", "ROLLOUTS_SCHEMA", "FEATURES_KEY_FIELDS", "FEATURE_KEYS",
     "FEATURE_TYPE", "features_schema", "CONCEPTS_SCHEMA", "PROMPTS_SCHEMA",
     "PARTITION_SEEN", "PARTITION_UNSEEN", "UNSEEN_FRACTION", "PARTITION_SEED",
@@ -87,7 +88,10 @@ LABEL_FIELDS: tuple[pa.Field, ...] = (
     pa.field("judge_explanation", pa.string()),
 )
 JUDGE_ERROR_FIELD = pa.field("judge_error", pa.string())
-JUDGE_FIELDS: tuple[pa.Field, ...] = (*LABEL_FIELDS, JUDGE_ERROR_FIELD)
+#: the rubric's version (`judge.rubric.Rubric.version`, or the rules judge's
+#: `rules-v1`) for ok and failed rows, null while pending: which grading produced a label
+JUDGE_RUBRIC_FIELD = pa.field("judge_rubric", pa.string())
+JUDGE_FIELDS: tuple[pa.Field, ...] = (*LABEL_FIELDS, JUDGE_ERROR_FIELD, JUDGE_RUBRIC_FIELD)
 #: the columns the judge sets, in order (name -> type)
 JUDGE_COLUMNS: dict[str, pa.DataType] = {f.name: f.type for f in JUDGE_FIELDS}
 

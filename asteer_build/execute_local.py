@@ -33,7 +33,7 @@ def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
         shards = [s for s in todo if s.model == model.name]
         if not shards:
             continue
-        ctx = model_context(store, cfg, model, run.plan.prompts)
+        ctx = model_context(store, cfg, model, run.plan.prompts, run.plan.sampling[model.name])
         console.say(f"rollouts: {model.name}: starting the engine")
         engine = SteeredEngine(ctx.path, steer_layers=[cfg.layer], **engine_kwargs(model))
         try:

@@ -43,9 +43,11 @@ class EngineHost:
     """The body of the engine actor (a plain class, so it can be tested without Ray)."""
 
     def __init__(self, cfg: BuildConfig, store_uri: str, model_name: str, prompts: list[Prompt],
-                 max_in_flight: int) -> None:
+                 max_in_flight: int, sampling: Any = None) -> None:
         self.cfg, self.store_uri, self.model_name = cfg, store_uri, model_name
         self.prompts = prompts
+        #: the head's resolved `EffectiveSampling` (the one build.json records)
+        self.sampling = sampling
         self.max_in_flight = max_in_flight
         self.engine: AsyncSteeringEngine | None = None
         self.ctx: ModelContext | None = None
@@ -63,7 +65,7 @@ class EngineHost:
         require_lock(f"engine actor for {self.model_name} on {_node_ip()}")
         model = next(m for m in self.cfg.models if m.name == self.model_name)
         self.store = open_store(self.store_uri)
-        self.ctx = model_context(self.store, self.cfg, model, self.prompts)
+        self.ctx = model_context(self.store, self.cfg, model, self.prompts, self.sampling)
         self.capture = capture_settings(self.cfg)
         kw = engine_kwargs(model)
         if model.tensor_parallel_size > 1:
@@ -203,7 +205,7 @@ class _ModelDispatch:
             scheduling_strategy=strategy, max_restarts=0, max_concurrency=1000,
             **self.actor_opts,
         ).remote(self.run.cfg, self.run.store.uri, self.model.name, self.run.plan.prompts,
-                 self.in_flight)
+                 self.in_flight, self.run.plan.sampling[self.model.name])
         slot.ready, slot.start_ref, slot.started_at = False, slot.actor.start.remote(), \
             time.time()
         slot.health_ref = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from . import contract
 from .config import BuildConfig
+from .sampling import EffectiveSampling, resolve_all
 from .sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 
 __all__ = ["Item", "Shard", "Plan", "item_id", "item_seed", "make_plan", "plan_summary",
@@ -81,6 +82,8 @@ class Plan:
     #: where concepts and prompts came from (Hub repo, file, revision, resolved commit),
     #: for build.json
     sources: dict = field(default_factory=dict)
+    #: model name -> effective sampling (possibly unresolved: `run` refuses then)
+    sampling: dict[str, EffectiveSampling] = field(default_factory=dict)
 
     def items(self) -> Iterator[Item]:
         for s in self.shards:
@@ -93,16 +96,23 @@ class Plan:
 
 def make_plan(cfg: BuildConfig) -> Plan:
     """All items, in (model, method, concept, prompt, alpha, sample) order, chunked into
-    shards that never span two (model, method) pairs (one engine, one vector bank)."""
+    shards that never span two (model, method) pairs (one engine, one vector bank).
+
+    Each model's effective sampling (`asteer_build.sampling`) is part of the hash: a
+    changed generation_config.json changes what the rollouts are, like a changed alpha.
+    """
     concepts = load_concepts(cfg.concepts, cfg.base_dir)
     prompts = load_prompts(cfg.prompts, cfg.base_dir)
     s = cfg.sampling
+    effective = resolve_all(cfg)
     h = hashlib.sha256()
-    h.update(repr((cfg.layer, cfg.positions, cfg.shard_size, s.temperature, s.top_p,
+    h.update(repr((cfg.layer, cfg.positions, cfg.shard_size, s.temperature,
                    s.max_tokens, s.seed_policy, s.seed, s.samples)).encode())
     shards: list[Shard] = []
     for m in cfg.models:
-        h.update(f"model|{m.name}|{m.path}".encode())
+        e = effective[m.name]
+        h.update(f"model|{m.name}|{m.path}|sampling|{e.temperature!r}|{e.top_k!r}|"
+                 f"{e.top_p!r}".encode())
         for method in cfg.methods:
             cur: Shard | None = None
             for c in concepts:
@@ -121,7 +131,7 @@ def make_plan(cfg: BuildConfig) -> Plan:
                             h.update(f"{iid}|{it.seed}|{c.concept}|{p.prompt}\n".encode())
     sources = {k: v for k, v in (("concepts", getattr(concepts, "origin", None)),
                                  ("prompts", getattr(prompts, "origin", None))) if v}
-    return Plan(cfg, concepts, prompts, shards, h.hexdigest()[:16], sources)
+    return Plan(cfg, concepts, prompts, shards, h.hexdigest()[:16], sources, effective)
 
 
 #: characters of each prompt that `plan --json` lists
@@ -184,6 +194,9 @@ def plan_summary(cfg: BuildConfig, listing: bool = False) -> dict:
         "by_model_method": rows,
         "counts_exact": why_c is None and why_p is None,
         "sources": sources,
+        # never fails and never goes online: a model whose generation_config.json is
+        # not local shows as unresolved here (`run` reads the Hub, or refuses)
+        "sampling": {n: e.as_dict() for n, e in resolve_all(cfg, network=False).items()},
         "tokens": {
             "prefill_estimate": total * prompt_tokens,
             "decode_upper_bound": total * cfg.sampling.max_tokens,

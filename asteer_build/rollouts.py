@@ -54,6 +54,8 @@ class RolloutRequest:
     seed: int | None = None
     max_tokens: int = 256
     temperature: float = 0.7
+    #: 0 = off (vLLM's convention); a build fills both from `asteer_build.sampling`
+    top_k: int = 0
     top_p: float = 1.0
 
     def steer(self) -> SteerSpec:
@@ -78,11 +80,15 @@ class RolloutResult:
 
 
 def sampling_params(req: RolloutRequest):
+    """Every sampling value explicitly from the request: vLLM's defaults for the rest
+    (min_p 0, no penalties) are no truncation, and the engine does not merge the model's
+    generation config into params it is given (only its stop tokens)."""
     from vllm import SamplingParams
 
     return SamplingParams(
         max_tokens=req.max_tokens,
         temperature=req.temperature,
+        top_k=req.top_k,
         top_p=req.top_p,
         seed=req.seed,
     )
@@ -322,12 +328,16 @@ def probe_feature_rows(
     temperature: float = 0.7,
     seed: int = 0,
     engine_args: dict[str, Any] | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Features of short steered probes (+ replays) for every (prompt, alpha), in one batch.
 
     For online prediction (`asteer-train suggest`): `model` is a running `SteeredEngine`
     or a model path/id to start one with `engine_args`; `vector` a registered name or a
     `[hidden]` array; prompts are user turns (the model's chat template is applied).
+    Pass the build's effective `top_k` / `top_p` (build.json's `sampling`) to probe as
+    its rollouts were sampled; the defaults are no truncation.
     Returns a DataFrame with `prompt`, `alpha` and the feature columns.
     """
     import pandas as pd
@@ -353,7 +363,8 @@ def probe_feature_rows(
             reqs.append(RolloutRequest(
                 id=f"suggest-{i}-{j}", prompt_token_ids=ids, vector=name, alpha=float(a),
                 layer=int(layer), positions=positions, seed=seed + j,
-                max_tokens=probe_tokens, temperature=temperature))
+                max_tokens=probe_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p))
             keys.append((p, float(a)))
     rows = []
     for (p, a), res in zip(keys, run_with_capture(engine, reqs, settings), strict=True):

@@ -210,7 +210,9 @@ class Manifest:
 
     @classmethod
     def create(cls, store: Store, *, config: dict[str, Any], config_hash: str,
-               plan_hash: str, n_items: int, n_shards: int) -> Manifest:
+               plan_hash: str, n_items: int, n_shards: int, **extra: Any) -> Manifest:
+        """`extra`: further top-level records (e.g. `sampling`: each model's effective
+        sampling), kept as given."""
         m = cls(store, {
             "format": 1,
             "config": config,
@@ -221,6 +223,7 @@ class Manifest:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "software": software_versions(),
             "stages": {s: {} for s in STAGES},
+            **extra,
         })
         m.save()
         return m

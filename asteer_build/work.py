@@ -79,6 +79,8 @@ class ModelContext:
     vectors: dict[str, Any]
     norms: dict[str, float]
     prompt_ids: dict[str, list[int]]
+    #: the model's effective sampling (`asteer_build.sampling`), as build.json records it
+    sampling: Any = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +100,11 @@ def chat_prompt_ids(path: str, prompt: str) -> list[int]:
     return [int(x) for x in ids]
 
 
-def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts) -> ModelContext:
+def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
+                  sampling: Any) -> ModelContext:
+    """`sampling` is the plan's resolved `EffectiveSampling` for this model, passed in
+    (not resolved again on an engine host) so every host samples with the recorded
+    values."""
     from .vectors.stage import load_vectors
 
     path = resolve_model_path(model.path)
@@ -107,17 +113,20 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts) -
         files[name] = store.read_bytes(f"vectors/{model.name}/{name}")
     vecs, norms = load_vectors(files)
     pids = {p.prompt_id: chat_prompt_ids(path, p.prompt) for p in prompts}
-    return ModelContext(model, path, vecs, norms, pids)
+    if sampling is None or not sampling.resolved:
+        raise RuntimeError(f"rollouts: {model.name}: no resolved sampling "
+                           f"({getattr(sampling, 'error', None) or 'none given'})")
+    return ModelContext(model, path, vecs, norms, pids, sampling)
 
 
 def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[RolloutRequest]:
-    s = cfg.sampling
+    s, eff = cfg.sampling, ctx.sampling
     return [
         RolloutRequest(
             id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
             vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
             positions=cfg.positions, seed=it.seed, max_tokens=s.max_tokens,
-            temperature=s.temperature, top_p=s.top_p,
+            temperature=eff.temperature, top_k=eff.top_k, top_p=eff.top_p,
         )
         for it in shard.items
     ]

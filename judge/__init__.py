@@ -3,7 +3,8 @@
 Labelled shards carry the `rollouts` judge columns of the dataset contract (`label` int8
 null unless ok, `judge_model`, `judge_status` ok|failed|pending, `judge_explanation`)
 plus `judge_error`, the redacted reason a row failed: without it a failed row could not
-be told from one that was never tried, and `--rerun-failed` would have nothing to show.
+be told from one that was never tried, and `--rerun-failed` would have nothing to show;
+and `judge_rubric`, the version of the rubric (or rules) behind each ok or failed row.
 
 Modules: `rubric` (prompt, schema, parsing), `pool` (endpoints, dispatch, retries),
 `judges` (LLM and rules judges), `rules` (tiny-world measures), `cache`, `label`

@@ -25,9 +25,9 @@ from asteer_build import atomic
 from .cache import JudgmentCache, cache_key
 from .label import rows_to_judge
 from .rubric import (
-    RUBRIC_VERSION,
+    DEFAULT_RUBRIC,
     JudgmentParseError,
-    build_messages,
+    Rubric,
     parse_judgment,
     response_format,
 )
@@ -45,16 +45,17 @@ def _request_line(
     concept: str,
     response: str,
     model: str,
-    max_tokens: int,
-    temperature: float,
+    max_tokens: int | None,
+    temperature: float | None,
     structured: bool,
+    rubric: Rubric = DEFAULT_RUBRIC,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": build_messages(prompt, concept, response),
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-    }
+    body: dict[str, Any] = {"model": model, "messages": rubric.messages(prompt, concept, response)}
+    # None: not sent (gpt-5 models take neither; the reference's batch sent neither)
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
     if structured:
         body["response_format"] = response_format()
     return {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body}
@@ -66,12 +67,13 @@ def write_requests(
     *,
     model: str,
     cache: JudgmentCache | None = None,
-    max_tokens: int = 200,
-    temperature: float = 0.0,
+    max_tokens: int | None = 200,
+    temperature: float | None = 0.0,
     structured: bool = True,
     rerun_failed: bool = False,
     max_per_file: int = MAX_PER_FILE,
     out_dir: str | os.PathLike[str] | None = None,
+    rubric: Rubric = DEFAULT_RUBRIC,
 ) -> list[Path]:
     """Write request files for rows still to judge; returns the files written.
 
@@ -92,13 +94,14 @@ def write_requests(
         )
         for i in rows_to_judge(t, rerun_failed=rerun_failed):
             p, c, r = prompts[i] or "", concepts[i] or "", responses[i] or ""
-            key = cache_key(RUBRIC_VERSION, model, p, c, r)
+            key = cache_key(rubric.version, model, p, c, r)
             if key in seen or (cache is not None and key in cache):
                 continue
             seen.add(key)
             lines.append(
                 json.dumps(
-                    _request_line(key, p, c, r, model, max_tokens, temperature, structured),
+                    _request_line(key, p, c, r, model, max_tokens, temperature, structured,
+                                  rubric),
                     ensure_ascii=False,
                 )
             )
@@ -118,8 +121,10 @@ def read_results(
     cache: JudgmentCache,
     *,
     model: str,
+    rubric: Rubric = DEFAULT_RUBRIC,
 ) -> tuple[dict[str, str], dict[str, int]]:
-    """Load result files into the cache. Returns (failures by custom_id, counts)."""
+    """Load result files into the cache (under `rubric`'s version, the one the requests
+    were written with). Returns (failures by custom_id, counts)."""
     failures: dict[str, str] = {}
     counts = {"ok": 0, "failed": 0}
     for path in paths:
@@ -141,7 +146,7 @@ def read_results(
                 except JudgmentParseError as e:
                     err = f"unparsable answer: {e}"
                 else:
-                    cache.put(key, j.label, j.explanation, model, RUBRIC_VERSION)
+                    cache.put(key, j.label, j.explanation, model, rubric.version)
                     failures.pop(key, None)
                     counts["ok"] += 1
                     continue

@@ -38,6 +38,11 @@ def _config(args: argparse.Namespace) -> JudgeConfig:
     return cfg
 
 
+def _rubric(args: argparse.Namespace, cfg: JudgeConfig):
+    """The config's rubric; a relative `rubric_file` is relative to the config file."""
+    return cfg.rubric(Path(args.config).parent if args.config else ".")
+
+
 def _cache_path(args: argparse.Namespace, cfg: JudgeConfig) -> Path:
     if args.cache:
         return Path(args.cache)
@@ -70,6 +75,7 @@ async def _run(args: argparse.Namespace) -> dict:
                     max_tokens=cfg.max_tokens,
                     temperature=cfg.temperature,
                     structured=cfg.structured,
+                    rubric=_rubric(args, cfg),
                 )
                 reports = await judge_shards(
                     args.inp,
@@ -132,6 +138,7 @@ def cmd_batch_write(args: argparse.Namespace) -> dict:
             structured=cfg.structured,
             rerun_failed=args.rerun_failed,
             out_dir=args.out,
+            rubric=_rubric(args, cfg),
         )
     return {
         "request_files": [str(p) for p in paths],
@@ -146,11 +153,13 @@ def cmd_batch_read(args: argparse.Namespace) -> dict:
     from .shards import judge_shards
 
     cfg = _config(args)
+    rubric = _rubric(args, cfg)
     with JudgmentCache(_cache_path(args, cfg)) as cache:
-        failures, counts = read_results(args.results, cache, model=cfg.model)
+        failures, counts = read_results(args.results, cache, model=cfg.model, rubric=rubric)
         # The judge object only names the model and rubric here: cache-only mode
         # never calls it.
-        judge = LLMJudge(pool=None, judge_model=cfg.model)  # type: ignore[arg-type]
+        judge = LLMJudge(pool=None, judge_model=cfg.model,  # type: ignore[arg-type]
+                         rubric=rubric)
         reports = asyncio.run(
             judge_shards(
                 args.inp,

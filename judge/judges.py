@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 from .pool import EndpointPool, PoolError
 from .rubric import (
-    RUBRIC_VERSION,
+    DEFAULT_RUBRIC,
     JudgmentParseError,
-    build_messages,
+    Rubric,
     parse_judgment,
     response_format,
 )
@@ -44,19 +44,22 @@ class LLMJudge:
     An answer that cannot be parsed is a failed row, not a retry: at temperature 0 the
     same prompt gives the same answer, so retrying would only pay twice. Transport
     failures were already retried inside the pool.
-    """
 
-    rubric_version = RUBRIC_VERSION
+    `max_tokens` / `temperature` of None are not sent at all (the server's defaults):
+    reasoning models such as gpt-5-mini reject both, and the reference testbed's judge
+    sent neither.
+    """
 
     def __init__(
         self,
         pool: EndpointPool,
         judge_model: str,
         *,
-        max_tokens: int = 200,
-        temperature: float = 0.0,
+        max_tokens: int | None = 200,
+        temperature: float | None = 0.0,
         structured: bool = True,
         extra: dict[str, Any] | None = None,
+        rubric: Rubric = DEFAULT_RUBRIC,
     ) -> None:
         self.pool = pool
         self.judge_model = judge_model
@@ -64,14 +67,17 @@ class LLMJudge:
         self.temperature = temperature
         self.structured = structured
         self.extra = extra or {}
+        self.rubric = rubric
+        self.rubric_version = rubric.version
 
     async def judge(self, prompt: str, concept: str, response: str) -> Outcome:
+        sent = {k: v for k, v in (("max_tokens", self.max_tokens),
+                                  ("temperature", self.temperature)) if v is not None}
         try:
             c = await self.pool.complete(
-                build_messages(prompt, concept, response),
+                self.rubric.messages(prompt, concept, response),
                 response_format=response_format() if self.structured else None,
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
+                **sent,
                 **self.extra,
             )
         except PoolError as e:
@@ -86,7 +92,8 @@ class LLMJudge:
 
 
 class RulesJudge:
-    """The deterministic tiny-world judge (see `judge.rules`); never fails."""
+    """The deterministic tiny-world judge (see `judge.rules`); never fails. Its rules
+    are its rubric: `RULES_VERSION` is recorded with every label it gives."""
 
     judge_model = RULES_VERSION
     rubric_version = RULES_VERSION

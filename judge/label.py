@@ -204,12 +204,15 @@ async def alabel_table(
             err = o.error if o is not None else external_failures[k]  # type: ignore[index]
             cols["label"][i], cols["judge_explanation"][i] = None, None
             cols["judge_model"][i], cols["judge_error"][i] = judge.judge_model, err
+            cols["judge_rubric"][i] = judge.rubric_version
             status[i] = "failed"
             continue
         else:  # a cache-only miss, or a request a batch judge never answered
             continue
         cols["label"][i], cols["judge_explanation"][i] = label, explanation
         cols["judge_model"][i], cols["judge_error"][i] = model, None
+        # a cache hit has this rubric's version: it is part of the cache key
+        cols["judge_rubric"][i] = judge.rubric_version
         status[i] = "ok"
     cols["judge_status"] = status
 

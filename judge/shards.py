@@ -5,7 +5,8 @@ adds files: it reads each shard, labels its table and commits the result atomica
 
 Every input row comes out in the same order with the judge columns set:
 `label` (int8, null unless ok), `judge_model`, `judge_status` (ok | failed | pending),
-`judge_explanation`, `judge_error` (only for failed rows). Nothing is dropped, nothing
+`judge_explanation`, `judge_error` (only for failed rows), `judge_rubric` (the rubric
+version, for ok and failed rows). Nothing is dropped, nothing
 duplicated, and a failure is never written as a label.
 
 Resumption has two layers. Each successful judgment is appended to the content-hash

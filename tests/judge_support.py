@@ -29,13 +29,18 @@ ROOT = HERE.parent
 VLLM_CLI = [sys.executable, str(HERE / "_vllm_cli.py")]
 
 # Flags the tiny model needs on CPU. Whitespace inside JSON is disabled because a random
-# model otherwise emits whitespace until max_tokens and never closes the object.
+# model otherwise emits whitespace until max_tokens and never closes the object. The
+# rubric is ~1,300 tiny-world tokens (its tokenizer knows few English words) and the
+# reason comes before the label, so the context is raised past the tiny model's 1,024
+# positions (rotary: the positions are computed, not learned).
 CPU_FLAGS = [
     "--dtype",
     "float32",
     "--enforce-eager",
+    "--hf-overrides",
+    '{"max_position_embeddings": 2560}',
     "--max-model-len",
-    "1024",
+    "2560",
     "--structured-outputs-config",
     '{"backend":"xgrammar","disable_any_whitespace":true}',
 ]

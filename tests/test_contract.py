@@ -23,7 +23,7 @@ ROLLOUT_TYPES = [
     ("response", pa.string()), ("response_tokens", pa.int32()),
     ("finish_reason", pa.string()), ("label", pa.int8()), ("judge_model", pa.string()),
     ("judge_status", pa.string()), ("judge_explanation", pa.string()),
-    ("judge_error", pa.string()),
+    ("judge_error", pa.string()), ("judge_rubric", pa.string()),
 ]
 
 
@@ -31,10 +31,12 @@ def test_rollouts_types_and_the_named_additions():
     assert C.ROLLOUTS_SCHEMA.equals(pa.schema(ROLLOUT_TYPES))
     assert C.ROLLOUTS_SCHEMA.metadata is None
     assert all(f.nullable for f in C.ROLLOUTS_SCHEMA)
-    # the builder's shard is the same row without the judge's `judge_error`
-    assert C.ROLLOUTS_SHARD_SCHEMA.equals(pa.schema(ROLLOUT_TYPES[:-1]))
+    # the builder's shard is the same row without the judge's `judge_error` and
+    # `judge_rubric`
+    assert C.ROLLOUTS_SHARD_SCHEMA.equals(pa.schema(ROLLOUT_TYPES[:-2]))
     assert list(C.JUDGE_COLUMNS) == [
         "label", "judge_model", "judge_status", "judge_explanation", "judge_error",
+        "judge_rubric",
     ]
     assert C.ROLLOUTS_SCHEMA.names[-len(C.JUDGE_COLUMNS):] == list(C.JUDGE_COLUMNS)
     for name, typ in C.JUDGE_COLUMNS.items():

@@ -38,7 +38,7 @@ def test_batch_files_round_trip_through_vllm_run_batch(tmp_path):
     rows[19] = dup
     write_shard(tmp_path / "in" / "s0.parquet", rows)
     cfg = tmp_path / "judge.yaml"
-    cfg.write_text(yaml.safe_dump({"judge": {"model": model, "max_tokens": 64}}))
+    cfg.write_text(yaml.safe_dump({"judge": {"model": model, "max_tokens": 300}}))
     common = [
         "--config",
         str(cfg),

@@ -50,6 +50,8 @@ except ImportError:
     )
 
 KEY_ENV = "ASTEER_JUDGE_TEST_KEY"
+#: the reason comes before the label: room for EXPLANATION_MAX characters and the JSON
+JUDGE_MAX_TOKENS = 300
 FAULTS = ["drop", "http500", "http429", "slow", "malformed"]
 
 
@@ -107,7 +109,8 @@ def run_judge(in_dir, out_dir, cache_path, endpoints, model, retry=None, rerun=F
     async def go():
         with JudgmentCache(cache_path) as cache:
             async with EndpointPool(endpoints, model=model, retry=retry, seed=0) as pool:
-                judge = LLMJudge(pool, model, max_tokens=64)
+                # room for the reason (<= EXPLANATION_MAX chars), which comes first
+                judge = LLMJudge(pool, model, max_tokens=JUDGE_MAX_TOKENS)
                 reps = await judge_shards(
                     in_dir, out_dir, judge, cache, rerun_failed=rerun, workers=2 * pool.capacity
                 )
@@ -253,7 +256,7 @@ def _config(tmp_path: Path, url: str, model: str) -> Path:
     cfg = {
         "judge": {
             "model": model,
-            "max_tokens": 64,
+            "max_tokens": JUDGE_MAX_TOKENS,
             "workers": 8,
             "endpoints": [{"base_url": url, "api_key_env": KEY_ENV, "max_concurrency": 4}],
             "retry": {"max_attempts": 4, "timeout_s": 60, "base_delay_s": 0.05},
@@ -361,3 +364,34 @@ def test_api_key_never_logged_or_written(server, clean_proxy, tmp_path):
     assert any(p.name.endswith(".jsonl") for p in files)  # the cache is among them
     for p in files:
         assert key.encode() not in p.read_bytes(), p
+
+
+def test_rubric_file_end_to_end_and_its_version_on_every_row(server, clean_proxy, tmp_path):
+    """`rubric_file` (relative to the judge config) is the one user message the server
+    sees, placeholders filled; every labelled row records that rubric's version."""
+    from judge.rubric import Rubric
+
+    rows = make_rows(4, seed=9)
+    write_shard(tmp_path / "in" / "s0.parquet", rows)
+    cfg_path = _config(tmp_path, clean_proxy.url, server["model"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["judge"]["rubric_file"] = "short-rubric.txt"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    rubric_path = tmp_path / "short-rubric.txt"
+    rubric_path.write_text("Steering grade. Concept: {concept}\nPrompt: {prompt}\n"
+                           "Response: {response}\nGive the reason first: "
+                           '{"explanation": "...", "label": 0, 1 or 2}')
+    rubric = Rubric.from_file(rubric_path)
+    r = run_cli(["run", "--config", str(cfg_path), "--in", str(tmp_path / "in"),
+                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c.jsonl")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = read_dir(tmp_path / "out")
+    check_rows(rows, out)
+    assert all(x["judge_status"] == "ok" for x in out)
+    assert {x["judge_rubric"] for x in out} == {rubric.version}
+    assert rubric.version.startswith("short-rubric+")
+    # the server was asked with the file's text: one request per row, keyed by the
+    # user message that rubric builds
+    want = {row_key({"messages": rubric.messages(x["prompt"], x["concept"], x["response"])})
+            for x in rows}
+    assert set(clean_proxy.forwarded) == want

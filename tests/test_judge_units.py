@@ -56,6 +56,123 @@ def test_rubric_sees_only_prompt_concept_response():
     user = msgs[-1]["content"]
     assert "PROMPT-X" in user and "ocean" in user and "RESPONSE-Y" in user
     assert "gibberish" in msgs[0]["content"].lower()
+    # a response that looks like a placeholder is inserted as is, never filled again
+    tricky = build_messages("P {concept}", "ocean", "R {prompt} {response}")[-1]["content"]
+    assert "P {concept}" in tricky and "R {prompt} {response}" in tricky
+
+
+# Each decision rule of the reference testbed's rubric (the authors'
+# submit_gpt_judgment.py), as our rubric words it.
+RUBRIC_RULES = {
+    "three labels": ["0 = under-steered", "1 = steered successfully", "2 = over-steered"],
+    "under: coherent, on the prompt, concept absent": [
+        "makes sense and deals with the prompt, but the target concept does not show up"],
+    "success: present AND coherent and relevant": [
+        "clearly part of the response AND the response still makes sense, stays on the prompt"],
+    "natural integration": ["woven into the answer so that it reads naturally"],
+    "over: no longer answers, nonsensical / off-topic / unsuitable": [
+        "no longer answers the prompt: it is nonsensical, off-topic, unsuitable"],
+    "empty is over-steer": ["An empty response is 2."],
+    "gibberish is over-steer, not under-steer": ["does not answer the prompt is 2, never 0"],
+    "strict about coherence": ["Hold coherence to a high bar",
+                               "does not make sense as an answer is 2"],
+    "appropriateness of the concept for the prompt": [
+        "whether the concept suits this prompt", "improves the answer or spoils it"],
+    "cultural and linguistic appropriateness": ["cultural and linguistic appropriateness"],
+    "an example per label": ['"uses emojis" and the reply is a plain answer',
+                             '"humorous tone" and the reply answers the question',
+                             "a stream of emojis that never gets to the question"],
+    "evidence in the reason": ["concrete evidence in the response"],
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RUBRIC_RULES))
+def test_rubric_carries_each_of_the_reference_rules(rule):
+    from judge.rubric import DEFAULT_RUBRIC
+
+    text = " ".join((DEFAULT_RUBRIC.system or "").split())
+    for phrase in RUBRIC_RULES[rule]:
+        assert phrase in text, (rule, phrase)
+
+
+def test_the_reason_is_asked_for_before_the_label():
+    from judge.rubric import DEFAULT_RUBRIC, JUDGMENT_SCHEMA, response_format
+
+    text = DEFAULT_RUBRIC.system or ""
+    assert "Reason first, then decide" in text
+    fmt = text[text.index("Answer format"):]
+    assert fmt.index('"explanation"') < fmt.index('"label"')
+    # structured output generates keys in schema order: the reason first there too
+    assert list(JUDGMENT_SCHEMA["properties"]) == ["explanation", "label"]
+    assert JUDGMENT_SCHEMA["required"] == ["explanation", "label"]
+    assert response_format()["json_schema"]["schema"] is JUDGMENT_SCHEMA
+
+
+def test_parse_reason_first_label_first_and_the_authors_key():
+    j = parse_judgment('{"explanation": "the concept is woven in", "label": 1}')
+    assert (j.label, j.explanation) == (1, "the concept is woven in")
+    assert parse_judgment('{"label": 2, "explanation": "soup"}').label == 2
+    # the reference rubric's format (through rubric_file): `judgment` is the label
+    j = parse_judgment('{"explanation": "no emojis at all", "judgment": 0}')
+    assert (j.label, j.explanation) == (0, "no emojis at all")
+    assert parse_judgment('reason: gibberish. "judgment": 2').label == 2
+    with pytest.raises(JudgmentParseError, match="disagree"):
+        parse_judgment('{"explanation": "x", "label": 1, "judgment": 2}')
+
+
+def test_rubric_version_names_the_rubric_and_hashes_its_text(tmp_path):
+    from judge.rubric import DEFAULT_RUBRIC, RUBRIC_VERSION, Rubric
+
+    assert RUBRIC_VERSION == DEFAULT_RUBRIC.version
+    name, digest = RUBRIC_VERSION.split("+")
+    assert name == "asteer-3way-v2" and len(digest) == 8
+    edited = Rubric(DEFAULT_RUBRIC.name, DEFAULT_RUBRIC.user_template,
+                    DEFAULT_RUBRIC.system + " ")
+    assert edited.version != RUBRIC_VERSION  # any edit is another version
+    f = tmp_path / "mine.txt"
+    f.write_text('Concept {concept}; prompt {prompt}; response {response}. '
+                 'Answer {"explanation": "...", "label": 0}')
+    r = Rubric.from_file(f)
+    assert r.version.startswith("mine+") and r.system is None
+    (msg,) = r.messages("P", "C", "R")
+    assert msg == {"role": "user", "content": 'Concept C; prompt P; response R. '
+                   'Answer {"explanation": "...", "label": 0}'}
+
+
+@pytest.mark.parametrize("text, msg", [
+    (None, "cannot read"),
+    ("   ", "is empty"),
+    ("Grade {response} for {concept}", r"lacks the placeholder\(s\) \{prompt\}"),
+    ("{prompt} {concept} {response_after}", r"lacks the placeholder\(s\) \{response\}"),
+])
+def test_bad_rubric_files_fail_at_config_time_naming_the_field(tmp_path, text, msg):
+    from asteer_build.config import ConfigError, parse_config
+
+    from .pipeline_support import tiny_config
+
+    if text is not None:
+        (tmp_path / "r.txt").write_text(text)
+    judge = {"kind": "llm", "model": "m", "rubric_file": "r.txt",
+             "endpoints": [{"base_url": "http://127.0.0.1:9/v1"}]}
+    with pytest.raises(ConfigError, match=f"judge.rubric_file: .*{msg}"):
+        parse_config(tiny_config(tmp_path, judge=judge), base_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=f"judge.rubric_file: .*{msg}"):
+        JudgeConfig.from_dict({"rubric_file": "r.txt"}).rubric(tmp_path)
+
+
+def test_unsent_max_tokens_and_temperature_in_batch_files(tmp_path):
+    """gpt-5 models (the reference's judge) reject both; null leaves them out."""
+    from judge.batchfile import write_requests
+
+    write_shard(tmp_path / "in" / "s0.parquet", make_rows(2))
+    (path,) = write_requests(tmp_path / "in", tmp_path / "req.jsonl", model="gpt-5-mini",
+                             max_tokens=None, temperature=None)
+    body = json.loads(path.read_text().splitlines()[0])["body"]
+    assert set(body) == {"model", "messages", "response_format"}
+    assert body["messages"][0]["role"] == "system"
+    cfg = JudgeConfig.from_dict({"model": "gpt-5-mini", "max_tokens": None,
+                                 "temperature": None})
+    assert (cfg.max_tokens, cfg.temperature) == (None, None)
 
 
 def test_rules_labels():
@@ -153,6 +270,7 @@ def test_rules_run_is_idempotent(tmp_path):
     assert [r["id"] for r in out] == [r["id"] for r in rows]
     assert all(r["judge_status"] == "ok" and r["label"] in (0, 1, 2) for r in out)
     assert r1[0].ok == 30 and r2[0].skipped and r2[0].calls == 0
+    assert {r["judge_rubric"] for r in out} == {"rules-v1"}  # its rules are its rubric
     assert len({r["label"] for r in out}) >= 2  # the measures actually separate rows
 
 
@@ -216,6 +334,8 @@ def test_label_table_in_memory_with_a_batch_judge(tmp_path):
     assert out.column("judge_status").to_pylist() == ["ok", "failed", "pending", "ok"]
     assert out.column("label").to_pylist() == [1, None, None, 1]
     assert out.column("judge_error").to_pylist() == [None, "no verdict", None, None]
+    # the rubric version of ok and failed judgments, null while pending
+    assert out.column("judge_rubric").to_pylist() == ["batch-v1", "batch-v1", None, "batch-v1"]
     assert (rep.rows, rep.calls, rep.ok, rep.failed, rep.pending) == (4, 3, 2, 1, 1)
 
     async def twice(cache: JudgmentCache) -> pa.Table:

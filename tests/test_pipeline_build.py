@@ -92,6 +92,7 @@ def test_local_build_is_complete_and_labelled(reference):
     assert sorted(t.column("id").to_pylist()) == sorted(_expected_ids(reference))
     assert set(t.column("judge_status").to_pylist()) == {"ok"}
     assert set(t.column("label").to_pylist()) <= {0, 1, 2}
+    assert set(t.column("judge_rubric").to_pylist()) == {"rules-v1"}  # the rubric's version
     cols = set(read_stage(str(reference), "rollouts").column_names)
     assert {"id", "model", "method", "concept_id", "concept", "concept_level", "prompt_id",
             "prompt", "layer", "alpha", "vector_norm", "seed", "response", "response_tokens",
@@ -104,6 +105,11 @@ def test_local_build_is_complete_and_labelled(reference):
     m = json.loads((reference / "build.json").read_text())
     e = m["stages"]["rollouts"]["shard-000000"]
     assert {"rows", "sha256", "config_hash", "software"} <= set(e)
+    assert m["stages"]["labelled"]["shard-000000"]["judge_rubric"] == "rules-v1"
+    # effective sampling per model: the tiny world's file is silent -> transformers'
+    # defaults (vLLM drops them at temperature 0, which is greedy either way)
+    s = m["sampling"]["tiny"]
+    assert (s["temperature"], s["top_k"], s["top_p"]) == (0.0, 50, 1.0)
     assert (reference / "vectors" / "tiny" / "diffmean.safetensors").exists()
 
 

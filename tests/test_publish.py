@@ -273,6 +273,8 @@ def test_card_yaml_parses_and_its_counts_equal_the_data(published, run_dir):
     assert m["partition"]["prompt_split"] == {"test_size": 0.3, "val_size": 0.2, "seed": 42}
     assert "`numpy.random.default_rng(42)`; per `concept_level` in the order low, mid, high" \
         in text
+    assert (m["sampling"]["tiny"]["top_k"], m["sampling"]["tiny"]["top_p"]) == (50, 1.0)
+    assert {e["judge_rubric"] for e in m["stages"]["labelled"].values()} == {"rules-v1"}
     assert set(m["stages"]) >= {"rollouts", "labelled", "features", "activations", "vectors"}
     assert {f["path"] for f in m["files"]} >= {
         "concepts/train-00000.parquet",

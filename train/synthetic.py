@@ -174,6 +174,8 @@ def generate(
                     "judge_error": [
                         "synthetic failure" if s == "failed" else None for s in status
                     ],
+                    "judge_rubric": ["synthetic" if s != "pending" else None
+                                     for s in status],
                 },
                 schema=contract.ROLLOUTS_SCHEMA,
             )

@@ -49,6 +49,7 @@ def build_json(
                     "failed",
                     "pending",
                     "judge_model",
+                    "judge_rubric",
                     "parts",
                 )
                 if k in e
@@ -62,6 +63,8 @@ def build_json(
         "config": scrub(d.get("config", {})),
         "config_hash": d.get("config_hash"),
         "plan_hash": d.get("plan_hash"),
+        # each model's effective top-k / top-p / temperature and where each came from
+        "sampling": d.get("sampling"),
         "items": d.get("items"),
         "shards": d.get("shards"),
         "created": d.get("created"),

@@ -196,6 +196,12 @@ def dataset_card(
 
         judge_desc = f"LLM judge `{judge_cfg.get('model', '?')}` through an OpenAI-compatible API"
         rubric = RUBRIC_VERSION
+    # The versions the labelled shards were really made with (a `rubric_file`, an
+    # earlier rubric), as the judge stage recorded them.
+    used = sorted({e["judge_rubric"] for e in d.get("stages", {}).get("labelled", {}).values()
+                   if e.get("judge_rubric")})
+    if used:
+        rubric = "`, `".join(used)
     names = {cp.name for cp in plans}
     out = ["---", meta.to_yaml(original_order=_HEADER_ORDER), "---", ""]
     out += [f"# ASTEER steerability dataset: `{cfg.get('name', 'build')}`", ""]
@@ -281,8 +287,11 @@ def dataset_card(
             "off-topic, empty (gibberish is always 2) |",
             "",
             f"Judge: {judge_desc}; rubric version `{rubric}`. The judge sees the prompt, the "
-            "concept and the steered response only. `judge_status` is `ok` (label set), "
-            "`failed` (no label; `judge_error` says why) or `pending` (not judged yet). "
+            "concept and the steered response only, and gives its reason before its label. "
+            "`judge_status` is `ok` (label set), "
+            "`failed` (no label; `judge_error` says why) or `pending` (not judged yet); "
+            "`judge_rubric` names the rubric version (`name+hash` of its text, or the rules "
+            "judge's version) of every ok or failed judgment, null while pending. "
             "A failed judgment is never recorded as under-steer: drop or re-judge those rows.",
             "",
             "Label distribution per model and method (rows with `judge_status == ok`):",
