@@ -145,11 +145,10 @@ def _write_tokenizer(spec: TinyWorldSpec, out: Path, chat: _Chat = _TINY_CHAT) -
     fast.save_pretrained(str(out))
 
 
-def _write_model(spec: TinyWorldSpec, out: Path, vocab_size: int, special: dict[str, int]) -> None:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+def _shape(spec: TinyWorldSpec, vocab_size: int) -> dict:
+    """The config fields every tiny model shares, whatever its class: one place, so the
+    tiny world's own model and the paper's three architectures stay the same size."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -158,12 +157,21 @@ def _write_model(spec: TinyWorldSpec, out: Path, vocab_size: int, special: dict[
         num_key_value_heads=spec.num_kv_heads,
         head_dim=spec.hidden_size // spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
         tie_word_embeddings=True,
+    )
+
+
+def _write_model(spec: TinyWorldSpec, out: Path, vocab_size: int, special: dict[str, int]) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        **_shape(spec, vocab_size),
         bos_token_id=special["<|bos|>"],
         eos_token_id=special["<|eos|>"],
         pad_token_id=special["<|pad|>"],
         rms_norm_eps=1e-5,
-        initializer_range=spec.initializer_range,
         rope_theta=10000.0,
         torch_dtype=spec.dtype,
     )
@@ -326,16 +334,7 @@ def arch_spec(arch: str, seed: int = 0) -> TinyWorldSpec:
 
 def _arch_config(arch: str, spec: TinyWorldSpec, vocab_size: int, ids: dict[str, int]):
     common = dict(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        head_dim=spec.hidden_size // spec.num_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        initializer_range=spec.initializer_range,
-        tie_word_embeddings=True,
+        **_shape(spec, vocab_size),
         eos_token_id=[ids[t] for t in _ARCH_STOPS[arch]],
         dtype=spec.dtype,
     )

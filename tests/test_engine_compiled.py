@@ -18,7 +18,7 @@ from asteer_build.reference import HFReference
 from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .conftest import PROMPTS, chat_ids, engine_args
-from .test_engine import _greedy, _mixed_batch, _run, _vectors
+from .test_engine import _mixed_batch, _run, _vectors, assert_steering_matches_hf
 
 LAYERS = 6
 
@@ -86,22 +86,7 @@ def test_mixed_batch_equals_each_request_alone(engine, prompts):
 
 
 def test_steering_matches_hf(engine, prompts, reference):
-    specs = [
-        None,
-        SteerSpec("ocean", 1.5, 2),
-        SteerSpec("music", 3.0, 1, "generated"),
-        SteerSpec("robot", 2.0, 3, "last_prompt_and_generated"),
-        SteerSpec("ocean", 4.0, 0),
-        SteerSpec("music", 2.5, 5, "generated"),
-        SteerSpec("robot", 1.0, 4),
-        SteerSpec("ocean", 6.0, 2, "last_prompt_and_generated"),
-    ]
-    n = 20
-    ours = _run(engine, prompts, specs, _greedy(n))
-    theirs = reference.generate(prompts, specs, max_new_tokens=n, batch_size=8)
-    assert ours == theirs
-    unsteered = reference.generate(prompts, [None] * len(prompts), max_new_tokens=n)
-    assert sum(a != b for a, b in zip(theirs, unsteered, strict=True)) >= 5
+    assert_steering_matches_hf(engine, prompts, reference)
 
 
 def _req(i, ids, vector, alpha, layer, mode, max_tokens=8, temp=0.0):
