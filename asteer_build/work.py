@@ -117,7 +117,7 @@ def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[Ro
             id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
             vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
             positions=cfg.positions, seed=it.seed, max_tokens=s.max_tokens,
-            temperature=s.temperature, top_p=s.top_p,
+            temperature=s.temperature, top_p=s.top_p, prompt=it.prompt,
         )
         for it in shard.items
     ]
