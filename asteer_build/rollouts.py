@@ -14,7 +14,13 @@ Capture and replay, for each steered rollout:
 2. once it finishes, a replay runs with no steering over exactly the same token ids
    (chat-templated prompt + the first generated tokens up to the last capture step),
    one prefill, capturing the same positions. Its prompt blocks come from the prefix
-   cache (unsteered KV of the same prompt), so it costs a few tokens per rollout;
+   cache (unsteered KV of the same prompt), so it costs a few tokens per rollout.
+   `capture.replay: authors` runs the reference authors' replay instead (their
+   `raw_hidden_state.py`), to reproduce their released features and measure its flaw:
+   the bare prompt text + the decoded, cleaned response text, re-tokenized with the
+   tokenizer's own special tokens and no chat template; step t is position
+   len(tokens(prompt)) - 1 + t of that sequence. Its contexts differ from the steered
+   run's, so DN / DS at the steered layer are no longer 0 / 1;
 3. `collect` takes both from the worker and computes the features there
    (`asteer_build.engine.features`), returning them with the optional raw activations.
 
@@ -43,7 +49,8 @@ from .engine.protocol import AsyncSteeringEngine, SteeringEngine
 
 @dataclass(frozen=True)
 class RolloutRequest:
-    """One planned rollout. `prompt_token_ids` is the chat-templated prompt."""
+    """One planned rollout. `prompt_token_ids` is the chat-templated prompt; `prompt` the
+    user turn's text, which only the authors' replay (`capture.replay: authors`) reads."""
 
     id: str
     prompt_token_ids: list[int]
@@ -57,6 +64,7 @@ class RolloutRequest:
     #: 0 = off (vLLM's convention); a build fills both from `asteer_build.sampling`
     top_k: int = 0
     top_p: float = 1.0
+    prompt: str | None = None
 
     def steer(self) -> SteerSpec:
         return SteerSpec(self.vector, float(self.alpha), int(self.layer), self.positions)
@@ -104,14 +112,23 @@ def _result(req: RolloutRequest, out: Any) -> RolloutResult:
     )
 
 
+#: `CaptureSettings.replay`: the exact replay (ours, the default) or the authors'
+REPLAY_MODES = ("exact", "authors")
+
+
 @dataclass(frozen=True)
 class CaptureSettings:
+    """The config's `capture:` section. `replay`: `exact` (the same token ids as the
+    steered run) or `authors` (the reference code's untemplated re-tokenization; needs
+    each request's prompt text)."""
+
     steps: tuple[int, ...] = DEFAULT_STEPS
     offsets: tuple[int, ...] = DEFAULT_OFFSETS
     features: bool = True
     activations: bool = True
     activation_dtype: str = "float16"
     extra_offsets: tuple[int, ...] = field(default=())  # e.g. (-1,): also capture L - 1
+    replay: str = "exact"
 
     def __post_init__(self) -> None:
         steps = tuple(int(t) for t in self.steps)
@@ -124,6 +141,9 @@ class CaptureSettings:
             )
         if self.activation_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"capture.activation_dtype: {self.activation_dtype!r}")
+        if self.replay not in REPLAY_MODES:
+            raise ValueError(f"capture.replay: expected one of {', '.join(REPLAY_MODES)}, "
+                             f"got {self.replay!r}")
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "offsets", offs)
 
@@ -142,6 +162,57 @@ def _replay_prompt(req: RolloutRequest, generated: list[int], steps: Sequence[in
     avail = [t for t in steps if t <= len(generated) - 1]
     last = max(avail) if avail else 0
     return list(req.prompt_token_ids) + list(generated[:last]), avail
+
+
+#: chat-role markers the authors' code cuts a response after, if the model echoed them
+_ECHO_MARKERS = ("\nmodel\n", "\nassistant\n")
+
+
+def authors_response_text(text: str) -> str:
+    """A decoded response as the authors stored it: cut after the first echoed role
+    marker (the first marker of `_ECHO_MARKERS` found), then stripped."""
+    for marker in _ECHO_MARKERS:
+        at = text.find(marker)
+        if at != -1:
+            text = text[at + len(marker):]
+            break
+    return text.strip()
+
+
+def authors_replay_prompt(tokenizer: Any, req: RolloutRequest, generated: Sequence[int],
+                          steps: Sequence[int]) -> tuple[list[int], list[int], int]:
+    """The authors' replay of one finished rollout: (token ids, steps it can capture,
+    base position of step 0).
+
+    Their raw pass tokenizes `prompt + response` (no separator, no chat template, the
+    tokenizer's own special tokens, e.g. BOS) where the response is the whole generation
+    decoded without special tokens and cleaned (`authors_response_text`); step t sits at
+    position len(tokens(prompt)) - 1 + t. A step past the text's end is not captured
+    (its feature cells are 0, as in theirs). The ids are cut after the last captured
+    position: a causal model's states there do not depend on what follows.
+    """
+    if not req.prompt:
+        raise ValueError(f"rollout {req.id}: capture.replay=authors needs the prompt text "
+                         "(RolloutRequest.prompt), which this request does not carry")
+    response = authors_response_text(tokenizer.decode(list(generated), skip_special_tokens=True))
+    full = list(tokenizer(req.prompt + response, add_special_tokens=True)["input_ids"])
+    base = len(tokenizer(req.prompt, add_special_tokens=True)["input_ids"]) - 1
+    if base < 0:
+        raise ValueError(f"rollout {req.id}: the prompt text tokenizes to no tokens")
+    avail = [int(t) for t in steps if base + t < len(full)]
+    last = max(avail) if avail else 0
+    return [int(x) for x in full[: base + last + 1]], avail, base
+
+
+def _check_replay(settings: CaptureSettings, reqs: Sequence[RolloutRequest]) -> None:
+    """Fail before generating anything when the authors' replay cannot apply."""
+    if settings.replay != "authors":
+        return
+    bad = [r.id for r in reqs if not r.prompt]
+    if bad:
+        raise ValueError(f"capture.replay=authors needs each request's prompt text "
+                         f"(RolloutRequest.prompt); missing for {len(bad)} request(s), "
+                         f"e.g. {bad[:3]}")
 
 
 def _pairs(reqs, keys, settings, num_layers):
@@ -213,8 +284,12 @@ def run_with_capture(
 
     _check_features(settings)
     reqs = list(requests)
+    _check_replay(settings, reqs)
+    authors = settings.replay == "authors"
+    tok = engine.get_tokenizer() if authors else None
     keys = _keys(reqs)
-    need = max(settings.steps) + 1
+    # The authors' replay decodes the whole response, so it waits for the rollout's end.
+    need = float("inf") if authors else max(settings.steps) + 1
     nonce = keys[0][0].rsplit(":", 2)[1] if keys else ""
     tokens: list[list[int]] = [[] for _ in reqs]
     texts: list[list[str]] = [[] for _ in reqs]
@@ -226,7 +301,8 @@ def run_with_capture(
         # One unsteered prefill per distinct prompt whose steered prompt KV is salted
         # (mode `all`): its blocks are cached by the time the replays arrive, a few
         # steps later, so every replay of that prompt reuses them.
-        warm = {tuple(r.prompt_token_ids) for r in reqs if r.positions == "all"}
+        warm = {tuple(r.prompt_token_ids) for r in reqs
+                if r.positions == "all" and not authors}
         for j, ids in enumerate(sorted(warm)):
             yield f"w{j}:{nonce}", {"prompt_token_ids": list(ids)}, replay_params
         for i, (r, (sk, _)) in enumerate(zip(reqs, keys, strict=True)):
@@ -247,9 +323,7 @@ def run_with_capture(
         if i in replayed or not (len(tokens[i]) >= need or out.finished):
             return ()
         replayed.add(i)
-        r = reqs[i]
-        ids, avail = _replay_prompt(r, tokens[i], settings.steps)
-        cap = {"key": keys[i][1], "steps": avail, "base": len(r.prompt_token_ids) - 1}
+        ids, cap = _replay_spec(reqs[i], tokens[i], settings, keys[i][1], tok)
         return [(f"r{i}:{nonce}", {"prompt_token_ids": ids},
                  engine.decorate(replay_params, None, cap))]
 
@@ -266,23 +340,87 @@ def run_with_capture(
     ]
 
 
+def _replay_spec(req: RolloutRequest, generated: Sequence[int], settings: CaptureSettings,
+                 key: str, tokenizer: Any = None) -> tuple[list[int], dict[str, Any]]:
+    """The replay's token ids and capture spec for one rollout, in the settings' mode."""
+    if settings.replay == "authors":
+        ids, avail, base = authors_replay_prompt(tokenizer, req, generated, settings.steps)
+    else:
+        ids, avail = _replay_prompt(req, list(generated), settings.steps)
+        base = len(req.prompt_token_ids) - 1
+    return ids, {"key": key, "steps": avail, "base": base}
+
+
 async def run_one_with_capture_async(
     engine: AsyncSteeringEngine, req: RolloutRequest, settings: CaptureSettings
 ) -> RolloutResult:
     """The same for one request on an `AsyncSteeredEngine` (the Ray feeder's unit)."""
     _check_features(settings)
+    _check_replay(settings, [req])
+    tok = engine.get_tokenizer() if settings.replay == "authors" else None
     ((sk, rk),) = _keys([req])
     out = await engine.generate_final(
         {"prompt_token_ids": req.prompt_token_ids}, sampling_params(req), req.steer(),
         request_id=sk, capture={"key": sk, "steps": list(settings.steps)},
     )
-    ids, avail = _replay_prompt(req, list(out.outputs[0].token_ids), settings.steps)
+    ids, cap = _replay_spec(req, list(out.outputs[0].token_ids), settings, rk, tok)
     await engine.generate_final(
-        {"prompt_token_ids": ids}, _replay_params(), None, request_id=rk,
-        capture={"key": rk, "steps": avail, "base": len(req.prompt_token_ids) - 1},
+        {"prompt_token_ids": ids}, _replay_params(), None, request_id=rk, capture=cap,
     )
     (collected,) = await engine.collect(_pairs([req], [(sk, rk)], settings, engine.num_layers))
     return _finish(req, out, collected, settings, engine.num_layers)
+
+
+def replay_activations(
+    engine: SteeringEngine,
+    requests: Sequence[RolloutRequest],
+    results: Sequence[RolloutResult],
+    settings: CaptureSettings,
+    replay: str | None = None,
+) -> list[tuple[np.ndarray, list[int]]]:
+    """Replay finished rollouts again, in `replay` mode (default: the settings'), and
+    return per rollout its `[T, K, H]` float32 states at the settings' steps and kept
+    offsets (zero rows for steps it could not capture) and the steps it captured.
+
+    This is how two replays are compared on one steered pass (benchmarks/replay_modes.py):
+    the other replay's features are `features.compute_batch` over the rollout's own
+    `steered` / `steered_pre` activations and these states, after zeroing the steps
+    either side lacks (what `collect` does for a rollout's own replay).
+    """
+    from dataclasses import replace
+
+    mode = settings.replay if replay is None else replay
+    s = replace(settings, replay=mode)
+    reqs = list(requests)
+    _check_replay(s, reqs)
+    tok = engine.get_tokenizer() if mode == "authors" else None
+    nonce = uuid.uuid4().hex[:8]
+    prompts, caps, pairs = [], [], []
+    for req, res in zip(reqs, results, strict=True):
+        if res.id != req.id:
+            raise ValueError(f"result {res.id} does not belong to request {req.id}")
+        key = f"{req.id}:{nonce}:x"
+        ids, cap = _replay_spec(req, res.response_token_ids, s, key, tok)
+        prompts.append({"prompt_token_ids": ids})
+        caps.append(cap)
+        kept, _ = s.resolve(req.layer, engine.num_layers)
+        pairs.append({"steered": key, "replay": key, "vector": req.vector,
+                      "alpha": float(req.alpha), "layer": int(req.layer), "offsets": kept,
+                      "steps": list(s.steps), "features": False, "activations": True,
+                      "activation_dtype": "float32"})
+    engine.generate(prompts, [_replay_params()] * len(prompts), None, capture=caps)
+    out = []
+    for req, got in zip(reqs, engine.collect(pairs), strict=True):
+        if got.get("error"):
+            raise RuntimeError(f"rollout {req.id}: replay capture failed: {got['error']}")
+        present = [int(t) for t in got.get("steps_present", [])]
+        if "activations" in got:
+            states = unwire(got["activations"]["replay"]).astype(np.float32)
+        else:  # nothing captured at all
+            kept, _ = s.resolve(req.layer, engine.num_layers)
+            states = np.zeros((len(s.steps), len(kept), engine.hidden_size), np.float32)
+        out.append((states, present))
+    return out
 
 
 def activation_bytes(settings: CaptureSettings, hidden: int, layers_kept: int) -> int:
@@ -330,6 +468,7 @@ def probe_feature_rows(
     engine_args: dict[str, Any] | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    replay: str = "exact",
 ):
     """Features of short steered probes (+ replays) for every (prompt, alpha), in one batch.
 
@@ -337,7 +476,8 @@ def probe_feature_rows(
     or a model path/id to start one with `engine_args`; `vector` a registered name or a
     `[hidden]` array; prompts are user turns (the model's chat template is applied).
     Pass the build's effective `top_k` / `top_p` (build.json's `sampling`) to probe as
-    its rollouts were sampled; the defaults are no truncation.
+    its rollouts were sampled; the defaults are no truncation. `replay`: the replay mode
+    the predictor's training data used (`capture.replay`).
     Returns a DataFrame with `prompt`, `alpha` and the feature columns.
     """
     import pandas as pd
@@ -350,7 +490,7 @@ def probe_feature_rows(
     if not isinstance(vector, str):
         engine.register_vectors({name: torch.as_tensor(vector, dtype=torch.float32)})
     tok = engine.get_tokenizer()
-    settings = CaptureSettings(activations=False)
+    settings = CaptureSettings(activations=False, replay=replay)
     if probe_tokens < max(settings.steps) + 1:
         raise ValueError(f"probe_tokens={probe_tokens}: need >= {max(settings.steps) + 1} "
                          f"to reach capture step {max(settings.steps)}")
@@ -364,7 +504,7 @@ def probe_feature_rows(
                 id=f"suggest-{i}-{j}", prompt_token_ids=ids, vector=name, alpha=float(a),
                 layer=int(layer), positions=positions, seed=seed + j,
                 max_tokens=probe_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p))
+                top_p=top_p, prompt=p))
             keys.append((p, float(a)))
     rows = []
     for (p, a), res in zip(keys, run_with_capture(engine, reqs, settings), strict=True):

@@ -126,7 +126,7 @@ def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[Ro
             id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
             vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
             positions=cfg.positions, seed=it.seed, max_tokens=s.max_tokens,
-            temperature=eff.temperature, top_k=eff.top_k, top_p=eff.top_p,
+            temperature=eff.temperature, top_k=eff.top_k, top_p=eff.top_p, prompt=it.prompt,
         )
         for it in shard.items
     ]

@@ -41,7 +41,8 @@ def collect_pairs(
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     # features are computed for all pairs of one shape in a single batched call
-    groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
+    groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, float]]] = {}
     for p in pairs:
         s_rows = capture.take(p["steered"]) or {}
         same = p["replay"] == p["steered"]
@@ -68,10 +69,9 @@ def collect_pairs(
             if vec is None:
                 res["error"] = f"unknown vector {p['vector']!r}"
             else:
-                fs, fr = s, r
                 key = (len(want), len(layers))
                 groups.setdefault(key, []).append(
-                    (len(results) - 1, fs, fr, vec, float(p["alpha"]))
+                    (len(results) - 1, s, r, s_pre, vec, float(p["alpha"]))
                 )
         if p.get("activations"):
             dt = p.get("activation_dtype", "float16")
@@ -84,8 +84,9 @@ def collect_pairs(
         feats = F.compute_batch(
             torch.stack([i[1] for i in items]),
             torch.stack([i[2] for i in items]),
-            torch.stack([i[3] for i in items]),
-            torch.tensor([i[4] for i in items]),
+            torch.stack([i[4] for i in items]),
+            torch.tensor([i[5] for i in items]),
+            steered_pre=torch.stack([i[3] for i in items]),
         ).cpu()
         for (at, *_), row in zip(items, feats, strict=True):
             results[at]["features"] = _wire(row, "float32")

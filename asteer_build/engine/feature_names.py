@@ -11,6 +11,20 @@ importing this one loads nothing else.
 - per-layer statistic:    ``{group}_k{offset}_{stat}``      (mean, std, max)
 - scalars:                ``alpha``, ``vector_norm``
 Anything else parses as its own group with no step, offset or statistic.
+
+The reference authors' code names the same columns differently, with absolute layers
+(their `xgb/train.py` `build_feature_names`); `authors_name(name, layer)` maps one of ours
+to theirs for a steered layer L, `authors_columns` lists theirs in their column order:
+
+- families: ``dn`` MagDiff, ``ds`` CosSim, ``da`` SteerAlign, ``sa`` SteerProj,
+  ``dnr`` MagDiffRatio, ``dsd`` CosSimDelta, ``dad`` SteerAlignDelta;
+- entry ``{g}_t{t}_k{k}`` -> ``{G}_T{t}_L{L+k}`` (``dn_t1_k1`` at L = 10: ``MagDiff_T1_L11``);
+- global ``{g}_{stat}`` -> ``{G}_{Stat}_Global``; per token ``{g}_t{t}_{stat}`` ->
+  ``{G}_{Stat}_T{t}_AllLayers``; per layer ``{g}_k{k}_{stat}`` ->
+  ``{G}_{Stat}_L{L+k}_AllTokens`` (``..._AllNonZeroTokens`` for the dynamics families);
+- ``vector_norm`` -> ``InterventionMag`` (theirs is ||after - before|| at (t0, L) / alpha,
+  ||v_c|| up to the model dtype's rounding), ``alpha`` -> ``Alpha``.
+Their column order is ours except the tail: ``InterventionMag`` then ``Alpha``.
 """
 
 from __future__ import annotations
@@ -103,3 +117,56 @@ def feature_family(name: str) -> str | None:
     """The builder family (one of `GROUPS`) a column belongs to, or None (keys, scalars)."""
     group = parse_feature_name(name).group
     return group if group in GROUPS else None
+
+
+#: our family -> the authors' metric name
+AUTHORS_GROUPS = {
+    "dn": "MagDiff", "ds": "CosSim", "da": "SteerAlign", "sa": "SteerProj",
+    "dnr": "MagDiffRatio", "dsd": "CosSimDelta", "dad": "SteerAlignDelta",
+}
+#: our scalar -> theirs
+AUTHORS_SCALARS = {"vector_norm": "InterventionMag", "alpha": "Alpha"}
+_DYNAMICS = ("dnr", "dsd", "dad")
+
+
+def authors_name(name: str, layer: int) -> str:
+    """The reference authors' name of one of our feature columns, for steered layer
+    `layer` (their names carry absolute layers). Raises ValueError for a name that is
+    not one of the builder's features."""
+    if name in AUTHORS_SCALARS:
+        return AUTHORS_SCALARS[name]
+    info = parse_feature_name(name)
+    metric = AUTHORS_GROUPS.get(info.group)
+    if metric is None:
+        raise ValueError(f"feature {name!r}: not a builder feature (families {GROUPS})")
+    if info.stat is None:
+        if info.token is None or info.layer_offset is None:
+            raise ValueError(f"feature {name!r}: not a builder feature")
+        return f"{metric}_T{info.token}_L{layer + info.layer_offset}"
+    stat = info.stat.capitalize()
+    if info.token is not None:
+        return f"{metric}_{stat}_T{info.token}_AllLayers"
+    if info.layer_offset is not None:
+        over = "AllNonZeroTokens" if info.group in _DYNAMICS else "AllTokens"
+        return f"{metric}_{stat}_L{layer + info.layer_offset}_{over}"
+    return f"{metric}_{stat}_Global"
+
+
+def authors_names(
+    layer: int, steps: Sequence[int] = DEFAULT_STEPS, offsets: Sequence[int] = DEFAULT_OFFSETS
+) -> dict[str, str]:
+    """Ours -> theirs for every column of `feature_names(steps, offsets)`, in our order."""
+    return {n: authors_name(n, layer) for n in feature_names(steps, offsets)}
+
+
+def authors_columns(
+    layer: int, steps: Sequence[int] = DEFAULT_STEPS, offsets: Sequence[int] = DEFAULT_OFFSETS
+) -> list[str]:
+    """The authors' column order (their feature cache's), as their names: ours, with the
+    two scalars swapped to ``InterventionMag``, ``Alpha``. Their layout always starts at
+    step 0, so `steps` must too."""
+    if list(steps)[:1] != [0]:
+        raise ValueError(f"the authors' layout starts at step 0, got steps {list(steps)}")
+    names = [authors_name(n, layer) for n in feature_names(steps, offsets)
+             if n not in AUTHORS_SCALARS]
+    return names + ["InterventionMag", "Alpha"]

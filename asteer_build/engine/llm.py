@@ -333,6 +333,11 @@ class AsyncSteeredEngine(_SteeringClient):
         )
         return cls(AsyncLLM.from_engine_args(args))
 
+    def get_tokenizer(self):
+        """The engine's tokenizer (the client side re-tokenizes text for the authors'
+        replay, `capture.replay: authors`)."""
+        return self.engine.get_tokenizer()
+
     async def register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
         tensors, wire = self._vectors.prepare(vectors)
         digests = await self.engine.collective_rpc("asteer_register_vectors", args=(wire,))

@@ -203,6 +203,12 @@ def dataset_card(
     if used:
         rubric = "`, `".join(used)
     names = {cp.name for cp in plans}
+    authors_replay = (cfg.get("capture") or {}).get("replay", "exact") == "authors"
+    replay_desc = (
+        "the reference authors' unsteered replay (prompt and response text re-tokenized "
+        "without the chat template, `capture.replay: authors`)"
+        if authors_replay else "an exact unsteered replay of the same tokens"
+    )
     out = ["---", meta.to_yaml(original_order=_HEADER_ORDER), "---", ""]
     out += [f"# ASTEER steerability dataset: `{cfg.get('name', 'build')}`", ""]
     out += [
@@ -211,14 +217,16 @@ def dataset_card(
         "the residual stream at the output of decoder block `layer` at every position, one "
         "prompt, the full response, and a judge's label of whether the steering worked: "
         "`0` under-steer, `1` success, `2` over-steer. The `features` config holds "
-        "statistics of the early residual stream of the steered run against an exact "
-        "unsteered replay of the same tokens, from which a predictor (gradient-boosted "
-        "trees) can tell, after a few decode steps, whether a strength will succeed.",
+        f"statistics of the early residual stream of the steered run against {replay_desc}, "
+        "from which a predictor (gradient-boosted trees) can tell, after a few decode "
+        "steps, whether a strength will succeed.",
         "",
         "This follows the ASTEER testbed of *When is Your LLM Steerable?* (Fan, Cheng, Li, "
         "Feizi, Zhou, 2026), generated with the `asteer` builder on vLLM (per-request "
-        "steering inside the engine, hidden-state capture, exact replay with the chat "
-        "template, failed judgments kept as `failed`, never as a label).",
+        "steering inside the engine, hidden-state capture, "
+        + ("the authors' replay, " if authors_replay
+           else "exact replay with the chat template, ")
+        + "failed judgments kept as `failed`, never as a label).",
         "",
         "## Loading",
         "",
@@ -357,7 +365,10 @@ def dataset_card(
         out += [
             "## Feature definitions",
             "",
-            "From `asteer_build.engine.features`:",
+            "From `asteer_build.engine.features` (the reference authors' definitions; "
+            "`asteer_build.engine.feature_names.authors_names(layer)` maps every column to "
+            "the authors' name). These features were computed against "
+            + ("the authors' replay" if authors_replay else "the exact replay") + ":",
             "",
             "```text",
             doc.strip(),
