@@ -225,11 +225,18 @@ def test_live_suggest_errors_name_what_is_missing(small_predictor, monkeypatch):
 
     item = frame[(frame["concept_id"] == "c002") & (frame["prompt_id"] == "p001")]
 
-    def probe_feature_rows(model, vector, prompts, alphas, layer, probe_tokens):
+    seen = {}
+
+    def probe_feature_rows(model, vector, prompts, alphas, layer, probe_tokens, **kw):
+        seen.update(kw)
         return pd.concat([item.assign(prompt=q) for q in prompts])
 
     feats.probe_feature_rows = probe_feature_rows
-    res = suggest_live(p, "m", np.ones(4), ["a", "b"], item["alpha"].tolist())
+    res = suggest_live(p, "m", np.ones(4), ["a", "b"], item["alpha"].tolist(),
+                       sampling={"temperature": 0.7, "top_k": 20, "top_p": 0.95},
+                       replay="authors")
+    # the training data's sampling and replay reach the probes
+    assert seen == {"temperature": 0.7, "top_k": 20, "top_p": 0.95, "replay": "authors"}
     assert set(res) == {"a", "b"}
     assert res["a"].suggested_alpha == suggest(p, item).suggested_alpha
 

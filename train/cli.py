@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", help="live: comma-separated alpha grid")
     p.add_argument("--layer", type=int, default=10)
     p.add_argument("--probe-tokens", type=int, default=DEFAULT_PROBE_TOKENS)
+    # Probe as the training rollouts were sampled and replayed (the dataset's build.json
+    # `sampling` per model and `config.capture.replay`), or the features drift.
+    p.add_argument("--temperature", type=float, default=0.7, help="live: as build.json")
+    p.add_argument("--top-k", type=int, default=0, help="live: build.json's top_k (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="live: build.json's top_p")
+    p.add_argument("--replay", choices=("exact", "authors"), default="exact",
+                   help="live: the replay the training features used (capture.replay)")
     p.add_argument("--out", help="write suggestions.json here (default: stdout only)")
     return ap
 
@@ -162,6 +169,8 @@ def _suggest(a: argparse.Namespace) -> dict:
             a.layer,
             a.probe_tokens,
             a.tau,
+            sampling={"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p},
+            replay=a.replay,
         )
         return {p: s.to_dict() for p, s in res.items()}
     if not a.features:

@@ -103,9 +103,14 @@ def suggest_live(
     layer: int = 10,
     probe_tokens: int = 6,
     tau: float = 0.0,
+    *,
+    sampling: dict | None = None,
+    replay: str = "exact",
 ) -> dict[str, Suggestion]:
     """Run the short steered probes and replays of the whole grid (one batch, on the
-    builder's engine) and suggest an alpha per prompt."""
+    builder's engine) and suggest an alpha per prompt. `sampling` (`temperature`,
+    `top_k`, `top_p`) and `replay` should be the training dataset's (its build.json),
+    since the predictor only knows features of rollouts sampled and replayed that way."""
     probe = _live_probe_function()
     rows = probe(
         model=model,
@@ -114,6 +119,8 @@ def suggest_live(
         alphas=list(alphas),
         layer=layer,
         probe_tokens=probe_tokens,
+        replay=replay,
+        **(sampling or {}),
     )
     if not isinstance(rows, pd.DataFrame) or not {"prompt", "alpha"} <= set(rows.columns):
         raise LiveSuggestError(f"{LIVE_FUNCTION} must return {LIVE_SIGNATURE}")
