@@ -332,6 +332,7 @@ def test_replay_mode_is_a_config_field_in_the_hash():
     plan = make_plan(authors)
     shard = plan.shards[0]
     ctx = ModelContext(authors.models[0], "unused", {}, {},
-                       {p.prompt_id: [1, 2, 3] for p in plan.prompts})
+                       {p.prompt_id: [1, 2, 3] for p in plan.prompts},
+                       plan.sampling[authors.models[0].name])
     reqs = shard_requests(authors, ctx, shard)
     assert [r.prompt for r in reqs] == [it.prompt for it in shard.items]

@@ -146,6 +146,8 @@ def test_hub_models_resolve_offline_from_the_cache_and_uncached_fails_only_the_r
     cfg = tiny_config(tmp_path / "run")
     cfg["models"] = [{"name": "cached", "path": "asteer-test/cached-model"},
                      {"name": "uncached", "path": "asteer-test/uncached-model"}]
+    # a real model needs real contrast banks (never the tiny world's templates)
+    cfg["vectors"] = {**cfg.get("vectors", {}), "banks": {"path": "banks"}}
     path = write_config(tmp_path / "hub.yaml", cfg)
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path)}
     r = cli("plan", str(path), timeout=120, **offline)

@@ -10,6 +10,7 @@ the issue-4 report)."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +359,9 @@ def test_bad_input_fails_clearly(engine, model, tmp_path):
             "seed": 42}
     ps = load_prompts(spec, str(tmp_path))
     assert len(ps) == 5 and ps == load_prompts(spec, str(tmp_path))
-    assert all(p.prompt == f"question {int(p.prompt_id[1:])}" for p in ps)
-    assert [p.prompt_id for p in ps] != [p.prompt_id for p in load_prompts(
+    # ids are positions in the draw (the authors' sample_id); the file row is kept
+    assert [p.prompt_id for p in ps] == ["0", "1", "2", "3", "4"]
+    assert all(p.prompt == f"question {p.source_index}" for p in ps)
+    assert [p.source_index for p in ps] == random.Random(42).sample(range(20), 5)
+    assert [p.source_index for p in ps] != [p.source_index for p in load_prompts(
         {**spec, "seed": 7}, str(tmp_path))]
