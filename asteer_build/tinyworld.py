@@ -163,8 +163,7 @@ def _shape(spec: TinyWorldSpec, vocab_size: int) -> dict:
 
 
 def _write_model(spec: TinyWorldSpec, out: Path, vocab_size: int, special: dict[str, int]) -> None:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         **_shape(spec, vocab_size),
@@ -175,8 +174,18 @@ def _write_model(spec: TinyWorldSpec, out: Path, vocab_size: int, special: dict[
         rope_theta=10000.0,
         torch_dtype=spec.dtype,
     )
+    _save_random_model(LlamaForCausalLM, config, spec, out)
+
+
+def _save_random_model(make, config, spec: TinyWorldSpec, out: Path) -> None:
+    """Seeded random weights (embeddings scaled by `spec.embed_scale`) and a generation
+    config that names only the special tokens, so its sampling is transformers' defaults
+    unless a test writes its own."""
+    import torch
+    from transformers import GenerationConfig
+
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
+    model = make(config)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(spec.embed_scale)
     model = model.to(getattr(torch, spec.dtype))
@@ -393,25 +402,14 @@ def build_arch_model(arch: str, seed: int = 0, root: Path | None = None) -> Path
     target = root / f"{arch}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
     if (target / "asteer_tinyworld.json").exists():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with atomic.commit_dir(target) as tmp:
         _write_tokenizer(spec, tmp, chat)
         tok = AutoTokenizer.from_pretrained(str(tmp))
         ids = {t: tok.convert_tokens_to_ids(t) for t in chat.special_tokens}
         config = _arch_config(arch, spec, len(tok), ids)
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(spec.embed_scale)
-        model = model.to(getattr(torch, spec.dtype))
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        GenerationConfig(
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-        ).save_pretrained(str(tmp))
+        _save_random_model(AutoModelForCausalLM.from_config, config, spec, tmp)
         (tmp / "asteer_tinyworld.json").write_text(json.dumps(json.loads(payload), indent=2))
     return target
 

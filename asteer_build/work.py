@@ -79,8 +79,9 @@ class ModelContext:
     vectors: dict[str, Any]
     norms: dict[str, float]
     prompt_ids: dict[str, list[int]]
-    #: the model's effective sampling (`asteer_build.sampling`), as build.json records it
-    sampling: Any = None
+    #: the model's effective sampling (`asteer_build.sampling`), as build.json records it;
+    #: required, so no request is ever built without the recorded values
+    sampling: Any
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,6 +13,7 @@ from asteer_build.engine import features as F
 from asteer_build.reference import HFReference
 from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
+from .capture_support import assert_captures_match_hf
 from .conftest import PROMPTS, chat_ids, engine_args
 
 STEPS = (0, 1, 3, 5)
@@ -51,20 +52,10 @@ def test_states_match_hf_and_replay_is_exact(engine, varied_model):
     results = run_with_capture(engine, reqs, settings)
     ref = HFReference(varied_model)
     ref.register_vectors(_vecs())
-    for req, res in zip(reqs, results, strict=True):
+    all_offsets = assert_captures_match_hf(reqs, results, settings, ref, 6)
+    for req, res, offsets in zip(reqs, results, all_offsets, strict=True):
         acts = res.activations
-        offsets = sorted({-1, *settings.resolve(req.layer, 6)[0]})
-        layers = [req.layer + k for k in offsets]
         P = len(req.prompt_token_ids)
-        full = req.prompt_token_ids + res.response_token_ids
-        positions = [P - 1 + t for t in STEPS]
-        steered = ref.residual_stream(full, req.steer(), layers, prompt_len=P)
-        plain = ref.residual_stream(full, None, layers, prompt_len=P)
-        for j, layer in enumerate(layers):
-            want_s = torch.stack([steered[layer][p] for p in positions]).numpy()
-            want_r = torch.stack([plain[layer][p] for p in positions]).numpy()
-            np.testing.assert_allclose(acts["steered"][:, j], want_s, atol=2e-4, rtol=1e-4)
-            np.testing.assert_allclose(acts["replay"][:, j], want_r, atol=2e-4, rtol=1e-4)
         k0, km1 = offsets.index(0), offsets.index(-1)
         # layers <= L: the replay equals the steered run before the addition, exactly
         assert np.array_equal(acts["replay"][:, k0], acts["steered_pre"][:, 0])

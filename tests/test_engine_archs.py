@@ -16,6 +16,7 @@ from asteer_build.reference import HFReference
 from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 from asteer_build.tinyworld import ARCHS, GEMMA2_SLIDING_WINDOW, build_arch_model
 
+from .capture_support import assert_captures_match_hf
 from .conftest import PROMPTS, engine_args
 
 HIDDEN = 64
@@ -177,23 +178,11 @@ def test_captured_states_match_hf(arch):
                                extra_offsets=(-1,))
     steps = settings.steps
     results = run_with_capture(eng, reqs, settings)
-    for req, res in zip(reqs, results, strict=True):
+    all_offsets = assert_captures_match_hf(reqs, results, settings, ref, LAYERS, scaled=True,
+                                           label=name)
+    for req, res, offsets in zip(reqs, results, all_offsets, strict=True):
         acts = res.activations
-        offsets = sorted({-1, *settings.resolve(req.layer, LAYERS)[0]})
-        layers = [req.layer + k for k in offsets]
         P = len(req.prompt_token_ids)
-        full = req.prompt_token_ids + res.response_token_ids
-        positions = [P - 1 + t for t in steps]
-        steered = ref.residual_stream(full, req.steer(), layers, prompt_len=P)
-        plain = ref.residual_stream(full, None, layers, prompt_len=P)
-        for j, layer in enumerate(layers):
-            want_s = torch.stack([steered[layer][p] for p in positions]).numpy()
-            want_r = torch.stack([plain[layer][p] for p in positions]).numpy()
-            scale = max(1.0, float(np.abs(want_s).max()))
-            np.testing.assert_allclose(acts["steered"][:, j], want_s, atol=2e-4 * scale,
-                                       rtol=1e-4, err_msg=f"{name} layer {layer}")
-            np.testing.assert_allclose(acts["replay"][:, j], want_r, atol=2e-4 * scale,
-                                       rtol=1e-4, err_msg=f"{name} layer {layer}")
         # steering moved the stream at L by alpha * v where it applies
         k0 = offsets.index(0)
         diff = acts["steered"][:, k0] - acts["steered_pre"][:, 0]

@@ -17,6 +17,7 @@ from asteer_build.engine import POSITION_MODES, SteeredEngine, SteerSpec
 from asteer_build.reference import HFReference
 from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
+from .capture_support import assert_captures_match_hf
 from .conftest import PROMPTS, chat_ids, engine_args
 from .test_engine import _mixed_batch, _run, _vectors, assert_steering_matches_hf
 
@@ -104,20 +105,9 @@ def test_captured_states_match_hf(engine, prompts, reference):
     settings = CaptureSettings(features=False, activations=True, activation_dtype="float32",
                                extra_offsets=(-1,))
     results = run_with_capture(engine, reqs, settings)
-    for req, res in zip(reqs, results, strict=True):
+    all_offsets = assert_captures_match_hf(reqs, results, settings, reference, LAYERS)
+    for res, offsets in zip(results, all_offsets, strict=True):
         acts = res.activations
-        offsets = sorted({-1, *settings.resolve(req.layer, LAYERS)[0]})
-        layers = [req.layer + k for k in offsets]
-        P = len(req.prompt_token_ids)
-        full = req.prompt_token_ids + res.response_token_ids
-        positions = [P - 1 + t for t in settings.steps]
-        steered = reference.residual_stream(full, req.steer(), layers, prompt_len=P)
-        plain = reference.residual_stream(full, None, layers, prompt_len=P)
-        for j, layer in enumerate(layers):
-            want_s = torch.stack([steered[layer][p] for p in positions]).numpy()
-            want_r = torch.stack([plain[layer][p] for p in positions]).numpy()
-            np.testing.assert_allclose(acts["steered"][:, j], want_s, atol=2e-4, rtol=1e-4)
-            np.testing.assert_allclose(acts["replay"][:, j], want_r, atol=2e-4, rtol=1e-4)
         k0 = offsets.index(0)
         assert np.array_equal(acts["replay"][:, k0], acts["steered_pre"][:, 0])
 
