@@ -24,7 +24,12 @@ def _csv(text: str | None, cast=str):
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset folder or Hub repo id")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder or Hub repo id; the authors' release "
+        "(cache/features__*.npz) is detected and read too",
+    )
     p.add_argument("--model", help="model name (needed if the dataset has several)")
     p.add_argument("--method", help="diffmean | probe (needed if several)")
     p.add_argument("--out", required=True, help="output folder")

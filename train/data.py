@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asteer_build import contract
+from train import authors
+from train.authors import HUB_PATTERNS as AUTHORS_PATTERNS
 
 # Key columns of the `features` config; everything else in it is a feature column.
 # `alpha` is a key *and* a feature (the reference predictor uses it).
@@ -74,6 +76,13 @@ def resolve_source(source: str | Path) -> Path:
     from huggingface_hub import snapshot_download  # lazy: only for Hub sources
 
     try:
+        # The authors' release (`train.authors`) first, with only its feature caches:
+        # our patterns' `*.json` would also pull their judgments and banks.
+        local = snapshot_download(
+            repo_id=text, repo_type="dataset", allow_patterns=AUTHORS_PATTERNS
+        )
+        if authors.is_authors_layout(local):
+            return Path(local)
         local = snapshot_download(
             repo_id=text,
             repo_type="dataset",
@@ -109,6 +118,8 @@ def _read_config(
 def list_pairs(source: str | Path) -> list[tuple[str, str]]:
     """All (model, method) pairs present in the rollouts config."""
     root = resolve_source(source)
+    if authors.is_authors_layout(root):
+        return authors.list_pairs(root)
     table = _read_config(root, "rollouts", columns=["model", "method"])
     if table is None:
         raise DatasetError(f"{root}: no rollouts/*.parquet found")
@@ -125,6 +136,8 @@ def load_dataset(
     pair is selected automatically so the tiny world needs no flags.
     """
     root = resolve_source(source)
+    if authors.is_authors_layout(root) and not _parquet_files(root, "rollouts"):
+        return _load_authors(root, source, model, method)
     if not _parquet_files(root, "rollouts"):
         raise DatasetError(
             f"{root}: no rollouts/*.parquet found; the rollouts config carries the labels "
@@ -219,3 +232,30 @@ def load_dataset(
         concepts=concepts,
         report=report,
     )
+
+
+def _load_authors(
+    root: Path, source: str | Path, model: str | None, method: str | None
+) -> LoadedData:
+    """The authors' feature caches (`train.authors`) as one (model, method) slice."""
+    try:
+        frame, names, extra, concepts, model, method = authors.load_pair(root, model, method)
+    except authors.AuthorsCacheError as exc:
+        raise DatasetError(str(exc)) from exc
+    report = {
+        "source": str(source),
+        "model": model,
+        "method": method,
+        "rows_total": extra["rows_total"],
+        "dropped_judge_status": {},
+        "dropped_unlabelled_ok": 0,
+        "dropped_label_not_in_map": extra["dropped_label_not_in_map"],
+        "dropped_missing_features": 0,
+        "rows_used": len(frame),
+        "n_features": len(names),
+        "label_counts": {
+            CLASS_NAMES[k]: int(v) for k, v in frame["label"].value_counts().sort_index().items()
+        },
+        **{k: extra[k] for k in ("source_format", "cache_file", "layer", "note")},
+    }
+    return LoadedData(frame, names, model, method, concepts, report)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from train import plots
+from train import authors, plots
 from train.data import LoadedData, load_dataset
 from train.evaluate import (
     MajorityBaseline,
@@ -210,12 +210,44 @@ def run_all(
     """Fit + evaluate + search in one call; returns the headline numbers.
 
     Meant for the pipeline's end-to-end check on a builder-made dataset."""
+    from train.data import list_pairs, resolve_source
+
+    root = resolve_source(dataset_folder)
+    if (model is None or method is None) and authors.is_authors_layout(root):
+        pairs = [
+            p for p in list_pairs(root)
+            if (model is None or p[0] == model) and (method is None or p[1] == method)
+        ]
+        if len(pairs) > 1:  # the authors' release: one predictor per (model, method)
+            out = Path(out_dir)
+            per_pair = {
+                f"{m}__{me}": run_all(
+                    root, out / f"{m}__{me}", m, me, n_trials, seed, num_threads, ks,
+                    probe_tokens, length, **fit_kwargs,
+                )
+                for m, me in pairs
+            }
+            summary = {"dataset": str(dataset_folder), "pairs": per_pair, "out_dir": str(out)}
+            _write_json(out / "summary.json", summary)
+            return summary
+        dataset_folder = root
     data = load_dataset(dataset_folder, model, method)
     predictor = fit_data(
         data, out_dir, n_trials=n_trials, seed=seed, num_threads=num_threads, **fit_kwargs
     )
     ev = evaluate_data(data, predictor, out_dir, num_threads=num_threads)
-    se = search_data(data, predictor, out_dir, ks=ks, probe_tokens=probe_tokens, length=length)
+    # The authors' feature caches carry no response lengths: the strength search charges
+    # tokens, so it is skipped there, and the summary says why.
+    if data.frame["response_tokens"].notna().any():
+        se = search_data(
+            data, predictor, out_dir, ks=ks, probe_tokens=probe_tokens, length=length
+        )
+        search = {
+            r["method"]: {"success_rate": r["success_rate"], "mean_tokens": r["mean_tokens"]}
+            for r in se["all"]["table"]
+        }
+    else:
+        search = {"skipped": "the data has no response lengths (authors' feature caches)"}
     summary = {
         "model": data.model,
         "method": data.method,
@@ -224,10 +256,7 @@ def run_all(
         "macro_f1": {
             split: {m: r["macro_f1"] for m, r in by.items()} for split, by in ev["metrics"].items()
         },
-        "search": {
-            r["method"]: {"success_rate": r["success_rate"], "mean_tokens": r["mean_tokens"]}
-            for r in se["all"]["table"]
-        },
+        "search": search,
         "out_dir": str(out_dir),
     }
     _write_json(Path(out_dir) / "summary.json", summary)

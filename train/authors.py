@@ -1,0 +1,237 @@
+"""Read the reference authors' released feature caches as a training frame.
+
+The authors publish their testbed (Hub dataset ``Fcr09/SteerBoost-data``) with one
+feature matrix per (steering method, model, steered layer) under
+``cache/features__{method}__{model}__L{layer}.npz`` (arrays ``X``, ``y``,
+``concept_id``, ``alpha``, ``sample_id``) and a sidecar ``..._meta.json`` (``curr_layer``,
+``k_list``, ``target_token_n_list``, ``label_map``, ``feature_dim``, ...; their
+``xgb/feature_cache.py`` / ``xgb/build_feature_cache.py``). Reading it lets someone without
+a GPU reproduce the paper's predictor with this package. Their columns carry absolute
+layer names; ``asteer_build.engine.feature_names.authors_names`` is the one place that maps
+them to ours, and every column must map (a missing or extra one is an error naming it),
+so a silently shifted layer cannot train a predictor on the wrong features.
+
+Their caches hold no response lengths and no judge status: ``response_tokens`` is NaN and
+every row counts as judged ``ok`` (their failed judgments were stored as under-steer and
+cannot be told apart; the report says so).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from asteer_build.engine.feature_names import authors_columns, authors_names
+
+CACHE_DIR = "cache"
+CACHE_GLOB = "features__*.npz"
+#: what a Hub download of the authors' layout needs (not their ~9 GB of tarballs)
+HUB_PATTERNS = ["cache/features__*"]
+ARRAYS = ("X", "y", "concept_id", "alpha", "sample_id")
+#: their judge's label strings (their `build_label_map`) -> our classes
+LABEL_NAMES = {"understeer": 0, "success": 1, "over steer": 2, "oversteer": 2}
+#: concept levels as id ranges (their `xgb/concept_partition.py`; the paper config's
+#: `concepts.levels`)
+LEVELS = {
+    "low": ((0, 39), (120, 129)),
+    "mid": ((40, 79), (130, 139)),
+    "high": ((80, 119), (140, 149)),
+}
+NOTE = (
+    "authors' feature cache: no response lengths; failed judgments were stored by the "
+    "authors as under-steer and cannot be told apart"
+)
+
+
+class AuthorsCacheError(ValueError):
+    """An authors' cache file is malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    model: str
+    method: str
+    layer: int
+    npz: Path
+    meta: Path
+
+
+def is_authors_layout(root: str | Path) -> bool:
+    """True when ``root`` holds the authors' feature caches (``cache/features__*.npz``)."""
+    folder = Path(root) / CACHE_DIR
+    return folder.is_dir() and any(folder.glob(CACHE_GLOB))
+
+
+def find_caches(root: str | Path) -> list[CacheFile]:
+    """Every feature cache under ``root/cache``, parsed from its file name."""
+    out = []
+    for npz in sorted((Path(root) / CACHE_DIR).glob(CACHE_GLOB)):
+        parts = npz.stem.split("__")
+        if len(parts) != 4 or not parts[3].startswith("L") or not parts[3][1:].isdigit():
+            raise AuthorsCacheError(
+                f"{npz.name}: expected features__{{method}}__{{model}}__L{{layer}}.npz"
+            )
+        meta = npz.with_name(npz.stem + "_meta.json")
+        if not meta.is_file():
+            raise AuthorsCacheError(f"{npz.name}: sidecar {meta.name} is missing")
+        out.append(CacheFile(parts[2], parts[1], int(parts[3][1:]), npz, meta))
+    return out
+
+
+def list_pairs(root: str | Path) -> list[tuple[str, str]]:
+    return sorted({(c.model, c.method) for c in find_caches(root)})
+
+
+def concept_level(cid: int) -> str:
+    for level, ranges in LEVELS.items():
+        if any(lo <= cid <= hi for lo, hi in ranges):
+            return level
+    raise AuthorsCacheError(f"concept_id {cid} is outside the authors' level ranges 0-149")
+
+
+def _few(names: list[str], shown: int = 8) -> str:
+    """A list for an error message: the first few names and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
+
+
+def column_map(meta: dict, layer: int, width: int, source: str) -> dict[str, str]:
+    """Theirs -> ours for the cache's columns, in their column order.
+
+    The column names are their ``feature_names`` if the meta lists them, else what their
+    ``build_feature_names`` gives for the meta's layer, ``k_list`` and
+    ``target_token_n_list`` (offset 0 and step 0 are implicit there)."""
+    steps = sorted({0, *map(int, meta.get("target_token_n_list", [1, 3, 5]))})
+    offsets = sorted({0, *map(int, meta.get("k_list", [1, 2, 3, 5, 10, 15]))})
+    ours_to_theirs = authors_names(layer, steps, offsets)
+    theirs_to_ours = {v: k for k, v in ours_to_theirs.items()}
+    expected = authors_columns(layer, steps, offsets)
+    names = [str(n) for n in meta.get("feature_names", expected)]
+    extra = [n for n in names if n not in theirs_to_ours]
+    missing = [n for n in expected if n not in set(names)]
+    if extra or missing:
+        raise AuthorsCacheError(
+            f"{source}: columns do not match the authors' layout at L{layer}: "
+            f"missing {_few(missing)}, extra {_few(extra)}"
+        )
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise AuthorsCacheError(f"{source}: duplicate columns {dup}")
+    if len(names) != width or int(meta.get("feature_dim", width)) != width:
+        raise AuthorsCacheError(
+            f"{source}: X has {width} columns, the meta's layout has {len(names)} "
+            f"(feature_dim {meta.get('feature_dim')})"
+        )
+    return {n: theirs_to_ours[n] for n in names}
+
+
+def _label_codes(meta: dict, source: str) -> dict[int, int]:
+    """Their stored code -> our class, from the meta's ``label_map`` (name -> code)."""
+    raw = meta.get("label_map")
+    if not raw:
+        return {0: 0, 1: 1, 2: 2}
+    codes = {}
+    for name, code in raw.items():
+        cls = LABEL_NAMES.get(str(name).strip().lower())
+        if cls is not None:
+            codes[int(code)] = cls
+    if sorted(set(codes.values())) != [0, 1, 2]:
+        raise AuthorsCacheError(f"{source}: label_map {raw} lacks one of {sorted(LABEL_NAMES)}")
+    return codes
+
+
+def load_cache(cache: CacheFile) -> tuple[pd.DataFrame, list[str], dict]:
+    """One cache as train's frame: keys, ``label``, levels and our feature columns."""
+    source = cache.npz.name
+    try:
+        meta = json.loads(cache.meta.read_text())
+    except json.JSONDecodeError as exc:
+        raise AuthorsCacheError(f"{cache.meta.name}: not JSON ({exc})") from exc
+    with np.load(cache.npz) as raw:
+        absent = [k for k in ARRAYS if k not in raw.files]
+        if absent:
+            raise AuthorsCacheError(f"{source}: arrays {absent} missing (has {raw.files})")
+        arrays = {k: raw[k] for k in ARRAYS}
+    X = arrays["X"]
+    n = len(arrays["y"])
+    if X.ndim != 2 or X.shape[0] != n or any(len(arrays[k]) != n for k in ARRAYS[2:]):
+        raise AuthorsCacheError(f"{source}: arrays have different row counts")
+    layer = int(meta.get("curr_layer", cache.layer))
+    if layer != cache.layer:
+        raise AuthorsCacheError(f"{source}: meta curr_layer {layer} != file name L{cache.layer}")
+    mapping = column_map(meta, layer, X.shape[1], source)
+    codes = _label_codes(meta, source)
+    y = pd.Series(arrays["y"].astype(np.int64)).map(codes)
+    features = pd.DataFrame(X.astype(np.float32), columns=list(mapping.values()))
+    cids = arrays["concept_id"].astype(np.int64)
+    levels = {int(c): concept_level(int(c)) for c in np.unique(cids)}
+    keys = pd.DataFrame(
+        {
+            "model": cache.model,
+            "method": cache.method,
+            "concept_id": cids.astype(str),
+            "concept": cids.astype(str),
+            "concept_level": [levels[int(c)] for c in cids],
+            "prompt_id": arrays["sample_id"].astype(np.int64).astype(str),
+            "response_tokens": np.nan,
+            "label": y,
+        }
+    )
+    keys["id"] = (
+        cache.model + "|" + cache.method + "|" + keys["concept_id"] + "|" + keys["prompt_id"]
+        + "|" + pd.Series(arrays["alpha"].astype(float)).map(repr)
+    )
+    # alpha is both a key and a feature (their `Alpha` column); the key is the array
+    features["alpha"] = arrays["alpha"].astype(np.float32)
+    frame = pd.concat([keys, features], axis=1)
+    unknown = int(frame["label"].isna().sum())
+    frame = frame[frame["label"].notna()].copy()
+    frame["label"] = frame["label"].astype(np.int64)
+    if frame["id"].duplicated().any():
+        dup = frame.loc[frame["id"].duplicated(), "id"].iloc[0]
+        raise AuthorsCacheError(f"{source}: several rows for one (concept, prompt, alpha): {dup}")
+    report = {
+        "source_format": "authors-feature-cache",
+        "cache_file": source,
+        "layer": layer,
+        "rows_total": n,
+        "dropped_label_not_in_map": unknown,
+        "note": NOTE,
+    }
+    return frame.reset_index(drop=True), list(mapping.values()), report
+
+
+def load_pair(
+    root: str | Path, model: str | None = None, method: str | None = None
+) -> tuple[pd.DataFrame, list[str], dict, pd.DataFrame, str, str]:
+    """Pick one (model, method) as `train.data.load_dataset` does, and load it."""
+    caches = find_caches(root)
+    pairs = sorted({(c.model, c.method) for c in caches})
+    chosen = [p for p in pairs if (model is None or p[0] == model)]
+    chosen = [p for p in chosen if (method is None or p[1] == method)]
+    if not chosen:
+        raise AuthorsCacheError(f"no cache for model={model!r} method={method!r}; have {pairs}")
+    if len(chosen) > 1:
+        raise AuthorsCacheError(
+            f"the caches hold several (model, method) pairs {chosen}; pick one with "
+            "--model/--method (one predictor per pair)"
+        )
+    model, method = chosen[0]
+    mine = [c for c in caches if (c.model, c.method) == (model, method)]
+    if len(mine) > 1:
+        raise AuthorsCacheError(
+            f"({model}, {method}) has caches at several layers {[c.layer for c in mine]}"
+        )
+    frame, names, report = load_cache(mine[0])
+    concepts = (
+        frame[["concept_id", "concept", "concept_level"]]
+        .drop_duplicates()
+        .sort_values("concept_id", key=lambda s: s.astype(int))
+        .reset_index(drop=True)
+    )
+    return frame, names, report, concepts, model, method
+
