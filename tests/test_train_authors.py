@@ -183,3 +183,17 @@ def test_labels_follow_their_label_map(tmp_path):
     assert d.report["dropped_label_not_in_map"] == 7
     assert d.report["rows_used"] == len(y) - 7
     np.testing.assert_array_equal(d.frame["label"].to_numpy(), y[7:])
+
+
+def test_search_refuses_rows_without_response_lengths(tmp_path):
+    """Their caches carry no response lengths: the strength search says so instead of
+    charging NaN tokens."""
+    from train.search import build_items
+
+    write_cache(tmp_path, "diffmean", 10, 0)
+    d = load_dataset(tmp_path)
+    assert d.frame["response_tokens"].isna().all()
+    with pytest.raises(ValueError, match="no response_tokens"):
+        build_items(d.frame)
+    items, mean_len = build_items(d.frame, mean_length=1000.0)
+    assert mean_len == 1000.0 and len(items) == 150 * N_PROMPTS

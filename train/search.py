@@ -49,6 +49,12 @@ def build_items(
         raise ValueError(f"search rows lack columns {sorted(missing)}")
     if length not in ("mean", "actual"):
         raise ValueError(f"length must be 'mean' or 'actual', got {length!r}")
+    if mean_length is None and rows["response_tokens"].isna().all():
+        # e.g. the authors' feature caches: they carry no response lengths, and a search
+        # charged in NaN tokens would print numbers that mean nothing
+        raise ValueError("search rows have no response_tokens (all missing): the strength "
+                         "search charges decoded tokens; use a dataset with rollouts or "
+                         "pass a mean length")
     if mean_length is None:
         mean_length = float(rows["response_tokens"].mean())
     items = []
