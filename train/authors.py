@@ -206,22 +206,13 @@ def load_cache(cache: CacheFile) -> tuple[pd.DataFrame, list[str], dict]:
 
 
 def load_pair(
-    root: str | Path, model: str | None = None, method: str | None = None
-) -> tuple[pd.DataFrame, list[str], dict, pd.DataFrame, str, str]:
-    """Pick one (model, method) as `train.data.load_dataset` does, and load it."""
+    root: str | Path, model: str, method: str
+) -> tuple[pd.DataFrame, list[str], dict, pd.DataFrame]:
+    """Load the cache of one (model, method), chosen by `train.data.load_dataset`."""
     caches = find_caches(root)
-    pairs = sorted({(c.model, c.method) for c in caches})
-    chosen = [p for p in pairs if (model is None or p[0] == model)]
-    chosen = [p for p in chosen if (method is None or p[1] == method)]
-    if not chosen:
-        raise AuthorsCacheError(f"no cache for model={model!r} method={method!r}; have {pairs}")
-    if len(chosen) > 1:
-        raise AuthorsCacheError(
-            f"the caches hold several (model, method) pairs {chosen}; pick one with "
-            "--model/--method (one predictor per pair)"
-        )
-    model, method = chosen[0]
     mine = [c for c in caches if (c.model, c.method) == (model, method)]
+    if not mine:
+        raise AuthorsCacheError(f"no cache for model={model!r} method={method!r}")
     if len(mine) > 1:
         raise AuthorsCacheError(
             f"({model}, {method}) has caches at several layers {[c.layer for c in mine]}"
@@ -233,5 +224,5 @@ def load_pair(
         .sort_values("concept_id", key=lambda s: s.astype(int))
         .reset_index(drop=True)
     )
-    return frame, names, report, concepts, model, method
+    return frame, names, report, concepts
 

@@ -137,6 +137,7 @@ def load_dataset(
     """
     root = resolve_source(source)
     if authors.is_authors_layout(root) and not _parquet_files(root, "rollouts"):
+        model, method = _choose_pair(authors.list_pairs(root), model, method)
         return _load_authors(root, source, model, method)
     if not _parquet_files(root, "rollouts"):
         raise DatasetError(
@@ -146,17 +147,7 @@ def load_dataset(
     if not _parquet_files(root, "features"):
         raise DatasetError(f"{root}: no features/*.parquet found; run the features stage first")
 
-    pairs = list_pairs(root)
-    chosen = [p for p in pairs if (model is None or p[0] == model)]
-    chosen = [p for p in chosen if (method is None or p[1] == method)]
-    if not chosen:
-        raise DatasetError(f"no rows for model={model!r} method={method!r}; available: {pairs}")
-    if len(chosen) > 1:
-        raise DatasetError(
-            f"dataset holds several (model, method) pairs {chosen}; pick one with "
-            "--model/--method (one predictor per pair)"
-        )
-    model, method = chosen[0]
+    model, method = _choose_pair(list_pairs(root), model, method)
     filters = [("model", "=", model), ("method", "=", method)]
 
     rollouts = _read_config(root, "rollouts", filters, list(ROLLOUT_COLUMNS)).to_pandas()
@@ -234,12 +225,27 @@ def load_dataset(
     )
 
 
-def _load_authors(
-    root: Path, source: str | Path, model: str | None, method: str | None
-) -> LoadedData:
+def _choose_pair(
+    pairs: list[tuple[str, str]], model: str | None, method: str | None
+) -> tuple[str, str]:
+    """The one (model, method) that `model`/`method` select, for our datasets and the
+    authors' caches alike; a single pair needs no flags."""
+    chosen = [p for p in pairs if (model is None or p[0] == model)]
+    chosen = [p for p in chosen if (method is None or p[1] == method)]
+    if not chosen:
+        raise DatasetError(f"no rows for model={model!r} method={method!r}; available: {pairs}")
+    if len(chosen) > 1:
+        raise DatasetError(
+            f"dataset holds several (model, method) pairs {chosen}; pick one with "
+            "--model/--method (one predictor per pair)"
+        )
+    return chosen[0]
+
+
+def _load_authors(root: Path, source: str | Path, model: str, method: str) -> LoadedData:
     """The authors' feature caches (`train.authors`) as one (model, method) slice."""
     try:
-        frame, names, extra, concepts, model, method = authors.load_pair(root, model, method)
+        frame, names, extra, concepts = authors.load_pair(root, model, method)
     except authors.AuthorsCacheError as exc:
         raise DatasetError(str(exc)) from exc
     report = {
