@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..sources import Concept
+from ..sources import Concept, hub_commit
 from .banks import Bank, BankError
 
 __all__ = ["DEFAULT_PATTERN", "BankFiles", "read_bank_file", "load_bank_files"]
@@ -141,14 +141,6 @@ def _hub_file(spec: BankFiles, filename: str, revision: str | None, concept_id: 
                         f"{revision or 'main'}{where}") from e
 
 
-def _commit_of(local: Path, filename: str) -> str | None:
-    """The commit a cached Hub file belongs to: `.../snapshots/<commit>/<filename>`."""
-    snap = local
-    for _ in Path(filename).parts:
-        snap = snap.parent
-    return snap.name if _COMMIT.match(snap.name) else None
-
-
 def load_bank_files(concepts: Sequence[Concept], spec: BankFiles | Mapping[str, Any]
                     ) -> dict[str, Bank]:
     """Each concept's bank from `spec`, in concept order. The authors' concept ids are the
@@ -161,7 +153,8 @@ def load_bank_files(concepts: Sequence[Concept], spec: BankFiles | Mapping[str, 
         filename = spec.pattern.format(concept_id=c.concept_id)
         if spec.hub:
             local = _hub_file(spec, filename, revision, c.concept_id)
-            commit = _commit_of(local, filename)
+            commit = hub_commit(local)
+            commit = commit if commit and _COMMIT.match(commit) else None
             if revision is None or not _COMMIT.match(revision):
                 revision = commit or revision  # pin: every later file from this commit
             bank = read_bank_file(local, c.concept_id)
