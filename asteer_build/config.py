@@ -129,6 +129,15 @@ class Sampling:
     seed_policy: str = "item"
     seed: int = 0
     samples: int = 1
+    #: the mean response length expected, in tokens: only for estimates (`plan`'s
+    #: engine-hours and judge tokens), never sent to the engine nor part of the plan hash;
+    #: None: half of `max_tokens`
+    expected_response_tokens: int | None = None
+
+    @property
+    def expected_tokens(self) -> int:
+        """The mean response length estimates should assume."""
+        return self.expected_response_tokens or max(1, self.max_tokens // 2)
 
 
 @dataclass(frozen=True)
@@ -274,7 +283,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
 
     s = _only(d.get("sampling") or {}, "sampling",
               {"temperature", "top_k", "top_p", "max_tokens", "seed_policy", "seed",
-               "samples"})
+               "samples", "expected_response_tokens"})
     top_k, top_p = s.get("top_k"), s.get("top_p")
     sampling = Sampling(
         temperature=_num(s.get("temperature", 0.7), "sampling.temperature", nonneg=True),
@@ -284,7 +293,14 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         seed_policy=s.get("seed_policy", "item"),
         seed=_int(s.get("seed", 0), "sampling.seed", minimum=0),
         samples=_int(s.get("samples", 1), "sampling.samples", minimum=1),
+        expected_response_tokens=(
+            None if s.get("expected_response_tokens") is None
+            else _int(s["expected_response_tokens"], "sampling.expected_response_tokens",
+                      minimum=1)),
     )
+    if (sampling.expected_response_tokens or 0) > sampling.max_tokens:
+        raise _err("sampling.expected_response_tokens", "must be <= sampling.max_tokens",
+                   sampling.expected_response_tokens)
     if sampling.seed_policy not in SEED_POLICIES:
         raise _err("sampling.seed_policy", f"expected one of {SEED_POLICIES}",
                    sampling.seed_policy)
