@@ -4,6 +4,7 @@
     asteer-build run --config CONFIG [--out DIR] [--executor local|ray]
                      [--rerun-shards 3,17] [--rerun-failed] [--stages vectors,rollouts,judge]
     asteer-build status RUN_DIR
+    asteer-build import [HUB_ID|FOLDER] --out FOLDER [--method M] [--model M] [--repo ORG/NAME]
 
 `plan` and `status` print JSON on stdout (plus a table for `plan`; `plan --json` also
 lists the resolved prompts and concepts). `run` and `demo` show
@@ -118,6 +119,46 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     return st
 
 
+def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from .publish.authors import import_and_upload
+
+    res = import_and_upload(
+        args.source, args.out, repo=args.repo, private=args.private, dry_run=args.dry_run,
+        revision=args.revision, methods=args.method, models=args.model,
+        overwrite=args.overwrite,
+    )
+    for p in res.pairs:
+        print(f"  {p['method_dir']}/{p['model']}: {p['rows']:,} rows from {p['files']:,} "
+              f"files ({p['failed']:,} failed judgments flagged, {p['pending']:,} unlabelled)",
+              file=sys.stderr)
+    print(f"{res.folder}: " + ", ".join(f"{k} {v:,}" for k, v in res.counts.items())
+          + (f"; uploaded to {res.repo}" if res.uploaded else ""), file=sys.stderr)
+    return res.as_dict()
+
+
+def _add_import_command(sub: Any) -> None:
+    from .publish.authors import AUTHORS_REPO
+
+    sp = sub.add_parser(
+        "import", help="convert the reference authors' released generations and judgments "
+        "into a dataset folder (the layout `publish` writes)")
+    sp.add_argument("source", nargs="?", default=AUTHORS_REPO,
+                    help="a Hub dataset id (downloads only the result tarballs and judgment "
+                    f"caches it needs) or a local folder (default: {AUTHORS_REPO})")
+    sp.add_argument("--out", required=True, help="the dataset folder to write")
+    sp.add_argument("--method", action="append",
+                    help="only this method (their folder name, e.g. probe_l2-0.01, or ours: "
+                    "diffmean, probe); repeatable")
+    sp.add_argument("--model", action="append",
+                    help="only this model (their folder name, e.g. gemma-2-2b-it); repeatable")
+    sp.add_argument("--revision", help="Hub revision of the source (default: main)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sp.add_argument("--repo", help="also upload the folder to this Hub dataset repo ORG/NAME")
+    sp.add_argument("--private", action="store_true")
+    sp.add_argument("--dry-run", action="store_true", help="with --repo: write, do not upload")
+    sp.set_defaults(fn=cmd_import)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asteer-build", description=__doc__.split("\n")[0])
     p.add_argument("--log-level", default="INFO")
@@ -148,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .publish.cli import add_publish_command
 
     add_publish_command(sub)
+    _add_import_command(sub)
     from .demo import add_demo_command
 
     add_demo_command(sub)
