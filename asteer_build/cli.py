@@ -125,7 +125,7 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     res = import_and_upload(
         args.source, args.out, repo=args.repo, private=args.private, dry_run=args.dry_run,
         revision=args.revision, methods=args.method, models=args.model,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, tokenizers=args.tokenizer,
     )
     for p in res.pairs:
         print(f"  {p['method_dir']}/{p['model']}: {p['rows']:,} rows from {p['files']:,} "
@@ -153,6 +153,11 @@ def _add_import_command(sub: Any) -> None:
                     help="only this model (their folder name, e.g. gemma-2-2b-it); repeatable")
     sp.add_argument("--revision", help="Hub revision of the source (default: main)")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sp.add_argument("--tokenizer", action="append",
+                    help="fill response_tokens by counting each response with this "
+                    "tokenizer: MODEL=NAME_OR_PATH (their model folder name), repeatable, "
+                    "or `auto` (the authors' own model -> tokenizer table); their files "
+                    "hold no lengths")
     sp.add_argument("--repo", help="also upload the folder to this Hub dataset repo ORG/NAME")
     sp.add_argument("--private", action="store_true")
     sp.add_argument("--dry-run", action="store_true", help="with --repo: write, do not upload")

@@ -261,3 +261,48 @@ def test_hub_id_fetches_only_the_needed_files(tmp_path, monkeypatch, capsys):
     rollouts = datasets.load_dataset(str(out), "rollouts", split="train")
     _check_rows(rollouts.to_list(), [A])
     assert f"commit `{commit}`" in (out / "README.md").read_text()
+
+
+def test_upload_goes_through_publish_path_without_leaking_the_token(tmp_path, monkeypatch):
+    """With `--repo`, the folder goes to the Hub by the upload `publish` uses, after the
+    same last scan for the token; the token is in no file."""
+    from asteer_build.publish.authors import import_and_upload
+
+    token = "hf_" + "x" * 30
+    monkeypatch.setenv("HF_TOKEN", token)
+    calls = []
+
+    def fake_upload(folder, repo, *, private, token):
+        calls.append((folder, repo, private, token))
+        return "url"
+
+    out = tmp_path / "ds"
+    res = import_and_upload(str(_small(tmp_path)), str(out), repo="org/steerboost-rollouts",
+                            private=True, upload=fake_upload)
+    assert res.uploaded and calls == [(str(out), "org/steerboost-rollouts", True, token)]
+    for p in out.rglob("*"):
+        assert not p.is_file() or token.encode() not in p.read_bytes(), p
+    with pytest.raises(ValueError, match="--repo: expected ORG/NAME"):
+        import_and_upload(str(tmp_path / "small"), str(tmp_path / "ds2"), repo="bad")
+
+
+def test_tokenizer_fills_response_tokens(tmp_path, tiny_model, capsys):
+    """Their files hold no lengths; `--tokenizer MODEL=PATH` counts each response the way
+    their `include_token_stats` does, so the strength search has lengths."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "ds"
+    assert main(["import", str(_small(tmp_path)), "--out", str(out),
+                 "--tokenizer", f"gemma-2-2b-it={tiny_model}"]) == 0
+    pair = json.loads(capsys.readouterr().out)["pairs"][0]
+    assert pair["counted_tokens"] == 100 and pair["tokenizer"] == tiny_model
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = datasets.load_dataset(str(out), "rollouts", split="train").to_list()
+    assert len(rows) == 100
+    for r in rows:
+        assert r["response_tokens"] == len(tok.encode(r["response"], add_special_tokens=False))
+        assert r["response_tokens"] > 5
+    assert f"100 counted with `{tiny_model}`" in (out / "README.md").read_text()
+    assert main(["import", str(tmp_path / "small"), "--out", str(tmp_path / "x"),
+                 "--tokenizer", "Llama-3.2-3B-Instruct=whatever"]) == 2
+    assert "no results for model(s) ['Llama-3.2-3B-Instruct']" in capsys.readouterr().err

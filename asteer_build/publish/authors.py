@@ -58,7 +58,7 @@ import shutil
 import subprocess
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -94,6 +94,15 @@ FAILURE_PREFIXES = ("Evaluation error in batch processing", "Evaluation error pa
 #: per-item token counts, if a result file carries one (their release does not)
 TOKEN_KEYS = ("response_tokens", "num_tokens", "n_tokens")
 JUDGMENT_CACHE_VERSION = 1
+#: their model folder -> tokenizer (their `utils.JUDGMENT_CACHE_LLM_TO_TOKENIZER`), for
+#: `--tokenizer auto`
+AUTHORS_TOKENIZERS = {
+    "Qwen3-4B": "Qwen/Qwen3-4B",
+    "Qwen3-8B": "Qwen/Qwen3-8B",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "Qwen3-1.7B": "Qwen/Qwen3-1.7B",
+    "Llama-3.2-3B-Instruct": "meta-llama/Llama-3.2-3B-Instruct",
+}
 #: the label as the authors stored it (0 for their failed judgments), next to ours
 AUTHORS_LABEL_FIELD = pa.field("authors_label", pa.int8())
 IMPORT_SCHEMA = pa.schema([*contract.ROLLOUTS_SCHEMA, AUTHORS_LABEL_FIELD])
@@ -445,6 +454,8 @@ class PairStats:
     failed: int = 0
     pending: int = 0
     with_tokens: int = 0
+    counted_tokens: int = 0
+    tokenizer: str | None = None
     avg_response_tokens: float | None = None
 
 
@@ -457,9 +468,12 @@ def _float(v: Any, where: str, fld: str) -> float:
 
 
 def pair_rows(pair: Pair, concepts: dict[int, str], prompts: dict[int, dict[str, Any]],
-              draw: list[dict[str, Any]] | None, stats: PairStats
-              ) -> Iterator[list[dict[str, Any]]]:
-    """Rows of the `rollouts` config, one list per result file (their 50 prompts)."""
+              draw: list[dict[str, Any]] | None, stats: PairStats,
+              tokenizer: Any | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Rows of the `rollouts` config, one list per result file (their 50 prompts).
+    With a `tokenizer`, a row without a token count in the file gets the length of its
+    response in that tokenizer's tokens, counted as their `include_token_stats` counts
+    (`encode(response, add_special_tokens=False)`)."""
     cache: dict[tuple[int, float, int], int] = {}
     for layer, path in sorted(pair.judgments.items()):
         cache.update(load_judgments(path, pair, layer))
@@ -500,9 +514,53 @@ def pair_rows(pair: Pair, concepts: dict[int, str], prompts: dict[int, dict[str,
             rows.append(_row(pair, item, i, where, cid, layer, alpha, level, norm, concepts,
                              prompts, draw, cache, used, stats))
         rows.sort(key=lambda r: int(r["prompt_id"]))
+        if tokenizer is not None:
+            _count_tokens(rows, tokenizer, stats)
         stats.rows += len(rows)
         yield rows
     stats.cache_unmatched = len(set(cache) - used)
+
+
+def _count_tokens(rows: list[dict[str, Any]], tokenizer: Any, stats: PairStats) -> None:
+    todo = [r for r in rows if r["response_tokens"] is None and r["response"] is not None]
+    if not todo:
+        return
+    enc = tokenizer([r["response"] for r in todo], add_special_tokens=False)["input_ids"]
+    for r, ids in zip(todo, enc, strict=True):
+        r["response_tokens"] = len(ids)
+    stats.counted_tokens += len(todo)
+
+
+def load_tokenizers(specs: list[str] | None, models: list[str]) -> dict[str, Any]:
+    """`--tokenizer MODEL=NAME_OR_PATH` (repeatable) or `auto` (their own table of model
+    folder -> tokenizer) as {their model folder: tokenizer}. Loaded with `transformers`
+    through the Hugging Face cache, so offline mode and a local path work."""
+    if not specs:
+        return {}
+    wanted: dict[str, str] = {}
+    for spec in specs:
+        if spec == "auto":
+            wanted.update({m: AUTHORS_TOKENIZERS[m] for m in models if m in AUTHORS_TOKENIZERS})
+            continue
+        model, sep, name = spec.partition("=")
+        if not sep or not model or not name:
+            raise AuthorsImportError(f"--tokenizer: expected MODEL=NAME_OR_PATH or auto "
+                                     f"(got {spec!r})")
+        wanted[model] = name
+    unknown = sorted(set(wanted) - set(models))
+    if unknown:
+        raise AuthorsImportError(f"--tokenizer: no results for model(s) {unknown} (models "
+                                 f"here: {sorted(models)})")
+    from transformers import AutoTokenizer
+
+    out = {}
+    for model, name in sorted(wanted.items()):
+        try:
+            out[model] = AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # noqa: BLE001 - any loading failure names the tokenizer
+            raise AuthorsImportError(f"--tokenizer: cannot load {name!r} for {model}: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return out
 
 
 def _row(pair: Pair, item: Any, i: int, where: str, cid: int, layer: int, alpha: float,
@@ -722,6 +780,7 @@ def import_authors(
     methods: list[str] | None = None,
     models: list[str] | None = None,
     overwrite: bool = False,
+    tokenizers: list[str] | None = None,
     rows_per_file: int = 500_000,
     rows_per_group: int = 20_000,
 ) -> ImportResult:
@@ -744,7 +803,8 @@ def import_authors(
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        result = _assemble(loc, tmp, source, rows_per_file, rows_per_group)
+        toks = load_tokenizers(tokenizers, sorted({p.model for p in loc.pairs.values()}))
+        result = _assemble(loc, tmp, source, rows_per_file, rows_per_group, toks)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(dest, old)
@@ -764,7 +824,7 @@ def import_authors(
 
 
 def _assemble(loc: Located, folder: Path, source: str, rows_per_file: int,
-              rows_per_group: int) -> ImportResult:
+              rows_per_group: int, tokenizers: dict[str, Any]) -> ImportResult:
     from .card import label_table
     from .import_card import import_card
     from .state import sha256_file
@@ -780,7 +840,10 @@ def _assemble(loc: Located, folder: Path, source: str, rows_per_file: int,
             if pair.tree is None and pair.tarball is None:
                 continue
             st = PairStats()
-            for rows in pair_rows(pair, concepts, prompts, draw, st):
+            tok = tokenizers.get(pair.model)
+            if tok is not None:
+                st.tokenizer = str(getattr(tok, "name_or_path", "") or type(tok).__name__)
+            for rows in pair_rows(pair, concepts, prompts, draw, st, tok):
                 writer.add(rows)
             log.info("imported %s/%s: %d rows from %d files", pair.method_dir, pair.model,
                      st.rows, st.files)
@@ -847,10 +910,11 @@ def _versions() -> dict[str, str]:
 
 def import_and_upload(source: str, out: str, *, repo: str | None = None,
                       private: bool = False, dry_run: bool = False,
+                      upload: Callable[..., str] | None = None,
                       **kwargs: Any) -> ImportResult:
-    """`import_authors`, then (with `repo`, unless `dry_run`) the upload `publish` uses:
-    the token is checked before the long conversion, the folder scanned for it, then
-    one resumable folder upload."""
+    """`import_authors`, then (with `repo`, unless `dry_run`) the upload `publish` uses
+    (`hub.hub_upload` unless `upload` is given): the token is checked before the long
+    conversion, the folder scanned for it, then one resumable folder upload."""
     from .hub import _REPO_ID, _hub_token, check_no_secret, hub_upload
 
     token = None
@@ -866,6 +930,6 @@ def import_and_upload(source: str, out: str, *, repo: str | None = None,
     result.repo = repo
     if repo is not None and token is not None:
         check_no_secret(result.folder, token)
-        hub_upload(result.folder, repo, private=private, token=token)
+        (upload or hub_upload)(result.folder, repo, private=private, token=token)
         result.uploaded = True
     return result

@@ -138,8 +138,11 @@ def import_card(source: dict[str, Any], entries: list[dict[str, Any]],
         "- `authors_label` (extra column): the label exactly as the authors stored it.",
         "- `seed` and `finish_reason` are null (their `generate()` is unseeded and records "
         "neither); `vector_norm` is their `steering_vector_norm` (DiffMean; null for "
-        "LinearProbe, whose files record only the probe's accuracy); `response_tokens` "
-        "is null unless a result item carries a token count (their release has none).",
+        "LinearProbe, whose files record only the probe's accuracy); their files hold no "
+        "response lengths, so `response_tokens` is null unless a result item carries a "
+        "token count or the import counted each response with the model's tokenizer "
+        "(`--tokenizer`; `encode(response, add_special_tokens=False)`, as their "
+        "`include_token_stats` counts; per pair in the table below).",
         "- `model` is their folder name; `method` is `diffmean`, or `probe` for their "
         "`probe*` folder (e.g. `probe_l2-0.01`); `id` hashes model, method, concept, "
         "prompt, layer, alpha and sample 0, as ours do.",
@@ -157,13 +160,15 @@ def import_card(source: dict[str, Any], entries: list[dict[str, Any]],
         "## Import",
         "",
         "| method folder | model | files | rows | labels from cache | cache disagreements "
-        "| cache entries without a result | failed | pending |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cache entries without a result | failed | pending | response_tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
+        tok = (f"{p['counted_tokens']:,} counted with `{p['tokenizer']}`" if p["tokenizer"]
+               else f"{p['with_tokens']:,} from the files")
         out.append(f"| {p['method_dir']} | {p['model']} | {p['files']:,} | {p['rows']:,} | "
                    f"{p['from_cache']:,} | {p['cache_disagreements']:,} | "
-                   f"{p['cache_unmatched']:,} | {p['failed']:,} | {p['pending']:,} |")
+                   f"{p['cache_unmatched']:,} | {p['failed']:,} | {p['pending']:,} | {tok} |")
     avg = [p for p in pairs if p.get("avg_response_tokens") is not None]
     if avg:
         out += ["", "Mean response length per pair, from their judgment caches' "
