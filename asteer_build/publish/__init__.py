@@ -34,7 +34,10 @@ upload as a last guard.
 Modules: `layout` (names, schemas, options), `plan` (which shard rows go to which file),
 `parquet` (writing one file), `state` (the folder's record of finished files),
 `build_json` and `card` (the two documents), `assemble` (the folder, no network), `hub`
-(token, upload, `publish`), `cli` (`asteer-build publish`).
+(token, upload, `publish`), `cli` (`asteer-build publish`). `authors` and `import_card`:
+`asteer-build import`, the reference authors' released generations and judgments
+converted into the same folder layout (rollouts, concepts, prompts, card) and uploaded by
+the same `hub_upload`.
 """
 
 from .assemble import assemble, default_folder

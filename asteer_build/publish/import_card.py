@@ -6,6 +6,7 @@ failure-as-0 labels, what is null)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -70,7 +71,8 @@ def import_card(source: dict[str, Any], entries: list[dict[str, Any]],
     lic = source.get("license")
     where = (f"the Hub dataset `{source['repo']}` (revision `{source.get('revision')}`, "
              f"commit `{source.get('commit')}`)" if "repo" in source
-             else f"a local copy of the authors' files (`{source.get('folder')}`)")
+             else "a local copy of the authors' files (folder "
+             f"`{Path(str(source.get('folder'))).name}`)")
     per_level = concepts.group_by(["concept_level", "partition"]).aggregate(
         [("concept_id", "count")]).sort_by([("concept_level", "ascending"),
                                             ("partition", "ascending")]).to_pylist()
