@@ -51,7 +51,8 @@ __all__ = [
     "ROLLOUTS_SHARD_SCHEMA", "ROLLOUTS_SCHEMA", "FEATURES_KEY_FIELDS", "FEATURE_KEYS",
     "FEATURE_TYPE", "features_schema", "CONCEPTS_SCHEMA", "PROMPTS_SCHEMA",
     "PARTITION_SEEN", "PARTITION_UNSEEN", "UNSEEN_FRACTION", "PARTITION_SEED",
-    "PARTITION_SCHEMES", "LEVEL_ORDER", "PROMPT_TEST_SIZE", "PROMPT_VAL_SIZE", "sort_ids",
+    "PARTITION_SCHEMES", "LEVEL_ORDER", "AUTHORS_LEVEL_RANGES",
+    "authors_concept_level", "PROMPT_TEST_SIZE", "PROMPT_VAL_SIZE", "sort_ids",
     "partition_concepts", "prompt_split_sizes", "prompt_splits",
     # the feature-name scheme (asteer_build.engine.feature_names)
     "GROUPS", "STATS", "ROW_STATS", "META_FEATURES", "DEFAULT_STEPS", "DEFAULT_OFFSETS",
@@ -148,6 +149,21 @@ PARTITION_SEED = 42
 PARTITION_SCHEMES = ("stratified", "contiguous")
 #: levels are drawn in this order (the authors' `LEVEL_POOLS` order); others after, sorted
 LEVEL_ORDER = ("low", "mid", "high")
+#: the authors' concept levels: id ranges, not a field of their concepts.json
+#: (their `xgb/concept_partition.py`); the paper config says the same in `levels:`
+AUTHORS_LEVEL_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
+    "low": ((0, 39), (120, 129)),
+    "mid": ((40, 79), (130, 139)),
+    "high": ((80, 119), (140, 149)),
+}
+
+
+def authors_concept_level(cid: int) -> str | None:
+    """The level of one of the authors' concept ids, None outside their 0-149."""
+    for level, ranges in AUTHORS_LEVEL_RANGES.items():
+        if any(lo <= cid <= hi for lo, hi in ranges):
+            return level
+    return None
 #: the authors' per-concept prompt split: test = int(n * 0.3), val = int((n - test) * 0.2)
 PROMPT_TEST_SIZE = 0.3
 PROMPT_VAL_SIZE = 0.2

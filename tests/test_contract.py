@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -302,3 +303,18 @@ def test_datasets_loads_contract_tables_with_the_card_types(tmp_path):
     assert yaml["layer"] == yaml["response_tokens"] == "int32"
     assert yaml["alpha"] == "float64" and yaml["seed"] == "int64"
     assert yaml["judge_error"] == "string"
+
+
+def test_authors_level_ranges_are_the_paper_configs():
+    """One statement of the authors' level ranges (the contract) serves train's cache reader
+    and the importer; the paper config states them again for the builder: they must agree."""
+    import yaml
+
+    from asteer_build.configs import __file__ as configs_init
+
+    paper = yaml.safe_load((Path(configs_init).parent / "asteer-paper.yaml").read_text())
+    levels = {k: tuple(tuple(r) for r in v) for k, v in paper["concepts"]["levels"].items()}
+    assert levels == C.AUTHORS_LEVEL_RANGES
+    assert [C.authors_concept_level(i) for i in (0, 39, 40, 119, 120, 135, 149)] == [
+        "low", "low", "mid", "high", "low", "mid", "high"]
+    assert C.authors_concept_level(150) is None

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from asteer_build import contract
 from asteer_build.engine.feature_names import authors_columns, authors_names
 
 CACHE_DIR = "cache"
@@ -36,11 +37,7 @@ ARRAYS = ("X", "y", "concept_id", "alpha", "sample_id")
 LABEL_NAMES = {"understeer": 0, "success": 1, "over steer": 2, "oversteer": 2}
 #: concept levels as id ranges (their `xgb/concept_partition.py`; the paper config's
 #: `concepts.levels`)
-LEVELS = {
-    "low": ((0, 39), (120, 129)),
-    "mid": ((40, 79), (130, 139)),
-    "high": ((80, 119), (140, 149)),
-}
+LEVELS = contract.AUTHORS_LEVEL_RANGES
 NOTE = (
     "authors' feature cache: no response lengths; failed judgments were stored by the "
     "authors as under-steer and cannot be told apart"
@@ -87,9 +84,9 @@ def list_pairs(root: str | Path) -> list[tuple[str, str]]:
 
 
 def concept_level(cid: int) -> str:
-    for level, ranges in LEVELS.items():
-        if any(lo <= cid <= hi for lo, hi in ranges):
-            return level
+    level = contract.authors_concept_level(cid)
+    if level is not None:
+        return level
     raise AuthorsCacheError(f"concept_id {cid} is outside the authors' level ranges 0-149")
 
 

@@ -81,11 +81,7 @@ JUDGE_MODEL = "gpt-5-mini"
 #: our name for their rubric (`submit_gpt_judgment.py`), in `judge_rubric`
 JUDGE_RUBRIC = "steerboost-authors"
 #: concept levels are id ranges in their `xgb/concept_partition.py`
-LEVELS: dict[str, tuple[tuple[int, int], ...]] = {
-    "low": ((0, 39), (120, 129)),
-    "mid": ((40, 79), (130, 139)),
-    "high": ((80, 119), (140, 149)),
-}
+LEVELS = contract.AUTHORS_LEVEL_RANGES
 #: their prompts: `random.seed(42); random.sample(alpaca_eval, 50)` (`utils.py`)
 N_PROMPTS = 50
 PROMPT_SEED = 42
@@ -183,9 +179,9 @@ def method_name(method_dir: str) -> str:
 
 
 def concept_level(cid: int, where: str) -> str:
-    for level, ranges in LEVELS.items():
-        if any(lo <= cid <= hi for lo, hi in ranges):
-            return level
+    level = contract.authors_concept_level(cid)
+    if level is not None:
+        return level
     raise AuthorsImportError(f"{where}: concept_id {cid} is outside the authors' level "
                              "ranges (0-149)")
 
