@@ -129,26 +129,153 @@ def test_missing_extra_or_shifted_columns_are_named(tmp_path):
         concept_level(150)
 
 
-def test_cli_all_trains_and_evaluates_each_pair(release, tmp_path):
+def test_cli_all_trains_evaluates_and_reports_each_pair(release, tmp_path):
+    """Both predictor options at two split seeds per pair; the report puts the paper's
+    numbers for each pair beside ours (mean, std) with ours - paper."""
+    from train.paper_numbers import MACRO_F1
+
     out = tmp_path / "out"
-    rc = main(["all", "--data", str(release), "--out", str(out), "--trials", "1",
-               "--max-rounds", "40", "--threads", "1", "--search-rows", "0"])
+    rc = main(["all", "--data", str(release), "--out", str(out), "--trials", "2",
+               "--max-rounds", "30", "--threads", "1", "--search-rows", "0",
+               "--predictor-option", "default,authors", "--split-seeds", "1,2"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["pairs"]) == {f"{MODEL}__diffmean", f"{MODEL}__probe"}
     for key, res in summary["pairs"].items():
         assert (out / key / "summary.json").is_file()
         assert res["dataset"]["n_features"] == 414
-        f1 = res["macro_f1"]
-        # the signal columns let the predictor beat chance on unseen concepts
-        assert f1["unseen"]["predictor"] > 0.6, (key, f1)
-        assert "skipped" in res["search"]
-    # fit / evaluate per pair work the same way
+        assert [(r["predictor"], r["seed"]) for r in res["runs"]] == [
+            ("default", 1), ("default", 2), ("authors", 1), ("authors", 2)]
+        for r in res["runs"]:
+            # the signal columns let the predictor beat chance on unseen concepts
+            assert r["macro_f1"]["unseen"]["predictor"] > 0.6, (key, r)
+            assert "skipped" in r["search"]
+            meta = json.loads((out / key / r["predictor"] / f"seed{r['seed']}" / "predictor"
+                               / "predictor.json").read_text())
+            assert meta["predictor_option"] == r["predictor"]
+            assert meta["search"]["space"] == r["predictor"]
+            assert meta["splits"]["seed"] == r["seed"]
+        authors_params = [json.loads((out / key / "authors" / f"seed{s}" / "predictor"
+                                      / "predictor.json").read_text())["params"] for s in (1, 2)]
+        for p in authors_params:  # their space, mapped; trees capped by --max-rounds
+            assert p["num_leaves"] == 2 ** p["max_depth"] and 6 <= p["max_depth"] <= 9
+            assert 500 <= p["num_iterations"] < 750 and p["min_data_in_leaf"] == 1
+    report = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    rows = {(r["method"], r["predictor_option"], r["classifier"], r["split"]): r
+            for r in report["macro_f1"]}
+    assert len(rows) == len(report["macro_f1"]) == 2 * 2 * 2 * 2
+    for method, paper_method in (("diffmean", "DiffMean"), ("probe", "LinearProbe")):
+        key = f"{MODEL}__{method}"
+        runs = summary["pairs"][key]["runs"]
+        for option in ("default", "authors"):
+            for split, ours_split in (("seen", "seen_test"), ("unseen", "unseen")):
+                r = rows[(method, option, "predictor", split)]
+                vals = [x["macro_f1"][ours_split]["predictor"] for x in runs
+                        if x["predictor"] == option]
+                assert r["ours"]["values"] == pytest.approx(vals)
+                assert r["ours"]["mean"] == pytest.approx(np.mean(vals))
+                assert r["ours"]["std"] == pytest.approx(np.std(vals))
+                assert 0 <= r["ours"]["mean"] <= 1 and r["ours"]["n_seeds"] == 2
+                assert r["paper_row"] == ["Qwen3-1.7B", paper_method]
+                assert r["paper"] == MACRO_F1[("Qwen3-1.7B", paper_method)][split]
+                assert r["difference"] == pytest.approx(r["ours"]["mean"] - r["paper"])
+                assert (f"| {key} | {option} | predictor | {split} | {r['ours']['mean']:.3f} ± "
+                        f"{r['ours']['std']:.3f} | {r['paper']:.2f} | "
+                        f"{r['difference']:+.3f} | 2 |") in md
+                base = rows[(method, option, "alpha_only", split)]
+                assert base["paper"] is None and 0 <= base["ours"]["mean"] <= 1
+    assert report["search"] == []
+    assert set(report["search_skipped"]) == set(summary["pairs"])
+    assert any("under-steer" in n and "cannot be told apart" in n for n in report["notes"])
+    assert any("no response lengths" in n for n in report["notes"])
+    # fit / evaluate per pair work the same way, with either option
     one = tmp_path / "one"
     common = ["--data", str(release), "--method", "probe", "--out", str(one), "--threads", "1"]
-    assert main(["fit", *common, "--trials", "1", "--max-rounds", "30"]) == 0
+    assert main(["fit", *common, "--trials", "1", "--max-rounds", "30",
+                 "--predictor-option", "authors"]) == 0
     assert main(["evaluate", *common]) == 0
-    assert (one / "predictor").is_dir()
+    assert json.loads((one / "predictor" / "predictor.json").read_text())[
+        "predictor_option"] == "authors"
+
+
+def test_all_names_a_missing_or_extra_column(tmp_path, capsys):
+    """`asteer-train all` on a cache whose names lack one of the 414 or add one stops
+    with an error naming the column, before training."""
+    cols = authors_columns(10)
+    write_cache(tmp_path / "a", "diffmean", 10, 0, {"feature_names": cols[:7] + cols[8:]})
+    assert main(["all", "--data", str(tmp_path / "a"), "--out", str(tmp_path / "o")]) == 2
+    assert f"missing ['{cols[7]}']" in capsys.readouterr().err
+    write_cache(tmp_path / "b", "diffmean", 10, 0, {"feature_names": cols + ["Extra_T9_L10"]})
+    assert main(["all", "--data", str(tmp_path / "b"), "--out", str(tmp_path / "o")]) == 2
+    assert "extra ['Extra_T9_L10']" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_paper_names_map_to_ours_and_theirs():
+    from train.paper_numbers import paper_pair
+
+    assert paper_pair("qwen3-1.7b", "diffmean") == ("Qwen3-1.7B", "DiffMean")
+    assert paper_pair("Qwen3-1.7B", "probe") == ("Qwen3-1.7B", "LinearProbe")
+    assert paper_pair("llama-3.2-3b-instruct", "probe") == ("Llama-3.2-3B", "LinearProbe")
+    assert paper_pair("Llama-3.2-3B-Instruct", "diffmean") == ("Llama-3.2-3B", "DiffMean")
+    assert paper_pair("gemma-2-2b-it", "diffmean") == ("gemma-2-2b-it", "DiffMean")
+    assert paper_pair("tiny-a", "diffmean") is None
+
+
+def test_authors_space_draws_theirs_and_maps_to_lightgbm():
+    from train.model import XGB_TO_LIGHTGBM, authors_to_lightgbm, sample_authors_xgb
+
+    rng = np.random.default_rng(42)
+    draws = [sample_authors_xgb(rng) for _ in range(20)]
+    # their first draw with seed 42, in their order (integers, then choices)
+    ref = np.random.default_rng(42)
+    assert draws[0]["n_estimators"] == int(ref.integers(500, 750))
+    assert draws[0]["learning_rate"] == float(ref.choice([0.02, 0.03, 0.05, 0.08]))
+    assert draws[0]["max_depth"] == int(ref.integers(6, 10))
+    for d in draws:
+        lgbm = authors_to_lightgbm(d)
+        for xgb_name, lgb_name in XGB_TO_LIGHTGBM.items():
+            assert lgbm[lgb_name] == d[xgb_name]
+        assert lgbm["num_leaves"] == 2 ** d["max_depth"] and lgbm["bagging_freq"] == 1
+    with pytest.raises(ValueError, match=r"\['booster'\]"):
+        authors_to_lightgbm(draws[0] | {"booster": "dart"})
+
+
+def test_report_search_beside_the_paper_and_extra_sections():
+    """Where response lengths are known the strength search is compared; the paper's
+    numbers sit beside the one pair it gives them for, and extra sections append."""
+    from train.paper_numbers import SEARCH
+    from train.report import add_section, build_report, report_markdown
+
+    def run(seed, k20, igs):
+        return {"predictor": "default", "seed": seed,
+                "macro_f1": {"seen_test": {"predictor": 0.7, "alpha_only": 0.5},
+                             "unseen": {"predictor": 0.6, "alpha_only": 0.4}},
+                "search": {"ours@K=20": {"success_rate": k20, "mean_tokens": 5000.0},
+                           "IGS": {"success_rate": igs, "mean_tokens": 50000.0}}}
+
+    pair = {"model": "qwen3-1.7b", "method": "diffmean",
+            "dataset": {"source_format": "asteer"},
+            "runs": [run(1, 0.8, 0.9), run(2, 0.9, 0.9)]}
+    other = pair | {"model": "tiny-a"}
+    rep = build_report({"pairs": {"q": pair, "t": other}},
+                       [{"title": "Transfer", "markdown": "x", "data": {"a": 1}}])
+    by = {(r["pair"], r["search_method"], r["metric"]): r for r in rep["search"]}
+    k = by[("q", "ours@K=20", "success_rate")]
+    assert k["ours"]["mean"] == pytest.approx(0.85) and k["ours"]["std"] == pytest.approx(0.05)
+    assert k["paper"] == SEARCH["ours@K=20"]["success_rate"]
+    assert k["difference"] == pytest.approx(0.85 - 0.846)
+    assert by[("q", "IGS", "mean_tokens")]["difference"] == pytest.approx(50000 - 51300)
+    assert by[("t", "IGS", "mean_tokens")]["paper"] is None
+    assert rep["search_skipped"] == {}
+    assert rep["notes"] == ["t: the paper has no row for this (model, method)"]
+    assert rep["sections"][0]["data"] == {"a": 1}
+    md = report_markdown(rep)
+    assert "| q | default | ours@K=20 | success_rate | 0.850 ± 0.050 | 0.846 | +0.004 |" in md
+    assert md.rstrip().endswith("## Transfer\n\nx")
+    with pytest.raises(ValueError, match="lacks \\['markdown'\\]"):
+        add_section(rep, {"title": "no body"})
 
 
 def test_hub_id_reads_only_the_feature_caches(tmp_path, monkeypatch):

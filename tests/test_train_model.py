@@ -95,6 +95,17 @@ def test_outputs_written(full_run):
     assert table["ours@K=5"]["success_rate"] >= 0.9 * table["IGS"]["success_rate"]
     assert (out / "evaluation.md").read_text().count("| unseen |") == 3
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
+    # the report: our data carries response lengths, so the search is in it (no paper
+    # row for a synthetic model: ours only, and the report says so)
+    rep = json.loads((out / "report.json").read_text())
+    rows = {(r["search_method"], r["metric"]): r for r in rep["search"]}
+    assert rows[("IGS", "mean_tokens")]["ours"]["mean"] == pytest.approx(
+        table["IGS"]["mean_tokens"])
+    assert rows[("IGS", "mean_tokens")]["paper"] is None and rep["search_skipped"] == {}
+    f1 = {(r["classifier"], r["split"]): r["ours"]["mean"] for r in rep["macro_f1"]}
+    assert f1[("predictor", "unseen")] == s["macro_f1"]["unseen"]["predictor"]
+    assert "the paper has no row" in rep["notes"][0]
+    assert "## Strength search" in (out / "report.md").read_text()
 
 
 def test_training_never_sees_evaluation_items(full_run, dataset):

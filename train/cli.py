@@ -73,6 +73,27 @@ def _add_fit(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_option(p: argparse.ArgumentParser, several: bool) -> None:
+    p.add_argument(
+        "--predictor-option",
+        default="default",
+        help="search space: default (ours) or authors (the reference's XGBoost space "
+        "mapped to LightGBM, a fixed number of trees per trial, capped by --max-rounds)"
+        + ("; comma-separated to run and report both, e.g. default,authors" if several
+           else ""),
+    )
+
+
+def _options(text: str) -> tuple[str, ...]:
+    from train.model import PREDICTOR_OPTIONS
+
+    opts = tuple(_csv(text))
+    bad = [o for o in opts if o not in PREDICTOR_OPTIONS]
+    if bad or not opts:
+        raise ValueError(f"--predictor-option {text!r}: expected {', '.join(PREDICTOR_OPTIONS)}")
+    return opts
+
+
 def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="top-K values")
     p.add_argument("--probe-tokens", type=int, default=DEFAULT_PROBE_TOKENS)
@@ -108,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="split, search hyperparameters, save the predictor")
     _add_data(p)
     _add_fit(p)
+    _add_option(p, several=False)
     p = sub.add_parser("evaluate", help="metrics, baselines, importance, plots")
     _add_data(p)
     p.add_argument("--predictor", help="predictor folder (default OUT/predictor)")
@@ -115,10 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_search(p)
     p.add_argument("--predictor", help="predictor folder (default OUT/predictor)")
-    p = sub.add_parser("all", help="fit + evaluate + search")
+    p = sub.add_parser("all", help="fit + evaluate + search + report")
     _add_data(p)
     _add_fit(p)
     _add_search(p)
+    _add_option(p, several=True)
+    p.add_argument(
+        "--split-seeds",
+        help="comma-separated split seeds; the report gives mean and std over them "
+        "(default: --seed only)",
+    )
     p = sub.add_parser("suggest", help="P(under/success/over) per alpha, suggested alpha")
     p.add_argument("--predictor", required=True)
     p.add_argument(
@@ -214,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 ks=tuple(_csv(a.k, int)),
                 probe_tokens=a.probe_tokens,
                 length=a.length,
+                predictors=_options(a.predictor_option),
+                split_seeds=_csv(a.split_seeds, int),
                 **_fit_kwargs(a),
             )
             print(json.dumps(summary, indent=2))
@@ -221,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(a.data, a.model, a.method)
         print(json.dumps(data.report), file=sys.stderr)
         if a.cmd == "fit":
-            p = run.fit_data(data, a.out, **_fit_kwargs(a))
+            (option,) = _options(a.predictor_option) or ("default",)
+            p = run.fit_data(data, a.out, option=option, **_fit_kwargs(a))
             print(
                 json.dumps(
                     p.metadata["search"] | {"trials": len(p.metadata["search"]["trials"])}, indent=2

@@ -154,6 +154,70 @@ def sample_params(rng: np.random.Generator) -> dict:
     }
 
 
+# The reference's search space (their `xgb/train_weighted_search.py`, XGBoost), as
+# (XGBoost name, how it is drawn). Drawn in their order from one numpy Generator seeded
+# like theirs, so trial i gets their trial i's values.
+AUTHORS_SPACE = (
+    ("n_estimators", "integers", (500, 750)),
+    ("learning_rate", "choice", [0.02, 0.03, 0.05, 0.08]),
+    ("max_depth", "integers", (6, 10)),
+    ("min_child_weight", "choice", [2, 4, 6, 8, 10, 12]),
+    ("subsample", "choice", [0.65, 0.75, 0.85, 0.95, 1.0]),
+    ("colsample_bytree", "choice", [0.65, 0.75, 0.85, 0.95, 1.0]),
+    ("reg_alpha", "choice", [0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0]),
+    ("reg_lambda", "choice", [1.0, 2.0, 5.0, 10.0, 20.0]),
+    ("gamma", "choice", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8]),
+    ("max_delta_step", "choice", [0, 1, 2]),
+)
+#: XGBoost parameter -> its LightGBM equivalent (README, "predictor option").
+#: max_depth also caps num_leaves at 2**depth, as a depth-wise XGBoost tree has at most
+#: that many leaves (LightGBM grows leaf-wise, so the cap is needed to match capacity);
+#: XGBoost has no minimum row count per leaf, so min_data_in_leaf is 1 and only the
+#: hessian sum (min_child_weight) limits leaves, as in theirs.
+XGB_TO_LIGHTGBM = {
+    "n_estimators": "num_iterations",
+    "learning_rate": "learning_rate",
+    "max_depth": "max_depth",
+    "min_child_weight": "min_sum_hessian_in_leaf",
+    "subsample": "bagging_fraction",
+    "colsample_bytree": "feature_fraction",
+    "reg_alpha": "lambda_l1",
+    "reg_lambda": "lambda_l2",
+    "gamma": "min_gain_to_split",
+    "max_delta_step": "max_delta_step",
+}
+PREDICTOR_OPTIONS = ("default", "authors")
+
+
+def sample_authors_xgb(rng: np.random.Generator) -> dict:
+    """One draw of the reference's XGBoost parameters, in their names and order."""
+    out = {}
+    for name, how, arg in AUTHORS_SPACE:
+        if how == "integers":
+            out[name] = int(rng.integers(*arg))
+        else:
+            v = rng.choice(arg)
+            out[name] = int(v) if name == "max_delta_step" else float(v)
+    return out
+
+
+def authors_to_lightgbm(xgb_params: dict) -> dict:
+    """Their XGBoost parameters as LightGBM's (see XGB_TO_LIGHTGBM)."""
+    unknown = sorted(set(xgb_params) - set(XGB_TO_LIGHTGBM))
+    if unknown:
+        raise ValueError(f"no LightGBM equivalent for XGBoost parameter(s) {unknown}")
+    out = {XGB_TO_LIGHTGBM[k]: v for k, v in xgb_params.items()}
+    out["num_leaves"] = 2 ** int(xgb_params["max_depth"])
+    out["min_data_in_leaf"] = 1
+    out["bagging_freq"] = 1  # XGBoost's subsample draws rows for every tree
+    return out
+
+
+def sample_authors_params(rng: np.random.Generator) -> dict:
+    """A trial of the "authors" predictor option: their draw, mapped to LightGBM."""
+    return authors_to_lightgbm(sample_authors_xgb(rng))
+
+
 # Not `use_quantized_grad`: it is ~30 % faster at the reference size, but LightGBM
 # 4.x's CPU quantized training aborts ("Check failed: best_split_info.right_count > 0")
 # or trains a degraded model under bagging and feature subsampling, which this search
@@ -206,13 +270,20 @@ def _train(
     max_rounds: int,
     early_stopping_rounds: int,
 ) -> tuple[lgb.Booster, float]:
-    booster = lgb.train(
-        params,
-        dtrain,
-        num_boost_round=max_rounds,
-        valid_sets=[dval],
-        callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)],
-    )
+    params = dict(params)
+    fixed = params.pop("num_iterations", None)
+    if fixed is not None:
+        # the authors' option: a fixed number of trees (theirs trains n_estimators trees
+        # with no early stopping), capped by max_rounds so tests can keep it small
+        booster = lgb.train(params, dtrain, num_boost_round=min(int(fixed), max_rounds))
+    else:
+        booster = lgb.train(
+            params,
+            dtrain,
+            num_boost_round=max_rounds,
+            valid_sets=[dval],
+            callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)],
+        )
     pred = np.asarray(booster.predict(x_val, num_iteration=booster.best_iteration))
     return booster, macro_f1(y_val, pred.reshape(len(y_val), 3).argmax(axis=1))
 
@@ -230,6 +301,7 @@ def fit_predictor(
     early_stopping_rounds: int = 50,
     fixed_params: dict | None = None,
     search_rows: int | None = SEARCH_ROWS,
+    space: str = "default",
 ) -> Predictor:
     """Random search: sample ``n_trials`` configurations, early-stop each on validation
     loss, keep the one with the best validation macro-F1 (ties: earlier trial).
@@ -242,7 +314,14 @@ def fit_predictor(
     validation set. ``search_rows=None`` runs every trial on all rows.
 
     ``fixed_params`` skips the search and fits that one configuration on all rows
-    (benchmarks, baselines)."""
+    (benchmarks, baselines).
+
+    ``space="authors"`` draws the trials from the reference's XGBoost search space
+    mapped to LightGBM (``AUTHORS_SPACE``, ``XGB_TO_LIGHTGBM``): a fixed number of
+    trees per trial, no early stopping, selection on validation macro-F1 as theirs."""
+    if space not in PREDICTOR_OPTIONS:
+        raise ValueError(f"predictor option {space!r}: expected one of {PREDICTOR_OPTIONS}")
+    sampler = sample_authors_params if space == "authors" else sample_params
     w_train = class_weights(y_train)
     if len(np.unique(y_val)) < 2:
         raise TrainingError("validation split has fewer than two classes; cannot select")
@@ -266,7 +345,7 @@ def fit_predictor(
     configs = (
         [fixed_params]
         if fixed_params is not None
-        else [sample_params(rng) for _ in range(n_trials)]
+        else [sampler(rng) for _ in range(n_trials)]
     )
     sub = None if fixed_params is not None else search_subsample(y_train, search_rows, seed)
     if sub is None:
@@ -294,6 +373,7 @@ def fit_predictor(
             best = (score, booster, params, i)
     score, booster, params, idx = best
     search = {
+        "space": space,
         "n_trials": len(configs),
         "selected_trial": idx,
         "val_macro_f1": score,

@@ -66,8 +66,12 @@ def fit_data(
     max_rounds: int = 1000,
     early_stopping_rounds: int = 50,
     search_rows: int | None = SEARCH_ROWS,
+    option: str = "default",
 ) -> Predictor:
-    """Split, search, save ``out_dir/predictor`` (model.txt + predictor.json)."""
+    """Split, search, save ``out_dir/predictor`` (model.txt + predictor.json).
+
+    ``option`` (the predictor option) picks the search space: ``default`` (ours) or ``authors`` (the
+    reference's XGBoost space mapped to LightGBM, ``train.model.AUTHORS_SPACE``)."""
     splits = make_splits(
         data.frame, data.concepts, unseen_fraction, seed, unseen, use_partition_column,
         partition,
@@ -88,11 +92,13 @@ def fit_data(
         max_rounds=max_rounds,
         early_stopping_rounds=early_stopping_rounds,
         search_rows=search_rows,
+        space=option,
     )
     predictor.metadata.update(
         {
             "model": data.model,
             "method": data.method,
+            "predictor_option": option,
             "dataset": data.report,
             "splits": splits.to_dict(),
             "feature_selection": {"groups": groups, "tokens": tokens, "no_alpha": no_alpha},
@@ -205,13 +211,23 @@ def run_all(
     ks: tuple[int, ...] = DEFAULT_KS,
     probe_tokens: int = DEFAULT_PROBE_TOKENS,
     length: str = "mean",
+    predictors: tuple[str, ...] = ("default",),
+    split_seeds: list[int] | None = None,
+    report: bool = True,
     **fit_kwargs,
 ) -> dict:
-    """Fit + evaluate + search in one call; returns the headline numbers.
+    """Fit + evaluate + search in one call; returns the headline numbers and writes
+    ``report.md`` / ``report.json`` (``train.report``) into ``out_dir``.
 
-    Meant for the pipeline's end-to-end check on a builder-made dataset."""
+    One run per predictor option x split seed (``split_seeds``, default ``[seed]``); with
+    one of each, the run's files sit in ``out_dir`` itself (the pipeline's end-to-end
+    check reads them there), otherwise in ``out_dir/{predictor}/seed{seed}``. The
+    authors' release holds several (model, method) pairs: each gets ``out_dir/{model}__
+    {method}`` and the report covers them all."""
     from train.data import list_pairs, resolve_source
+    from train.report import write_report
 
+    seeds = list(split_seeds) if split_seeds else [seed]
     root = resolve_source(dataset_folder)
     if (model is None or method is None) and authors.is_authors_layout(root):
         pairs = [
@@ -223,17 +239,60 @@ def run_all(
             per_pair = {
                 f"{m}__{me}": run_all(
                     root, out / f"{m}__{me}", m, me, n_trials, seed, num_threads, ks,
-                    probe_tokens, length, **fit_kwargs,
+                    probe_tokens, length, predictors, seeds, False, **fit_kwargs,
                 )
                 for m, me in pairs
             }
             summary = {"dataset": str(dataset_folder), "pairs": per_pair, "out_dir": str(out)}
             _write_json(out / "summary.json", summary)
+            if report:
+                write_report(out, summary)
             return summary
         dataset_folder = root
     data = load_dataset(dataset_folder, model, method)
+    single = len(predictors) == 1 and len(seeds) == 1
+    runs = [
+        _run_one(
+            data, Path(out_dir) if single else Path(out_dir) / option / f"seed{s}",
+            option, s, n_trials, num_threads, ks, probe_tokens, length, fit_kwargs,
+        )
+        for option in predictors
+        for s in seeds
+    ]
+    first = runs[0]
+    summary = {
+        "model": data.model,
+        "method": data.method,
+        "dataset": data.report,
+        "val_macro_f1": first["val_macro_f1"],
+        "macro_f1": first["macro_f1"],
+        "search": first["search"],
+        "runs": runs,
+        "out_dir": str(out_dir),
+    }
+    _write_json(Path(out_dir) / "summary.json", summary)
+    if report:
+        write_report(out_dir, summary)
+    return summary
+
+
+def _run_one(
+    data: LoadedData,
+    out_dir: Path,
+    option: str,
+    seed: int,
+    n_trials: int,
+    num_threads: int,
+    ks: tuple[int, ...],
+    probe_tokens: int,
+    length: str,
+    fit_kwargs: dict,
+) -> dict:
+    """One predictor option at one split seed: fit, evaluate, search (where lengths are
+    known); the run's headline numbers."""
     predictor = fit_data(
-        data, out_dir, n_trials=n_trials, seed=seed, num_threads=num_threads, **fit_kwargs
+        data, out_dir, n_trials=n_trials, seed=seed, num_threads=num_threads,
+        option=option, **fit_kwargs,
     )
     ev = evaluate_data(data, predictor, out_dir, num_threads=num_threads)
     # The authors' feature caches carry no response lengths: the strength search charges
@@ -248,10 +307,9 @@ def run_all(
         }
     else:
         search = {"skipped": "the data has no response lengths (authors' feature caches)"}
-    summary = {
-        "model": data.model,
-        "method": data.method,
-        "dataset": data.report,
+    return {
+        "predictor": option,
+        "seed": seed,
         "val_macro_f1": ev["val_macro_f1"],
         "macro_f1": {
             split: {m: r["macro_f1"] for m, r in by.items()} for split, by in ev["metrics"].items()
@@ -259,5 +317,3 @@ def run_all(
         "search": search,
         "out_dir": str(out_dir),
     }
-    _write_json(Path(out_dir) / "summary.json", summary)
-    return summary
