@@ -209,3 +209,23 @@ def test_cancel_leaves_unanswered_lines_failed(tmp_path):
     out = read_dir(tmp_path / "out")
     assert all(o["judge_status"] == "failed" and o["label"] is None and
                "batch_cancelled" in o["judge_error"] for o in out)
+
+
+def test_plan_of_the_paper_config_prints_judge_tokens_and_costs():
+    r = subprocess.run([sys.executable, "-m", "asteer_build.cli", "plan",
+                        "configs/asteer-paper.yaml"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)["judge"]
+    assert j["kind"] == "openai-batch" and j["model"] == "gpt-5-mini"
+    assert j["calls"] == json.loads(r.stdout)["items"]
+    assert j["response_tokens_assumed"] == 1140
+    # rubric (~500 tokens) + prompt + concept + a 1,140-token response per call
+    assert 1500 < j["input_tokens_per_call"] < 2500
+    assert j["input_tokens"] == j["calls"] * j["input_tokens_per_call"]
+    assert j["tokenizer"] in ("chars/4", "tiktoken:o200k_base")
+    c = j["cost_usd"]
+    live = (j["input_tokens"] * 0.25 + j["output_tokens"] * 2.0) / 1e6
+    assert c["live"] == round(live, 2) and c["batch"] == round(live * 0.5, 2)
+    line = next(x for x in r.stderr.splitlines() if x.strip().startswith("judge gpt-5-mini"))
+    assert "input" in line and "output tokens" in line and "batch" in line and "live" in line
