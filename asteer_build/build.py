@@ -274,13 +274,14 @@ def _judge_batches(run: Run, jc: Any, todo: list[str], rerun: set[str],
     shards from its answers (in the cache) and its final failures. The batch state
     lives beside the judge cache (`.staging/batches` in a local run folder), so a
     killed build resumes its batches instead of submitting them again."""
-    from judge.batches import BatchStage, FailuresJudge, requests_for_table
+    from judge.batches import BatchStage, FailuresJudge, requests_for_table, state_dir_for
     from judge.cache import JudgmentCache
     from judge.label import table_from_parquet
 
     rubric = jc.rubric(run.cfg.base_dir)
     with JudgmentCache(cache_path) as cache:
-        stage = BatchStage.from_config(jc, Path(_scratch_dir(run)) / "batches", cache, rubric)
+        state = state_dir_for(Path(_scratch_dir(run)) / "batches", jc.model, rubric.version)
+        stage = BatchStage.from_config(jc, state, cache, rubric)
         reqs = []
         for name in todo:
             entry = run.manifest.entries("labelled").get(name)

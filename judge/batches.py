@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -57,7 +58,7 @@ from .rubric import DEFAULT_RUBRIC, JudgmentParseError, Rubric, parse_judgment
 from .secrets import api_key_from_env, redact
 
 __all__ = ["BatchStage", "CostCapExceeded", "FailuresJudge", "split_lines",
-           "requests_for_table", "make_client", "TERMINAL"]
+           "requests_for_table", "make_client", "state_dir_for", "TERMINAL"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ _RESUBMIT_STATUSES = ("expired", "cancelled", "failed", "completed")
 
 class CostCapExceeded(RuntimeError):
     """Submitting would pass the configured cost cap; nothing was submitted."""
+
+
+def state_dir_for(root: str | Path, model: str, rubric_version: str) -> Path:
+    """One state folder per (judge model, rubric) under `root`: changing the judge starts
+    new batches instead of mixing answers of two judges in one state."""
+    return Path(root) / re.sub(r"[^A-Za-z0-9._-]", "_", f"{model}-{rubric_version}")
 
 
 def split_lines(lines: Sequence[str], max_requests: int, max_bytes: int) -> list[list[str]]:
@@ -333,6 +340,9 @@ class BatchStage:
                 changed = True
             rec["status"] = b.status
             rec["output_file_id"], rec["error_file_id"] = b.output_file_id, b.error_file_id
+            errs = getattr(getattr(b, "errors", None), "data", None) or []
+            if errs:  # why a batch failed as a whole (e.g. its file was refused)
+                rec["error"] = redact("; ".join(f"{e.code}: {e.message}" for e in errs))[:300]
             rc = getattr(b, "request_counts", None)
             if rc is not None:
                 rec["counts"] = {"total": rc.total, "completed": rc.completed,
@@ -390,7 +400,8 @@ class BatchStage:
             for raw in self._lines(rec):
                 key = json.loads(raw)["custom_id"]
                 a = answers.get(key) or _Answer(
-                    False, f"batch {rec['batch_id']} {rec['status']}: no result for this line",
+                    False, f"batch {rec['batch_id']} {rec['status']}: no result for this line"
+                    + (f" ({rec['error']})" if rec.get("error") else ""),
                     rec["status"] in _RESUBMIT_STATUSES)
                 if a.ok or key in self.cache:
                     continue

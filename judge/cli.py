@@ -181,8 +181,12 @@ def cmd_batch_read(args: argparse.Namespace) -> dict:
     return {"results": counts, "shards": [asdict(r) for r in reports]}
 
 
-def _batch_dir(args: argparse.Namespace) -> Path:
-    return Path(args.batch_dir or Path(args.out or args.inp) / ".batches")
+def _batch_dir(args: argparse.Namespace, cfg: JudgeConfig, rubric_version: str) -> Path:
+    from .batches import state_dir_for
+
+    if args.batch_dir:
+        return Path(args.batch_dir)
+    return state_dir_for(Path(args.out or args.inp) / ".batches", cfg.model, rubric_version)
 
 
 def _batch_cmd(args: argparse.Namespace) -> dict:
@@ -203,7 +207,8 @@ def _batch_cmd(args: argparse.Namespace) -> dict:
         cfg.batch = replace(cfg.batch, poll_initial_s=args.poll_s,
                             poll_max_s=max(args.poll_s, 4 * args.poll_s))
     with JudgmentCache(_cache_path(args, cfg)) as cache:
-        stage = BatchStage.from_config(cfg, _batch_dir(args), cache, rubric)
+        stage = BatchStage.from_config(cfg, _batch_dir(args, cfg, rubric.version), cache,
+                                       rubric)
         out: dict = {}
         try:
             if args.cmd in ("batch-submit", "batch-collect"):
@@ -290,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("batch-cancel", "cancel the batches in flight")):
         sp = sub.add_parser(name, help=text)
         shard_args(sp)
-        sp.add_argument("--batch-dir", help="batch state folder (default <out>/.batches)")
+        sp.add_argument("--batch-dir", help="batch state folder (default "
+                        "<out>/.batches/<model>-<rubric version>)")
         sp.add_argument("--yes", action="store_true", help="submit beyond judge.batch."
                         "cost_cap_usd")
         sp.add_argument("--wait", action="store_true", help="batch-collect: poll until done")

@@ -63,6 +63,21 @@ class BatchSettings:
     poll_max_s: float = 600.0
     completion_window: str = "24h"
 
+    def __post_init__(self) -> None:
+        for name in ("max_requests_per_file", "max_bytes_per_file", "poll_initial_s",
+                     "poll_max_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ValueError(f"judge.batch.{name}: expected a positive number (got {v!r})")
+        if not isinstance(self.max_resubmits, int) or self.max_resubmits < 0:
+            raise ValueError(f"judge.batch.max_resubmits: expected an integer >= 0 "
+                             f"(got {self.max_resubmits!r})")
+        for name in ("enqueued_token_budget", "cost_cap_usd"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or v <= 0):
+                raise ValueError(f"judge.batch.{name}: expected a positive number or null "
+                                 f"(got {v!r})")
+
 
 @dataclass(frozen=True)
 class Prices:
@@ -73,6 +88,16 @@ class Prices:
     output_per_mtok: float = 0.0
     batch_discount: float = 0.5
     output_tokens_per_call: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_mtok", "output_per_mtok", "output_tokens_per_call"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ValueError(f"judge.prices.{name}: expected a number >= 0 (got {v!r})")
+        d = self.batch_discount
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= 1:
+            raise ValueError(f"judge.prices.batch_discount: expected a fraction in (0, 1] "
+                             f"(got {d!r})")
 
 
 def _section(cls: type, d: Any, name: str) -> Any:

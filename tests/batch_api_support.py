@@ -8,7 +8,8 @@ while `hold` is clear) a terminal status, and its output and error files are wri
 then, as the real service does.
 
 Knobs: `expire_batches` (names from our metadata: the batch expires after answering
-only its first half, the rest go to the error file as `batch_expired`), and
+only its first half, the rest go to the error file as `batch_expired`),
+`fail_batches` (refused whole at validation, status `failed` with `errors`), and
 `line_action(custom_id, attempt) -> ok | error | http500 | garbage` (attempt counts
 from 0 over the batches that carried the line). The answer of an ok line is
 `canned_label(custom_id)`, so a test can tell a real answer from a guessed one.
@@ -40,6 +41,7 @@ class BatchServer:
         self.polls_to_finish = polls_to_finish
         self.hold = threading.Event()  # set: batches stay in_progress
         self.expire_batches: set[str] = set()
+        self.fail_batches: set[str] = set()  # refused whole at validation
         self.line_action: Callable[[str, int], str] = lambda cid, attempt: "ok"
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
@@ -76,7 +78,12 @@ class BatchServer:
             self._finish(b, "cancelled", answer=0)
             return
         if b["status"] == "validating":
-            b["status"] = "in_progress"
+            if (b.get("metadata") or {}).get("asteer_name") in self.fail_batches:
+                b["status"] = "failed"
+                b["errors"] = {"object": "list", "data": [
+                    {"code": "invalid_file", "message": "canned refusal", "line": None}]}
+            else:
+                b["status"] = "in_progress"
             return
         if b["status"] != "in_progress" or self.hold.is_set():
             return

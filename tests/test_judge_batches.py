@@ -169,7 +169,7 @@ def test_kill_between_create_and_persist_reattaches(tmp_path):
         assert r.returncode == 0, r.stderr
         assert len(srv.batches) == 1
         # as if killed after batches.create returned but before its id was saved
-        state_path = tmp_path / "out" / ".batches" / "batches.json"
+        (state_path,) = (tmp_path / "out" / ".batches").glob("*/batches.json")
         st = json.loads(state_path.read_text())
         st["batches"][0].update(state="creating", batch_id=None, status=None)
         state_path.write_text(json.dumps(st))
@@ -213,7 +213,8 @@ def test_cancel_leaves_unanswered_lines_failed(tmp_path):
 
 def test_plan_of_the_paper_config_prints_judge_tokens_and_costs():
     r = subprocess.run([sys.executable, "-m", "asteer_build.cli", "plan",
-                        "configs/asteer-paper.yaml"], cwd=ROOT, env=_env(),
+                        "configs/asteer-paper.yaml"], cwd=ROOT,
+                       env={**_env(), "HF_HUB_OFFLINE": "1"},  # no network in tests
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)["judge"]
@@ -229,3 +230,31 @@ def test_plan_of_the_paper_config_prints_judge_tokens_and_costs():
     assert c["live"] == round(live, 2) and c["batch"] == round(live * 0.5, 2)
     line = next(x for x in r.stderr.splitlines() if x.strip().startswith("judge gpt-5-mini"))
     assert "input" in line and "output tokens" in line and "batch" in line and "live" in line
+
+
+def test_a_batch_failed_as_a_whole_is_resubmitted_then_its_lines_fail_with_the_reason(
+        tmp_path):
+    with batch_server(KEY) as (srv, url):
+        common, rows = _setup(tmp_path, url, n=6, max_resubmits=1)
+        srv.fail_batches = {"b00000", "b00000-r1"}
+        r = run_cli(["batch-collect", *common, "--wait"], env=_env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert sorted(srv.submitted.values()) == [2] * 6
+    out = read_dir(tmp_path / "out")
+    assert all(o["judge_status"] == "failed" and o["label"] is None
+               and "invalid_file: canned refusal" in o["judge_error"] for o in out)
+
+
+def test_bad_batch_settings_name_the_field():
+    from judge.config import JudgeConfig
+
+    for section, bad, field in (("batch", {"max_requests_per_file": 0}, "max_requests_per_file"),
+                                ("batch", {"max_resubmits": -1}, "max_resubmits"),
+                                ("batch", {"colour": 1}, "colour"),
+                                ("prices", {"batch_discount": 1.5}, "batch_discount")):
+        try:
+            JudgeConfig.from_dict({"kind": "openai-batch", section: bad})
+        except ValueError as e:
+            assert f"judge.{section}" in str(e) and field in str(e), e
+        else:
+            raise AssertionError(f"{section}: {bad} accepted")
