@@ -1,8 +1,9 @@
 """Token counts for estimates (plan's judge cost, the batch stage's wave budget).
 
 The judge model's own tokenizer is used where it can be had offline: `tiktoken` (in the
-lock) when `TIKTOKEN_CACHE_DIR` names a folder holding its encoding files, since
-tiktoken otherwise downloads them on first use and estimates must never go online.
+lock) when its encoding files are already in its cache (`TIKTOKEN_CACHE_DIR`, else its
+default folder). tiktoken downloads a missing file on first use; estimates must never
+go online, so its fetch is refused for the duration of the load.
 Everywhere else the count is the documented rule of thumb of about 4 characters per
 token for English text, and `method()` says which one was used, so a printed estimate
 never claims more precision than it has.
@@ -11,7 +12,6 @@ never claims more precision than it has.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 __all__ = ["count_tokens", "count_messages", "method", "CHARS_PER_TOKEN", "MESSAGE_OVERHEAD"]
@@ -23,18 +23,28 @@ MESSAGE_OVERHEAD = 4
 
 @functools.lru_cache(maxsize=8)
 def _encoding(model: str) -> Any:
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if not cache or not os.path.isdir(cache):
-        return None
     try:
         import tiktoken
+        import tiktoken.load as tl
+    except ImportError:
+        return None
+    fetch = tl.read_file
 
+    def cached_only(blobpath: str) -> bytes:
+        if "://" in blobpath:
+            raise OSError(f"{blobpath}: not in tiktoken's cache, and estimates stay offline")
+        return fetch(blobpath)
+
+    tl.read_file = cached_only
+    try:
         try:
             return tiktoken.encoding_for_model(model)
         except KeyError:  # a model tiktoken does not know: the current OpenAI encoding
             return tiktoken.get_encoding("o200k_base")
     except Exception:  # encoding files absent or unreadable: fall back, never download
         return None
+    finally:
+        tl.read_file = fetch
 
 
 def method(model: str) -> str:

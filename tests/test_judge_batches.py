@@ -258,3 +258,16 @@ def test_bad_batch_settings_name_the_field():
             assert f"judge.{section}" in str(e) and field in str(e), e
         else:
             raise AssertionError(f"{section}: {bad} accepted")
+
+
+def test_token_estimate_stays_offline_and_says_how_it_counted(tmp_path, monkeypatch):
+    from judge import estimate
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty: nothing cached
+    estimate._encoding.cache_clear()
+    t0 = time.monotonic()
+    assert estimate.method("gpt-5-mini") == "chars/4"
+    assert time.monotonic() - t0 < 5  # refused at once, no download attempted
+    assert estimate.count_tokens("x" * 10, "gpt-5-mini") == 3
+    assert estimate.count_messages([{"role": "user", "content": "abcd"}], "gpt-5-mini") == 5
+    estimate._encoding.cache_clear()
