@@ -201,8 +201,12 @@ def test_cancel_leaves_unanswered_lines_failed(tmp_path):
         common, rows = _setup(tmp_path, url, n=8)
         srv.hold.set()
         assert run_cli(["batch-submit", *common], env=_env()).returncode == 0
+        st = json.loads(run_cli(["batch-status", *common], env=_env()).stdout)
+        assert st["by_state"] == {"in_progress": 1} and st["in_flight_requests"] == 8
+        assert not st["done"] and 0 < st["estimated_cost_usd"] < 0.01
         r = run_cli(["batch-cancel", *common], env=_env())
-        assert r.returncode == 0, r.stderr and json.loads(r.stdout)["cancelled"] == ["b00000"]
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["cancelled"] == ["b00000"]
         r = run_cli(["batch-collect", *common, "--wait"], env=_env(), timeout=60)
         assert r.returncode == 0, r.stderr
         assert sorted(srv.submitted.values()) == [1] * 8  # cancelled lines not resubmitted
