@@ -45,6 +45,8 @@ class RunOptions:
     rerun_failed: bool = False
     stages: tuple[str, ...] = STAGE_ORDER
     progress: bool = True
+    #: submit Batch API judge work beyond `judge.batch.cost_cap_usd`
+    yes: bool = False
 
 
 @dataclass
@@ -244,7 +246,12 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
                 reports.append(rep)
                 bar.update(1)
 
-    if jc.kind == "rules":
+    if jc.kind == "openai-batch":
+        import asyncio
+
+        await label_all(await asyncio.to_thread(_judge_batches, run, jc, todo, rerun,
+                                                cache_path), 1)
+    elif jc.kind == "rules":
         from judge.judges import RulesJudge
 
         await label_all(RulesJudge(), 1)
@@ -258,6 +265,37 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
                              rubric=jc.rubric(run.cfg.base_dir))
             await label_all(judge, jc.workers or 2 * pool.capacity)
     return reports
+
+
+def _judge_batches(run: Run, jc: Any, todo: list[str], rerun: set[str],
+                   cache_path: str) -> Any:
+    """`judge.kind: openai-batch`: queue every row of `todo` still to judge, run the
+    Batch API stage (`judge.batches`) to the end, and return the judge that labels the
+    shards from its answers (in the cache) and its final failures. The batch state
+    lives beside the judge cache (`.staging/batches` in a local run folder), so a
+    killed build resumes its batches instead of submitting them again."""
+    from judge.batches import BatchStage, FailuresJudge, requests_for_table, state_dir_for
+    from judge.cache import JudgmentCache
+    from judge.label import table_from_parquet
+
+    rubric = jc.rubric(run.cfg.base_dir)
+    with JudgmentCache(cache_path) as cache:
+        state = state_dir_for(Path(_scratch_dir(run)) / "batches", jc.model, rubric.version)
+        stage = BatchStage.from_config(jc, state, cache, rubric)
+        reqs = []
+        for name in todo:
+            entry = run.manifest.entries("labelled").get(name)
+            base = entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
+            reqs += requests_for_table(table_from_parquet(run.store.read_bytes(base)),
+                                       jc.model, rubric.version, rerun_failed=name in rerun)
+        queued = stage.add(reqs, rerun_failed=bool(rerun))
+        console.say(f"judge: {queued} request(s) queued for the Batch API; "
+                    f"{len(stage.records)} batch(es) in {stage.dir}")
+        stage.run(yes=run.opts.yes)
+        s = stage.summary()
+        console.say(f"judge: batches done, {s['failed_lines']} line(s) failed, "
+                    f"~${s['estimated_cost_usd']:.2f} estimated")
+        return FailuresJudge(jc.model, rubric.version, dict(stage.failures))
 
 
 def _scratch_dir(run: Run) -> str:

@@ -76,7 +76,23 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     t = summ["tokens"]
     print(f"  tokens: ~{t['prefill_estimate']:,} prompt, <= {t['decode_upper_bound']:,} "
           f"generated; stages: {' -> '.join(summ['stages'])}", file=sys.stderr)
+    _print_judge_estimate(summ.get("judge") or {})
     return summ
+
+
+def _print_judge_estimate(j: dict[str, Any]) -> None:
+    """The judge's line of `plan`: tokens in and out, and cost where prices are set."""
+    if not j or j.get("kind") == "rules":
+        return
+    line = (f"  judge {j['model']} ({j['kind']}): {j['calls']:,} calls, ~{j['input_tokens']:,} "
+            f"input + ~{j['output_tokens']:,} output tokens ({j['tokenizer']}, responses at "
+            f"{j['response_tokens_assumed']} tokens)")
+    if "cost_usd" in j:
+        c = j["cost_usd"]
+        line += f"; ~${c['live']:,.0f} live, ~${c['batch']:,.0f} batch"
+    else:
+        line += "; set judge.prices for a cost"
+    print(line, file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     opts = RunOptions(out=args.out, executor=args.executor, rerun_shards=args.rerun_shards,
                       rerun_failed=args.rerun_failed,
                       stages=args.stages or RunOptions().stages,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, yes=args.yes)
     # Config and output checks print straight to the terminal; the log file lives in
     # the run folder, which exists only once they pass.
     run = prepare_run(cfg, opts)
@@ -186,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stages", type=_stages, default=None,
                     help="comma-separated subset of vectors,rollouts,judge")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--yes", action="store_true",
+                    help="submit Batch API judge work beyond judge.batch.cost_cap_usd")
     add_output_flags(sp)
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("status", help="progress per stage of a run folder")

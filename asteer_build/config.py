@@ -405,9 +405,9 @@ def _check_judge(judge: dict[str, Any], base_dir: str = ".") -> None:
     except (TypeError, ValueError) as e:
         msg = str(e)
         raise (ConfigError(msg) if msg.startswith("judge.") else _err("judge", msg)) from None
-    if judge.get("kind", "llm") not in ("llm", "rules"):
-        raise _err("judge.kind", "expected `llm` or `rules`", judge.get("kind"))
-    if judge.get("kind", "llm") == "llm" and not judge.get("endpoints"):
+    if judge.get("kind", "llm") not in ("llm", "rules", "openai-batch"):
+        raise _err("judge.kind", "expected `llm`, `rules` or `openai-batch`", judge.get("kind"))
+    if judge.get("kind", "llm") in ("llm", "openai-batch") and not judge.get("endpoints"):
         raise _err("judge.endpoints", "an llm judge needs at least one endpoint "
                    "(or set judge.kind: rules)")
 

@@ -18,7 +18,7 @@ from .sampling import EffectiveSampling, resolve_all
 from .sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 
 __all__ = ["Item", "Shard", "Plan", "item_id", "item_seed", "make_plan", "plan_summary",
-           "shard_name"]
+           "shard_name", "judge_estimate"]
 
 #: rough chat-template overhead per prompt, for the token estimate only
 _TEMPLATE_TOKENS = 16
@@ -203,6 +203,7 @@ def plan_summary(cfg: BuildConfig, listing: bool = False) -> dict:
         },
         "stages": ["vectors", "rollouts" + (" (+features, activations)" if cfg.capture
                                             else ""), "judge"],
+        "judge": judge_estimate(cfg, total, prompts, concepts),
     }
     if listing:
         out["prompts"] = None if prompts is None else [
@@ -220,3 +221,42 @@ def _concept_listing(concepts: list[Concept]) -> list[dict]:
     return [{"concept_id": c.concept_id, "concept": c.concept, "level": c.concept_level,
              "partition": "unseen" if c.concept_id in unseen else "seen"}
             for c in concepts]
+
+
+def judge_estimate(cfg: BuildConfig, calls: int, prompts: list | None,
+                   concepts: list | None) -> dict:
+    """The judge's tokens and cost before any call: one call per rollout (identical
+    rollouts share a call, so this is an upper bound), each sending the rubric with the
+    mean prompt and concept and a response of `cfg.sampling.expected_tokens` tokens, and
+    answering `judge.prices.output_tokens_per_call` tokens (else `max_tokens`, else
+    200). Text is counted with the judge model's tokenizer where one is available
+    offline, else at 4 characters a token (`judge.estimate`); `tokenizer` says which.
+    Responses are counted in the rollout model's tokens, taken as the judge's. Costs
+    need `judge.prices`: live at list price, batch at `batch_discount` of it."""
+    from judge import estimate
+    from judge.config import JudgeConfig
+
+    jc = JudgeConfig.from_dict(cfg.judge)
+    if jc.kind == "rules":
+        return {"kind": "rules", "calls": calls, "note": "the rules judge makes no API calls"}
+    rubric = jc.rubric(cfg.base_dir)
+    mean_prompt = (sum(len(p.prompt) for p in prompts) // max(len(prompts), 1)
+                   if prompts else 128)
+    mean_concept = (sum(len(c.concept) for c in concepts) // max(len(concepts), 1)
+                    if concepts else 24)
+    per_call_in = (estimate.count_messages(rubric.messages("", "", ""), jc.model)
+                   + -(-(mean_prompt + mean_concept) // estimate.CHARS_PER_TOKEN)
+                   + cfg.sampling.expected_tokens)
+    per_call_out = (jc.prices.output_tokens_per_call if jc.prices is not None
+                    else jc.max_tokens or 200)
+    out = {"kind": jc.kind, "model": jc.model, "calls": calls,
+           "tokenizer": estimate.method(jc.model),
+           "response_tokens_assumed": cfg.sampling.expected_tokens,
+           "input_tokens_per_call": per_call_in, "output_tokens_per_call": per_call_out,
+           "input_tokens": calls * per_call_in, "output_tokens": calls * per_call_out}
+    if jc.prices is not None:
+        live = (out["input_tokens"] * jc.prices.input_per_mtok
+                + out["output_tokens"] * jc.prices.output_per_mtok) / 1e6
+        out["cost_usd"] = {"live": round(live, 2),
+                           "batch": round(live * jc.prices.batch_discount, 2)}
+    return out

@@ -9,7 +9,9 @@ and `judge_rubric`, the version of the rubric (or rules) behind each ok or faile
 Modules: `rubric` (prompt, schema, parsing), `pool` (endpoints, dispatch, retries),
 `judges` (LLM and rules judges), `rules` (tiny-world measures), `cache`, `label`
 (label a table: the one labelling path), `shards` (shard directories on top of it),
-`batchfile` (OpenAI Batch API files), `agreement` (kappa, review samples), `config`,
+`batchfile` (OpenAI Batch API files), `batches` (the Batch API stage: submit, poll,
+collect, resubmit), `estimate` (token counts for estimates), `agreement` (kappa,
+review samples), `config`,
 `secrets` (key redaction), `cli` (`asteer-judge`).
 """
 

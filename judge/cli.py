@@ -5,6 +5,13 @@
     asteer-judge agree --a labelled/ --b strong/ [--sample-csv review.csv --sample-n 600]
     asteer-judge batch-write --config judge.yaml --in rollouts/ --requests req.jsonl
     asteer-judge batch-read --config judge.yaml --in rollouts/ --results out.jsonl
+    asteer-judge batch-submit  --config judge.yaml --in rollouts/ [--out DIR] [--yes]
+    asteer-judge batch-status  --config judge.yaml --in rollouts/ [--out DIR]
+    asteer-judge batch-collect --config judge.yaml --in rollouts/ [--out DIR] [--wait]
+    asteer-judge batch-cancel  --config judge.yaml --in rollouts/ [--out DIR]
+
+The `batch-*` commands drive the Batch API (`judge.batches`); their state lives in
+`--batch-dir` (default `<out>/.batches`), so any of them can be rerun after a kill.
 
 Every subcommand prints one JSON summary on stdout; logs go to stderr, with API keys
 masked. Exit status 0 means the command ran; failed rows are reported, not fatal,
@@ -174,6 +181,69 @@ def cmd_batch_read(args: argparse.Namespace) -> dict:
     return {"results": counts, "shards": [asdict(r) for r in reports]}
 
 
+def _batch_dir(args: argparse.Namespace, cfg: JudgeConfig, rubric_version: str) -> Path:
+    from .batches import state_dir_for
+
+    if args.batch_dir:
+        return Path(args.batch_dir)
+    return state_dir_for(Path(args.out or args.inp) / ".batches", cfg.model, rubric_version)
+
+
+def _batch_cmd(args: argparse.Namespace) -> dict:
+    """batch-submit / -status / -collect / -cancel over one state folder."""
+    import pyarrow.parquet as pq
+
+    from .batches import BatchStage, CostCapExceeded, FailuresJudge, requests_for_table
+    from .cache import JudgmentCache
+    from .shards import judge_shards, list_shards
+
+    cfg = _config(args)
+    if cfg.kind != "openai-batch":
+        raise SystemExit(f"judge.kind is {cfg.kind!r}; the batch-* commands need openai-batch")
+    rubric = _rubric(args, cfg)
+    if getattr(args, "poll_s", None) is not None:
+        from dataclasses import replace
+
+        cfg.batch = replace(cfg.batch, poll_initial_s=args.poll_s,
+                            poll_max_s=max(args.poll_s, 4 * args.poll_s))
+    with JudgmentCache(_cache_path(args, cfg)) as cache:
+        stage = BatchStage.from_config(cfg, _batch_dir(args, cfg, rubric.version), cache,
+                                       rubric)
+        out: dict = {}
+        try:
+            if args.cmd in ("batch-submit", "batch-collect"):
+                reqs = []
+                for shard in list_shards(args.inp):
+                    done = Path(args.out) / shard.name if args.out else shard
+                    t = pq.read_table(done if done.exists() else shard)
+                    reqs += requests_for_table(t, cfg.model, rubric.version,
+                                               rerun_failed=args.rerun_failed)
+                out["queued_now"] = stage.add(reqs, rerun_failed=args.rerun_failed)
+            if args.cmd == "batch-submit":
+                out["submitted"] = stage.submit(yes=args.yes)
+            elif args.cmd == "batch-status":
+                stage.poll()
+            elif args.cmd == "batch-cancel":
+                out["cancelled"] = stage.cancel()
+            elif args.cmd == "batch-collect":
+                if args.wait:
+                    stage.run(yes=args.yes, max_wait_s=args.max_wait_s)
+                else:
+                    stage.poll()
+                    stage.collect()
+                    out["submitted"] = stage.submit(yes=args.yes)
+                judge = FailuresJudge(cfg.model, rubric.version, stage.failures)
+                reports = asyncio.run(judge_shards(args.inp, args.out, judge, cache,
+                                                   rerun_failed=True, workers=1))
+                out["shards"] = [asdict(r) for r in reports]
+        except CostCapExceeded as e:
+            log.error("%s", e)
+            out["refused"] = str(e)
+            args.exit_code = 4
+        out.update(stage.summary())
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asteer-judge", description=__doc__.split("\n")[0])
     p.add_argument("--log-level", default="INFO")
@@ -216,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     shard_args(b)
     b.add_argument("--results", required=True, nargs="+", help="result .jsonl file(s)")
     b.set_defaults(func=cmd_batch_read)
+
+    for name, text in (("batch-submit", "queue rows still to judge and submit Batch API "
+                        "batches (waves, cost cap)"),
+                       ("batch-status", "poll the submitted batches and print their states"),
+                       ("batch-collect", "download finished batches, resubmit failed lines, "
+                        "label the shards (--wait: until every line is done)"),
+                       ("batch-cancel", "cancel the batches in flight")):
+        sp = sub.add_parser(name, help=text)
+        shard_args(sp)
+        sp.add_argument("--batch-dir", help="batch state folder (default "
+                        "<out>/.batches/<model>-<rubric version>)")
+        sp.add_argument("--yes", action="store_true", help="submit beyond judge.batch."
+                        "cost_cap_usd")
+        sp.add_argument("--wait", action="store_true", help="batch-collect: poll until done")
+        sp.add_argument("--max-wait-s", type=float, help="with --wait: give up after this")
+        sp.add_argument("--poll-s", type=float, help="override judge.batch.poll_initial_s")
+        sp.set_defaults(func=_batch_cmd)
     return p
 
 
@@ -229,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     install_log_redaction()
     summary = args.func(args)
     print(json.dumps(summary, indent=2, default=str))
+    if getattr(args, "exit_code", 0):
+        return args.exit_code
     if getattr(args, "strict", False):
         failed, pending = _summary_counts(summary)
         if failed or pending:

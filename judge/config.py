@@ -5,7 +5,7 @@ holds the key, so configs can be committed and shared without leaking anything.
 
     judge:
       model: gpt-5-mini            # the judge model; part of every cache key
-      kind: llm                    # llm | rules
+      kind: llm                    # llm | rules | openai-batch
       endpoints:
         - base_url: https://api.openai.com/v1
           api_key_env: OPENAI_API_KEY
@@ -18,6 +18,13 @@ holds the key, so configs can be committed and shared without leaking anything.
                                    # relative to the config file; null: our rubric
       retry: {max_attempts: 6, timeout_s: 60, base_delay_s: 0.5, failures_to_eject: 3}
       cache: runs/judge-cache.jsonl
+      # kind: openai-batch (judge.batches): the Batch API through the first endpoint
+      batch: {max_requests_per_file: 50000, max_bytes_per_file: 200000000,
+              max_resubmits: 2, enqueued_token_budget: null, cost_cap_usd: null,
+              poll_initial_s: 30, poll_max_s: 600, completion_window: 24h}
+      # USD per million tokens, for `asteer-build plan` and the batch cost cap
+      prices: {input_per_mtok: 0.25, output_per_mtok: 2.0, batch_discount: 0.5,
+               output_tokens_per_call: 600}
 """
 
 from __future__ import annotations
@@ -32,7 +39,75 @@ import yaml
 from .pool import EndpointConfig, RetryPolicy
 from .rubric import DEFAULT_RUBRIC, Rubric
 
-__all__ = ["JudgeConfig", "load_config"]
+__all__ = ["JudgeConfig", "BatchSettings", "Prices", "load_config"]
+
+#: the judge kinds this package runs itself (`vllm` endpoints are started by the builder)
+KINDS = ("llm", "rules", "openai-batch")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How `judge.batches` splits, submits and polls Batch API work. The per-file
+    limits default to the API's documented ones (50,000 requests, 200 MB per file)."""
+
+    max_requests_per_file: int = 50_000
+    max_bytes_per_file: int = 200_000_000
+    #: how many times a line that expired, was cancelled, failed or errored is sent again
+    max_resubmits: int = 2
+    #: estimated input tokens allowed in flight at once (the org's enqueued-token
+    #: limit); None: no limit. A wave always holds at least one batch.
+    enqueued_token_budget: int | None = None
+    #: refuse to submit beyond this estimated spend (USD, batch prices) without --yes
+    cost_cap_usd: float | None = None
+    poll_initial_s: float = 30.0
+    poll_max_s: float = 600.0
+    completion_window: str = "24h"
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests_per_file", "max_bytes_per_file", "poll_initial_s",
+                     "poll_max_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ValueError(f"judge.batch.{name}: expected a positive number (got {v!r})")
+        if not isinstance(self.max_resubmits, int) or self.max_resubmits < 0:
+            raise ValueError(f"judge.batch.max_resubmits: expected an integer >= 0 "
+                             f"(got {self.max_resubmits!r})")
+        for name in ("enqueued_token_budget", "cost_cap_usd"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or v <= 0):
+                raise ValueError(f"judge.batch.{name}: expected a positive number or null "
+                                 f"(got {v!r})")
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million tokens; `batch_discount` multiplies both for Batch API calls;
+    `output_tokens_per_call` is the judge's expected answer length (reasoning included)."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    batch_discount: float = 0.5
+    output_tokens_per_call: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_mtok", "output_per_mtok", "output_tokens_per_call"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ValueError(f"judge.prices.{name}: expected a number >= 0 (got {v!r})")
+        d = self.batch_discount
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= 1:
+            raise ValueError(f"judge.prices.batch_discount: expected a fraction in (0, 1] "
+                             f"(got {d!r})")
+
+
+def _section(cls: type, d: Any, name: str) -> Any:
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"judge.{name}: expected a mapping (got {d!r})")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"judge.{name}: unknown settings {sorted(unknown)}")
+    return cls(**d)
 
 
 @dataclass
@@ -48,6 +123,8 @@ class JudgeConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cache: str | None = None
     workers: int | None = None  # rows in flight; default 2x the pool's capacity
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    prices: Prices | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:
@@ -55,6 +132,9 @@ class JudgeConfig:
         if "api_key" in d or any("api_key" in (e or {}) for e in d.get("endpoints", [])):
             raise ValueError("put API keys in the environment and name them with api_key_env")
         eps = [EndpointConfig(**e) for e in d.pop("endpoints", [])]
+        batch = _section(BatchSettings, d.pop("batch", None), "batch")
+        prices = _section(Prices, d.pop("prices"), "prices") if d.get("prices") else None
+        d.pop("prices", None)
         retry_names = {f.name for f in fields(RetryPolicy)}
         retry_d = d.pop("retry", {}) or {}
         unknown = set(retry_d) - retry_names
@@ -67,7 +147,8 @@ class JudgeConfig:
         rf = d.get("rubric_file")
         if rf is not None and (not isinstance(rf, str) or not rf.strip()):
             raise ValueError(f"rubric_file: expected a path to a text file (got {rf!r})")
-        return cls(endpoints=eps, retry=RetryPolicy(**retry_d), **d)
+        return cls(endpoints=eps, retry=RetryPolicy(**retry_d), batch=batch, prices=prices,
+                   **d)
 
     def rubric(self, base_dir: str | os.PathLike[str] = ".") -> Rubric:
         """The rubric to grade with: `rubric_file` (relative to `base_dir`, the config

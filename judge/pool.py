@@ -5,7 +5,8 @@ and a flaky endpoint must cost retries, not rows. Policy, all in this file:
 
 - Dispatch: each request goes to the healthy endpoint with the lowest in-flight / limit
   ratio; an endpoint never has more than `max_concurrency` requests in flight.
-- Retries (the only retry loop in the judge; the OpenAI client's own is off): 429, 5xx,
+- Retries (the only retry loop for live calls; the OpenAI client's own is off; Batch API
+  lines are resubmitted in `judge.batches`): 429, 5xx,
   408/409, timeouts, connection errors and unreadable response bodies are retried with
   exponential backoff and jitter, honouring `Retry-After` on 429. Other 4xx fail at once.
 - Ejection: `failures_to_eject` consecutive transport failures (not 429s: a busy server

@@ -323,3 +323,58 @@ def test_judge_failures_are_recorded_then_rerun_failed_relabels(work, reference)
     t = read_stage(str(run), "labelled")
     assert set(t.column("judge_status").to_pylist()) == {"ok"}
     assert t.column("label").equals(read_stage(str(reference), "labelled").column("label"))
+
+
+def test_batch_judge_stage_survives_sigkill_while_polling(work, reference):
+    """`judge.kind: openai-batch` in a build, against a loopback Files/Batches server:
+    the judge stage is SIGKILLed while it polls, the rerun submits nothing twice and
+    labels every row once with the server's answer; no API key lands in the run."""
+    from judge.cache import cache_key
+    from judge.rubric import DEFAULT_RUBRIC
+
+    from .batch_api_support import batch_server, canned_label
+
+    key = "sk-build-batch-" + secrets.token_hex(8)
+    run = work / "judge-batch"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("labelled", ".staging"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"]["labelled"] = {}
+    (run / "build.json").write_text(json.dumps(m))
+    ro = read_stage(str(run), "rollouts").to_pylist()
+    want = {cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
+                      x["response"]) for x in ro}
+    n_files = -(-len(want) // 4)
+    with batch_server(key) as (srv, url):
+        cfg = tiny_config(run)
+        cfg["judge"] = {"kind": "openai-batch", "model": "judge-b",
+                        "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
+                        "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05,
+                                  "poll_max_s": 0.2}}
+        path = write_config(work / "judge-batch.yaml", cfg)
+        srv.hold.set()
+        p = start_cli("run", "--config", str(path), "--stages", "judge", "--no-progress",
+                      BATCH_TEST_KEY=key)
+        wait_for(lambda: len(srv.batches) >= n_files and srv.retrieves >= 3 * n_files, 120,
+                 "the judge stage polling its batches")
+        assert p.poll() is None
+        kill_group(p)
+        first_log = p.stdout.read()
+        n_batches = len(srv.batches)
+        srv.hold.clear()
+        r = cli("run", "--config", str(path), "--stages", "judge", "--no-progress",
+                timeout=120, BATCH_TEST_KEY=key)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(srv.batches) == n_batches == n_files
+        assert set(srv.submitted.values()) == {1} and set(srv.submitted) == want
+    t = read_stage(str(run), "labelled")
+    rows = t.to_pylist()
+    assert len(rows) == 24 == len({x["id"] for x in rows})
+    keys = {cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
+                      x["response"]): x for x in rows}
+    assert set(keys) == set(srv.submitted)
+    for k, x in keys.items():
+        assert x["judge_status"] == "ok" and x["label"] == canned_label(k)
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+    assert key not in first_log and key not in r.stderr and key not in r.stdout
