@@ -116,6 +116,16 @@ def test_demo_config_plans_the_tiny_world():
     assert {c.concept_level for c in p.concepts} == {"low", "mid", "high"}
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "fast", "inf"])
+def test_plan_tok_s_must_be_positive(value, capsys):
+    from asteer_build.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "demo", "--tok-s", value])
+    assert f"--tok-s: expected a positive number of tokens/s (got '{value}')" in \
+        capsys.readouterr().err
+
+
 def test_replanning_gives_identical_shards_and_ids(tmp_path):
     cfg = parse_config(tiny_config(tmp_path / "o"), base_dir=str(tmp_path))
     a, b = make_plan(cfg), make_plan(parse_config(tiny_config(tmp_path / "o"),
