@@ -170,6 +170,14 @@ def main() -> None:
         "steering_state": {k: info[k] for k in ("adapter", "capacity", "steer_layers")},
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    # keep the last --long-tail run's section: the two modes share one JSON
+    prev = RESULTS / f"{args.name}.json"
+    if prev.exists():
+        import json
+
+        kept = json.loads(prev.read_text()).get("long_tail_compute")
+        if kept is not None:
+            payload["long_tail_compute"] = kept
     write(args.name, payload)
 
 
