@@ -37,6 +37,16 @@ def _ints(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected shard numbers like 3,17 (got {s!r})") from None
 
 
+def _positive(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens/s (got {s!r})")
+    return v
+
+
 def _stages(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
@@ -55,7 +65,8 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
 
     path = resolve_config(args.config)
     cfg = load_config(path)
-    summ = {"config": str(path.resolve()), **plan_summary(cfg, listing=args.listing)}
+    summ = {"config": str(path.resolve()),
+            **plan_summary(cfg, listing=args.listing, tok_s=args.tok_s)}
     print(f"config: {summ['config']}", file=sys.stderr)
     for key, src in summ["sources"].items():
         if not src["loaded"]:
@@ -77,6 +88,14 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  tokens: ~{t['prefill_estimate']:,} prompt, <= {t['decode_upper_bound']:,} "
           f"generated; stages: {' -> '.join(summ['stages'])}", file=sys.stderr)
     _print_judge_estimate(summ.get("judge") or {})
+    if "engine_hours" in summ:
+        h = summ["engine_hours"]
+        print(f"  engine-hours at {h['tok_s']:,g} tok/s and {h['expected_response_tokens']:,} "
+              f"tokens per response: {h['engine_hours']:,.2f} in all", file=sys.stderr)
+        for m, x in h["by_model"].items():
+            print(f"    {m:<28} {x['items']:,} x {h['expected_response_tokens']:,} tokens = "
+                  f"{x['engine_hours']:,.2f} h", file=sys.stderr)
+        print(f"  assumes: {h['assumptions']}", file=sys.stderr)
     return summ
 
 
@@ -190,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", dest="listing", action="store_true",
                     help="the JSON on stdout also lists the resolved prompts (prompt_id, "
                     "source_index, prompt) and concepts (concept_id, level, partition)")
+    sp.add_argument("--tok-s", type=_positive, default=None, metavar="N",
+                    help="project engine-hours at N generated tokens/s per engine, from "
+                    "sampling.expected_response_tokens")
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("run", help="build (or resume) a run folder")
     sp.add_argument("--config", required=True)

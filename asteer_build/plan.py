@@ -17,8 +17,8 @@ from .config import BuildConfig
 from .sampling import EffectiveSampling, resolve_all
 from .sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 
-__all__ = ["Item", "Shard", "Plan", "item_id", "item_seed", "make_plan", "plan_summary",
-           "shard_name", "judge_estimate"]
+__all__ = ["Item", "Shard", "Plan", "engine_hours", "item_id", "item_seed", "judge_estimate",
+           "make_plan", "plan_summary", "shard_name"]
 
 #: rough chat-template overhead per prompt, for the token estimate only
 _TEMPLATE_TOKENS = 16
@@ -151,14 +151,44 @@ def _load_or_expect(spec, key: str, base_dir: str) -> tuple[list | None, int, st
         return None, int(spec["expect"]), str(e)
 
 
-def plan_summary(cfg: BuildConfig, listing: bool = False) -> dict:
+def engine_hours(rows: list[dict], expected_tokens: int, tok_s: float) -> dict:
+    """Projected engine-hours of the rollouts: items x expected response tokens / tok_s.
+
+    A GPU budget is decided before any GPU hour, from a throughput the user measured (or
+    read off a benchmark) for one engine. The projection counts generated tokens only:
+    prefill, engine start-up, the vectors and judge stages and retries are left out, and
+    every model is assumed to run at the same `tok_s`.
+    """
+    if not tok_s > 0:
+        raise ValueError(f"plan: --tok-s must be a positive number of tokens/s (got {tok_s})")
+    per_model: dict[str, int] = {}
+    for r in rows:
+        per_model[r["model"]] = per_model.get(r["model"], 0) + r["items"]
+    models = {m: {"items": n, "generated_tokens": n * expected_tokens,
+                  "engine_hours": round(n * expected_tokens / tok_s / 3600, 2)}
+              for m, n in per_model.items()}
+    total_tokens = sum(x["generated_tokens"] for x in models.values())
+    return {
+        "tok_s": tok_s,
+        "expected_response_tokens": expected_tokens,
+        "by_model": models,
+        "generated_tokens": total_tokens,
+        "engine_hours": round(total_tokens / tok_s / 3600, 2),
+        "assumptions": (
+            "items x sampling.expected_tokens / tok_s / 3600, per engine; decode tokens "
+            "only (no prefill, start-up, vectors or judge stages, no retries); every model "
+            "at the same tok_s, useful tokens per second of one engine"),
+    }
+
+
+def plan_summary(cfg: BuildConfig, listing: bool = False, tok_s: float | None = None) -> dict:
     """Counts per (model, method), shards and a token estimate, without building items
     (the paper's 1.4M are cheap to count). Sources are loaded (from the Hugging Face
     cache when offline); one that is not here counts from its `expect:`, and the summary
     says so (`counts_exact` false, `sources.*.loaded` false). `listing` adds the resolved
     prompts (`prompt_id`, `source_index`, `prompt`) and concepts (`concept_id`,
     `concept`, `level`, `partition` as publish and train draw it) so a testbed can be
-    checked before any GPU hour."""
+    checked before any GPU hour. `tok_s` adds `engine_hours` (`engine_hours`)."""
     concepts, n_c, why_c = _load_or_expect(cfg.concepts, "concepts", cfg.base_dir)
     prompts, n_p, why_p = _load_or_expect(cfg.prompts, "prompts", cfg.base_dir)
     prompt_tokens = _TEMPLATE_TOKENS + 32
@@ -200,11 +230,15 @@ def plan_summary(cfg: BuildConfig, listing: bool = False) -> dict:
         "tokens": {
             "prefill_estimate": total * prompt_tokens,
             "decode_upper_bound": total * cfg.sampling.max_tokens,
+            "decode_expected": total * cfg.sampling.expected_tokens,
+            "expected_response_tokens": cfg.sampling.expected_tokens,
         },
         "stages": ["vectors", "rollouts" + (" (+features, activations)" if cfg.capture
                                             else ""), "judge"],
         "judge": judge_estimate(cfg, total, prompts, concepts),
     }
+    if tok_s is not None:
+        out["engine_hours"] = engine_hours(rows, cfg.sampling.expected_tokens, tok_s)
     if listing:
         out["prompts"] = None if prompts is None else [
             {"prompt_id": p.prompt_id, "source_index": p.source_index,

@@ -22,7 +22,8 @@ from . import atomic
 
 __all__ = [
     "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",
-    "build_arch_model", "build_tiny_model", "cache_dir", "is_tiny_model",
+    "build_arch_model", "build_compute_model", "build_tiny_model", "cache_dir", "COMPUTE_BOUND",
+    "is_tiny_model",
 ]
 
 # Words the tokenizer learns as whole tokens. Concept words are what the tiny world's
@@ -82,6 +83,15 @@ class TinyWorldSpec:
 #: Larger block weights and unscaled embeddings: varied greedy text, weak steering. For
 #: engine tests whose equalities would be vacuous on a model that repeats one token.
 VARIED = TinyWorldSpec(initializer_range=0.1, embed_scale=1.0)
+
+
+#: A random model wide enough that per-token matrix work, not per-step host work, sets
+#: the pace (hidden 1024, MLP 4096, head_dim 64), like the paper's 2-3B models on a GPU,
+#: with only 2 layers so a long-tailed workload still runs in minutes on 2 CPU cores.
+#: Benchmarks only (`benchmarks/bench_engine.py`): the tiny model's 128-wide blocks leave
+#: vLLM's and HF's per-step overheads as the whole cost, which hides what padding costs.
+COMPUTE_BOUND = TinyWorldSpec(hidden_size=1024, num_layers=2, num_heads=16, num_kv_heads=16,
+                              intermediate_size=4096, embed_scale=1.0)
 
 
 def cache_dir() -> Path:
@@ -224,6 +234,12 @@ def build_tiny_model(spec: TinyWorldSpec | None = None, root: Path | None = None
             json.dumps({**asdict(spec), "format": FORMAT_VERSION}, indent=2)
         )
     return target
+
+
+def build_compute_model(root: Path | None = None) -> Path:
+    """Write (or reuse) the compute-bound random Llama (`COMPUTE_BOUND`); same tokenizer
+    and chat template as the tiny model, so a benchmark's prompts run on both."""
+    return build_tiny_model(COMPUTE_BOUND, root)
 
 
 # --- The paper's three architectures in miniature ------------------------------------

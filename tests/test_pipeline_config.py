@@ -77,12 +77,20 @@ def test_unknown_uri_scheme_is_unreachable():
 def test_paper_config_plans_1417500_rollouts(tmp_path):
     # Offline with an empty Hugging Face cache: the counts come from `expect:` (the
     # authors' files, cached: tests/test_paper_sources.py).
-    r = cli("plan", str(ROOT / "configs" / "asteer-paper.yaml"), timeout=60,
-            HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path))
+    r = cli("plan", str(ROOT / "configs" / "asteer-paper.yaml"), "--tok-s", "2500",
+            timeout=60, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path))
     assert r.returncode == 0, r.stderr
     summ = json.loads(r.stdout)
     assert summ["items"] == 1_417_500 and summ["counts_exact"] is False
     assert "1,417,500 rollouts" in r.stderr
+    # engine-hours: 472,500 rollouts per model x 1,140 tokens / 2,500 tok/s / 3600 s
+    h = summ["engine_hours"]
+    assert h["expected_response_tokens"] == 1140 and h["tok_s"] == 2500
+    assert h["by_model"]["gemma-2-2b-it"] == {"items": 472_500, "generated_tokens": 538_650_000,
+                                              "engine_hours": 59.85}
+    assert h["generated_tokens"] == 1_615_950_000 and h["engine_hours"] == 179.55
+    assert summ["tokens"]["decode_expected"] == 1_615_950_000
+    assert "179.55 in all" in r.stderr and "assumes:" in r.stderr
     by = {(x["model"], x["method"]): x["alphas"] for x in summ["by_model_method"]}
     assert by[("qwen3-1.7b", "diffmean")] == 45 and by[("llama-3.2-3b-instruct", "probe")] == 18
     cfg = load_config(ROOT / "configs" / "asteer-paper.yaml")
@@ -93,11 +101,29 @@ def test_paper_config_plans_1417500_rollouts(tmp_path):
 
 def test_demo_config_plans_the_tiny_world():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    summ = plan_summary(cfg)
+    summ = plan_summary(cfg, tok_s=100.0)
     assert summ["counts_exact"] and summ["items"] == make_plan(cfg).n_items
+    # no expected_response_tokens in the demo config: half of max_tokens (32)
+    h = summ["engine_hours"]
+    assert h["expected_response_tokens"] == 16
+    assert h["by_model"] == {"tiny": {"items": 2304, "generated_tokens": 36_864,
+                                      "engine_hours": 0.1}}
+    assert h["generated_tokens"] == 36_864 and h["engine_hours"] == 0.1
+    with pytest.raises(ValueError, match="--tok-s must be a positive"):
+        plan_summary(cfg, tok_s=0.0)
     p = make_plan(cfg)
     assert len(p.concepts) == 12 and len(p.prompts) == 8
     assert {c.concept_level for c in p.concepts} == {"low", "mid", "high"}
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "fast", "inf"])
+def test_plan_tok_s_must_be_positive(value, capsys):
+    from asteer_build.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "demo", "--tok-s", value])
+    assert f"--tok-s: expected a positive number of tokens/s (got '{value}')" in \
+        capsys.readouterr().err
 
 
 def test_replanning_gives_identical_shards_and_ids(tmp_path):
