@@ -101,7 +101,8 @@ class AlphaGrid:
 class ModelConfig:
     #: short name: the `model` column and part of every item id
     name: str
-    #: `tinyworld`, a Hugging Face id, or a local folder
+    #: `tinyworld` (or `tinyworld[:ARCH][:seed=N]`, another tiny model), a Hugging Face
+    #: id, or a local folder
     path: str
     engine_args: dict[str, Any] = field(default_factory=dict)
     tensor_parallel_size: int = 1
