@@ -113,6 +113,8 @@ def test_pooled_beats_alpha_only_on_held_out_models(cli_run):
     # the scaled model transfers too (per-pair standardisation), close to its own predictor
     mc = res["leave_one_model_out"][SCALED_MODEL]
     assert mc["pooled"]["mean"] > mc["per_pair"]["mean"] - 0.1
+    # ... and without the transforms it does not: its raw features are off the scale
+    assert mc["pooled"]["mean"] > mc["pooled_raw"]["mean"] + 0.05, mc
     assert "### Leave one model out" in md and "| mc |" in md and "alpha_x_norm" in md
 
 

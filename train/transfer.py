@@ -170,12 +170,15 @@ def run_transfer(
     n_trials: int = 5,
     num_threads: int = 2,
     log=None,
+    with_raw: bool = True,
 ) -> dict:
     """Leave-one-model-out and leave-one-method-out macro-F1 of the pooled predictor vs
     the held-out pairs' per-pair predictor and alpha-only baseline, per split seed.
 
     Per seed every pair's per-pair and alpha-only models are fitted once and reused by
-    both protocols (they do not depend on what is held out)."""
+    both protocols (they do not depend on what is held out). ``with_raw`` adds
+    ``pooled_raw``, the same pooling on untransformed features (alpha, vector_norm and
+    the raw feature columns), to show what the transforms are worth."""
     t0 = time.perf_counter()
     pooled = load_pooled(source)
     frame = pooled.frame
@@ -187,8 +190,9 @@ def run_transfer(
         ("method", m) for m in methods if len(methods) > 1
     ]
     y = frame["label"]
+    variants = ["pooled", "per_pair", "alpha_only"] + (["pooled_raw"] if with_raw else [])
     scores: dict[tuple[str, str], dict[str, list[float]]] = {
-        h: {"pooled": [], "per_pair": [], "alpha_only": []} for h in holdouts
+        h: {v: [] for v in variants} for h in holdouts
     }
     per_pair_scores: dict[str, dict[str, list[float]]] = {}
     n_eval: dict[tuple[str, str], list[int]] = {h: [] for h in holdouts}
@@ -241,6 +245,10 @@ def run_transfer(
             sc["pooled"].append(macro_f1(y_true, pooled_pred))
             sc["per_pair"].append(macro_f1(y_true, per_pred))
             sc["alpha_only"].append(macro_f1(y_true, alpha_pred))
+            if with_raw:
+                raw_model = _fit(raw, y, split_arr, ~held, pooled.feature_names, n_trials,
+                                 seed, num_threads)
+                sc["pooled_raw"].append(macro_f1(y_true, raw_model.predict(raw.loc[ev])))
             n_eval[(kind, value)].append(int(ev.sum()))
             if log:
                 log(f"seed {seed} hold out {kind}={value}: "
@@ -316,20 +324,23 @@ def transfer_markdown(res: dict) -> str:
         f"Macro-F1 on the held-out pairs' {' + '.join(res['eval_splits'])} rows, mean ± std "
         f"over {len(res['split_seeds'])} split seeds. *pooled*: one predictor trained on "
         "the other pairs; *per-pair*: the held-out pair's own predictor (in-domain "
-        "reference); *alpha-only*: alpha alone, trained on the held-out pair.",
+        "reference); *alpha-only*: alpha alone, trained on the held-out pair; *pooled "
+        "raw*: the pooled predictor without the transforms below.",
         "",
     ]
     for title, key in (("Leave one model out", "leave_one_model_out"),
                        ("Leave one method out", "leave_one_method_out")):
         if not res[key]:
             continue
+        shown = [m for m in ("pooled", "per_pair", "alpha_only", "pooled_raw")
+                 if m in next(iter(res[key].values()))]
         lines += [f"### {title}", "",
-                  "| held out | pooled | per-pair | alpha-only | pooled − alpha-only |",
-                  "|---|---|---|---|---|"]
+                  "| held out | " + " | ".join(m.replace("_", " ") for m in shown)
+                  + " | pooled − alpha-only |",
+                  "|---|" + "---|" * (len(shown) + 1)]
         for value, r in res[key].items():
             cells = [value] + [
-                f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}"
-                for m in ("pooled", "per_pair", "alpha_only")
+                f"{r[m]['mean']:.3f} ± {r[m]['std']:.3f}" for m in shown
             ] + [f"{r['pooled_minus_alpha_only_mean']:+.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
