@@ -101,7 +101,8 @@ class AlphaGrid:
 class ModelConfig:
     #: short name: the `model` column and part of every item id
     name: str
-    #: `tinyworld`, a Hugging Face id, or a local folder
+    #: `tinyworld` (or `tinyworld[:ARCH][:seed=N]`, another tiny model), a Hugging Face
+    #: id, or a local folder
     path: str
     engine_args: dict[str, Any] = field(default_factory=dict)
     tensor_parallel_size: int = 1
@@ -214,6 +215,14 @@ def _model_path(v: Any, where: str, base_dir: str) -> str:
         raise _err(where, "required: `tinyworld`, a Hugging Face id or a local folder", v)
     if v == TINYWORLD:
         return v
+    if v.startswith(TINYWORLD + ":"):  # tinyworld[:ARCH][:seed=N]: several tiny models
+        from .tinyworld import parse_tiny_name
+
+        try:
+            parse_tiny_name(v)
+        except ValueError as e:
+            raise _err(where, str(e), v) from None
+        return v
     local = v if os.path.isabs(v) else os.path.join(base_dir, os.path.expanduser(v))
     if os.path.isdir(local):
         return os.path.abspath(local)
@@ -258,7 +267,10 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         m = _only(m, w, {"name", "path", "engine_args", "tensor_parallel_size", "replicas",
                          "alphas"})
         path = _model_path(m.get("path"), f"{w}.path", base_dir)
-        name = m.get("name") or (path if path == TINYWORLD else os.path.basename(path))
+        name = m.get("name") or (
+            path.replace(":", "-").replace("=", "")
+            if path.startswith(TINYWORLD) else os.path.basename(path)
+        )
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
             raise _err(f"{w}.name", "must be letters, digits, '.', '_' or '-'", name)
         ea = m.get("engine_args") or {}

@@ -126,10 +126,10 @@ def read_generation_config(model: ModelConfig, *,
     was read). `tinyworld` reads the tiny model's folder (written on first use); a Hub
     id the Hugging Face cache, then (with `network`) the Hub."""
     path = model.path
-    if path == TINYWORLD:
-        from .tinyworld import build_tiny_model
+    if path == TINYWORLD or path.startswith(TINYWORLD + ":"):
+        from .tinyworld import resolve_tiny_name
 
-        path = str(build_tiny_model())
+        path = str(resolve_tiny_name(path))
     if os.path.isdir(path):
         f = os.path.join(path, "generation_config.json")
         return (_read_json(f), f) if os.path.isfile(f) else (None, None)

@@ -30,10 +30,10 @@ ROLLOUT_SCHEMA = contract.ROLLOUTS_SHARD_SCHEMA
 
 
 def resolve_model_path(path: str) -> str:
-    if path == TINYWORLD:
-        from .tinyworld import build_tiny_model
+    if path == TINYWORLD or path.startswith(TINYWORLD + ":"):
+        from .tinyworld import resolve_tiny_name
 
-        return str(build_tiny_model())
+        return str(resolve_tiny_name(path))
     return path
 
 

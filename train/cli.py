@@ -1,4 +1,4 @@
-"""`asteer-train`: fit | evaluate | search | suggest | all.
+"""`asteer-train`: fit | evaluate | search | suggest | all | transfer.
 
 Every subcommand writes JSON (and PNGs where there is something to look at) into
 ``--out``; errors about the data are printed as one line, not a traceback, because
@@ -147,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated split seeds; the report gives mean and std over them "
         "(default: --seed only)",
     )
+    p = sub.add_parser(
+        "transfer",
+        help="pooled predictor over all (model, method) pairs, leave-one-model-out and "
+        "leave-one-method-out vs per-pair and alpha-only (transfer.json + transfer.md)",
+    )
+    p.add_argument("--data", required=True, help="dataset folder or Hub repo id")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seeds", type=int, default=10, help="split seeds 0..N-1")
+    p.add_argument("--trials", type=int, default=5, help="random-search trials per fit")
+    p.add_argument("--threads", type=int, default=2, help="LightGBM threads")
     p = sub.add_parser("suggest", help="P(under/success/over) per alpha, suggested alpha")
     p.add_argument("--predictor", required=True)
     p.add_argument(
@@ -228,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
                 Path(a.out).mkdir(parents=True, exist_ok=True)
                 (Path(a.out) / "suggestions.json").write_text(text)
             print(text)
+            return 0
+        if a.cmd == "transfer":
+            from train.transfer import transfer_markdown, write_transfer
+
+            # TransferError is a ValueError: reported as one line below
+            res = write_transfer(
+                a.data, a.out, split_seeds=tuple(range(a.seeds)), n_trials=a.trials,
+                num_threads=a.threads,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+            print(transfer_markdown(res))
             return 0
         from train import run
         from train.data import load_dataset
