@@ -137,7 +137,8 @@ def test_cli_all_trains_evaluates_and_reports_each_pair(release, tmp_path):
     out = tmp_path / "out"
     rc = main(["all", "--data", str(release), "--out", str(out), "--trials", "2",
                "--max-rounds", "30", "--threads", "1", "--search-rows", "0",
-               "--predictor-option", "default,authors", "--split-seeds", "1,2"])
+               "--predictor-option", "default,authors", "--split-seeds", "1,2",
+               "--transfer"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["pairs"]) == {f"{MODEL}__diffmean", f"{MODEL}__probe"}
@@ -189,6 +190,18 @@ def test_cli_all_trains_evaluates_and_reports_each_pair(release, tmp_path):
     assert set(report["search_skipped"]) == set(summary["pairs"])
     assert any("under-steer" in n and "cannot be told apart" in n for n in report["notes"])
     assert any("no response lengths" in n for n in report["notes"])
+    # --transfer: the pooled predictor's section (one model here: leave-one-method-out)
+    (section,) = report["sections"]
+    xfer = json.loads((out / "transfer" / "transfer.json").read_text())
+    assert section["data"] == xfer and xfer["split_seeds"] == [1, 2]
+    assert xfer["leave_one_model_out"] == {}
+    assert set(xfer["leave_one_method_out"]) == {"diffmean", "probe"}
+    for held, other in (("diffmean", "probe"), ("probe", "diffmean")):
+        b = xfer["leave_one_method_out"][held]
+        assert b["held_out_pairs"] == [f"{MODEL}/{held}"]
+        assert b["trained_on_pairs"] == [f"{MODEL}/{other}"]
+        assert all(0 <= v <= 1 for v in b["pooled"]["values"]) and len(b["pooled"]["values"]) == 2
+    assert "## Transfer across models and methods" in md
     # fit / evaluate per pair work the same way, with either option
     one = tmp_path / "one"
     common = ["--data", str(release), "--method", "probe", "--out", str(one), "--threads", "1"]

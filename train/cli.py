@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated split seeds; the report gives mean and std over them "
         "(default: --seed only)",
     )
+    p.add_argument(
+        "--transfer", action="store_true",
+        help="also evaluate one pooled predictor over every (model, method) pair, "
+        "leave-one-model-out and leave-one-method-out (a report section; transfer/)",
+    )
     p = sub.add_parser(
         "transfer",
         help="pooled predictor over all (model, method) pairs, leave-one-model-out and "
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 length=a.length,
                 predictors=_options(a.predictor_option),
                 split_seeds=_csv(a.split_seeds, int),
+                transfer=a.transfer,
                 **_fit_kwargs(a),
             )
             print(json.dumps(summary, indent=2))

@@ -214,6 +214,7 @@ def run_all(
     predictors: tuple[str, ...] = ("default",),
     split_seeds: list[int] | None = None,
     report: bool = True,
+    transfer: bool = False,
     **fit_kwargs,
 ) -> dict:
     """Fit + evaluate + search in one call; returns the headline numbers and writes
@@ -223,7 +224,9 @@ def run_all(
     one of each, the run's files sit in ``out_dir`` itself (the pipeline's end-to-end
     check reads them there), otherwise in ``out_dir/{predictor}/seed{seed}``. The
     authors' release holds several (model, method) pairs: each gets ``out_dir/{model}__
-    {method}`` and the report covers them all."""
+    {method}`` and the report covers them all. ``transfer`` adds the pooled predictor's
+    leave-one-model-out / leave-one-method-out section (``train.transfer``) over every
+    pair of the dataset, at the same split seeds."""
     from train.data import list_pairs, resolve_source
     from train.report import write_report
 
@@ -246,7 +249,8 @@ def run_all(
             summary = {"dataset": str(dataset_folder), "pairs": per_pair, "out_dir": str(out)}
             _write_json(out / "summary.json", summary)
             if report:
-                write_report(out, summary)
+                write_report(out, summary, _transfer_sections(
+                    root, out, transfer, seeds, n_trials, num_threads))
             return summary
         dataset_folder = root
     data = load_dataset(dataset_folder, model, method)
@@ -272,8 +276,22 @@ def run_all(
     }
     _write_json(Path(out_dir) / "summary.json", summary)
     if report:
-        write_report(out_dir, summary)
+        write_report(out_dir, summary, _transfer_sections(
+            root, Path(out_dir), transfer, seeds, n_trials, num_threads))
     return summary
+
+
+def _transfer_sections(source, out: Path, transfer: bool, seeds: list[int], n_trials: int,
+                       num_threads: int) -> list[dict]:
+    """The transfer evaluation as a report section (also written as transfer.json/md)."""
+    if not transfer:
+        return []
+    from train.transfer import transfer_markdown, write_transfer
+
+    res = write_transfer(source, out / "transfer", split_seeds=tuple(seeds),
+                         n_trials=n_trials, num_threads=num_threads)
+    return [{"title": "Transfer across models and methods",
+             "markdown": transfer_markdown(res), "data": res}]
 
 
 def _run_one(
