@@ -19,7 +19,7 @@ def _features_yaml(config: str) -> list[dict[str, Any]]:
     import datasets
 
     from .. import contract
-    from .authors import IMPORT_SCHEMA
+    from .authors_facts import IMPORT_SCHEMA
 
     schema = {"rollouts": IMPORT_SCHEMA, "concepts": contract.CONCEPTS_SCHEMA,
               "prompts": contract.PROMPTS_SCHEMA}[config]
@@ -58,7 +58,7 @@ def _header(license_id: str, entries: list[dict[str, Any]], counts: dict[str, in
 def import_card(source: dict[str, Any], entries: list[dict[str, Any]],
                 counts: dict[str, int], labels: list[dict[str, Any]],
                 pairs: list[dict[str, Any]], concepts: pa.Table) -> str:
-    from .authors import (
+    from .authors_facts import (
         AUTHORS_CODE,
         FAILURE_PREFIXES,
         JUDGE_MODEL,
