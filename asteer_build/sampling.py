@@ -29,7 +29,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import TINYWORLD, BuildConfig, ModelConfig, Sampling
+from .config import BuildConfig, ModelConfig, Sampling
 
 __all__ = ["EffectiveSampling", "SamplingUnresolved", "TRANSFORMERS_DEFAULTS",
            "FROM_CONFIG", "FROM_MODEL", "FROM_DEFAULT", "read_generation_config",
@@ -125,11 +125,9 @@ def read_generation_config(model: ModelConfig, *,
     """(the model's generation_config.json as a dict or None when it has none, where it
     was read). `tinyworld` reads the tiny model's folder (written on first use); a Hub
     id the Hugging Face cache, then (with `network`) the Hub."""
-    path = model.path
-    if path == TINYWORLD or path.startswith(TINYWORLD + ":"):
-        from .tinyworld import resolve_tiny_name
+    from .tinyworld import resolve_model_path
 
-        path = str(resolve_tiny_name(path))
+    path = resolve_model_path(model.path)
     if os.path.isdir(path):
         f = os.path.join(path, "generation_config.json")
         return (_read_json(f), f) if os.path.isfile(f) else (None, None)

@@ -24,7 +24,7 @@ from . import atomic
 __all__ = [
     "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",
     "build_arch_model", "build_compute_model", "build_tiny_model", "cache_dir", "COMPUTE_BOUND",
-    "is_tiny_model",
+    "is_tiny_model", "parse_tiny_name", "resolve_model_path", "resolve_tiny_name",
 ]
 
 # Words the tokenizer learns as whole tokens. Concept words are what the tiny world's
@@ -466,6 +466,13 @@ def resolve_tiny_name(name: str) -> Path:
     if arch is not None:
         return build_arch_model(arch, seed)
     return build_tiny_model(TinyWorldSpec(seed=seed))
+
+
+def resolve_model_path(path: str) -> str:
+    """A config's model path as something vLLM / transformers load: a tiny-world name
+    becomes its folder (written on first use); any other path is returned as it is. The
+    one place the builder and the sampling resolver turn names into folders."""
+    return path if parse_tiny_name(path) is None else str(resolve_tiny_name(path))
 
 
 def is_tiny_model(path: str | os.PathLike[str]) -> bool:

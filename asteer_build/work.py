@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import contract
-from .config import TINYWORLD, BuildConfig, ModelConfig
+from .config import BuildConfig, ModelConfig
 from .plan import Item, Shard
 from .rollouts import RolloutRequest, RolloutResult
 from .shards import ShardFile, Store
@@ -30,11 +30,9 @@ ROLLOUT_SCHEMA = contract.ROLLOUTS_SHARD_SCHEMA
 
 
 def resolve_model_path(path: str) -> str:
-    if path == TINYWORLD or path.startswith(TINYWORLD + ":"):
-        from .tinyworld import resolve_tiny_name
+    from .tinyworld import resolve_model_path as resolve
 
-        return str(resolve_tiny_name(path))
-    return path
+    return resolve(path)
 
 
 def vector_files(model_path: str, concepts: list[Any], settings: Any) -> dict[str, bytes]:
