@@ -37,17 +37,20 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def vector_files(model_path: str, concepts: list[Any], settings: Any) -> dict[str, bytes]:
+def vector_files(model_path: str, concepts: list[Any], settings: Any,
+                 engine: Any = None) -> dict[str, bytes]:
     """Run the vectors stage (`asteer_build.vectors.build_vectors` with `settings`, a
     `VectorSettings`) into a scratch folder and return its files (name -> bytes), so the
-    caller can store them anywhere (and a Ray task can ship them back)."""
+    caller can store them anywhere (and a Ray task can ship them back). `engine`: a
+    running `SteeredEngine` of the same model to pool on (the local build's rollout
+    engine), else the stage starts its own."""
     import tempfile
     from pathlib import Path
 
     from .vectors.stage import build_vectors
 
     with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
-        build_vectors(resolve_model_path(model_path), concepts, tmp, settings)
+        build_vectors(resolve_model_path(model_path), concepts, tmp, settings, engine=engine)
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
