@@ -123,13 +123,33 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
     return ModelContext(model, path, vecs, norms, pids, sampling)
 
 
+#: BENCHMARKS ONLY: a JSON file {item id: response length}; each listed request then
+#: runs exactly that many tokens (`ignore_eos`, per-request `max_tokens`), so
+#: `benchmarks/bench_build.py` can give a build the reference workload's long-tailed
+#: lengths. Never set it for a real build: its rows would not be the model's responses.
+BENCH_LENGTHS_ENV = "ASTEER_BENCH_LENGTHS"
+
+
+@functools.lru_cache(maxsize=2)
+def _bench_lengths(path: str) -> dict[str, int]:
+    import json
+    from pathlib import Path
+
+    return {str(k): int(v) for k, v in json.loads(Path(path).read_text()).items()}
+
+
 def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[RolloutRequest]:
+    import os
+
     s, eff = cfg.sampling, ctx.sampling
+    bench = os.environ.get(BENCH_LENGTHS_ENV)
+    lengths = _bench_lengths(bench) if bench else {}
     return [
         RolloutRequest(
             id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
             vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
-            positions=cfg.positions, seed=it.seed, max_tokens=s.max_tokens,
+            positions=cfg.positions, seed=it.seed,
+            max_tokens=lengths.get(it.id, s.max_tokens), ignore_eos=it.id in lengths,
             temperature=eff.temperature, top_k=eff.top_k, top_p=eff.top_p, prompt=it.prompt,
         )
         for it in shard.items
