@@ -94,9 +94,11 @@ class _CpuSampler:
             for p in procs:
                 try:
                     t = p.cpu_times()
-                    role = self.seen.get(p.pid, (None, 0.0))[0] or self._role(p)
-                    if p.pid == self.root:
-                        role = "driver"
+                    # a spawned process names itself (setproctitle) after it starts:
+                    # classify again until it is known
+                    role = self.seen.get(p.pid, ("other", 0.0))[0]
+                    if role == "other":
+                        role = "driver" if p.pid == self.root else self._role(p)
                     self.seen[p.pid] = (role, t.user + t.system)
                 except Exception:
                     pass
@@ -201,7 +203,43 @@ def main() -> None:
                                **engine_kwargs(cfg.models[0]))
         engine.register_vectors(ctx.vectors)
         _ideal(engine, reqs[:64], None)  # warm-up
-        rounds = []
+        rounds: list[dict] = []
+
+        def report() -> None:
+            """Written after every round, so a cut-short run still leaves its pairs."""
+
+            def col(k: str) -> list[float]:
+                return [rd[k]["tok_s"] for rd in rounds]
+
+            ray_cpu = [rd["ray"]["cpu_seconds_by_role"] for rd in rounds]
+            write("bench_build", {
+                "workload": {
+                    "config": "configs/demo.yaml", "alphas_per_method": a.alphas,
+                    "items": len(ids), "shard_size": len(plan.shards[0].items),
+                    "shards": len(plan.shards), "cap": a.cap, "seed": a.seed,
+                    "lengths": {"mean": round(sum(lens) / len(lens), 1),
+                                "at_cap": round(sum(x == a.cap for x in lens) / len(lens), 3),
+                                "useful_tokens": sum(lens)},
+                    "ignore_eos": True, "pairs": len(rounds), "pairs_planned": a.pairs,
+                    "max_num_seqs": cfg.models[0].engine_args.get("max_num_seqs"),
+                    "throughput": "useful tokens / generate phase (first request submitted to "
+                                  "last rollout finished, engine start-up excluded)",
+                },
+                "rounds": rounds,
+                "ratios": {
+                    "local_over_ideal": paired_summary(col("ideal"), col("local")),
+                    "ray_over_local_generate": paired_summary(col("local"), col("ray")),
+                    "pipeline_efficiency_capture_off": paired_summary(col("ideal"), col("local")),
+                    "pipeline_efficiency_capture_on": paired_summary(col("ideal_capture"),
+                                                                     col("local_capture")),
+                    "capture_on_over_plain_engine": paired_summary(col("ideal"),
+                                                                   col("local_capture")),
+                },
+                "ray_cpu_seconds_by_role": ray_cpu,
+                "targets": {"local_over_ideal": ">= 0.95", "ray_over_local_generate": ">= 0.90",
+                            "pipeline_efficiency_capture_on": ">= 0.85"},
+            })
+
         try:
             for i in range(a.pairs):
                 rd = {"ideal": _ideal(engine, reqs, None)}
@@ -210,42 +248,11 @@ def main() -> None:
                 rd["ideal_capture"] = _ideal(engine, reqs_on, capture)
                 rd["local_capture"] = _build(cfg_on, base, tmp / f"c{i}", "local", lengths)
                 rounds.append(rd)
+                report()
                 print(json.dumps({"round": i, **{k: v["tok_s"] for k, v in rd.items()}}),
                       flush=True)
         finally:
             engine.shutdown()
-
-    def col(k: str) -> list[float]:
-        return [rd[k]["tok_s"] for rd in rounds]
-
-    ray_cpu = [rd["ray"]["cpu_seconds_by_role"] for rd in rounds]
-    write("bench_build", {
-        "workload": {
-            "config": "configs/demo.yaml", "alphas_per_method": a.alphas,
-            "items": len(ids), "shard_size": len(plan.shards[0].items),
-            "shards": len(plan.shards), "cap": a.cap, "seed": a.seed,
-            "lengths": {"mean": round(sum(lens) / len(lens), 1),
-                        "at_cap": round(sum(x == a.cap for x in lens) / len(lens), 3),
-                        "useful_tokens": sum(lens)},
-            "ignore_eos": True, "pairs": a.pairs,
-            "max_num_seqs": cfg.models[0].engine_args.get("max_num_seqs"),
-            "throughput": "useful tokens / generate phase (first request submitted to "
-                          "last rollout finished, engine start-up excluded)",
-        },
-        "rounds": rounds,
-        "ratios": {
-            "local_over_ideal": paired_summary(col("ideal"), col("local")),
-            "ray_over_local_generate": paired_summary(col("local"), col("ray")),
-            "pipeline_efficiency_capture_off": paired_summary(col("ideal"), col("local")),
-            "pipeline_efficiency_capture_on": paired_summary(col("ideal_capture"),
-                                                             col("local_capture")),
-            "capture_on_over_plain_engine": paired_summary(col("ideal"),
-                                                           col("local_capture")),
-        },
-        "ray_cpu_seconds_by_role": ray_cpu,
-        "targets": {"local_over_ideal": ">= 0.95", "ray_over_local_generate": ">= 0.90",
-                    "pipeline_efficiency_capture_on": ">= 0.85"},
-    })
 
 
 if __name__ == "__main__":
