@@ -51,6 +51,8 @@ def _config(tmp: Path, name: str, cap: int, alphas: int, capture: bool) -> Path:
         cfg["alphas"][m] = vals[::max(1, len(vals) // alphas)][:alphas]
     cfg["sampling"]["max_tokens"] = cap
     cfg["models"][0]["replicas"] = 1
+    # a fresh local Ray instance, never a cluster another process left running here
+    cfg.setdefault("ray", {})["address"] = "local"
     if not capture:
         cfg.pop("capture", None)
     cfg["output"] = str(tmp / "unused")
