@@ -56,6 +56,16 @@ class Run:
     store: Store
     manifest: Manifest
     opts: RunOptions
+    #: in-process engines by model name (local executor): started by the first stage that
+    #: needs one, reused by the next (vectors pool on the rollouts' engine), closed by
+    #: `execute_run`
+    engines: dict[str, Any] = field(default_factory=dict)
+    engine_start_seconds: dict[str, float] = field(default_factory=dict)
+
+    def close_engines(self) -> None:
+        while self.engines:
+            _, engine = self.engines.popitem()
+            engine.shutdown()
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -175,7 +185,7 @@ def _vectors_stage(run: Run) -> None:
 
             built = vector_files_on_ray(run.cfg, *args)
         else:
-            built = vector_files(*args)
+            built = vector_files(*args, engine=_shared_engine(run, m, args[2]))
         files = [run.store.put_file("vectors", f"{m.name}/{name}", f"vectors/{m.name}/{name}",
                                     data, len(run.plan.concepts))
                  for name, data in sorted(built.items())]
@@ -186,6 +196,20 @@ def _vectors_stage(run: Run) -> None:
                             parts={f.path: f.sha256 for f in files})
         console.say(f"vectors: {m.name}: {len(run.plan.concepts)} concepts x "
                     f"{', '.join(run.cfg.methods)} in {time.time() - t0:.1f}s")
+
+
+def _shared_engine(run: Run, m: ModelConfig, settings: Any) -> Any:
+    """The run's in-process engine for `m` when the vectors stage can pool on it (vLLM
+    pooling with the model's own engine arguments) and rollouts will follow in this run,
+    so one engine starts per model, not two; else None (the stage starts its own)."""
+    from .work import engine_kwargs
+
+    if (settings.pool != "vllm" or "rollouts" not in run.opts.stages
+            or dict(settings.engine_args or {}) != engine_kwargs(m)):
+        return None
+    from .execute_local import start_engine
+
+    return start_engine(run, m)
 
 
 def pending_shards(run: Run) -> list[Shard]:
@@ -334,10 +358,13 @@ def execute_run(run: Run) -> dict[str, Any]:
     t0 = time.time()
     summary: dict[str, Any] = {"run": run.store.uri, "plan_hash": run.plan.plan_hash,
                                "items": run.plan.n_items, "shards": len(run.plan.shards)}
-    if "vectors" in opts.stages:
-        _vectors_stage(run)
-    if "rollouts" in opts.stages:
-        summary["rollouts"] = _rollouts_stage(run)
+    try:
+        if "vectors" in opts.stages:
+            _vectors_stage(run)
+        if "rollouts" in opts.stages:
+            summary["rollouts"] = _rollouts_stage(run)
+    finally:
+        run.close_engines()  # before the judge, which may start engines of its own
     if "judge" in opts.stages:
         summary["judge"] = _judge_stage(run)
     # Writers killed mid-commit (a lost Ray actor) leave dot-named temp files; no writer

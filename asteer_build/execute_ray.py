@@ -2,10 +2,11 @@
 
 - Each actor owns an `AsyncSteeredEngine` in a placement group sized to its model's
   tensor-parallel GPUs (CPU bundles on a CPU-only cluster).
-- Inside an actor a feeder keeps about `in_flight_factor x max_num_seqs` requests in
-  flight, across shard boundaries: the driver hands each actor `shards_in_flight` shards
-  ahead, and all of them draw on the same request semaphore, so the engine never drains
-  between shards (the pattern of Ray Data LLM's engine stage).
+- Inside an actor the shared feeder (`feed.AsyncShardFeeder`, the same window, slots and
+  writer thread as the local executor's) keeps about `in_flight_factor x max_num_seqs`
+  requests in flight, across shard boundaries: the driver hands each actor
+  `shards_in_flight` shards ahead, and all of them draw on the same window, so the engine
+  never drains between shards (the pattern of Ray Data LLM's engine stage).
 - The driver pulls from one queue per model, so fast actors take more shards. A dead
   actor's shards go back on the queue (at most `max_shard_retries` retries each) and a
   fresh actor replaces it; a shard over `shard_timeout_s` or an actor that misses health
@@ -16,7 +17,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
@@ -51,16 +51,17 @@ class EngineHost:
         self.max_in_flight = max_in_flight
         self.engine: AsyncSteeringEngine | None = None
         self.ctx: ModelContext | None = None
-        self.sem: asyncio.Semaphore | None = None
+        self.feeder: Any = None
         self.items_done = 0
         self.tokens_done = 0
         self.started = time.time()
 
     async def start(self) -> dict[str, Any]:
         from .engine import AsyncSteeredEngine
+        from .feed import AsyncShardFeeder
         from .lockcheck import require_lock
         from .shards import open_store
-        from .work import capture_settings, engine_kwargs, model_context
+        from .work import capture_settings, engine_kwargs, model_context, write_shard
 
         require_lock(f"engine actor for {self.model_name} on {_node_ip()}")
         model = next(m for m in self.cfg.models if m.name == self.model_name)
@@ -73,7 +74,9 @@ class EngineHost:
         self.engine = AsyncSteeredEngine.from_args(self.ctx.path, steer_layers=[self.cfg.layer],
                                                    **kw)
         await self.engine.register_vectors(self.ctx.vectors)
-        self.sem = asyncio.Semaphore(self.max_in_flight)
+        ctx, store = self.ctx, self.store
+        self.feeder = AsyncShardFeeder(self.engine, self.capture, self.max_in_flight,
+                                       lambda s, res: write_shard(store, s, res, ctx.norms))
         self._write_pid()
         return {"pid": os.getpid(), "node": _node_ip(), "max_in_flight": self.max_in_flight}
 
@@ -85,27 +88,20 @@ class EngineHost:
             with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:
                 f.write(str(os.getpid()))
 
-    async def _one(self, req: Any) -> Any:
-        from .rollouts import run_rollout_async
-
-        assert self.sem is not None
-        async with self.sem:
-            return await run_rollout_async(self.engine, req, self.capture)
-
     async def run_shard(self, shard: Shard) -> dict[str, Any]:
-        from .work import shard_requests, write_shard
+        """One shard through the shared feeder (`feed.py`): its requests join the window
+        the other shards in flight draw on; files come back for the driver to commit."""
+        from .work import shard_requests
 
+        assert self.feeder is not None
         t0 = time.time()
-        reqs = shard_requests(self.cfg, self.ctx, shard)
-        results = await asyncio.gather(*(self._one(r) for r in reqs))
-        # Writing is blocking I/O: off the event loop, so other shards keep generating.
-        files = await asyncio.to_thread(write_shard, self.store, shard, list(results),
-                                        self.ctx.norms)
-        tokens = sum(r.response_tokens for r in results)
-        self.items_done += len(results)
+        files, tokens = await self.feeder.run_shard(
+            shard, shard_requests(self.cfg, self.ctx, shard))
+        self.items_done += len(shard.items)
         self.tokens_done += tokens
-        return {"files": files, "items": len(results), "tokens": tokens,
-                "seconds": time.time() - t0, "pid": os.getpid()}
+        return {"files": files, "items": len(shard.items), "tokens": tokens,
+                "seconds": time.time() - t0, "pid": os.getpid(),
+                "t_first": self.feeder.stats.t_first, "t_last": self.feeder.stats.t_last}
 
     async def health(self) -> dict[str, Any]:
         if self.engine is not None:
@@ -115,6 +111,8 @@ class EngineHost:
         return {"pid": os.getpid(), "items": self.items_done, "tokens": self.tokens_done}
 
     def shutdown(self) -> None:
+        if self.feeder is not None:
+            self.feeder.close()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -183,8 +181,9 @@ class _ModelDispatch:
         self.ro = run.cfg.ray
         self.actor_cls = actor_cls
         self.queue: collections.deque[Shard] = collections.deque(shards)
-        max_seqs = int(model.engine_args.get("max_num_seqs", 256))
-        self.in_flight = max(1, int(round(self.ro.in_flight_factor * max_seqs)))
+        from .feed import in_flight_window
+
+        self.in_flight = in_flight_window(model.engine_args, self.ro.in_flight_factor)
         bundles, self.actor_opts = _resources(cluster, model.tensor_parallel_size,
                                               self.ro.num_cpus_per_engine)
         self.n = _replicas(model, cluster, self.ro.num_cpus_per_engine, len(shards))
@@ -194,6 +193,10 @@ class _ModelDispatch:
         ray.get([s.pg.ready() for s in self.slots], timeout=600)
         self.items = self.tokens = 0
         self.gen_seconds = 0.0
+        #: the generate phase, as the actors saw it: first request submitted to last
+        #: rollout finished (engine start-up excluded)
+        self.t_first: float | None = None
+        self.t_last: float | None = None
 
     def launch(self, slot: _Slot) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -260,8 +263,8 @@ class _ModelDispatch:
             if now - last_report > 10 or not self.busy():
                 last_report = now
                 self.report(now)
-        firsts = [s.t_first for s in self.slots if s.t_first]
-        self.gen_seconds = time.time() - min(firsts) if firsts else 0.0
+        if self.t_first is not None and self.t_last is not None:
+            self.gen_seconds = self.t_last - self.t_first
 
     def _feed_and_collect_refs(self) -> dict[Any, tuple[_Slot, str]]:
         refs: dict[Any, tuple[_Slot, str]] = {}
@@ -315,6 +318,10 @@ class _ModelDispatch:
             slot.tokens += res["tokens"]
             self.items += res["items"]
             self.tokens += res["tokens"]
+            if res.get("t_first") is not None:
+                self.t_first = min(self.t_first or res["t_first"], res["t_first"])
+            if res.get("t_last") is not None:
+                self.t_last = max(self.t_last or res["t_last"], res["t_last"])
 
     def _watchdog(self, now: float) -> None:
         ro = self.ro

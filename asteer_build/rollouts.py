@@ -65,6 +65,8 @@ class RolloutRequest:
     top_k: int = 0
     top_p: float = 1.0
     prompt: str | None = None
+    #: benchmarks only (`work.BENCH_LENGTHS_ENV`): run exactly `max_tokens` tokens
+    ignore_eos: bool = False
 
     def steer(self) -> SteerSpec:
         return SteerSpec(self.vector, float(self.alpha), int(self.layer), self.positions)
@@ -99,6 +101,7 @@ def sampling_params(req: RolloutRequest):
         top_k=req.top_k,
         top_p=req.top_p,
         seed=req.seed,
+        ignore_eos=req.ignore_eos,
     )
 
 

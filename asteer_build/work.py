@@ -35,17 +35,20 @@ def resolve_model_path(path: str) -> str:
     return resolve(path)
 
 
-def vector_files(model_path: str, concepts: list[Any], settings: Any) -> dict[str, bytes]:
+def vector_files(model_path: str, concepts: list[Any], settings: Any,
+                 engine: Any = None) -> dict[str, bytes]:
     """Run the vectors stage (`asteer_build.vectors.build_vectors` with `settings`, a
     `VectorSettings`) into a scratch folder and return its files (name -> bytes), so the
-    caller can store them anywhere (and a Ray task can ship them back)."""
+    caller can store them anywhere (and a Ray task can ship them back). `engine`: a
+    running `SteeredEngine` of the same model to pool on (the local build's rollout
+    engine), else the stage starts its own."""
     import tempfile
     from pathlib import Path
 
     from .vectors.stage import build_vectors
 
     with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
-        build_vectors(resolve_model_path(model_path), concepts, tmp, settings)
+        build_vectors(resolve_model_path(model_path), concepts, tmp, settings, engine=engine)
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
@@ -118,13 +121,33 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
     return ModelContext(model, path, vecs, norms, pids, sampling)
 
 
+#: BENCHMARKS ONLY: a JSON file {item id: response length}; each listed request then
+#: runs exactly that many tokens (`ignore_eos`, per-request `max_tokens`), so
+#: `benchmarks/bench_build.py` can give a build the reference workload's long-tailed
+#: lengths. Never set it for a real build: its rows would not be the model's responses.
+BENCH_LENGTHS_ENV = "ASTEER_BENCH_LENGTHS"
+
+
+@functools.lru_cache(maxsize=2)
+def _bench_lengths(path: str) -> dict[str, int]:
+    import json
+    from pathlib import Path
+
+    return {str(k): int(v) for k, v in json.loads(Path(path).read_text()).items()}
+
+
 def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[RolloutRequest]:
+    import os
+
     s, eff = cfg.sampling, ctx.sampling
+    bench = os.environ.get(BENCH_LENGTHS_ENV)
+    lengths = _bench_lengths(bench) if bench else {}
     return [
         RolloutRequest(
             id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
             vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
-            positions=cfg.positions, seed=it.seed, max_tokens=s.max_tokens,
+            positions=cfg.positions, seed=it.seed,
+            max_tokens=lengths.get(it.id, s.max_tokens), ignore_eos=it.id in lengths,
             temperature=eff.temperature, top_k=eff.top_k, top_p=eff.top_p, prompt=it.prompt,
         )
         for it in shard.items

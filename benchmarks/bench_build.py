@@ -1,16 +1,26 @@
-"""End-to-end build throughput: local vs Ray (one actor), and cost per item as work grows.
+"""Build throughput on the long-tail workload: local and Ray (one actor) versus the ideal.
 
-Runs `asteer-build run` on `configs/demo.yaml` (the tiny world) as a user would, each
-build in a fresh output folder:
+The tiny world (`configs/demo.yaml`, fewer alphas so a round fits in minutes) with the
+reference workload's shape: per-request lengths from `common.long_tail_lengths` (mean
+~55% of the cap, ~15% at the cap), `ignore_eos` with per-request `max_tokens`, through
+the builder's benchmark-only hook (`asteer_build.work.BENCH_LENGTHS_ENV`). Throughput
+counts useful tokens only (each response's own length).
 
-- demo 1x locally and on Ray with one engine actor (a local Ray instance started by the
-  driver): end-to-end items/s (wall time of the whole build: vectors, engine start,
-  rollouts, judge) and rollout items/s while an engine is up (`generate_seconds`);
-  the Ray overhead is the relative loss of the latter (target <= 10%);
-- 1x, 4x, 16x the demo's work (more samples per item, same shards size), locally:
-  seconds per item with an engine up should stay flat (within 15%).
+Variants, run interleaved in each round (paired ratios, median with min and max):
+- ideal: every request submitted at once to one in-process engine, no shards, no files
+  (this process; the engine stays up across rounds), capture off and on;
+- local: `asteer-build run --stages rollouts` on a copy of a folder whose vectors are
+  built (engine start-up excluded: the generate phase is first request submitted to
+  last rollout finished, as the build summary reports it), capture off and on;
+- ray: the same with `--executor ray` and one engine actor, capture off; the CPU time of
+  every process of the build is sampled (psutil) and split into the engine (the actor
+  and its vLLM engine core), the Ray runtime (GCS, raylet, dashboard, other workers) and
+  the driver, since they share this machine's cores with the engine.
 
-    python benchmarks/bench_build.py [--scales 1,4,16] [--max-tokens N]
+Ratios: local / ideal (capture off: the pipeline efficiency without capture), ray /
+local, local-capture / ideal-capture (pipeline efficiency with capture on).
+
+    python benchmarks/bench_build.py [--pairs 3] [--cap 256] [--alphas 4]
 """
 
 from __future__ import annotations
@@ -18,100 +28,233 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import write  # noqa: E402
+from benchmarks.common import long_tail_lengths, paired_summary, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _config(tmp: Path, name: str, samples: int, max_tokens: int | None) -> Path:
+def _config(tmp: Path, name: str, cap: int, alphas: int, capture: bool) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    cfg["sampling"]["samples"] = samples
-    if max_tokens:
-        cfg["sampling"]["max_tokens"] = max_tokens
+    for m, vals in cfg["alphas"].items():
+        cfg["alphas"][m] = vals[::max(1, len(vals) // alphas)][:alphas]
+    cfg["sampling"]["max_tokens"] = cap
     cfg["models"][0]["replicas"] = 1
-    cfg["output"] = str(tmp / name)
+    # a fresh local Ray instance, never a cluster another process left running here
+    cfg.setdefault("ray", {})["address"] = "local"
+    if not capture:
+        cfg.pop("capture", None)
+    cfg["output"] = str(tmp / "unused")
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def _build(cfg: Path, executor: str) -> dict:
+class _CpuSampler:
+    """CPU seconds of a process tree, by role, from the last sample of each process (a
+    process that exits between samples loses at most its last 0.2 s)."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root, self.seen = root_pid, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _role(p) -> str:
+        try:
+            cmd = " ".join(p.cmdline())
+        except Exception:
+            return "other"
+        if "EngineHost" in cmd or "EngineCore" in cmd or "VLLM" in p.name():
+            return "engine"
+        if any(k in cmd for k in ("gcs_server", "raylet", "dashboard", "log_monitor",
+                                  "monitor.py", "ray::", "default_worker", "runtime_env")):
+            return "ray_runtime"
+        return "other"
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                root = psutil.Process(self.root)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    # a spawned process names itself (setproctitle) after it starts:
+                    # classify again until it is known
+                    role = self.seen.get(p.pid, ("other", 0.0))[0]
+                    if role == "other":
+                        role = "driver" if p.pid == self.root else self._role(p)
+                    self.seen[p.pid] = (role, t.user + t.system)
+                except Exception:
+                    pass
+            time.sleep(0.2)
+
+    def result(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        out: dict[str, float] = {}
+        for role, sec in self.seen.values():
+            out[role] = round(out.get(role, 0.0) + sec, 2)
+        return out
+
+
+def _build(cfg: Path, base: Path, out: Path, executor: str, lengths: Path) -> dict:
+    shutil.copytree(base, out)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["ASTEER_BENCH_LENGTHS"] = str(lengths)
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
-    r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--executor",
-                        executor, "--no-progress", "--json"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+    p = subprocess.Popen([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
+                          str(out), "--executor", executor, "--stages", "rollouts",
+                          "--no-progress", "--json"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = _CpuSampler(p.pid)
+    stdout, stderr = p.communicate()
+    cpu = sampler.result()
     wall = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"build failed ({executor}):\n{r.stderr[-4000:]}")
-    s = json.loads(r.stdout)
-    ro = s["rollouts"]
-    return {
-        "executor": executor,
-        "items": s["items"],
-        "shards": s["shards"],
-        "wall_seconds": round(wall, 2),
-        "end_to_end_items_per_s": round(s["items"] / wall, 2),
-        "generate_seconds": ro["generate_seconds"],
-        "generate_items_per_s": round(ro["items_run"] / ro["generate_seconds"], 2),
-        "seconds_per_item_ms": round(1000 * ro["generate_seconds"] / ro["items_run"], 3),
-        "tokens": ro["tokens"],
-        "tokens_per_s": round(ro["tokens"] / ro["generate_seconds"], 1),
-    }
+    if p.returncode != 0:
+        raise SystemExit(f"build failed ({executor}):\n{stderr[-4000:]}")
+    ro = json.loads(stdout)["rollouts"]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"executor": executor, "wall_seconds": round(wall, 2),
+            "generate_seconds": ro["generate_seconds"], "tokens": ro["tokens"],
+            "items": ro["items_run"],
+            "tok_s": round(ro["tokens"] / ro["generate_seconds"], 1),
+            "writer_wait_seconds": ro.get("writer_wait_seconds"),
+            "engine_start_seconds": ro.get("engine_start_seconds"),
+            "cpu_seconds_by_role": cpu}
+
+
+def _ideal_requests(cfg_path: Path, base: Path):
+    from asteer_build.config import load_config
+    from asteer_build.plan import make_plan
+    from asteer_build.shards import open_store
+    from asteer_build.work import capture_settings, model_context, shard_requests
+
+    cfg = load_config(str(cfg_path))
+    plan = make_plan(cfg)
+    m = cfg.models[0]
+    ctx = model_context(open_store(str(base)), cfg, m, plan.prompts, plan.sampling[m.name])
+    reqs = [r for s in plan.shards for r in shard_requests(cfg, ctx, s)]
+    return cfg, ctx, reqs, capture_settings(cfg)
+
+
+def _ideal(engine, reqs, capture) -> dict:
+    from asteer_build.rollouts import run_rollouts
+
+    t0 = time.time()
+    res = run_rollouts(engine, reqs, capture)
+    dt = time.time() - t0
+    tokens = sum(r.response_tokens for r in res)
+    return {"generate_seconds": round(dt, 2), "tokens": tokens, "tok_s": round(tokens / dt, 1)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scales", default="1,4,16")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--cap", type=int, default=256)
+    p.add_argument("--alphas", type=int, default=4, help="alphas per method (of 12)")
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    scales = [int(x) for x in a.scales.split(",")]
+    from asteer_build.engine import SteeredEngine
+    from asteer_build.plan import make_plan
+    from asteer_build.work import engine_kwargs
+
     with tempfile.TemporaryDirectory(prefix="bench-build-") as d:
         tmp = Path(d)
-        local = _build(_config(tmp, "local-1x", 1, a.max_tokens), "local")
-        print(json.dumps(local), flush=True)
-        ray = _build(_config(tmp, "ray-1x", 1, a.max_tokens), "ray")
-        print(json.dumps(ray), flush=True)
-        scaling = {"1": local}
-        for k in scales:
-            if k == 1:
-                continue
-            scaling[str(k)] = _build(_config(tmp, f"local-{k}x", k, a.max_tokens), "local")
-            print(json.dumps(scaling[str(k)]), flush=True)
-    overhead = 1 - ray["generate_items_per_s"] / local["generate_items_per_s"]
-    per_item = [v["seconds_per_item_ms"] for v in scaling.values()]
-    spread = max(per_item) / min(per_item) - 1
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    write("bench_build", {
-        "workload": {
-            "config": "configs/demo.yaml", "items_1x": local["items"],
-            "max_tokens": a.max_tokens or demo["sampling"]["max_tokens"],
-            "shard_size": demo["shard_size"], "scales": scales,
-            "scale_by": "sampling.samples (more distinct items per (concept, prompt, alpha))",
-        },
-        "local_1x": local,
-        "ray_1_actor_1x": ray,
-        "scaling_local": scaling,
-        "ratios": {
-            "ray_overhead_generate": round(overhead, 4),
-            "ray_overhead_end_to_end": round(
-                1 - ray["end_to_end_items_per_s"] / local["end_to_end_items_per_s"], 4),
-            "cost_per_item_spread": round(spread, 4),
-        },
-        "targets": {"ray_overhead_generate": "<= 0.10", "cost_per_item_spread": "<= 0.15"},
-    })
+        cfg_off = _config(tmp, "off", a.cap, a.alphas, capture=False)
+        cfg_on = _config(tmp, "on", a.cap, a.alphas, capture=True)
+        from asteer_build.config import load_config
+
+        plan = make_plan(load_config(str(cfg_off)))
+        ids = [it.id for it in plan.items()]
+        lens = long_tail_lengths(len(ids), a.cap, a.seed)
+        lengths = tmp / "lengths.json"
+        lengths.write_text(json.dumps(dict(zip(ids, lens, strict=True))))
+        os.environ["ASTEER_BENCH_LENGTHS"] = str(lengths)  # the ideal's requests too
+        base = tmp / "base"
+        t = time.time()
+        r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg_off),
+                            "--out", str(base), "--stages", "vectors", "--no-progress"],
+                           cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+        if r.returncode != 0:
+            raise SystemExit(f"vectors failed:\n{r.stderr[-4000:]}")
+        print(f"vectors in {time.time() - t:.0f}s", flush=True)
+        cfg, ctx, reqs, _ = _ideal_requests(cfg_off, base)
+        _, _, reqs_on, capture = _ideal_requests(cfg_on, base)
+        engine = SteeredEngine(ctx.path, steer_layers=[cfg.layer],
+                               **engine_kwargs(cfg.models[0]))
+        engine.register_vectors(ctx.vectors)
+        _ideal(engine, reqs[:64], None)  # warm-up
+        rounds: list[dict] = []
+
+        def report() -> None:
+            """Written after every round, so a cut-short run still leaves its pairs."""
+
+            def col(k: str) -> list[float]:
+                return [rd[k]["tok_s"] for rd in rounds]
+
+            ray_cpu = [rd["ray"]["cpu_seconds_by_role"] for rd in rounds]
+            write("bench_build", {
+                "workload": {
+                    "config": "configs/demo.yaml", "alphas_per_method": a.alphas,
+                    "items": len(ids), "shard_size": len(plan.shards[0].items),
+                    "shards": len(plan.shards), "cap": a.cap, "seed": a.seed,
+                    "lengths": {"mean": round(sum(lens) / len(lens), 1),
+                                "at_cap": round(sum(x == a.cap for x in lens) / len(lens), 3),
+                                "useful_tokens": sum(lens)},
+                    "ignore_eos": True, "pairs": len(rounds), "pairs_planned": a.pairs,
+                    "max_num_seqs": cfg.models[0].engine_args.get("max_num_seqs"),
+                    "throughput": "useful tokens / generate phase (first request submitted to "
+                                  "last rollout finished, engine start-up excluded)",
+                },
+                "rounds": rounds,
+                "ratios": {
+                    "local_over_ideal": paired_summary(col("ideal"), col("local")),
+                    "ray_over_local_generate": paired_summary(col("local"), col("ray")),
+                    "pipeline_efficiency_capture_off": paired_summary(col("ideal"), col("local")),
+                    "pipeline_efficiency_capture_on": paired_summary(col("ideal_capture"),
+                                                                     col("local_capture")),
+                    "capture_on_over_plain_engine": paired_summary(col("ideal"),
+                                                                   col("local_capture")),
+                },
+                "ray_cpu_seconds_by_role": ray_cpu,
+                "targets": {"local_over_ideal": ">= 0.95", "ray_over_local_generate": ">= 0.90",
+                            "pipeline_efficiency_capture_on": ">= 0.85"},
+            })
+
+        try:
+            for i in range(a.pairs):
+                rd = {"ideal": _ideal(engine, reqs, None)}
+                rd["local"] = _build(cfg_off, base, tmp / f"l{i}", "local", lengths)
+                rd["ray"] = _build(cfg_off, base, tmp / f"r{i}", "ray", lengths)
+                rd["ideal_capture"] = _ideal(engine, reqs_on, capture)
+                rd["local_capture"] = _build(cfg_on, base, tmp / f"c{i}", "local", lengths)
+                rounds.append(rd)
+                report()
+                print(json.dumps({"round": i, **{k: v["tok_s"] for k, v in rd.items()}}),
+                      flush=True)
+        finally:
+            engine.shutdown()
 
 
 if __name__ == "__main__":

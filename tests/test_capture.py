@@ -196,3 +196,59 @@ def test_probe_feature_rows_for_online_suggestion(engine):
     assert (rows["sa_t0_k0"] == 0).sum() == 2
     with pytest.raises(ValueError, match="probe_tokens=3"):
         probe_feature_rows(engine, "a", ["x"], [1.0], layer=1, probe_tokens=3)
+
+
+def test_feed_across_shard_boundaries_matches_one_batch(engine, varied_model):
+    """The build's feeder (`feed.feed_engine`): 5 shards through a window of 7 requests,
+    so shards overlap and the short ones finish before longer ones started earlier; each
+    shard reaches the writer once, complete, and its rollouts and features match one
+    `run_with_capture` batch of the same requests."""
+    from asteer_build.feed import ShardWriter, feed_engine
+    from asteer_build.plan import Shard
+
+    ids = chat_ids(varied_model, [PROMPTS[i % 8] for i in range(20)])
+    reqs = [_req(i, ids[i], "ab"[i % 2], 1.5, 1, max_tokens=3 + 11 * (i // 4 % 2) + i % 3,
+                 temp=0.8) for i in range(20)]
+    shards = [Shard(k, "tiny", "m") for k in range(5)]
+    order: list[int] = []
+    got: dict[int, list] = {}
+
+    def write(shard, results):
+        got[shard.index] = results
+        return shard.index
+
+    writer = ShardWriter(write, lambda shard, files: order.append(files), max_pending=2)
+    stats = feed_engine(engine, ((s, reqs[4 * s.index:4 * s.index + 4]) for s in shards),
+                        CaptureSettings(), 7, writer)
+    writer.close()
+    assert sorted(order) == [0, 1, 2, 3, 4] and len(order) == 5  # each once
+    assert order != sorted(order)  # shard 1 (long) commits after shard 2 (short)
+    assert stats.items == 20 and stats.shards == 5 and stats.generate_seconds > 0
+    flat = [r for k in range(5) for r in got[k]]
+    assert [r.id for r in flat] == [r.id for r in reqs]
+    assert stats.tokens == sum(r.response_tokens for r in flat)
+    batch = run_with_capture(engine, reqs, CaptureSettings())
+    for a, b in zip(flat, batch, strict=True):
+        assert a.response_token_ids == b.response_token_ids and a.extra == b.extra
+        np.testing.assert_allclose(np.array(list(a.features.values())),
+                                   np.array(list(b.features.values())), rtol=1e-3, atol=1e-3)
+
+
+def test_feed_without_capture_matches_one_batch(engine, varied_model):
+    from asteer_build.feed import ShardWriter, feed_engine
+    from asteer_build.plan import Shard
+    from asteer_build.rollouts import run_rollouts
+
+    ids = chat_ids(varied_model, [PROMPTS[i % 8] for i in range(12)])
+    reqs = [_req(i, ids[i], "ab"[i % 2], 1.0, 1, max_tokens=2 + 3 * (i % 5), temp=0.8)
+            for i in range(12)]
+    got: dict[int, list] = {}
+    writer = ShardWriter(lambda s, res: got.setdefault(s.index, res))
+    stats = feed_engine(engine, ((Shard(k, "tiny", "m"), reqs[3 * k:3 * k + 3])
+                                 for k in range(4)), None, 5, writer)
+    writer.close()
+    flat = [r for k in range(4) for r in got[k]]
+    want = run_rollouts(engine, reqs)
+    assert [(r.id, r.response_token_ids) for r in flat] == \
+        [(r.id, r.response_token_ids) for r in want]
+    assert stats.items == 12 and stats.tokens == sum(r.response_tokens for r in want)

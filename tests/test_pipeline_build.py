@@ -127,6 +127,11 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
         kill_group(p)
     before = committed(run, "rollouts")
     assert 2 <= len(before) < 6
+    # What was committed before the kill survives it, rows and ids included: the kill
+    # loses at most the shards not yet committed (requests run across shard boundaries,
+    # so several shards are in flight at once).
+    before_ids = read_stage(str(run), "rollouts").column("id").to_pylist()
+    assert len(before_ids) == len(set(before_ids)) == 4 * len(before)
     # No partial shard is visible: temp names are dot files, committed files check out.
     check_no_partial(run)
     assert all(not f.name.startswith(".") for f in visible_shards(run, "rollouts"))
@@ -135,6 +140,12 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     summary = json.loads(r.stdout)  # --json: stdout is the summary JSON, nothing else
     assert summary == json.loads((run / "summary.json").read_text())
     assert summary["rollouts"]["shards_run"] == 6 - len(before)  # committed ones skipped
+    after = committed(run, "rollouts")
+    assert {n: e["sha256"] for n, e in before.items()} == \
+        {n: after[n]["sha256"] for n in before}  # not rewritten
+    # No duplicates: every planned id exactly once, the pre-kill ones among them.
+    ids = read_stage(str(run), "rollouts").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 24 and set(before_ids) <= set(ids)
     _assert_same_build(run, reference)
 
 
