@@ -5,7 +5,7 @@ holds the key, so configs can be committed and shared without leaking anything.
 
     judge:
       model: gpt-5-mini            # the judge model; part of every cache key
-      kind: llm                    # llm | rules
+      kind: llm                    # llm | rules | vllm (the builder serves `server:`)
       endpoints:
         - base_url: https://api.openai.com/v1
           api_key_env: OPENAI_API_KEY
@@ -48,6 +48,9 @@ class JudgeConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cache: str | None = None
     workers: int | None = None  # rows in flight; default 2x the pool's capacity
+    #: kind vllm: what the builder serves (asteer_build.judge_servers.ServerSpec); the
+    #: judge itself only ever sees the endpoints it gets
+    server: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:
