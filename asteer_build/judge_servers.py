@@ -219,9 +219,12 @@ def served_judge(spec: ServerSpec, served_name: str, *, executor: str = "local",
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from .execute_ray import _init
+    from .lockcheck import require_lock
 
-    cluster = _init(cfg)
+    require_lock("job driver")
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address if cfg is not None else None, log_to_driver=True)
+    cluster = ray.cluster_resources()
     gpu = cluster.get("GPU", 0) >= 1 and spec.gpus_per_replica > 0
     bundle = {"CPU": 1, "GPU": spec.gpus_per_replica} if gpu else {"CPU": 1}
     pg = placement_group([dict(bundle) for _ in range(spec.replicas)], strategy="SPREAD")
