@@ -212,3 +212,25 @@ def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, local_j
     pairs = [(x["label"], lb[x["id"]]) for x in a if lb[x["id"]] is not None]
     assert rep["n"] == len(pairs) >= 1 and rep["excluded"] == 6 - len(pairs)
     assert rep["kappa"] == pytest.approx(_kappa([p[0] for p in pairs], [p[1] for p in pairs]))
+
+
+def test_server_flags_and_bad_server_settings_named():
+    """Engine args become `vllm serve` flags; a bad `judge.server` fails at config load,
+    naming the field and the value, before any engine starts."""
+    from asteer_build.config import ConfigError, parse_config
+    from asteer_build.judge_servers import serve_args
+
+    assert serve_args({"max_model_len": 4096, "enforce_eager": True, "trust_remote_code":
+                       False, "hf_overrides": {"a": 1}}) == [
+        "--max-model-len", "4096", "--enforce-eager", "--hf-overrides", '{"a": 1}']
+    for server, msg in [
+        (None, r"judge\.server\.model"),
+        ({"model": "m", "replicas": 0}, r"judge\.server\.replicas.*0"),
+        ({"model": "m", "port_range": [9000, 80]}, r"judge\.server\.port_range.*9000"),
+        ({"model": "m", "gpu": 1}, r"judge\.server: unknown settings \['gpu'\]"),
+    ]:
+        raw = tiny_config(None, judge={"kind": "vllm", "model": "j", "server": server})
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(raw)
+    ok = tiny_config(None, judge={"kind": "vllm", "model": "j", "server": {"model": "m"}})
+    assert parse_config(ok).judge["server"] == {"model": "m"}
