@@ -15,6 +15,7 @@ a Batch file or these servers.
         replicas: 2
         gpus_per_replica: 1        # GPU bundles on a GPU cluster; ignored on CPU ones
         port_range: [8100, 8199]   # each server takes the first free port of its node
+        host: null                 # address to bind and call; null: the node's address
         start_timeout_s: 900
         max_concurrency: 64        # requests in flight per server
         command: [vllm]            # how to run the vLLM CLI on the nodes
@@ -60,6 +61,8 @@ class ServerSpec:
     replicas: int = 1
     gpus_per_replica: int = 1
     port_range: tuple[int, int] = (8100, 8199)
+    #: where to bind (and where the pool calls); None: the node's address in the cluster
+    host: str | None = None
     start_timeout_s: float = 900.0
     max_concurrency: int = 32
     command: list[str] = field(default_factory=lambda: ["vllm"])
@@ -135,7 +138,7 @@ class ServerProcess:
 
     def start(self) -> dict[str, Any]:
         """Launch and wait for `/health`; returns base_url, pid and port."""
-        host = self.host or _node_ip()
+        host = self.host or self.spec.host or _node_ip()
         port = _free_port(host, *self.spec.port_range)
         cmd = [*self.spec.command, "serve", self.spec.model, "--host", host, "--port",
                str(port), "--served-model-name", self.served_name,
@@ -191,6 +194,12 @@ def _node_ip() -> str:
         import ray
 
         if ray.is_initialized():
+            # the address the cluster knows this node by (`ray start
+            # --node-ip-address`), which is where the driver can reach it
+            me = ray.get_runtime_context().get_node_id()
+            for n in ray.nodes():
+                if n.get("NodeID") == me and n.get("NodeManagerAddress"):
+                    return n["NodeManagerAddress"]
             return ray.util.get_node_ip_address()
     except ImportError:
         pass

@@ -46,7 +46,7 @@ SERVER_ENV = {k: vllm_env()[k] for k in ("VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE
 
 def _server(tiny_model: str) -> dict:
     return {"model": tiny_model, "engine_args": ENGINE_ARGS, "replicas": 1,
-            "gpus_per_replica": 1, "port_range": [free_port(), 65000],
+            "gpus_per_replica": 1, "port_range": [free_port(), 65000], "host": "127.0.0.1",
             "start_timeout_s": 300, "max_concurrency": 8, "command": VLLM_CLI,
             "env": SERVER_ENV}
 
