@@ -71,7 +71,10 @@ def _check_rows(rows: list[dict]) -> None:
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens there (SO_REUSEADDR, as servers bind: the closed server's
+    TIME_WAIT connections do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
