@@ -203,7 +203,9 @@ def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, local_j
     r = _py("judge.cli", "run", "--config", str(judge_yaml), "--in", str(sample),
             "--out", str(work / "by-vllm"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sum(x["calls"] for x in json.loads(r.stdout)["shards"]) == 6
+    # one call per distinct rollout (greedy tiny-world rows repeat)
+    distinct = {(x["prompt"], x["concept"], x["response"]) for x in rows}
+    assert sum(x["calls"] for x in json.loads(r.stdout)["shards"]) == len(distinct)
 
     a, b = _rows(work / "by-rules"), _rows(work / "by-vllm")
     _check_rows(b)
