@@ -235,7 +235,9 @@ def _rollouts_stage(run: Run) -> dict[str, Any]:
     return run_rollouts_local(run, todo)
 
 
-async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
+async def _judge_async(run: Run, todo: list[str], rerun: set[str],
+                       served: list[dict[str, Any]] | None = None,
+                       stats: list[Any] | None = None) -> list[Any]:
     """Label each shard in memory: read its table through the store, label it with
     `judge.label.alabel_table`, commit the bytes through the store's atomic write and
     the manifest. A killed run redoes an uncommitted shard; the judgment cache (an
@@ -281,13 +283,17 @@ async def _judge_async(run: Run, todo: list[str], rerun: set[str]) -> list[Any]:
         await label_all(RulesJudge(), 1)
     else:
         from judge.judges import LLMJudge
-        from judge.pool import EndpointPool
+        from judge.pool import EndpointConfig, EndpointPool
 
-        async with EndpointPool(jc.endpoints, model=jc.model, retry=jc.retry) as pool:
+        endpoints = jc.endpoints if served is None else [
+            EndpointConfig(s["base_url"], max_concurrency=s["max_concurrency"]) for s in served]
+        async with EndpointPool(endpoints, model=jc.model, retry=jc.retry) as pool:
             judge = LLMJudge(pool, jc.model, max_tokens=jc.max_tokens,
                              temperature=jc.temperature, structured=jc.structured,
                              rubric=jc.rubric(run.cfg.base_dir))
             await label_all(judge, jc.workers or 2 * pool.capacity)
+            if stats is not None:
+                stats.extend(pool.stats())
     return reports
 
 
@@ -342,9 +348,29 @@ def _judge_stage(run: Run) -> dict[str, Any]:
     todo = [n for n in sorted(run.manifest.entries("rollouts")) if n not in labelled or n in rerun]
     if not todo:
         return {"shards_judged": 0}
-    reports = asyncio.run(_judge_async(run, todo, rerun))
+    from judge.config import JudgeConfig
+
+    jc = JudgeConfig.from_dict(run.cfg.judge)
+    out: dict[str, Any] = {}
+    if jc.kind == "vllm":
+        # Judge servers of our own (asteer_build.judge_servers): started for this stage,
+        # stopped when it ends, also when it fails.
+        from .judge_servers import ServerSpec, served_judge
+
+        spec = ServerSpec.from_dict(jc.server)
+        console.say(f"judge: starting {spec.replicas} vllm judge server(s) of {spec.model}")
+        stats: list[Any] = []
+        log_dir = run.store.path("logs") if run.store.local else None
+        with served_judge(spec, jc.model, executor=run.opts.executor, cfg=run.cfg,
+                          log_dir=log_dir) as served:
+            reports = asyncio.run(_judge_async(run, todo, rerun, served, stats))
+        out["servers"] = [{k: s[k] for k in ("base_url", "pid", "port", "host")}
+                          for s in served]
+        out["endpoints"] = stats
+    else:
+        reports = asyncio.run(_judge_async(run, todo, rerun))
     return {"shards_judged": len(reports), "ok": sum(r.ok for r in reports),
-            "failed": sum(r.failed for r in reports)}
+            "failed": sum(r.failed for r in reports), **out}
 
 
 def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:

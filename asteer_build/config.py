@@ -417,8 +417,20 @@ def _check_judge(judge: dict[str, Any], base_dir: str = ".") -> None:
     except (TypeError, ValueError) as e:
         msg = str(e)
         raise (ConfigError(msg) if msg.startswith("judge.") else _err("judge", msg)) from None
+    if judge.get("kind", "llm") == "vllm":
+        # served by the builder (judge_servers): its `server:` is checked now, not after
+        # the rollouts
+        from .judge_servers import ServerSpec
+
+        try:
+            ServerSpec.from_dict(judge.get("server"))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e) if str(e).startswith("judge.") else
+                              f"judge.server: {e}") from None
+        return
     if judge.get("kind", "llm") not in ("llm", "rules", "openai-batch"):
-        raise _err("judge.kind", "expected `llm`, `rules` or `openai-batch`", judge.get("kind"))
+        raise _err("judge.kind", "expected `llm`, `rules`, `openai-batch` or `vllm`",
+                   judge.get("kind"))
     if judge.get("kind", "llm") in ("llm", "openai-batch") and not judge.get("endpoints"):
         raise _err("judge.endpoints", "an llm judge needs at least one endpoint "
                    "(or set judge.kind: rules)")

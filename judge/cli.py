@@ -2,6 +2,7 @@
 
     asteer-judge run --config judge.yaml --in rollouts/ [--out labelled/] [--rerun-failed]
     asteer-judge run --rules --in rollouts/             # the tiny world's rules judge
+    asteer-judge sample --in rollouts/ --out sample/ --n 600 [--stratify concept_level,alpha]
     asteer-judge agree --a labelled/ --b strong/ [--sample-csv review.csv --sample-n 600]
     asteer-judge batch-write --config judge.yaml --in rollouts/ --requests req.jsonl
     asteer-judge batch-read --config judge.yaml --in rollouts/ --results out.jsonl
@@ -127,6 +128,36 @@ def cmd_agree(args: argparse.Namespace) -> dict:
         write_sample_csv(sample, args.sample_csv, col_a="_a", col_b="_b")
         out["sample_csv"], out["sample_rows"] = str(args.sample_csv), len(sample)
     return out
+
+
+def cmd_sample(args: argparse.Namespace) -> dict:
+    """A stratified sample of a shard directory, as one shard with no judgments, for
+    two judges to label before `agree` compares them (README: judge agreement)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .agreement import load_labels, stratified_sample
+    from .label import JUDGE_COLUMNS
+
+    if args.n < 1:
+        raise SystemExit(f"--n: expected a positive number of rows (got {args.n})")
+    t = load_labels(args.inp, "id")
+    strata = tuple(s.strip() for s in args.stratify.split(",") if s.strip())
+    missing = [s for s in strata if s not in t.column_names]
+    if missing:
+        raise SystemExit(f"--stratify: no column(s) {missing} in {args.inp} "
+                         f"(columns: {', '.join(t.column_names)})")
+    t = t.drop_columns([c for c in JUDGE_COLUMNS if c in t.column_names])
+    rows = stratified_sample(t, args.n, strata=strata, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), out / "sample.parquet")
+    counts: dict[str, int] = {}
+    for r in rows:
+        k = "/".join(str(r.get(s)) for s in strata)
+        counts[k] = counts.get(k, 0) + 1
+    return {"sample": str(out / "sample.parquet"), "rows": len(rows), "of": t.num_rows,
+            "strata": list(strata), "per_stratum": counts}
 
 
 def cmd_batch_write(args: argparse.Namespace) -> dict:
@@ -276,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sample-n", type=int, default=600)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(func=cmd_agree)
+
+    s = sub.add_parser("sample", help="a stratified sample of shards, unlabelled, to judge twice")
+    s.add_argument("--in", dest="inp", required=True, help="shard directory (or one file)")
+    s.add_argument("--out", required=True, help="directory for sample.parquet")
+    s.add_argument("--n", type=int, default=600, help="rows in the sample")
+    s.add_argument("--stratify", default="concept_level,alpha",
+                   help="comma-separated columns whose value combinations share the sample")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_sample)
 
     w = sub.add_parser("batch-write", help="write OpenAI Batch API request JSONL")
     shard_args(w)

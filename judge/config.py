@@ -5,7 +5,7 @@ holds the key, so configs can be committed and shared without leaking anything.
 
     judge:
       model: gpt-5-mini            # the judge model; part of every cache key
-      kind: llm                    # llm | rules | openai-batch
+      kind: llm                    # llm | rules | openai-batch | vllm (the builder serves `server:`)
       endpoints:
         - base_url: https://api.openai.com/v1
           api_key_env: OPENAI_API_KEY
@@ -42,7 +42,7 @@ from .rubric import DEFAULT_RUBRIC, Rubric
 __all__ = ["JudgeConfig", "BatchSettings", "Prices", "load_config"]
 
 #: the judge kinds this package runs itself (`vllm` endpoints are started by the builder)
-KINDS = ("llm", "rules", "openai-batch")
+KINDS = ("llm", "rules", "openai-batch", "vllm")
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,9 @@ class JudgeConfig:
     workers: int | None = None  # rows in flight; default 2x the pool's capacity
     batch: BatchSettings = field(default_factory=BatchSettings)
     prices: Prices | None = None
+    #: kind vllm: what the builder serves (asteer_build.judge_servers.ServerSpec); the
+    #: judge itself only ever sees the endpoints it gets
+    server: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:

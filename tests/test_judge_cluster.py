@@ -1,0 +1,241 @@
+"""Self-hosted judges (`judge.kind: vllm`) with the tiny model, and the agreement flow.
+
+One demo build (vectors and rollouts, 12 rows) for the module. (a) On a real local Ray
+cluster the judge stage starts a `vllm serve` actor, labels the build's shards through
+it and stops it: the process is gone and its port free afterwards. (b) The README's
+agreement flow: a stratified sample of the build, labelled by the rules judge and by a
+tiny-model vLLM judge (one local server, started by the same code without Ray), compared
+by `asteer-judge agree`; its kappa must equal one computed here from the two label
+columns. The tiny model is random, so labels may be anything the contract allows
+(0/1/2, or failed with an error); what is asserted is that nothing is lost or guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from asteer_build.judge_servers import ServerSpec, served_judge
+
+from .judge_support import VLLM_CLI, vllm_env
+from .pipeline_support import BIN, ROOT, env, free_port, tiny_config, write_config
+from .test_pipeline_build import _auth_env, ray_token  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.timeout(600)
+
+SERVED = "tiny-judge"
+#: the flags `vllm serve` of the tiny model needs on CPU (judge_support.CPU_FLAGS)
+ENGINE_ARGS = {
+    "dtype": "float32", "enforce_eager": True,
+    "hf_overrides": {"max_position_embeddings": 2560}, "max_model_len": 2560,
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    "max_num_seqs": 32,
+}
+SERVER_ENV = {k: vllm_env()[k] for k in ("VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE",
+                                         "VLLM_PLUGINS", "TOKENIZERS_PARALLELISM",
+                                         "HF_HUB_OFFLINE", "VLLM_LOGGING_LEVEL")}
+
+
+def _server(tiny_model: str) -> dict:
+    return {"model": tiny_model, "engine_args": ENGINE_ARGS, "replicas": 1,
+            "gpus_per_replica": 1, "port_range": [free_port(), 65000], "host": "127.0.0.1",
+            "start_timeout_s": 300, "max_concurrency": 8, "command": VLLM_CLI,
+            "env": SERVER_ENV}
+
+
+def _py(module: str, *args: str, env_: dict | None = None, timeout: float = 400):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                          env=env_ or env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(d: Path) -> list[dict]:
+    return [r for p in sorted(d.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def _check_rows(rows: list[dict]) -> None:
+    """Every row judged or failed with its error; never a defaulted label."""
+    for r in rows:
+        assert r["judge_status"] in ("ok", "failed"), r
+        if r["judge_status"] == "ok":
+            assert r["label"] in (0, 1, 2), r
+        else:
+            assert r["label"] is None and r["judge_error"], r
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens there (SO_REUSEADDR, as servers bind: the closed server's
+    TIME_WAIT connections do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _serving(model: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "serve" in cmd and model in cmd:
+            out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("judge-cluster")
+
+
+@pytest.fixture(scope="module")
+def demo(work) -> tuple[Path, dict]:
+    """The tiny demo build's vectors and rollouts (12 rows in 3 shards), not yet judged:
+    one method, to keep the module's engine starts few."""
+    run = work / "run"
+    cfg = tiny_config(run, methods=["diffmean"], alphas={"diffmean": [1.0, 3.0, 6.0]})
+    r = _py("asteer_build.cli", "run", "--config", str(write_config(work / "demo.yaml", cfg)),
+            "--stages", "vectors,rollouts", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run, cfg
+
+
+@pytest.fixture(scope="module")
+def ray_head(work, ray_token):  # noqa: F811
+    """A local head on 127.0.0.1 with token auth, like test_pipeline_build's cluster; its
+    GCS address is what a driver (the builder) connects to."""
+    port = free_port()
+    e = _auth_env(ray_token)
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                    "--disable-usage-stats"], env=e, check=True, capture_output=True,
+                   timeout=180)
+    try:
+        yield f"127.0.0.1:{port}", e
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=e, capture_output=True,
+                       timeout=120)
+
+
+def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(demo, ray_head, work,
+                                                              tiny_model):
+    run, cfg = demo
+    addr, e = ray_head
+    cfg = dict(cfg, ray={**cfg["ray"], "address": addr},
+               judge={"kind": "vllm", "model": SERVED, "max_tokens": 300, "workers": 8,
+                      "retry": {"max_attempts": 3, "timeout_s": 120, "base_delay_s": 0.1},
+                      "server": _server(tiny_model)})
+    r = _py("asteer_build.cli", "run", "--config",
+            str(write_config(work / "vllm.yaml", cfg)), "--executor", "ray",
+            "--stages", "judge", "--no-progress", env_=e)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    summary = json.loads((run / "summary.json").read_text())["judge"]
+    assert summary["shards_judged"] == 3
+    rows = _rows(run / "labelled")
+    assert len(rows) == 12 and len({x["id"] for x in rows}) == 12
+    _check_rows(rows)
+    assert {x["judge_model"] for x in rows} == {SERVED}
+    assert summary["ok"] + summary["failed"] == 12
+    # the requests reached the served judge: answers came back from it
+    (stats,) = summary["endpoints"]
+    assert stats["base_url"] == summary["servers"][0]["base_url"]
+    # one request per distinct (prompt, concept, response): greedy rows repeat
+    distinct_ok = {(x["prompt"], x["concept"], x["response"]) for x in rows
+                   if x["judge_status"] == "ok"}
+    assert stats["ok"] >= max(1, len(distinct_ok))
+    assert (run / "logs" / "judge-server-0.log").is_file()
+    # and it is gone: no process, no listener, nothing serving the tiny model
+    (srv,) = summary["servers"]
+    assert srv["host"] == "127.0.0.1"
+    assert not psutil.pid_exists(srv["pid"]) or \
+        psutil.Process(srv["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert _port_free(srv["port"])
+    assert not _serving(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def local_judge(tiny_model):
+    """One local judge server (the local executor's path: no Ray, same code)."""
+    spec = ServerSpec.from_dict(_server(tiny_model))
+    with served_judge(spec, SERVED) as served:
+        yield served[0]
+    assert not psutil.pid_exists(served[0]["pid"])
+    assert _port_free(served[0]["port"])
+
+
+def _kappa(a: list[int], b: list[int]) -> float:
+    """Cohen's kappa straight from its definition, independently of judge.agreement."""
+    n = len(a)
+    p_o = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    ca, cb = Counter(a), Counter(b)
+    p_e = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / (n * n)
+    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, local_judge, work):
+    run, _ = demo
+    sample = work / "sample"
+    r = _py("judge.cli", "sample", "--in", str(run / "rollouts"), "--out", str(sample),
+            "--n", "6", "--stratify", "concept_level,alpha")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout)
+    # 2 concept levels x 3 alphas: 6 strata of 2 rows each, 1 drawn from every one
+    assert s["rows"] == 6 and s["of"] == 12 and len(s["per_stratum"]) == 6
+    assert set(s["per_stratum"].values()) == {1}
+    rows = pq.read_table(sample / "sample.parquet").to_pylist()
+    assert len({(x["concept_level"], x["alpha"]) for x in rows}) == 6
+    assert "label" not in rows[0]  # unjudged: both judges label it from scratch
+
+    r = _py("judge.cli", "run", "--rules", "--in", str(sample), "--out", str(work / "by-rules"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    judge_yaml = work / "judge.yaml"
+    write_config(judge_yaml, {"judge": {
+        "model": SERVED, "max_tokens": 300, "workers": 8,
+        "endpoints": [{"base_url": local_judge["base_url"], "max_concurrency": 8}]}})
+    r = _py("judge.cli", "run", "--config", str(judge_yaml), "--in", str(sample),
+            "--out", str(work / "by-vllm"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # one call per distinct rollout (greedy tiny-world rows repeat)
+    distinct = {(x["prompt"], x["concept"], x["response"]) for x in rows}
+    assert sum(x["calls"] for x in json.loads(r.stdout)["shards"]) == len(distinct)
+
+    a, b = _rows(work / "by-rules"), _rows(work / "by-vllm")
+    _check_rows(b)
+    assert all(x["judge_status"] == "ok" for x in a)
+    r = _py("judge.cli", "agree", "--a", str(work / "by-rules"), "--b", str(work / "by-vllm"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    lb = {x["id"]: x["label"] for x in b}
+    pairs = [(x["label"], lb[x["id"]]) for x in a if lb[x["id"]] is not None]
+    assert rep["n"] == len(pairs) >= 1 and rep["excluded"] == 6 - len(pairs)
+    assert rep["kappa"] == pytest.approx(_kappa([p[0] for p in pairs], [p[1] for p in pairs]))
+
+
+def test_server_flags_and_bad_server_settings_named():
+    """Engine args become `vllm serve` flags; a bad `judge.server` fails at config load,
+    naming the field and the value, before any engine starts."""
+    from asteer_build.config import ConfigError, parse_config
+    from asteer_build.judge_servers import serve_args
+
+    assert serve_args({"max_model_len": 4096, "enforce_eager": True, "trust_remote_code":
+                       False, "hf_overrides": {"a": 1}}) == [
+        "--max-model-len", "4096", "--enforce-eager", "--hf-overrides", '{"a": 1}']
+    for server, msg in [
+        (None, r"judge\.server\.model"),
+        ({"model": "m", "replicas": 0}, r"judge\.server\.replicas.*0"),
+        ({"model": "m", "port_range": [9000, 80]}, r"judge\.server\.port_range.*9000"),
+        ({"model": "m", "gpu": 1}, r"judge\.server: unknown settings \['gpu'\]"),
+    ]:
+        raw = tiny_config(None, judge={"kind": "vllm", "model": "j", "server": server})
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(raw)
+    ok = tiny_config(None, judge={"kind": "vllm", "model": "j", "server": {"model": "m"}})
+    assert parse_config(ok).judge["server"] == {"model": "m"}
