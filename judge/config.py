@@ -5,7 +5,7 @@ holds the key, so configs can be committed and shared without leaking anything.
 
     judge:
       model: gpt-5-mini            # the judge model; part of every cache key
-      kind: llm                    # llm | rules | openai-batch | vllm (the builder serves `server:`)
+      kind: llm                    # llm | rules | openai-batch | vllm (served by the builder)
       endpoints:
         - base_url: https://api.openai.com/v1
           api_key_env: OPENAI_API_KEY
@@ -42,7 +42,7 @@ from .rubric import DEFAULT_RUBRIC, Rubric
 __all__ = ["JudgeConfig", "BatchSettings", "Prices", "load_config"]
 
 #: the judge kinds this package runs itself (`vllm` endpoints are started by the builder)
-KINDS = ("llm", "rules", "openai-batch", "vllm")
+KINDS = ("llm", "rules", "openai-batch")
 
 
 @dataclass(frozen=True)
