@@ -3,11 +3,13 @@
 One demo build (vectors and rollouts, 12 rows) for the module. (a) On a real local Ray
 cluster the judge stage starts a `vllm serve` actor, labels the build's shards through
 it and stops it: the process is gone and its port free afterwards. (b) The README's
-agreement flow: a stratified sample of the build, labelled by the rules judge and by a
-tiny-model vLLM judge (one local server, started by the same code without Ray), compared
-by `asteer-judge agree`; its kappa must equal one computed here from the two label
-columns. The tiny model is random, so labels may be anything the contract allows
-(0/1/2, or failed with an error); what is asserted is that nothing is lost or guessed.
+agreement flow: a stratified sample of the build, labelled by the rules judge and by the
+tiny-model vLLM judge, compared by `asteer-judge agree`; its kappa must equal one
+computed here from the two label columns. The vLLM judge's labels of the sample are the
+ones (a)'s judge stage gave (one served judge for the module: each `vllm serve` start
+costs a minute or two here). The tiny model is random, so labels may be anything the
+contract allows (0/1/2, or failed with an error); what is asserted is that nothing is
+lost or guessed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
-
-from asteer_build.judge_servers import ServerSpec, served_judge
 
 from .judge_support import VLLM_CLI, vllm_env
 from .pipeline_support import BIN, ROOT, env, free_port, tiny_config, write_config
@@ -125,8 +127,11 @@ def ray_head(work, ray_token):  # noqa: F811
                        timeout=120)
 
 
-def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(demo, ray_head, work,
-                                                              tiny_model):
+@pytest.fixture(scope="module")
+def ray_judged(demo, ray_head, work, tiny_model):
+    """The judge stage of the demo build with `judge.kind: vllm` on the local Ray cluster:
+    one vLLM judge actor, started and stopped by the stage. (b) reuses its labels, so the
+    module starts two engines in all (the build's, the judge's)."""
     run, cfg = demo
     addr, e = ray_head
     cfg = dict(cfg, ray={**cfg["ray"], "address": addr},
@@ -137,7 +142,11 @@ def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(demo, ray_head, wo
             str(write_config(work / "vllm.yaml", cfg)), "--executor", "ray",
             "--stages", "judge", "--no-progress", env_=e)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    summary = json.loads((run / "summary.json").read_text())["judge"]
+    return run, json.loads((run / "summary.json").read_text())["judge"]
+
+
+def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(ray_judged, tiny_model):
+    run, summary = ray_judged
     assert summary["shards_judged"] == 3
     rows = _rows(run / "labelled")
     assert len(rows) == 12 and len({x["id"] for x in rows}) == 12
@@ -161,16 +170,6 @@ def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(demo, ray_head, wo
     assert not _serving(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def local_judge(tiny_model):
-    """One local judge server (the local executor's path: no Ray, same code)."""
-    spec = ServerSpec.from_dict(_server(tiny_model))
-    with served_judge(spec, SERVED) as served:
-        yield served[0]
-    assert not psutil.pid_exists(served[0]["pid"])
-    assert _port_free(served[0]["port"])
-
-
 def _kappa(a: list[int], b: list[int]) -> float:
     """Cohen's kappa straight from its definition, independently of judge.agreement."""
     n = len(a)
@@ -180,8 +179,8 @@ def _kappa(a: list[int], b: list[int]) -> float:
     return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
 
 
-def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, local_judge, work):
-    run, _ = demo
+def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, ray_judged, work):
+    run, _ = ray_judged
     sample = work / "sample"
     r = _py("judge.cli", "sample", "--in", str(run / "rollouts"), "--out", str(sample),
             "--n", "6", "--stratify", "concept_level,alpha")
@@ -196,18 +195,17 @@ def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, local_j
 
     r = _py("judge.cli", "run", "--rules", "--in", str(sample), "--out", str(work / "by-rules"))
     assert r.returncode == 0, r.stderr[-2000:]
-    judge_yaml = work / "judge.yaml"
-    write_config(judge_yaml, {"judge": {
-        "model": SERVED, "max_tokens": 300, "workers": 8,
-        "endpoints": [{"base_url": local_judge["base_url"], "max_concurrency": 8}]}})
-    r = _py("judge.cli", "run", "--config", str(judge_yaml), "--in", str(sample),
-            "--out", str(work / "by-vllm"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    # one call per distinct rollout (greedy tiny-world rows repeat)
-    distinct = {(x["prompt"], x["concept"], x["response"]) for x in rows}
-    assert sum(x["calls"] for x in json.loads(r.stdout)["shards"]) == len(distinct)
-
+    # the vLLM judge's labels of the sample's rows: the judge stage (a) labelled the whole
+    # build through the served tiny model; its answers for these ids are the second judge
+    ids = {x["id"] for x in rows}
+    by_vllm = work / "by-vllm"
+    by_vllm.mkdir()
+    labelled = pq.read_table(run / "labelled")
+    pq.write_table(labelled.filter(pa.compute.is_in(labelled["id"], pa.array(sorted(ids)))),
+                   by_vllm / "part-0.parquet")
     a, b = _rows(work / "by-rules"), _rows(work / "by-vllm")
+    assert len(b) == 6 and {x["id"] for x in b} == ids
+    assert {x["judge_model"] for x in b} == {SERVED}
     _check_rows(b)
     assert all(x["judge_status"] == "ok" for x in a)
     r = _py("judge.cli", "agree", "--a", str(work / "by-rules"), "--b", str(work / "by-vllm"))
