@@ -168,9 +168,11 @@ def search_data(
     splits = Splits.from_dict(predictor.metadata["splits"])
     frame = with_splits(data, splits)
     evaluated = frame[frame["split"].isin(["test", "unseen"])].copy()
-    no_len = evaluated.groupby(["concept_id", "prompt_id"])["response_tokens"].transform(
-        lambda s: s.isna().any()
-    ).astype(bool)
+    no_len = (
+        evaluated["response_tokens"].isna()
+        .groupby([evaluated["concept_id"], evaluated["prompt_id"]]).transform("any")
+        .astype(bool)
+    )
     excluded = {"rows": int(no_len.sum()), "items": int(
         evaluated.loc[no_len, ["concept_id", "prompt_id"]].drop_duplicates().shape[0])}
     evaluated = evaluated[~no_len]
