@@ -337,3 +337,85 @@ def test_search_refuses_rows_without_response_lengths(tmp_path):
         build_items(d.frame)
     items, mean_len = build_items(d.frame, mean_length=1000.0)
     assert mean_len == 1000.0 and len(items) == 150 * N_PROMPTS
+
+
+def _write_lengths(root: Path, model: str, methods: tuple[str, ...], skip: int = 0) -> Path:
+    """An imported dataset's `rollouts` (the import's schema) with response_tokens for
+    every cache row of `model` (less the first `skip` rows); alpha off by 1e-9 as a
+    float64 from their JSON can be against the cache's float32."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from asteer_build.publish.authors_facts import IMPORT_SCHEMA
+
+    rows = [
+        {"model": model, "method": method, "concept_id": str(c), "prompt_id": str(s),
+         "alpha": a + 1e-9, "layer": 10, "response_tokens": int(100 + 2 * a + c % 7),
+         "label": 1, "judge_status": "ok"}
+        for method in methods for c in range(150) for s in range(N_PROMPTS) for a in ALPHAS
+    ][skip:]
+    (root / "rollouts").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMPORT_SCHEMA),
+                   root / "rollouts" / "part-0.parquet")
+    return root
+
+
+def test_all_with_lengths_runs_the_search_on_the_caches(release, tmp_path, capsys):
+    """`all --data CACHES --lengths IMPORTED`: response_tokens joined on (model, method,
+    concept, prompt, alpha), the unmatched rows' items left out and counted, and the
+    report's search rows have our numbers beside the paper's (Qwen3-1.7B / DiffMean)."""
+    from train.paper_numbers import SEARCH
+
+    lengths = _write_lengths(tmp_path / "imported", MODEL, ("diffmean",), skip=2)
+    out = tmp_path / "out"
+    rc = main(["all", "--data", str(release), "--method", "diffmean", "--lengths",
+               str(lengths), "--out", str(out), "--trials", "2", "--max-rounds", "30",
+               "--threads", "1", "--search-rows", "0", "--k", "5,20"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    joined = summary["dataset"]["lengths"]
+    assert joined["rows_matched"] == 150 * N_PROMPTS * len(ALPHAS) - 2
+    assert joined["rows_without_length"] == 2
+    (run,) = summary["runs"]
+    assert "skipped" not in run["search"]
+    search = json.loads((out / "search.json").read_text())
+    # the 2 unmatched rows are concept 0 / prompt 0, evaluated at seed 42: that whole
+    # item (all its alphas) leaves the search, counted
+    ex = search["excluded_no_length"]
+    assert ex == run["search_excluded_no_length"] == {"rows": len(ALPHAS), "items": 1}
+    assert search["all"]["items"] > 0
+    for name, res in run["search"].items():
+        assert 0 <= res["success_rate"] <= 1, name
+        assert 0 < res["mean_tokens"] < 1e6 and np.isfinite(res["mean_tokens"]), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["search_skipped"] == {}
+    rows = {(r["search_method"], r["metric"]): r for r in report["search"]}
+    k20 = rows[("ours@K=20", "success_rate")]
+    assert k20["ours"]["mean"] == pytest.approx(run["search"]["ours@K=20"]["success_rate"])
+    assert k20["paper"] == SEARCH["ours@K=20"]["success_rate"]
+    assert k20["difference"] == pytest.approx(k20["ours"]["mean"] - k20["paper"])
+    igs = rows[("IGS", "mean_tokens")]
+    assert igs["paper"] == SEARCH["IGS"]["mean_tokens"] and igs["ours"]["mean"] > 0
+    assert any("2 without a length" in n for n in report["notes"])
+    assert not any("carry no response lengths" in n for n in report["notes"])
+    # `search` on its own takes --lengths too, and gives the same numbers
+    again = tmp_path / "again"
+    assert main(["search", "--data", str(release), "--method", "diffmean", "--lengths",
+                 str(lengths), "--out", str(again), "--predictor", str(out / "predictor"),
+                 "--k", "5,20"]) == 0
+    assert json.loads((again / "search.json").read_text())["all"] == search["all"]
+
+
+def test_lengths_of_another_model_is_a_clear_error(release, tmp_path, capsys):
+    """A lengths folder that holds nothing for the cache's (model, method) stops before
+    training with the pair named; their cache method `probe_l2-0.01` is our `probe`."""
+    from train.authors import cache_method
+
+    assert (cache_method("probe_l2-0.01"), cache_method("diffmean")) == ("probe", "diffmean")
+    lengths = _write_lengths(tmp_path / "imported", "gemma-2-2b-it", ("diffmean", "probe"))
+    rc = main(["all", "--data", str(release), "--method", "diffmean", "--lengths",
+               str(lengths), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"model='{MODEL}' method='diffmean'" in err and "gemma-2-2b-it" in err
+    assert not (tmp_path / "o" / "report.json").exists()

@@ -13,7 +13,9 @@ so a silently shifted layer cannot train a predictor on the wrong features.
 
 Their caches hold no response lengths and no judge status: ``response_tokens`` is NaN and
 every row counts as judged ``ok`` (their failed judgments were stored as under-steer and
-cannot be told apart; the report says so).
+cannot be told apart; the report says so). `join_lengths` fills ``response_tokens`` from a
+dataset that `asteer-build import` made of their result files (which do carry the
+responses), so the strength search can run on the caches' rows.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ LABEL_NAMES = {"understeer": 0, "success": 1, "over steer": 2, "oversteer": 2}
 #: concept levels as id ranges (their `xgb/concept_partition.py`; the paper config's
 #: `concepts.levels`)
 LEVELS = contract.AUTHORS_LEVEL_RANGES
+#: decimals alpha is compared at: the caches store it as float32, the import as float64
+ALPHA_DECIMALS = 4
+LENGTH_KEYS = ["model", "method", "concept_id", "prompt_id", "alpha"]
 NOTE = (
     "authors' feature cache: no response lengths; failed judgments were stored by the "
     "authors as under-steer and cannot be told apart"
@@ -223,3 +228,61 @@ def load_pair(
     )
     return frame, names, report, concepts
 
+
+
+def cache_method(method: str) -> str:
+    """A cache's method name as the import names it (their ``probe_l2-0.01`` -> ``probe``)."""
+    from asteer_build.publish.authors import method_name
+
+    try:
+        return method_name(method)
+    except ValueError:
+        return method
+
+
+def join_lengths(frame: pd.DataFrame, lengths: pd.DataFrame, source: str) -> tuple[
+        pd.DataFrame, dict]:
+    """Fill ``response_tokens`` of one (model, method) cache frame from the ``rollouts`` of
+    an imported dataset (``lengths``: `LENGTH_KEYS` + ``response_tokens``).
+
+    The key is (model, method, concept_id, prompt_id, alpha), alpha rounded to
+    `ALPHA_DECIMALS` on both sides because the cache holds float32; several rows of one
+    key (their samples) give their mean. Rows left without a length stay NaN and are
+    counted: the search excludes them rather than charging NaN tokens. A (model, method)
+    that matches no row at all is an error naming it and what ``source`` holds, because a
+    lengths folder of another model would otherwise silently run no search."""
+    model, method = str(frame["model"].iloc[0]), str(frame["method"].iloc[0])
+    want = cache_method(method)
+    lengths = lengths[lengths["response_tokens"].notna()]
+    mine = lengths[(lengths["model"] == model) & (lengths["method"] == want)]
+    if mine.empty:
+        pairs = lengths[["model", "method"]].drop_duplicates().to_numpy().tolist()
+        have = sorted(map(tuple, pairs))
+        raise AuthorsCacheError(
+            f"--lengths {source}: no response_tokens for model={model!r} method={want!r} "
+            f"(cache method {method!r}); it has {have}"
+        )
+    key = ["concept_id", "prompt_id", "alpha_key"]
+    table = (
+        mine.assign(
+            concept_id=mine["concept_id"].astype(str),
+            prompt_id=mine["prompt_id"].astype(str),
+            alpha_key=mine["alpha"].astype(float).round(ALPHA_DECIMALS),
+        )
+        .groupby(key, as_index=False)["response_tokens"]
+        .mean()
+    )
+    out = frame.drop(columns=["response_tokens"]).assign(
+        alpha_key=frame["alpha"].astype(float).round(ALPHA_DECIMALS)
+    )
+    out = out.merge(table, on=key, how="left", validate="many_to_one").drop(columns="alpha_key")
+    out = out[frame.columns]
+    matched = int(out["response_tokens"].notna().sum())
+    report = {
+        "source": source,
+        "key": LENGTH_KEYS,
+        "alpha_decimals": ALPHA_DECIMALS,
+        "rows_matched": matched,
+        "rows_without_length": len(out) - matched,
+    }
+    return out, report

@@ -30,6 +30,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         help="dataset folder or Hub repo id; the authors' release "
         "(cache/features__*.npz) is detected and read too",
     )
+    p.add_argument(
+        "--lengths",
+        help="with the authors' feature caches: a dataset folder or Hub id made by "
+        "`asteer-build import` from their result files, whose response_tokens are joined "
+        "on (model, method, concept, prompt, alpha) so the strength search can run",
+    )
     p.add_argument("--model", help="model name (needed if the dataset has several)")
     p.add_argument("--method", help="diffmean | probe (needed if several)")
     p.add_argument("--out", required=True, help="output folder")
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(transfer_markdown(res))
             return 0
         from train import run
-        from train.data import load_dataset
+        from train.data import load_dataset, with_lengths
         from train.model import Predictor
 
         if a.cmd == "all":
@@ -271,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                 predictors=_options(a.predictor_option),
                 split_seeds=_csv(a.split_seeds, int),
                 transfer=a.transfer,
+                lengths=a.lengths,
                 **_fit_kwargs(a),
             )
             print(json.dumps(summary, indent=2))
             return 0
-        data = load_dataset(a.data, a.model, a.method)
+        data = with_lengths(load_dataset(a.data, a.model, a.method), a.lengths)
         print(json.dumps(data.report), file=sys.stderr)
         if a.cmd == "fit":
             (option,) = _options(a.predictor_option) or ("default",)

@@ -265,3 +265,32 @@ def _load_authors(root: Path, source: str | Path, model: str, method: str) -> Lo
         **{k: extra[k] for k in ("source_format", "cache_file", "layer", "note")},
     }
     return LoadedData(frame, names, model, method, concepts, report)
+
+
+def with_lengths(data: LoadedData, source: str | Path | None) -> LoadedData:
+    """``data`` (the authors' feature caches) with ``response_tokens`` joined from the
+    ``rollouts`` config of an imported dataset (``asteer-build import``, a folder or Hub
+    id); ``None`` returns ``data`` as is. Only the caches lack lengths, so any other
+    source is an error rather than a silent overwrite of lengths it already has."""
+    if source is None:
+        return data
+    if data.report.get("source_format") != "authors-feature-cache":
+        raise DatasetError(
+            f"--lengths {source}: only the authors' feature caches need lengths joined; "
+            f"{data.report.get('source')} carries its own response_tokens"
+        )
+    table = _read_config(resolve_source(source), "rollouts",
+                         columns=[*authors.LENGTH_KEYS, "response_tokens"])
+    if table is None:
+        raise DatasetError(f"--lengths {source}: no rollouts/*.parquet found")
+    try:
+        frame, rep = authors.join_lengths(data.frame, table.to_pandas(), str(source))
+    except authors.AuthorsCacheError as exc:
+        raise DatasetError(str(exc)) from exc
+    report = data.report | {
+        "lengths": rep,
+        "note": "authors' feature cache with response lengths joined from "
+        f"{source}; failed judgments were stored by the authors as under-steer and cannot "
+        "be told apart",
+    }
+    return LoadedData(frame, data.feature_names, data.model, data.method, data.concepts, report)

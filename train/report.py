@@ -123,6 +123,14 @@ def build_report(summary: dict, extra_sections: list[dict] | None = None) -> dic
         if why:
             skipped[key] = why
         authors |= pair.get("dataset", {}).get("source_format") == AUTHORS_FORMAT
+        joined = pair.get("dataset", {}).get("lengths")
+        if joined:
+            notes.append(
+                f"{key}: response lengths joined from {joined['source']} on "
+                f"({', '.join(joined['key'])}): {joined['rows_matched']} rows matched, "
+                f"{joined['rows_without_length']} without a length (their items are left "
+                "out of the strength search)"
+            )
         if paper.paper_pair(pair["model"], pair["method"]) is None:
             notes.append(f"{key}: the paper has no row for this (model, method)")
     if authors:

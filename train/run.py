@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from train import authors, plots
-from train.data import LoadedData, load_dataset
+from train.data import LoadedData, load_dataset, with_lengths
 from train.evaluate import (
     MajorityBaseline,
     evaluate_models,
@@ -160,16 +160,29 @@ def search_data(
     """Strength search on seen-test and unseen items, together and apart.
 
     One mean length (over all evaluated rows) is used for every table so the token
-    costs of the parts add up to the whole."""
+    costs of the parts add up to the whole. Items (concept, prompt) with a row that has no
+    length (authors' caches whose lengths were joined only in part) are left out and
+    counted, so no rollout is charged NaN tokens and every item keeps its whole alpha grid."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = Splits.from_dict(predictor.metadata["splits"])
     frame = with_splits(data, splits)
     evaluated = frame[frame["split"].isin(["test", "unseen"])].copy()
+    no_len = (
+        evaluated["response_tokens"].isna()
+        .groupby([evaluated["concept_id"], evaluated["prompt_id"]]).transform("any")
+        .astype(bool)
+    )
+    excluded = {"rows": int(no_len.sum()), "items": int(
+        evaluated.loc[no_len, ["concept_id", "prompt_id"]].drop_duplicates().shape[0])}
+    evaluated = evaluated[~no_len]
+    if evaluated.empty:
+        raise ValueError(f"{data.model}/{data.method}: no evaluated row has a response length "
+                         f"({excluded['rows']} rows without one)")
     evaluated["p_success"] = predictor.predict_proba(evaluated)[:, 1]
     calibration = frame[frame["split"].isin(["train", "unseen"])]
     mean_len = float(evaluated["response_tokens"].mean())
-    result = {"model": data.model, "method": data.method}
+    result = {"model": data.model, "method": data.method, "excluded_no_length": excluded}
     for name, part in (
         ("all", evaluated),
         ("seen_test", evaluated[evaluated["split"] == "test"]),
@@ -215,6 +228,7 @@ def run_all(
     split_seeds: list[int] | None = None,
     report: bool = True,
     transfer: bool = False,
+    lengths: str | Path | None = None,
     **fit_kwargs,
 ) -> dict:
     """Fit + evaluate + search in one call; returns the headline numbers and writes
@@ -226,7 +240,9 @@ def run_all(
     authors' release holds several (model, method) pairs: each gets ``out_dir/{model}__
     {method}`` and the report covers them all. ``transfer`` adds the pooled predictor's
     leave-one-model-out / leave-one-method-out section (``train.transfer``) over every
-    pair of the dataset, at the same split seeds."""
+    pair of the dataset, at the same split seeds. ``lengths`` (an imported dataset of
+    the authors' result files) gives their feature caches response lengths, so the
+    strength search runs on them (`train.data.with_lengths`)."""
     from train.data import list_pairs, resolve_source
     from train.report import write_report
 
@@ -242,7 +258,8 @@ def run_all(
             per_pair = {
                 f"{m}__{me}": run_all(
                     root, out / f"{m}__{me}", m, me, n_trials, seed, num_threads, ks,
-                    probe_tokens, length, predictors, seeds, False, **fit_kwargs,
+                    probe_tokens, length, predictors, seeds, False, lengths=lengths,
+                    **fit_kwargs,
                 )
                 for m, me in pairs
             }
@@ -253,7 +270,7 @@ def run_all(
                     root, out, transfer, seeds, n_trials, num_threads))
             return summary
         dataset_folder = root
-    data = load_dataset(dataset_folder, model, method)
+    data = with_lengths(load_dataset(dataset_folder, model, method), lengths)
     single = len(predictors) == 1 and len(seeds) == 1
     runs = [
         _run_one(
@@ -323,8 +340,10 @@ def _run_one(
             r["method"]: {"success_rate": r["success_rate"], "mean_tokens": r["mean_tokens"]}
             for r in se["all"]["table"]
         }
+        excluded = se["excluded_no_length"]
     else:
         search = {"skipped": "the data has no response lengths (authors' feature caches)"}
+        excluded = None
     return {
         "predictor": option,
         "seed": seed,
@@ -333,5 +352,6 @@ def _run_one(
             split: {m: r["macro_f1"] for m, r in by.items()} for split, by in ev["metrics"].items()
         },
         "search": search,
+        "search_excluded_no_length": excluded,
         "out_dir": str(out_dir),
     }
