@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from asteer_build.engine.feature_names import authors_columns, feature_names
@@ -419,3 +421,11 @@ def test_lengths_of_another_model_is_a_clear_error(release, tmp_path, capsys):
     assert rc == 2
     assert f"model='{MODEL}' method='diffmean'" in err and "gemma-2-2b-it" in err
     assert not (tmp_path / "o" / "report.json").exists()
+    # a rollouts folder without the key columns: named, not a KeyError
+    bare = tmp_path / "bare" / "rollouts"
+    bare.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["x"], "response_tokens": [3]}), bare / "part-0.parquet")
+    rc = main(["all", "--data", str(release), "--method", "diffmean", "--lengths",
+               str(bare.parent), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lack the column(s) ['model', 'method', 'concept_id'" in err, err

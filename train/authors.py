@@ -240,8 +240,8 @@ def cache_method(method: str) -> str:
         return method
 
 
-def join_lengths(frame: pd.DataFrame, lengths: pd.DataFrame, source: str) -> tuple[
-        pd.DataFrame, dict]:
+def join_lengths(frame: pd.DataFrame, lengths: pd.DataFrame, source: str,
+                 layer: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Fill ``response_tokens`` of one (model, method) cache frame from the ``rollouts`` of
     an imported dataset (``lengths``: `LENGTH_KEYS` + ``response_tokens``).
 
@@ -250,10 +250,13 @@ def join_lengths(frame: pd.DataFrame, lengths: pd.DataFrame, source: str) -> tup
     key (their samples) give their mean. Rows left without a length stay NaN and are
     counted: the search excludes them rather than charging NaN tokens. A (model, method)
     that matches no row at all is an error naming it and what ``source`` holds, because a
-    lengths folder of another model would otherwise silently run no search."""
+    lengths folder of another model would otherwise silently run no search. ``layer`` (the
+    cache's) keeps only the imported rows of that layer when they say theirs."""
     model, method = str(frame["model"].iloc[0]), str(frame["method"].iloc[0])
     want = cache_method(method)
     lengths = lengths[lengths["response_tokens"].notna()]
+    if layer is not None and "layer" in lengths.columns:
+        lengths = lengths[lengths["layer"].isna() | (lengths["layer"] == layer)]
     mine = lengths[(lengths["model"] == model) & (lengths["method"] == want)]
     if mine.empty:
         pairs = lengths[["model", "method"]].drop_duplicates().to_numpy().tolist()

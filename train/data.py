@@ -280,11 +280,17 @@ def with_lengths(data: LoadedData, source: str | Path | None) -> LoadedData:
             f"{data.report.get('source')} carries its own response_tokens"
         )
     table = _read_config(resolve_source(source), "rollouts",
-                         columns=[*authors.LENGTH_KEYS, "response_tokens"])
+                         columns=[*authors.LENGTH_KEYS, "layer", "response_tokens"])
     if table is None:
         raise DatasetError(f"--lengths {source}: no rollouts/*.parquet found")
+    missing = [c for c in (*authors.LENGTH_KEYS, "response_tokens")
+               if c not in table.column_names]
+    if missing:
+        raise DatasetError(f"--lengths {source}: rollouts lack the column(s) {missing} "
+                           "(expected an `asteer-build import` folder)")
     try:
-        frame, rep = authors.join_lengths(data.frame, table.to_pandas(), str(source))
+        frame, rep = authors.join_lengths(data.frame, table.to_pandas(), str(source),
+                                          layer=data.report.get("layer"))
     except authors.AuthorsCacheError as exc:
         raise DatasetError(str(exc)) from exc
     report = data.report | {
