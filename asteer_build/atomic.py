@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["temp_path", "commit", "atomic_path", "write_bytes", "write_text",
-           "commit_dir", "fsync_dir", "clean_temps", "is_temp"]
+           "commit_dir", "replace_dir", "fsync_dir", "clean_temps", "is_temp"]
 
 
 def temp_path(dest: str | os.PathLike[str]) -> Path:
@@ -109,6 +109,26 @@ def commit_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put a finished folder `tmp` in place of `target`, replacing a folder already there
+    (a reader sees the old folder or the new one, never a mix; a crash between the two
+    renames leaves the old one beside it under a `.old-` name, not lost)."""
+    tmp, target = Path(tmp), Path(target)
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
 
 
 def clean_temps(folder: str | os.PathLike[str]) -> None:

@@ -787,14 +787,7 @@ def import_authors(
     try:
         toks = load_tokenizers(tokenizers, sorted({p.model for p in loc.pairs.values()}))
         result = _assemble(loc, tmp, source, rows_per_file, rows_per_group, toks)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dest)
-        atomic.fsync_dir(dest.parent)
+        atomic.replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
