@@ -53,6 +53,8 @@ def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
         ctx = model_context(store, cfg, model, run.plan.prompts, run.plan.sampling[model.name])
         engine = start_engine(run, model)
         engine.register_vectors(ctx.vectors)
+        console.say(f"rollouts: {model.name}: {len(shards)} shards, "
+                    f"{sum(len(s.items) for s in shards):,} items")
         bar = console.progress(total=sum(len(s.items) for s in shards), unit="item",
                                desc=f"rollouts {model.name}", disable=not run.opts.progress)
 
