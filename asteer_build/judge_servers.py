@@ -49,7 +49,7 @@ from typing import Any
 
 log = logging.getLogger("asteer_build")
 
-__all__ = ["ServerSpec", "ServerProcess", "serve_args", "served_judge"]
+__all__ = ["ServerSpec", "ServerProcess", "serve_args", "served_judge", "stop_group"]
 
 
 @dataclass
@@ -173,20 +173,26 @@ class ServerProcess:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the process group, SIGKILL after `grace_s`; idempotent."""
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
+        if self.proc is not None:
+            stop_group(self.proc, grace_s)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a `vllm serve` started in its own process group (`start_new_session`):
+    SIGTERM to the group, SIGKILL after `grace_s`, then SIGKILL to what is left of the
+    group (the engine core may outlive the API server by a moment). Idempotent."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
-        # the engine core may outlive the API server by a moment: the group goes too
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _node_ip() -> str:

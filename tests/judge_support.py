@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -70,16 +69,10 @@ def free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    """The builder's own stop for a `vllm serve` process group."""
+    from asteer_build.judge_servers import stop_group
+
+    stop_group(proc, grace)
 
 
 @contextlib.contextmanager
