@@ -37,13 +37,13 @@ from .rollouts import (
     CaptureSettings,
     RolloutRequest,
     RolloutResult,
-    _check_features,
-    _check_replay,
-    _finish,
-    _pairs,
-    _replay_params,
-    _replay_spec,
-    _result,
+    capture_pairs,
+    check_features,
+    check_replay,
+    finish_result,
+    replay_sampling_params,
+    replay_spec,
+    result_from_output,
     run_rollout_async,
     sampling_params,
 )
@@ -178,7 +178,7 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
     from vllm.sampling_params import RequestOutputKind
 
     if capture is not None:
-        _check_features(capture)
+        check_features(capture)
     stats = FeedStats()
     slots = ShardSlots()
     source = _requests(batches, slots)
@@ -186,7 +186,7 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
     authors = capture is not None and capture.replay == "authors"
     tok = engine.get_tokenizer() if authors else None
     need = float("inf") if authors else (max(capture.steps) + 1 if capture else 0)
-    replay_params = _replay_params() if capture is not None else None
+    replay_params = replay_sampling_params() if capture is not None else None
     warmed: set[tuple[int, ...]] = set()
     # per live rollout (key n): (shard index, pos, request, tokens, texts, finish, keys)
     live: dict[int, dict[str, Any]] = {}
@@ -222,7 +222,7 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
                 params = engine.decorate(sp, r.steer(), None)
                 live[n] = {"shard": si, "pos": pos, "req": r}
             else:
-                _check_replay(capture, [r])
+                check_replay(capture, [r])
                 ids = tuple(r.prompt_token_ids)
                 if r.positions == "all" and not authors and ids not in warmed:
                     # one unsteered prefill per distinct prompt: the replays find its KV
@@ -248,14 +248,14 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
             return
         recs = ready.pop(si)
         reqs = [x["req"] for x in recs]
-        collected = engine.collect(_pairs(reqs, [x["keys"] for x in recs], capture,
+        collected = engine.collect(capture_pairs(reqs, [x["keys"] for x in recs], capture,
                                           engine.num_layers))
         for x, c in zip(recs, collected, strict=True):
             from types import SimpleNamespace
 
             out = SimpleNamespace(outputs=[SimpleNamespace(
                 text="".join(x["texts"]), token_ids=x["tokens"], finish_reason=x["finish"])])
-            complete(si, x["pos"], _finish(x["req"], out, c, capture, engine.num_layers))
+            complete(si, x["pos"], finish_result(x["req"], out, c, capture, engine.num_layers))
 
     def on_output(out: Any) -> list[tuple[str, dict, Any]]:
         nonlocal steered_live
@@ -268,7 +268,7 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
             if out.finished:
                 del live[n]
                 steered_live -= 1
-                complete(rec["shard"], rec["pos"], _result(rec["req"], out))
+                complete(rec["shard"], rec["pos"], result_from_output(rec["req"], out))
                 more = submit_next()
             return more
         if kind == "r":
@@ -284,7 +284,7 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
                 steered_live -= 1
             if not rec["replayed"] and (len(rec["tokens"]) >= need or out.finished):
                 rec["replayed"] = True
-                ids, cap = _replay_spec(rec["req"], rec["tokens"], capture, rec["keys"][1],
+                ids, cap = replay_spec(rec["req"], rec["tokens"], capture, rec["keys"][1],
                                         tok)
                 more.append((f"r{n}:{nonce}", {"prompt_token_ids": ids},
                              engine.decorate(replay_params, None, cap)))

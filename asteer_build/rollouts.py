@@ -105,7 +105,9 @@ def sampling_params(req: RolloutRequest):
     )
 
 
-def _result(req: RolloutRequest, out: Any) -> RolloutResult:
+def result_from_output(req: RolloutRequest, out: Any) -> RolloutResult:
+    """A rollout without capture from vLLM's final output; shared by every runner so a
+    result's fields mean the same whichever path (batch, stream, feeder) produced it."""
     comp = out.outputs[0]
     return RolloutResult(
         id=req.id,
@@ -207,7 +209,7 @@ def authors_replay_prompt(tokenizer: Any, req: RolloutRequest, generated: Sequen
     return [int(x) for x in full[: base + last + 1]], avail, base
 
 
-def _check_replay(settings: CaptureSettings, reqs: Sequence[RolloutRequest]) -> None:
+def check_replay(settings: CaptureSettings, reqs: Sequence[RolloutRequest]) -> None:
     """Fail before generating anything when the authors' replay cannot apply."""
     if settings.replay != "authors":
         return
@@ -218,7 +220,10 @@ def _check_replay(settings: CaptureSettings, reqs: Sequence[RolloutRequest]) -> 
                          f"e.g. {bad[:3]}")
 
 
-def _pairs(reqs, keys, settings, num_layers):
+def capture_pairs(reqs, keys, settings, num_layers):
+    """What the capture buffer needs to pair each steered run with its replay: their
+    request keys and the offsets/steps to keep. One builder for every runner, so the
+    buffer sees one spec shape."""
     out = []
     for req, (sk, rk) in zip(reqs, keys, strict=True):
         kept, _ = settings.resolve(req.layer, num_layers)
@@ -236,8 +241,11 @@ def _pairs(reqs, keys, settings, num_layers):
     return out
 
 
-def _finish(req, out, collected, settings, num_layers) -> RolloutResult:
-    res = _result(req, out)
+def finish_result(req, out, collected, settings, num_layers) -> RolloutResult:
+    """A rollout with what the capture buffer collected for it (features, activations,
+    what was missing); a capture error fails the rollout loudly instead of writing a row
+    without its features."""
+    res = result_from_output(req, out)
     kept, dropped = settings.resolve(req.layer, num_layers)
     present = collected.get("steps_present", [])
     res.extra = {
@@ -261,14 +269,17 @@ def _keys(reqs) -> list[tuple[str, str]]:
     return [(f"{r.id}:{nonce}:s", f"{r.id}:{nonce}:r") for r in reqs]
 
 
-def _replay_params():
+def replay_sampling_params():
+    """The replay's sampling: it exists only to run the unsteered prefill whose
+    activations we capture."""
     from vllm import SamplingParams
 
     # One prefill; the sampled token is discarded (and never detokenized).
     return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 
-def _check_features(settings: CaptureSettings) -> None:
+def check_features(settings: CaptureSettings) -> None:
+    """Refuse a capture mix the feature columns cannot describe, before any generation."""
     if settings.features and settings.extra_offsets:
         raise ValueError("capture.extra_offsets is for inspecting activations; turn features off")
 
@@ -285,9 +296,9 @@ def run_with_capture(
     """
     from vllm.sampling_params import RequestOutputKind
 
-    _check_features(settings)
+    check_features(settings)
     reqs = list(requests)
-    _check_replay(settings, reqs)
+    check_replay(settings, reqs)
     authors = settings.replay == "authors"
     tok = engine.get_tokenizer() if authors else None
     keys = _keys(reqs)
@@ -298,7 +309,7 @@ def run_with_capture(
     texts: list[list[str]] = [[] for _ in reqs]
     finish: list[Any] = [None] * len(reqs)
     replayed: set[int] = set()
-    replay_params = _replay_params()
+    replay_params = replay_sampling_params()
 
     def submit_steered():
         # One unsteered prefill per distinct prompt whose steered prompt KV is salted
@@ -326,7 +337,7 @@ def run_with_capture(
         if i in replayed or not (len(tokens[i]) >= need or out.finished):
             return ()
         replayed.add(i)
-        ids, cap = _replay_spec(reqs[i], tokens[i], settings, keys[i][1], tok)
+        ids, cap = replay_spec(reqs[i], tokens[i], settings, keys[i][1], tok)
         return [(f"r{i}:{nonce}", {"prompt_token_ids": ids},
                  engine.decorate(replay_params, None, cap))]
 
@@ -336,14 +347,14 @@ def run_with_capture(
             text="".join(texts[i]), token_ids=tokens[i], finish_reason=finish[i])])
         for i in range(len(reqs))
     ]
-    collected = engine.collect(_pairs(reqs, keys, settings, engine.num_layers))
+    collected = engine.collect(capture_pairs(reqs, keys, settings, engine.num_layers))
     return [
-        _finish(r, o, c, settings, engine.num_layers)
+        finish_result(r, o, c, settings, engine.num_layers)
         for r, o, c in zip(reqs, outs, collected, strict=True)
     ]
 
 
-def _replay_spec(req: RolloutRequest, generated: Sequence[int], settings: CaptureSettings,
+def replay_spec(req: RolloutRequest, generated: Sequence[int], settings: CaptureSettings,
                  key: str, tokenizer: Any = None) -> tuple[list[int], dict[str, Any]]:
     """The replay's token ids and capture spec for one rollout, in the settings' mode."""
     if settings.replay == "authors":
@@ -358,20 +369,21 @@ async def run_one_with_capture_async(
     engine: AsyncSteeringEngine, req: RolloutRequest, settings: CaptureSettings
 ) -> RolloutResult:
     """The same for one request on an `AsyncSteeredEngine` (the Ray feeder's unit)."""
-    _check_features(settings)
-    _check_replay(settings, [req])
+    check_features(settings)
+    check_replay(settings, [req])
     tok = engine.get_tokenizer() if settings.replay == "authors" else None
     ((sk, rk),) = _keys([req])
     out = await engine.generate_final(
         {"prompt_token_ids": req.prompt_token_ids}, sampling_params(req), req.steer(),
         request_id=sk, capture={"key": sk, "steps": list(settings.steps)},
     )
-    ids, cap = _replay_spec(req, list(out.outputs[0].token_ids), settings, rk, tok)
+    ids, cap = replay_spec(req, list(out.outputs[0].token_ids), settings, rk, tok)
     await engine.generate_final(
-        {"prompt_token_ids": ids}, _replay_params(), None, request_id=rk, capture=cap,
+        {"prompt_token_ids": ids}, replay_sampling_params(), None, request_id=rk, capture=cap,
     )
-    (collected,) = await engine.collect(_pairs([req], [(sk, rk)], settings, engine.num_layers))
-    return _finish(req, out, collected, settings, engine.num_layers)
+    (collected,) = await engine.collect(
+        capture_pairs([req], [(sk, rk)], settings, engine.num_layers))
+    return finish_result(req, out, collected, settings, engine.num_layers)
 
 
 def replay_activations(
@@ -395,7 +407,7 @@ def replay_activations(
     mode = settings.replay if replay is None else replay
     s = replace(settings, replay=mode)
     reqs = list(requests)
-    _check_replay(s, reqs)
+    check_replay(s, reqs)
     tok = engine.get_tokenizer() if mode == "authors" else None
     nonce = uuid.uuid4().hex[:8]
     prompts, caps, pairs = [], [], []
@@ -403,7 +415,7 @@ def replay_activations(
         if res.id != req.id:
             raise ValueError(f"result {res.id} does not belong to request {req.id}")
         key = f"{req.id}:{nonce}:x"
-        ids, cap = _replay_spec(req, res.response_token_ids, s, key, tok)
+        ids, cap = replay_spec(req, res.response_token_ids, s, key, tok)
         prompts.append({"prompt_token_ids": ids})
         caps.append(cap)
         kept, _ = s.resolve(req.layer, engine.num_layers)
@@ -411,7 +423,7 @@ def replay_activations(
                       "alpha": float(req.alpha), "layer": int(req.layer), "offsets": kept,
                       "steps": list(s.steps), "features": False, "activations": True,
                       "activation_dtype": "float32"})
-    engine.generate(prompts, [_replay_params()] * len(prompts), None, capture=caps)
+    engine.generate(prompts, [replay_sampling_params()] * len(prompts), None, capture=caps)
     out = []
     for req, got in zip(reqs, engine.collect(pairs), strict=True):
         if got.get("error"):
@@ -443,7 +455,7 @@ def run_rollouts(engine: SteeringEngine, requests: Sequence[RolloutRequest],
         [sampling_params(r) for r in requests],
         [r.steer() for r in requests],
     )
-    return [_result(r, o) for r, o in zip(requests, outs, strict=True)]
+    return [result_from_output(r, o) for r, o in zip(requests, outs, strict=True)]
 
 
 async def run_rollout_async(engine: AsyncSteeringEngine, req: RolloutRequest,
@@ -454,7 +466,7 @@ async def run_rollout_async(engine: AsyncSteeringEngine, req: RolloutRequest,
     out = await engine.generate_final(
         {"prompt_token_ids": req.prompt_token_ids}, sampling_params(req), req.steer(), req.id
     )
-    return _result(req, out)
+    return result_from_output(req, out)
 
 
 def probe_feature_rows(
