@@ -45,6 +45,7 @@ def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
     capture = capture_settings(cfg)
     done_items = done_tokens = 0
     gen_seconds = writer_wait = 0.0
+    windows: dict[str, list[float | None]] = {}
     t0 = time.time()
     for model in cfg.models:
         shards = [s for s in todo if s.model == model.name]
@@ -77,6 +78,7 @@ def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
         done_items += stats.items
         done_tokens += stats.tokens
         gen_seconds += stats.generate_seconds
+        windows[model.name] = [stats.t_first, stats.t_last]
         writer_wait += stats.writer_wait_s
     dt = time.time() - t0
     return {"executor": "local", "shards_run": len(todo), "items_run": done_items,
@@ -84,6 +86,8 @@ def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
             # first request submitted to last rollout finished, engine start-up excluded:
             # what throughput comparisons should use
             "generate_seconds": round(gen_seconds, 2),
+            # epoch seconds, per model: to line the phase up with metrics or CPU samples
+            "generate_windows": windows,
             "writer_wait_seconds": round(writer_wait, 3),
             "engine_start_seconds": dict(run.engine_start_seconds),
             "items_per_s": round(done_items / dt, 2) if dt else None}

@@ -395,6 +395,7 @@ def run_rollouts_ray(run: Run, todo: list[Shard]) -> dict[str, Any]:
     summary: dict[str, Any] = {"executor": "ray", "actors": [], "requeued": 0, "failed": []}
     items_run = tokens_run = 0
     gen_seconds = 0.0
+    windows: dict[str, list[float | None]] = {}
     for model in cfg.models:
         shards = [s for s in todo if s.model == model.name]
         if not shards:
@@ -407,10 +408,11 @@ def run_rollouts_ray(run: Run, todo: list[Shard]) -> dict[str, Any]:
         items_run += d.items
         tokens_run += d.tokens
         gen_seconds += d.gen_seconds
+        windows[model.name] = [d.t_first, d.t_last]
     dt = time.time() - t0
     summary.update(shards_run=len(todo) - len(summary["failed"]), items_run=items_run,
                    tokens=tokens_run, seconds=round(dt, 2),
-                   generate_seconds=round(gen_seconds, 2),
+                   generate_seconds=round(gen_seconds, 2), generate_windows=windows,
                    items_per_s=round(items_run / dt, 2) if dt else None)
     console.say(f"[ray] summary: {summary['shards_run']} shards, {items_run} items, "
                 f"{tokens_run} tokens in {dt:.1f}s ({items_run / max(dt, 1e-9):.1f} items/s); "

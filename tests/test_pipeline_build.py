@@ -139,7 +139,11 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # --json: stdout is the summary JSON, nothing else
     assert summary == json.loads((run / "summary.json").read_text())
-    assert summary["rollouts"]["shards_run"] == 6 - len(before)  # committed ones skipped
+    ro = summary["rollouts"]
+    assert ro["shards_run"] == 6 - len(before)  # committed ones skipped
+    # the generate phase's window (epoch seconds) is the one its seconds were taken from
+    (t_first, t_last), = ro["generate_windows"].values()
+    assert t_first < t_last and abs((t_last - t_first) - ro["generate_seconds"]) < 0.011
     after = committed(run, "rollouts")
     assert {n: e["sha256"] for n, e in before.items()} == \
         {n: after[n]["sha256"] for n in before}  # not rewritten
@@ -301,6 +305,8 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, 
     assert len(list(pids.glob("*.pid"))) >= 2  # a replacement actor took over
     summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex('{\n "run"'):])
     assert summary["rollouts"]["requeued"] >= 1
+    (t_first, t_last), = summary["rollouts"]["generate_windows"].values()
+    assert abs((t_last - t_first) - summary["rollouts"]["generate_seconds"]) < 0.011
     _assert_same_build(run, reference)
     assert pq.read_metadata(run / "labelled" / "shard-000005.parquet").num_rows == 4
 
