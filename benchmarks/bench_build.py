@@ -12,10 +12,13 @@ Variants, run interleaved in each round (paired ratios, median with min and max)
 - local: `asteer-build run --stages rollouts` on a copy of a folder whose vectors are
   built (engine start-up excluded: the generate phase is first request submitted to
   last rollout finished, as the build summary reports it), capture off and on;
-- ray: the same with `--executor ray` and one engine actor, capture off; the CPU time of
-  every process of the build is sampled (psutil) and split into the engine (the actor
-  and its vLLM engine core), the Ray runtime (GCS, raylet, dashboard, other workers) and
-  the driver, since they share this machine's cores with the engine.
+- ray: the same with `--executor ray` and one engine actor, capture off.
+
+The CPU time of every process of each build is sampled (psutil), over the whole build
+and inside its generate phase (the summary's `generate_windows`), and split into the
+driver (with the local executor also vLLM's front end), the engine actor (Ray: AsyncLLM's
+front end and the feeder), vLLM's engine core and workers, and the Ray runtime (GCS,
+raylet, dashboard, idle workers): they all share this machine's two cores with the engine.
 
 Ratios: local / ideal (capture off: the pipeline efficiency without capture), ray /
 local, local-capture / ideal-capture (pipeline efficiency with capture on).
@@ -71,7 +74,8 @@ class _CpuSampler:
     and vLLM's engine core renames itself after it starts, so the role is decided at the
     end, not at first sight."""
 
-    ENGINE = ("EngineHost", "EngineCore", "VLLM")
+    FRONTEND = ("EngineHost",)  # the Ray actor: AsyncLLM's front end and our feeder
+    ENGINE = ("EngineCore", "VLLM")  # vLLM's engine core and its workers
     RAY = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "ray::",
            "default_worker", "runtime_env")
 
@@ -107,8 +111,10 @@ class _CpuSampler:
         if pid == self.root:
             return "driver"
         seen = " ".join(self.titles.get(pid, ()))
+        if any(k in seen for k in self.FRONTEND):
+            return "engine_actor"
         if any(k in seen for k in self.ENGINE):
-            return "engine"
+            return "engine_core"
         return "ray_runtime" if any(k in seen for k in self.RAY) else "other"
 
     @staticmethod
