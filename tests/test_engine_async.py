@@ -51,6 +51,11 @@ def test_async_engine_concurrent_requests_match_reference(varied_model):
             ))
         finally:
             eng.shutdown()
+        # generate_final asks for the final output only, on a copy of the caller's params
+        from vllm.sampling_params import RequestOutputKind
+
+        assert params.output_kind == RequestOutputKind.CUMULATIVE
+        assert all(o.finished and len(o.outputs[0].token_ids) == 16 for o in outs)
         return [list(o.outputs[0].token_ids) for o in outs], captured
 
     ours, (exact, authors) = asyncio.run(run())

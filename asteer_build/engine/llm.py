@@ -360,6 +360,15 @@ class AsyncSteeredEngine(_SteeringClient):
     async def generate_final(
         self, prompt: Any, sampling_params: Any, steer=None, request_id=None, capture=None
     ):
+        """The request's final output only. Asked for as `FINAL_ONLY`: with the default
+        (cumulative) kind AsyncLLM builds a growing `RequestOutput` for every request at
+        every step and wakes its coroutine to drop it, which on a feeder with a full
+        window costs the front end more CPU than the engine's own step loop."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling_params = copy.copy(sampling_params or SamplingParams())
+        sampling_params.output_kind = RequestOutputKind.FINAL_ONLY
         final = None
         async for out in self.generate(prompt, sampling_params, steer, request_id, capture):
             final = out
