@@ -1,10 +1,11 @@
 """Rollouts on a Ray cluster: one engine actor per placement group, shards from a queue.
 
-- Each actor owns an `AsyncSteeredEngine` in a placement group sized to its model's
+- Each actor owns a `SteeredEngine` in a placement group sized to its model's
   tensor-parallel GPUs (CPU bundles on a CPU-only cluster).
-- Inside an actor the shared feeder (`feed.AsyncShardFeeder`, the same window, slots and
-  writer thread as the local executor's) keeps about `in_flight_factor x max_num_seqs`
-  requests in flight, across shard boundaries: the driver hands each actor
+- Inside an actor the local executor's feeding loop (`feed.feed_engine`, on a
+  `feed.FeedThread`: the same window, slots and writer thread) keeps about
+  `in_flight_factor x max_num_seqs` requests in flight, across shard boundaries: the
+  driver hands each actor
   `shards_in_flight` shards ahead, and all of them draw on the same window, so the engine
   never drains between shards (the pattern of Ray Data LLM's engine stage).
 - The driver pulls from one queue per model, so fast actors take more shards. A dead
@@ -30,7 +31,7 @@ from .plan import Shard
 if TYPE_CHECKING:
     from .build import Run
     from .config import BuildConfig, ModelConfig
-    from .engine.protocol import AsyncSteeringEngine
+    from .engine.protocol import SteeringEngine
     from .sources import Prompt
     from .work import ModelContext
 
@@ -49,7 +50,8 @@ class EngineHost:
         #: the head's resolved `EffectiveSampling` (the one build.json records)
         self.sampling = sampling
         self.max_in_flight = max_in_flight
-        self.engine: AsyncSteeringEngine | None = None
+        self.engine: SteeringEngine | None = None
+        self.niceness: int | None = None
         self.ctx: ModelContext | None = None
         self.feeder: Any = None
         self.items_done = 0
@@ -57,8 +59,8 @@ class EngineHost:
         self.started = time.time()
 
     async def start(self) -> dict[str, Any]:
-        from .engine import AsyncSteeredEngine
-        from .feed import AsyncShardFeeder
+        from .engine import SteeredEngine
+        from .feed import FeedThread
         from .lockcheck import require_lock
         from .shards import open_store
         from .work import capture_settings, engine_kwargs, model_context, write_shard
@@ -71,14 +73,21 @@ class EngineHost:
         kw = engine_kwargs(model)
         if model.tensor_parallel_size > 1:
             kw.setdefault("distributed_executor_backend", "ray")
-        self.engine = AsyncSteeredEngine.from_args(self.ctx.path, steer_layers=[self.cfg.layer],
-                                                   **kw)
-        await self.engine.register_vectors(self.ctx.vectors)
-        ctx, store = self.ctx, self.store
-        self.feeder = AsyncShardFeeder(self.engine, self.capture, self.max_in_flight,
-                                       lambda s, res: write_shard(store, s, res, ctx.norms))
+        ctx, store, layer = self.ctx, self.store, self.cfg.layer
+
+        def make_engine() -> SteeredEngine:
+            # on the feeding thread, which starts the engine's processes: they inherit it
+            self.niceness = _engine_priority()
+            engine = SteeredEngine(ctx.path, steer_layers=[layer], **kw)
+            engine.register_vectors(ctx.vectors)
+            return engine
+
+        self.feeder = FeedThread(make_engine, self.capture, self.max_in_flight,
+                                 lambda s, res: write_shard(store, s, res, ctx.norms))
+        self.engine = await self.feeder.started()
         self._write_pid()
-        return {"pid": os.getpid(), "node": _node_ip(), "max_in_flight": self.max_in_flight}
+        return {"pid": os.getpid(), "node": _node_ip(), "max_in_flight": self.max_in_flight,
+                "niceness": self.niceness}
 
     def _write_pid(self) -> None:
         """Where fault-injection tests (and operators) find the actor process."""
@@ -104,18 +113,38 @@ class EngineHost:
                 "t_first": self.feeder.stats.t_first, "t_last": self.feeder.stats.t_last}
 
     async def health(self) -> dict[str, Any]:
-        if self.engine is not None:
-            check = getattr(self.engine.engine, "check_health", None)
-            if check is not None:
-                await check()
+        if self.feeder is not None:
+            self.feeder.check()  # the feeding thread stops if the engine core dies
         return {"pid": os.getpid(), "items": self.items_done, "tokens": self.tokens_done}
 
     def shutdown(self) -> None:
         if self.feeder is not None:
-            self.feeder.close()
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+            self.feeder.close()  # the feeding thread shuts its engine down
+            self.feeder = None
+        self.engine = None
+
+
+def _engine_priority() -> int:
+    """Give the engine actor (and the engine processes it starts, which inherit it) the
+    normal CPU priority back, and return the niceness it runs at.
+
+    Ray starts workers at niceness 15 (`RAY_worker_niceness`) so that a burst of CPU
+    tasks cannot starve the raylet and GCS. The engine actor is the one process whose
+    speed is the build's speed: at niceness 15 every wake-up of a nice-0 process
+    preempts its step, which on a small CPU node costs a measurable share of the
+    generate phase. Raising priority needs privilege (root, CAP_SYS_NICE or an
+    RLIMIT_NICE allowance); without it the actor keeps Ray's niceness, and
+    `RAY_worker_niceness=0` on `ray start` does the same for the whole node.
+    """
+    current = os.nice(0)
+    if current > 0:
+        try:
+            os.nice(-current)
+        except OSError:
+            log.warning("engine actor runs at niceness %d (Ray's default for workers); "
+                        "set RAY_worker_niceness=0 on `ray start` to run it at normal "
+                        "priority", current)
+    return os.nice(0)
 
 
 def _node_ip() -> str:
@@ -147,6 +176,8 @@ class _Slot:
     health_ref: Any = None
     health_sent: float = 0.0
     t_first: float | None = None
+    #: the engine's CPU niceness on its node (`_engine_priority`)
+    niceness: int | None = None
 
 
 def _resources(cluster: dict[str, float], tp: int, cpus: float) -> tuple[list[dict], dict]:
@@ -307,7 +338,8 @@ class _ModelDispatch:
             slot.t_first = slot.t_first or time.time()
             console.say(f"[ray] actor {slot.key} up on {res['node']} pid {res['pid']} in "
                         f"{time.time() - slot.started_at:.1f}s ({res['max_in_flight']} "
-                        "requests in flight)")
+                        f"requests in flight, niceness {res.get('niceness')})")
+            slot.niceness = res.get("niceness")
         elif kind == "health":
             slot.health_ref = None
         else:
@@ -351,7 +383,8 @@ class _ModelDispatch:
         for s in self.slots:
             self.summary["actors"].append({"actor": s.key, "shards": s.shards,
                                            "items": s.items, "tokens": s.tokens,
-                                           "restarts": s.restarts})
+                                           "restarts": s.restarts,
+                                           "niceness": s.niceness})
             try:
                 ray.get(s.actor.shutdown.remote(), timeout=60)
             except (RayActorError, GetTimeoutError, RayTaskError):

@@ -16,14 +16,16 @@ feed an engine the same way, through this module:
   atomic; shards may complete (and commit) out of plan order, and a kill loses only the
   shards not yet committed.
 
-`feed_engine` drives an in-process synchronous `SteeredEngine` (the local executor) step
-by step; `AsyncShardFeeder` drives an `AsyncSteeredEngine` (the Ray actor, which receives
-shards from the driver a few ahead). Both use the same window, slots and writer.
+`feed_engine` drives a synchronous `SteeredEngine` step by step, in both executors: the
+local one calls it with the plan's shards; the Ray actor runs it on a `FeedThread`, whose
+`ShardInbox` receives shards from the driver a few ahead. One loop, one window, the same
+slots and writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 import uuid
@@ -44,12 +46,11 @@ from .rollouts import (
     replay_sampling_params,
     replay_spec,
     result_from_output,
-    run_rollout_async,
     sampling_params,
 )
 
-__all__ = ["in_flight_window", "ShardWriter", "ShardSlots", "feed_engine", "AsyncShardFeeder",
-           "FeedStats"]
+__all__ = ["in_flight_window", "ShardWriter", "ShardSlots", "ShardInbox", "feed_engine",
+           "FeedThread", "FeedStats"]
 
 
 def in_flight_window(engine_args: dict[str, Any], factor: float) -> int:
@@ -156,32 +157,93 @@ class ShardSlots:
         return s.shard, list(s.results)  # type: ignore[arg-type]
 
 
-def _requests(batches: Iterable[tuple[Shard, list[RolloutRequest]]], slots: ShardSlots
-              ) -> Iterator[tuple[int, int, RolloutRequest]]:
-    """(shard index, position, request), opening each shard's slot as it starts."""
-    for shard, reqs in batches:
-        slots.open(shard, len(reqs))
-        for pos, r in enumerate(reqs):
-            yield shard.index, pos, r
+class _Requests:
+    """(shard index, position, request) in hand-in order, opening each shard's slot as
+    its first request is taken. Polled, never exhausted for good: a `ShardInbox` may be
+    empty now and have shards later, so `take` returning None only means "nothing now"."""
+
+    def __init__(self, batches: Iterable[tuple[Shard, list[RolloutRequest]]],
+                 slots: ShardSlots) -> None:
+        self.batches, self.slots = iter(batches), slots
+        self.current: Iterator[tuple[int, RolloutRequest]] | None = None
+        self.shard_index = -1
+
+    def take(self) -> tuple[int, int, RolloutRequest] | None:
+        while True:
+            if self.current is not None:
+                nxt = next(self.current, None)
+                if nxt is not None:
+                    return self.shard_index, nxt[0], nxt[1]
+                self.current = None
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            shard, reqs = batch
+            self.slots.open(shard, len(reqs))
+            self.shard_index, self.current = shard.index, enumerate(reqs)
+
+
+class ShardInbox:
+    """Shards handed to a running `feed_engine` from another thread (the Ray actor's
+    event loop). Iterating it never blocks (empty now is not finished), so the engine
+    keeps stepping while the driver's next shard is on its way; `wait` blocks only when
+    the engine has nothing left to run."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[Shard, list[RolloutRequest]]] = \
+            collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, shard: Shard, reqs: list[RolloutRequest]) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"shard {shard.name}: the feeder is closed")
+            self._queue.append((shard, reqs))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __iter__(self) -> ShardInbox:
+        return self
+
+    def __next__(self) -> tuple[Shard, list[RolloutRequest]]:
+        with self._cond:
+            if self._queue:
+                return self._queue.popleft()
+        raise StopIteration
+
+    def wait(self) -> bool:
+        """Block until a shard is queued (True) or the inbox is closed and empty."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._closed)
+            return bool(self._queue)
 
 
 def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]]],
                 capture: CaptureSettings | None, window: int,
-                writer: ShardWriter) -> FeedStats:
+                writer: ShardWriter, stats: FeedStats | None = None) -> FeedStats:
     """Run every shard's requests on a synchronous `SteeredEngine`, `window` rollouts in
     flight across shard boundaries; each complete shard goes to `writer` at once.
 
     With capture, each rollout's unsteered replay joins the running batch once the
     rollout has the tokens it needs (as `rollouts.run_with_capture`), and a shard's
     captures are collected from the workers when its last replay is done.
+
+    `batches` may be a `ShardInbox`: then this runs until the inbox is closed, waiting
+    for shards whenever the engine has run everything it was given. `stats`, when
+    given, is updated as rollouts finish (the Ray actor reads it between shards).
     """
     from vllm.sampling_params import RequestOutputKind
 
     if capture is not None:
         check_features(capture)
-    stats = FeedStats()
+    stats = stats if stats is not None else FeedStats()
     slots = ShardSlots()
-    source = _requests(batches, slots)
+    source = _Requests(batches, slots)
     nonce = uuid.uuid4().hex[:8]
     authors = capture is not None and capture.replay == "authors"
     tok = engine.get_tokenizer() if authors else None
@@ -210,7 +272,7 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
         nonlocal steered_live
         out: list[tuple[str, dict, Any]] = []
         while steered_live < window:
-            nxt = next(source, None)
+            nxt = source.take()
             if nxt is None:
                 break
             si, pos, r = nxt
@@ -295,45 +357,120 @@ def feed_engine(engine: Any, batches: Iterable[tuple[Shard, list[RolloutRequest]
             more.extend(submit_next())
         return more
 
-    engine.stream(submit_next(), on_output)
+    while True:
+        engine.stream(submit_next(), on_output)
+        if not isinstance(batches, ShardInbox) or not batches.wait():
+            break
     if slots.slots:  # the engine stopped with rollouts missing: never commit a partial shard
         names = ", ".join(s.shard.name for s in slots.slots.values())
         raise RuntimeError(f"rollouts: engine finished with shards incomplete: {names}")
     return stats
 
 
-class AsyncShardFeeder:
-    """The same feeding on an `AsyncSteeredEngine` (the Ray engine actor): every shard
-    handed in runs concurrently, all drawing on one window of `window` requests, so the
-    engine keeps working across shard boundaries; a complete shard is written by the
-    writer thread, and `run_shard` returns its files for the driver to commit."""
+class FeedThread:
+    """`feed_engine` on a thread of the Ray engine actor, which owns the engine.
 
-    def __init__(self, engine: Any, capture: CaptureSettings | None, window: int,
-                 write: Callable[[Shard, list[RolloutResult]], Any],
+    The actor's event loop hands shards in (`run_shard`) and awaits each one's files,
+    while this thread keeps the window full across shard boundaries, exactly as the
+    local executor does: one feeding path, one engine loop (vLLM's synchronous step loop;
+    AsyncLLM's per-request coroutines cost the front end about twice the CPU, which on a
+    small CPU box is taken from the engine). The engine is built, fed and shut down on
+    this thread only, so its sockets never cross threads.
+    """
+
+    def __init__(self, make_engine: Callable[[], Any], capture: CaptureSettings | None,
+                 window: int, write: Callable[[Shard, list[RolloutRequest]], Any],
                  max_pending: int = 4) -> None:
-        self.engine, self.capture = engine, capture
-        self.sem = asyncio.Semaphore(window)
-        self.writer = ShardWriter(write, None, max_pending)
+        self.capture, self.window, self._write = capture, window, write
+        self.inbox = ShardInbox()
         self.stats = FeedStats()
+        self.error: BaseException | None = None
+        self.engine: Any = None
+        self._make_engine = make_engine
+        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.writer = ShardWriter(self._write_and_resolve, None, max_pending)
+        self.thread = threading.Thread(target=self._run, name="asteer-feed", daemon=True)
+        self.thread.start()
 
-    async def _one(self, req: RolloutRequest) -> RolloutResult:
-        async with self.sem:
-            if self.stats.t_first is None:
-                self.stats.t_first = time.time()
-            res = await run_rollout_async(self.engine, req, self.capture)
-        self.stats.t_last = time.time()
-        return res
+    def _run(self) -> None:
+        try:
+            self.engine = self._make_engine()
+            self._ready.set()
+            feed_engine(self.engine, self.inbox, self.capture, self.window, self.writer,
+                        self.stats)
+        except BaseException as e:  # the engine died or a write failed: fail every shard
+            self.error = e
+            self._fail_all(e)
+        finally:
+            self._ready.set()
+            if self.engine is not None:
+                self.engine.shutdown()
+
+    async def started(self) -> Any:
+        """The engine, once built on the feeding thread (its start-up error, if any)."""
+        await asyncio.to_thread(self._ready.wait)
+        self.check()
+        return self.engine
+
+    def check(self) -> None:
+        """Raise if the feeding thread failed or stopped while shards may still come."""
+        if self.error is not None:
+            raise RuntimeError(f"engine feeder failed: {self.error!r}") from self.error
+        if not self.thread.is_alive():
+            raise RuntimeError("engine feeder stopped")
+
+    def _resolve(self, index: int, result: Any = None, error: BaseException | None = None
+                 ) -> None:
+        with self._lock:
+            entry = self._waiting.pop(index, None)
+        if entry is None:
+            return
+        loop, fut = entry
+
+        def settle() -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        loop.call_soon_threadsafe(settle)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            pending = list(self._waiting)
+        for index in pending:
+            self._resolve(index, error=error)
+
+    def _write_and_resolve(self, shard: Shard, results: list[RolloutResult]) -> Any:
+        """A failed write fails its shard alone (the driver retries it, perhaps here);
+        the engine goes on with the others."""
+        try:
+            files = self._write(shard, results)
+        except Exception as e:
+            self._resolve(shard.index, error=e)
+            return None
+        tokens = sum(r.response_tokens for r in results)
+        self._resolve(shard.index, (files, tokens))
+        return files
 
     async def run_shard(self, shard: Shard, reqs: list[RolloutRequest]) -> tuple[Any, int]:
-        results = list(await asyncio.gather(*(self._one(r) for r in reqs)))
-        # submit() may block on the bounded queue: off the event loop
-        fut = await asyncio.to_thread(self.writer.submit, shard, results)
-        files = await asyncio.wrap_future(fut)
-        tokens = sum(r.response_tokens for r in results)
-        self.stats.items += len(results)
-        self.stats.tokens += tokens
-        self.stats.shards += 1
-        return files, tokens
+        """Queue one shard behind those in flight; its (files, response tokens) once its
+        files are written. A shard the driver hands in twice (after a retry) is refused."""
+        self.check()
+        fut = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if shard.index in self._waiting:
+                raise RuntimeError(f"shard {shard.name} is already in flight here")
+            self._waiting[shard.index] = (asyncio.get_running_loop(), fut)
+        self.inbox.put(shard, reqs)
+        return await fut
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking shards, let the thread finish what it runs, shut the engine down."""
+        self.inbox.close()
+        self.thread.join(timeout)
         self.writer.close(wait=False)

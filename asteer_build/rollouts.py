@@ -2,8 +2,8 @@
 early hidden-state capture, the exact unsteered replay and the features.
 
 This is the contract between the engine and the build pipeline: the pipeline plans
-`RolloutRequest`s, calls `run_rollouts` (local, synchronous) or `run_rollout_async` (Ray
-feeder, many in flight), and writes the returned `RolloutResult`s into shards.
+`RolloutRequest`s, runs them through `feed.feed_engine` (both executors) or `run_rollouts`
+(one batch), and writes the returned `RolloutResult`s into shards.
 `CaptureSettings`, when given, add the features and raw activations.
 
 Capture and replay, for each steered rollout:
@@ -368,7 +368,7 @@ def replay_spec(req: RolloutRequest, generated: Sequence[int], settings: Capture
 async def run_one_with_capture_async(
     engine: AsyncSteeringEngine, req: RolloutRequest, settings: CaptureSettings
 ) -> RolloutResult:
-    """The same for one request on an `AsyncSteeredEngine` (the Ray feeder's unit)."""
+    """The same for one request on an `AsyncSteeredEngine` (for asyncio callers)."""
     check_features(settings)
     check_replay(settings, [req])
     tok = engine.get_tokenizer() if settings.replay == "authors" else None
@@ -460,7 +460,7 @@ def run_rollouts(engine: SteeringEngine, requests: Sequence[RolloutRequest],
 
 async def run_rollout_async(engine: AsyncSteeringEngine, req: RolloutRequest,
                             capture: CaptureSettings | None = None) -> RolloutResult:
-    """One request on an `AsyncSteeredEngine`; the feeder keeps many of these in flight."""
+    """One request on an `AsyncSteeredEngine`; an asyncio caller keeps many in flight."""
     if capture is not None:
         return await run_one_with_capture_async(engine, req, capture)
     out = await engine.generate_final(

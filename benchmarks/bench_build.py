@@ -16,8 +16,8 @@ Variants, run interleaved in each round (paired ratios, median with min and max)
 
 The CPU time of every process of each build is sampled (psutil), over the whole build
 and inside its generate phase (the summary's `generate_windows`), and split into the
-driver (with the local executor also vLLM's front end), the engine actor (Ray: AsyncLLM's
-front end and the feeder), vLLM's engine core and workers, and the Ray runtime (GCS,
+driver (with the local executor also vLLM's front end), the engine actor (Ray: vLLM's
+front end and the feeding thread), vLLM's engine core and workers, and the Ray runtime (GCS,
 raylet, dashboard, idle workers): they all share this machine's two cores with the engine.
 
 Ratios: local / ideal (capture off: the pipeline efficiency without capture), ray /
@@ -74,7 +74,7 @@ class _CpuSampler:
     and vLLM's engine core renames itself after it starts, so the role is decided at the
     end, not at first sight."""
 
-    FRONTEND = ("EngineHost",)  # the Ray actor: AsyncLLM's front end and our feeder
+    FRONTEND = ("EngineHost",)  # the Ray actor: vLLM's front end and our feeding thread
     ENGINE = ("EngineCore", "VLLM")  # vLLM's engine core and its workers
     RAY = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "ray::",
            "default_worker", "runtime_env")
@@ -83,6 +83,7 @@ class _CpuSampler:
         self.root = root_pid
         self.series: dict[int, list[tuple[float, float]]] = {}
         self.titles: dict[int, set[str]] = {}
+        self.parent: dict[int, int] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -103,11 +104,15 @@ class _CpuSampler:
                     self.titles.setdefault(p.pid, set()).add(
                         f"{p.name()} {' '.join(p.cmdline())}")
                     self.series.setdefault(p.pid, []).append((now, t.user + t.system))
+                    self.parent.setdefault(p.pid, p.ppid())
                 except Exception:
                     pass
             time.sleep(0.2)
 
     def _role(self, pid: int) -> str:
+        """By title, or by ancestry for vLLM's processes: a process under the engine actor
+        or the driver that is not Ray's is the engine (its title is not always set:
+        setproctitle under Ray's `SPT_NOENV` keeps the spawn command line)."""
         if pid == self.root:
             return "driver"
         seen = " ".join(self.titles.get(pid, ()))
@@ -115,7 +120,19 @@ class _CpuSampler:
             return "engine_actor"
         if any(k in seen for k in self.ENGINE):
             return "engine_core"
+        if "multiprocessing.spawn" in seen and self._under_engine(pid):
+            return "engine_core"
         return "ray_runtime" if any(k in seen for k in self.RAY) else "other"
+
+    def _under_engine(self, pid: int) -> bool:
+        seen: set[int] = set()
+        while pid in self.parent and pid not in seen:
+            seen.add(pid)
+            pid = self.parent[pid]
+            if pid == self.root or any(k in " ".join(self.titles.get(pid, ()))
+                                       for k in self.FRONTEND):
+                return True
+        return False
 
     @staticmethod
     def _at(series: list[tuple[float, float]], t: float) -> float:

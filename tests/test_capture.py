@@ -252,3 +252,93 @@ def test_feed_without_capture_matches_one_batch(engine, varied_model):
     assert [(r.id, r.response_token_ids) for r in flat] == \
         [(r.id, r.response_token_ids) for r in want]
     assert stats.items == 12 and stats.tokens == sum(r.response_tokens for r in want)
+
+
+class _Borrowed:
+    """The module's engine, lent to a `FeedThread` (which shuts down what it owns)."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_feed_thread_takes_shards_while_running_and_fails_one_on_write_error(
+        engine, varied_model):
+    """The Ray actor's feeding (`feed.FeedThread`): shards handed in from an event loop two
+    at a time, as the driver does, run on the same `feed_engine` loop as the local
+    executor's and match one `run_with_capture` batch. A shard whose write fails raises
+    in its caller alone and runs again when handed in again (the driver's retry); an
+    engine that fails to start fails `started` and every later shard."""
+    import asyncio
+
+    from asteer_build.feed import FeedThread
+    from asteer_build.plan import Shard
+
+    ids = chat_ids(varied_model, [PROMPTS[i % 8] for i in range(15)])
+    reqs = [_req(i, ids[i], "ab"[i % 2], 1.5, 1, max_tokens=2 + 9 * (i % 2) + i % 4,
+                 temp=0.8) for i in range(15)]
+    shards = [Shard(k, "tiny", "m") for k in range(5)]
+    written: dict[int, list] = {}
+    fail_once = {2}
+
+    def write(shard, results):
+        if shard.index in fail_once:
+            fail_once.discard(shard.index)
+            raise OSError("disk full (injected)")
+        written[shard.index] = results
+        return f"files-{shard.index}"
+
+    async def drive(feeder):
+        assert (await feeder.started())._engine is engine
+        got, errors, pending = {}, [], list(shards)
+        running: set[asyncio.Task] = set()
+        while pending or running:
+            while pending and len(running) < 2:
+                s = pending.pop(0)
+                t = asyncio.create_task(feeder.run_shard(s, reqs[3 * s.index:3 * s.index + 3]))
+                t.shard = s
+                running.add(t)
+            done, running = await asyncio.wait(running, timeout=120,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            assert done, "the feeder hung"
+            for t in done:
+                if t.exception() is not None:
+                    errors.append((t.shard.index, str(t.exception())))
+                    pending.append(t.shard)  # the driver's retry
+                else:
+                    got[t.shard.index] = t.result()
+        return got, errors
+
+    feeder = FeedThread(lambda: _Borrowed(engine), CaptureSettings(), 4, write)
+    try:
+        got, errors = asyncio.run(drive(feeder))
+        feeder.check()  # still healthy
+    finally:
+        feeder.close()
+    assert errors == [(2, "disk full (injected)")]
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    assert got[2] == ("files-2", sum(r.response_tokens for r in written[2]))
+    flat = [r for k in range(5) for r in written[k]]
+    assert [r.id for r in flat] == [r.id for r in reqs]
+    assert feeder.stats.items == 18 and feeder.stats.shards == 6  # shard 2 ran twice
+    assert not feeder.thread.is_alive()
+    batch = run_with_capture(engine, reqs, CaptureSettings())
+    for a, b in zip(flat, batch, strict=True):
+        assert a.response_token_ids == b.response_token_ids
+        np.testing.assert_allclose(np.array(list(a.features.values())),
+                                   np.array(list(b.features.values())), rtol=1e-3, atol=1e-3)
+
+    def no_engine():
+        raise RuntimeError("no such model (injected)")
+
+    broken = FeedThread(no_engine, None, 4, write)
+    with pytest.raises(RuntimeError, match="engine feeder failed.*no such model"):
+        asyncio.run(broken.started())
+    with pytest.raises(RuntimeError, match="engine feeder failed"):
+        asyncio.run(broken.run_shard(shards[0], reqs[:3]))
+    broken.close()

@@ -1,4 +1,4 @@
-"""The async engine (vLLM's AsyncLLM), as the Ray feeder drives it: many requests in flight."""
+"""The async engine (vLLM's AsyncLLM), as an asyncio caller drives it: many requests in flight."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_async_engine_concurrent_requests_match_reference(varied_model):
                     for p, s in zip(reqs, specs, strict=True)
                 )
             )
-            # the Ray feeder's capture unit, with each replay mode, on the same engine
+            # the async capture unit, with each replay mode, on the same engine
             captured = await asyncio.gather(*(
                 run_one_with_capture_async(eng, cap_req, CaptureSettings(
                     activation_dtype="float32", replay=mode))

@@ -279,6 +279,9 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, 
                  300, "a rollouts shard mid-commit on the actor")
         proc = psutil.Process(pid)
         victims = [proc, *proc.children(recursive=True)]
+        # the engine's processes run at normal priority, not Ray's worker niceness 15
+        # (raising priority needs root, which this suite has where it runs as root)
+        engine_nice = {v.nice() for v in victims[1:]}
         for v in victims:  # the actor and its engine processes, as a lost node would
             try:
                 v.send_signal(signal.SIGKILL)
@@ -305,6 +308,9 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, 
     assert len(list(pids.glob("*.pid"))) >= 2  # a replacement actor took over
     summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex('{\n "run"'):])
     assert summary["rollouts"]["requeued"] >= 1
+    assert engine_nice and (engine_nice == {0} if os.geteuid() == 0 else True)
+    assert [a["niceness"] for a in summary["rollouts"]["actors"]] == \
+        [0 if os.geteuid() == 0 else 15]
     (t_first, t_last), = summary["rollouts"]["generate_windows"].values()
     assert abs((t_last - t_first) - summary["rollouts"]["generate_seconds"]) < 0.011
     _assert_same_build(run, reference)

@@ -52,7 +52,7 @@ class SteeringEngine(Protocol):
 
 @runtime_checkable
 class AsyncSteeringEngine(Protocol):
-    """The asyncio engine the Ray actors feed (`AsyncSteeredEngine`)."""
+    """The asyncio engine (`AsyncSteeredEngine`) for callers with an event loop."""
 
     num_layers: int
     hidden_size: int
