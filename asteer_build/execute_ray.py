@@ -5,9 +5,9 @@
 - Inside an actor the local executor's feeding loop (`feed.feed_engine`, on a
   `feed.FeedThread`: the same window, slots and writer thread) keeps about
   `in_flight_factor x max_num_seqs` requests in flight, across shard boundaries: the
-  driver hands each actor
-  `shards_in_flight` shards ahead, and all of them draw on the same window, so the engine
-  never drains between shards (the pattern of Ray Data LLM's engine stage).
+  driver hands each actor `shards_in_flight` shards ahead, and all of them draw on the
+  same window, so the engine never drains between shards (the pattern of Ray Data LLM's
+  engine stage). The engine runs at normal CPU priority (`_engine_priority`).
 - The driver pulls from one queue per model, so fast actors take more shards. A dead
   actor's shards go back on the queue (at most `max_shard_retries` retries each) and a
   fresh actor replaces it; a shard over `shard_timeout_s` or an actor that misses health
@@ -125,8 +125,9 @@ class EngineHost:
 
 
 def _engine_priority() -> int:
-    """Give the engine actor (and the engine processes it starts, which inherit it) the
-    normal CPU priority back, and return the niceness it runs at.
+    """Give the calling thread (the actor's feeding thread; Linux keeps niceness per
+    thread) and so the engine processes it starts, which inherit it, the normal CPU
+    priority back; return the niceness it runs at.
 
     Ray starts workers at niceness 15 (`RAY_worker_niceness`) so that a burst of CPU
     tasks cannot starve the raylet and GCS. The engine actor is the one process whose

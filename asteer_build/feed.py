@@ -379,7 +379,7 @@ class FeedThread:
     """
 
     def __init__(self, make_engine: Callable[[], Any], capture: CaptureSettings | None,
-                 window: int, write: Callable[[Shard, list[RolloutRequest]], Any],
+                 window: int, write: Callable[[Shard, list[RolloutResult]], Any],
                  max_pending: int = 4) -> None:
         self.capture, self.window, self._write = capture, window, write
         self.inbox = ShardInbox()
@@ -400,7 +400,7 @@ class FeedThread:
             self._ready.set()
             feed_engine(self.engine, self.inbox, self.capture, self.window, self.writer,
                         self.stats)
-        except BaseException as e:  # the engine died or a write failed: fail every shard
+        except BaseException as e:  # the engine failed to start or died: fail every shard
             self.error = e
             self._fail_all(e)
         finally:
@@ -459,14 +459,23 @@ class FeedThread:
 
     async def run_shard(self, shard: Shard, reqs: list[RolloutRequest]) -> tuple[Any, int]:
         """Queue one shard behind those in flight; its (files, response tokens) once its
-        files are written. A shard the driver hands in twice (after a retry) is refused."""
+        files are written. A shard already in flight here is refused."""
         self.check()
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         with self._lock:
             if shard.index in self._waiting:
                 raise RuntimeError(f"shard {shard.name} is already in flight here")
-            self._waiting[shard.index] = (asyncio.get_running_loop(), fut)
-        self.inbox.put(shard, reqs)
+            self._waiting[shard.index] = (loop, fut)
+        try:
+            self.inbox.put(shard, reqs)
+            # the thread may have failed after the first check, and `_fail_all` before
+            # this shard was registered: then nothing else would ever settle it
+            self.check()
+        except BaseException:
+            with self._lock:
+                self._waiting.pop(shard.index, None)
+            raise
         return await fut
 
     def close(self, timeout: float = 30.0) -> None:
