@@ -31,7 +31,6 @@ from .plan import Shard
 if TYPE_CHECKING:
     from .build import Run
     from .config import BuildConfig, ModelConfig
-    from .engine.protocol import SteeringEngine
     from .sources import Prompt
     from .work import ModelContext
 
@@ -50,7 +49,6 @@ class EngineHost:
         #: the head's resolved `EffectiveSampling` (the one build.json records)
         self.sampling = sampling
         self.max_in_flight = max_in_flight
-        self.engine: SteeringEngine | None = None
         self.niceness: int | None = None
         self.ctx: ModelContext | None = None
         self.feeder: Any = None
@@ -84,7 +82,7 @@ class EngineHost:
 
         self.feeder = FeedThread(make_engine, self.capture, self.max_in_flight,
                                  lambda s, res: write_shard(store, s, res, ctx.norms))
-        self.engine = await self.feeder.started()
+        await self.feeder.started()
         self._write_pid()
         return {"pid": os.getpid(), "node": _node_ip(), "max_in_flight": self.max_in_flight,
                 "niceness": self.niceness}
@@ -121,7 +119,6 @@ class EngineHost:
         if self.feeder is not None:
             self.feeder.close()  # the feeding thread shuts its engine down
             self.feeder = None
-        self.engine = None
 
 
 def _engine_priority() -> int:

@@ -372,10 +372,9 @@ class FeedThread:
 
     The actor's event loop hands shards in (`run_shard`) and awaits each one's files,
     while this thread keeps the window full across shard boundaries, exactly as the
-    local executor does: one feeding path, one engine loop (vLLM's synchronous step loop;
-    AsyncLLM's per-request coroutines cost the front end about twice the CPU, which on a
-    small CPU box is taken from the engine). The engine is built, fed and shut down on
-    this thread only, so its sockets never cross threads.
+    local executor does: one feeding loop for both executors, so a fix or a measurement
+    of one holds for the other. The engine is built, fed and shut down on this thread
+    only, so its sockets never cross threads.
     """
 
     def __init__(self, make_engine: Callable[[], Any], capture: CaptureSettings | None,

@@ -458,17 +458,6 @@ def run_rollouts(engine: SteeringEngine, requests: Sequence[RolloutRequest],
     return [result_from_output(r, o) for r, o in zip(requests, outs, strict=True)]
 
 
-async def run_rollout_async(engine: AsyncSteeringEngine, req: RolloutRequest,
-                            capture: CaptureSettings | None = None) -> RolloutResult:
-    """One request on an `AsyncSteeredEngine`; an asyncio caller keeps many in flight."""
-    if capture is not None:
-        return await run_one_with_capture_async(engine, req, capture)
-    out = await engine.generate_final(
-        {"prompt_token_ids": req.prompt_token_ids}, sampling_params(req), req.steer(), req.id
-    )
-    return result_from_output(req, out)
-
-
 def probe_feature_rows(
     model: SteeringEngine | str,
     vector: Any,
