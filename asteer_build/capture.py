@@ -3,7 +3,7 @@
 to (`asteer_build.rollouts`); this module keeps the public names where users import them.
 """
 
-from .rollouts import (
+from .pipeline.rollouts import (
     DEFAULT_OFFSETS,
     DEFAULT_STEPS,
     CaptureSettings,

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Any
 
-from .console import LOG_FORMAT, add_output_flags, console, quiet_for
+from .core.console import LOG_FORMAT, add_output_flags, console, quiet_for
 
 __all__ = ["main", "build_parser"]
 
@@ -60,8 +60,8 @@ def _sampling_text(e: dict[str, Any]) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
-    from .config import load_config, resolve_config
-    from .plan import plan_summary
+    from .pipeline.config import load_config, resolve_config
+    from .pipeline.plan import plan_summary
 
     path = resolve_config(args.config)
     cfg = load_config(path)
@@ -115,8 +115,8 @@ def _print_judge_estimate(j: dict[str, Any]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from .build import RunOptions, execute_run, log_file, prepare_run, summary_text
-    from .config import load_config
+    from .pipeline.build import RunOptions, execute_run, log_file, prepare_run, summary_text
+    from .pipeline.config import load_config
 
     cfg = load_config(args.config)
     opts = RunOptions(out=args.out, executor=args.executor, rerun_shards=args.rerun_shards,
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
-    from .build import build_status
+    from .pipeline.build import build_status
 
     st = build_status(args.run_dir)
     for name, s in st["stages"].items():
@@ -155,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
-    from .publish.authors import import_and_upload
+    from .io.authors.importer import import_and_upload
 
     res = import_and_upload(
         args.source, args.out, repo=args.repo, private=args.private, dry_run=args.dry_run,
@@ -172,7 +172,7 @@ def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_import_command(sub: Any) -> None:
-    from .publish.authors import AUTHORS_REPO
+    from .io.authors.importer import AUTHORS_REPO
 
     sp = sub.add_parser(
         "import", help="convert the reference authors' released generations and judgments "
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="progress per stage of a run folder")
     sp.add_argument("run_dir")
     sp.set_defaults(fn=cmd_status)
-    from .publish.cli import add_publish_command
+    from .io.publish.cli import add_publish_command
 
     add_publish_command(sub)
     _add_import_command(sub)
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     # `plan`, `status` and `publish` always print their JSON; `run` and `demo` with --json.
     prints_json = getattr(args, "json", True)
     console.json = prints_json
-    from .build import BuildRefused
-    from .config import ConfigError
-    from .sources import SourceError
+    from .inputs.sources import SourceError
+    from .pipeline.build import BuildRefused
+    from .pipeline.config import ConfigError
 
     # Errors are printed after a quiet block has put the terminal back, so they reach it;
     # the traceback, when there is one, is in the log file named by the hint.

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .console import console
+from .core.console import console
 
 log = logging.getLogger("asteer_build")
 
@@ -71,9 +71,9 @@ def run_demo(
     from train.data import list_pairs
     from train.run import run_all
 
-    from .build import RunOptions, run_build
-    from .config import load_config
-    from .publish.assemble import assemble
+    from .io.publish.assemble import assemble
+    from .pipeline.build import RunOptions, run_build
+    from .pipeline.config import load_config
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def cmd_demo(a: Any) -> dict[str, Any]:
     """`asteer-build demo`: quiet unless --verbose; the log is OUT/logs/demo.log."""
-    from .console import quiet_for
+    from .core.console import quiet_for
 
     with quiet_for(a, Path(a.out).resolve() / "logs" / "demo.log", "asteer-build demo"):
         return run_demo(a.out, a.config, n_trials=a.trials)
@@ -158,7 +158,7 @@ def add_demo_command(sub) -> None:
     sp.add_argument("--config", default=DEFAULT_CONFIG,
                     help="a config file, or a packaged config by name (default: demo)")
     sp.add_argument("--trials", type=int, default=20, help="search trials (the predictor's)")
-    from .console import add_output_flags
+    from .core.console import add_output_flags
 
     add_output_flags(sp)
     sp.set_defaults(fn=cmd_demo)

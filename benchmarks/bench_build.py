@@ -3,7 +3,7 @@
 The tiny world (`configs/demo.yaml`, fewer alphas so a round fits in minutes) with the
 reference workload's shape: per-request lengths from `common.long_tail_lengths` (mean
 ~55% of the cap, ~15% at the cap), `ignore_eos` with per-request `max_tokens`, through
-the builder's benchmark-only hook (`asteer_build.work.BENCH_LENGTHS_ENV`). Throughput
+the builder's benchmark-only hook (`asteer_build.pipeline.work.BENCH_LENGTHS_ENV`). Throughput
 counts useful tokens only (each response's own length).
 
 Variants, run interleaved in each round (paired ratios, median with min and max):
@@ -191,10 +191,10 @@ def _build(cfg: Path, base: Path, out: Path, executor: str, lengths: Path) -> di
 
 
 def _ideal_requests(cfg_path: Path, base: Path):
-    from asteer_build.config import load_config
-    from asteer_build.plan import make_plan
-    from asteer_build.shards import open_store
-    from asteer_build.work import capture_settings, model_context, shard_requests
+    from asteer_build.pipeline.config import load_config
+    from asteer_build.pipeline.plan import make_plan
+    from asteer_build.pipeline.shards import open_store
+    from asteer_build.pipeline.work import capture_settings, model_context, shard_requests
 
     cfg = load_config(str(cfg_path))
     plan = make_plan(cfg)
@@ -205,7 +205,7 @@ def _ideal_requests(cfg_path: Path, base: Path):
 
 
 def _ideal(engine, reqs, capture) -> dict:
-    from asteer_build.rollouts import run_rollouts
+    from asteer_build.pipeline.rollouts import run_rollouts
 
     t0 = time.time()
     res = run_rollouts(engine, reqs, capture)
@@ -222,14 +222,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     from asteer_build.engine import SteeredEngine
-    from asteer_build.plan import make_plan
-    from asteer_build.work import engine_kwargs
+    from asteer_build.pipeline.plan import make_plan
+    from asteer_build.pipeline.work import engine_kwargs
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as d:
         tmp = Path(d)
         cfg_off = _config(tmp, "off", a.cap, a.alphas, capture=False)
         cfg_on = _config(tmp, "on", a.cap, a.alphas, capture=True)
-        from asteer_build.config import load_config
+        from asteer_build.pipeline.config import load_config
 
         plan = make_plan(load_config(str(cfg_off)))
         ids = [it.id for it in plan.items()]

@@ -48,14 +48,14 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from asteer_build.engine import SteeredEngine
-    from asteer_build.rollouts import (
+    from asteer_build.inputs.tinyworld import CONCEPT_WORDS, build_tiny_model
+    from asteer_build.pipeline.rollouts import (
         CaptureSettings,
         RolloutRequest,
         activation_bytes,
         run_rollouts,
         run_with_capture,
     )
-    from asteer_build.tinyworld import CONCEPT_WORDS, build_tiny_model
 
     path = str(build_tiny_model())
     tok = AutoTokenizer.from_pretrained(path)
@@ -86,7 +86,7 @@ def main() -> None:
         ]
     # a real reproduction of the reference ignores EOS only through max_tokens; here every
     # rollout must have equal length so the two throughputs compare
-    import asteer_build.rollouts as R
+    import asteer_build.pipeline.rollouts as R
 
     orig = R.sampling_params
 
@@ -96,7 +96,7 @@ def main() -> None:
         return sp
 
     R.sampling_params = fixed_len
-    import asteer_build.rollouts as C
+    import asteer_build.pipeline.rollouts as C
 
     C.sampling_params = fixed_len
     settings = CaptureSettings()

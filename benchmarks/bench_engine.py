@@ -59,8 +59,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from asteer_build.engine import SteeredEngine, SteerSpec
-    from asteer_build.reference import HFReference
-    from asteer_build.tinyworld import build_tiny_model
+    from asteer_build.engine.reference import HFReference
+    from asteer_build.inputs.tinyworld import build_tiny_model
 
     path = str(build_tiny_model())
     dtype = getattr(torch, args.dtype)
@@ -190,8 +190,8 @@ def long_tail(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
     from asteer_build.engine import SteeredEngine, SteerSpec
-    from asteer_build.reference import HFReference
-    from asteer_build.tinyworld import COMPUTE_BOUND, build_compute_model
+    from asteer_build.engine.reference import HFReference
+    from asteer_build.inputs.tinyworld import COMPUTE_BOUND, build_compute_model
 
     path = str(build_compute_model())
     n, cap = args.prompts, args.cap

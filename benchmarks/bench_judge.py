@@ -100,7 +100,7 @@ def main() -> None:
     if args.base_url:
         ctx = nullcontext(args.base_url)
     else:
-        from asteer_build.tinyworld import build_tiny_model
+        from asteer_build.inputs.tinyworld import build_tiny_model
 
         log = Path(tempfile.gettempdir()) / "asteer-bench-judge-serve.log"
         ctx = vllm_server(str(build_tiny_model()), log, max_num_seqs=32)

@@ -189,9 +189,9 @@ def tiny_world_dataset() -> Path:
     folder = QUALITY_DIR / "dataset"
     if (folder / "build.json").is_file() or (folder / "README.md").is_file():
         return folder
-    from asteer_build.build import RunOptions, run_build
-    from asteer_build.config import load_config
-    from asteer_build.publish import assemble
+    from asteer_build.io.publish import assemble
+    from asteer_build.pipeline.build import RunOptions, run_build
+    from asteer_build.pipeline.config import load_config
 
     t0 = time.perf_counter()
     cfg = load_config(QUALITY_CONFIG)

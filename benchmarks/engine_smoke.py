@@ -57,7 +57,7 @@ def _run(eng, prompts, specs, n: int = 16) -> list[list[int]]:
 
 
 def _capture_requests(prompts: list[list[int]], n: int):
-    from asteer_build.rollouts import RolloutRequest
+    from asteer_build.pipeline.rollouts import RolloutRequest
 
     modes = POSITION_MODES
     return [
@@ -108,8 +108,8 @@ def _smoke(device: str, model: str | None, tol: float) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     from asteer_build.engine import SteerSpec
-    from asteer_build.rollouts import CaptureSettings, run_with_capture
-    from asteer_build.tinyworld import VARIED, build_tiny_model
+    from asteer_build.inputs.tinyworld import VARIED, build_tiny_model
+    from asteer_build.pipeline.rollouts import CaptureSettings, run_with_capture
 
     model = model or str(build_tiny_model(VARIED))
     tok = AutoTokenizer.from_pretrained(model)

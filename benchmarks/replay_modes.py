@@ -41,10 +41,9 @@ def rollouts(cfg, methods: list[str]) -> dict:
 
     from asteer_build.engine import SteeredEngine
     from asteer_build.engine.features import compute_batch
-    from asteer_build.plan import make_plan
-    from asteer_build.rollouts import replay_activations, run_with_capture
-    from asteer_build.vectors.stage import build_vectors, load_vectors
-    from asteer_build.work import (
+    from asteer_build.pipeline.plan import make_plan
+    from asteer_build.pipeline.rollouts import replay_activations, run_with_capture
+    from asteer_build.pipeline.work import (
         ModelContext,
         capture_settings,
         chat_prompt_ids,
@@ -52,6 +51,7 @@ def rollouts(cfg, methods: list[str]) -> dict:
         resolve_model_path,
         shard_requests,
     )
+    from asteer_build.vectors.stage import build_vectors, load_vectors
     from judge.rules import rules_label
 
     cfg = replace(cfg, methods=tuple(methods))
@@ -190,7 +190,7 @@ def summary(rows: list, names: list[str]) -> dict:
 def main() -> int:
     from common import write
 
-    from asteer_build.config import load_config
+    from asteer_build.pipeline.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="diffmean", help="comma-separated methods")

@@ -32,9 +32,9 @@ def transfer_dataset() -> tuple[Path, float | None]:
     folder = WORK / "dataset"
     if (folder / "README.md").is_file():
         return folder, None
-    from asteer_build.build import RunOptions, run_build
-    from asteer_build.config import load_config
-    from asteer_build.publish import assemble
+    from asteer_build.io.publish import assemble
+    from asteer_build.pipeline.build import RunOptions, run_build
+    from asteer_build.pipeline.config import load_config
 
     t0 = time.perf_counter()
     build = run_build(load_config(CONFIG), RunOptions(out=str(WORK / "build")))

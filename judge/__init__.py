@@ -15,6 +15,6 @@ review samples), `config`,
 `secrets` (key redaction), `cli` (`asteer-judge`).
 """
 
-from .rubric import RUBRIC_VERSION
+from judge.rubric import RUBRIC_VERSION
 
 __all__ = ["RUBRIC_VERSION"]

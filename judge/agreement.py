@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .rubric import LABELS
+from judge.rubric import LABELS
 
 __all__ = [
     "confusion_matrix",

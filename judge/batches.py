@@ -46,16 +46,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from asteer_build import atomic
-
-from .batchfile import _line_error, _request_line
-from .cache import JudgmentCache, cache_key
-from .config import BatchSettings, JudgeConfig, Prices
-from .estimate import count_messages
-from .judges import Outcome
-from .label import Request, rows_to_judge
-from .rubric import DEFAULT_RUBRIC, JudgmentParseError, Rubric, parse_judgment
-from .secrets import api_key_from_env, redact
+from asteer_build.core import atomic
+from judge.batchfile import _line_error, _request_line
+from judge.cache import JudgmentCache, cache_key
+from judge.config import BatchSettings, JudgeConfig, Prices
+from judge.estimate import count_messages
+from judge.judges import Outcome
+from judge.label import Request, rows_to_judge
+from judge.rubric import DEFAULT_RUBRIC, JudgmentParseError, Rubric, parse_judgment
+from judge.secrets import api_key_from_env, redact
 
 __all__ = ["BatchStage", "CostCapExceeded", "FailuresJudge", "split_lines",
            "requests_for_table", "make_client", "state_dir_for", "TERMINAL"]

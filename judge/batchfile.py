@@ -20,19 +20,18 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from asteer_build import atomic
-
-from .cache import JudgmentCache, cache_key
-from .label import rows_to_judge
-from .rubric import (
+from asteer_build.core import atomic
+from judge.cache import JudgmentCache, cache_key
+from judge.label import rows_to_judge
+from judge.rubric import (
     DEFAULT_RUBRIC,
     JudgmentParseError,
     Rubric,
     parse_judgment,
     response_format,
 )
-from .secrets import redact
-from .shards import list_shards
+from judge.secrets import redact
+from judge.shards import list_shards
 
 __all__ = ["write_requests", "read_results"]
 

@@ -29,8 +29,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import JudgeConfig, load_config
-from .secrets import install_log_redaction
+from judge.config import JudgeConfig, load_config
+from judge.secrets import install_log_redaction
 
 __all__ = ["main"]
 
@@ -60,9 +60,9 @@ def _cache_path(args: argparse.Namespace, cfg: JudgeConfig) -> Path:
 
 
 async def _run(args: argparse.Namespace) -> dict:
-    from .cache import JudgmentCache
-    from .judges import LLMJudge, RulesJudge
-    from .shards import judge_shards
+    from judge.cache import JudgmentCache
+    from judge.judges import LLMJudge, RulesJudge
+    from judge.shards import judge_shards
 
     cfg = _config(args)
     with JudgmentCache(_cache_path(args, cfg)) as cache:
@@ -72,7 +72,7 @@ async def _run(args: argparse.Namespace) -> dict:
             )
             stats: list = []
         else:
-            from .pool import EndpointPool
+            from judge.pool import EndpointPool
 
             if not cfg.endpoints:
                 raise SystemExit("config has no judge endpoints (or pass --rules)")
@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 def cmd_agree(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
-    from .agreement import compare, load_labels, stratified_sample, write_sample_csv
+    from judge.agreement import compare, load_labels, stratified_sample, write_sample_csv
 
     a = load_labels(args.a, args.col_a)
     b = load_labels(args.b or args.a, args.col_b)
@@ -136,8 +136,8 @@ def cmd_sample(args: argparse.Namespace) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .agreement import load_labels, stratified_sample
-    from .label import JUDGE_COLUMNS
+    from judge.agreement import load_labels, stratified_sample
+    from judge.label import JUDGE_COLUMNS
 
     if args.n < 1:
         raise SystemExit(f"--n: expected a positive number of rows (got {args.n})")
@@ -161,8 +161,8 @@ def cmd_sample(args: argparse.Namespace) -> dict:
 
 
 def cmd_batch_write(args: argparse.Namespace) -> dict:
-    from .batchfile import write_requests
-    from .cache import JudgmentCache
+    from judge.batchfile import write_requests
+    from judge.cache import JudgmentCache
 
     cfg = _config(args)
     with JudgmentCache(_cache_path(args, cfg)) as cache:
@@ -185,10 +185,10 @@ def cmd_batch_write(args: argparse.Namespace) -> dict:
 
 
 def cmd_batch_read(args: argparse.Namespace) -> dict:
-    from .batchfile import read_results
-    from .cache import JudgmentCache
-    from .judges import LLMJudge
-    from .shards import judge_shards
+    from judge.batchfile import read_results
+    from judge.cache import JudgmentCache
+    from judge.judges import LLMJudge
+    from judge.shards import judge_shards
 
     cfg = _config(args)
     rubric = _rubric(args, cfg)
@@ -213,7 +213,7 @@ def cmd_batch_read(args: argparse.Namespace) -> dict:
 
 
 def _batch_dir(args: argparse.Namespace, cfg: JudgeConfig, rubric_version: str) -> Path:
-    from .batches import state_dir_for
+    from judge.batches import state_dir_for
 
     if args.batch_dir:
         return Path(args.batch_dir)
@@ -224,9 +224,9 @@ def _batch_cmd(args: argparse.Namespace) -> dict:
     """batch-submit / -status / -collect / -cancel over one state folder."""
     import pyarrow.parquet as pq
 
-    from .batches import BatchStage, CostCapExceeded, FailuresJudge, requests_for_table
-    from .cache import JudgmentCache
-    from .shards import judge_shards, list_shards
+    from judge.batches import BatchStage, CostCapExceeded, FailuresJudge, requests_for_table
+    from judge.cache import JudgmentCache
+    from judge.shards import judge_shards, list_shards
 
     cfg = _config(args)
     if cfg.kind != "openai-batch":

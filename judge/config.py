@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-from .pool import EndpointConfig, RetryPolicy
-from .rubric import DEFAULT_RUBRIC, Rubric
+from judge.pool import EndpointConfig, RetryPolicy
+from judge.rubric import DEFAULT_RUBRIC, Rubric
 
 __all__ = ["JudgeConfig", "BatchSettings", "Prices", "load_config"]
 
@@ -125,7 +125,7 @@ class JudgeConfig:
     workers: int | None = None  # rows in flight; default 2x the pool's capacity
     batch: BatchSettings = field(default_factory=BatchSettings)
     prices: Prices | None = None
-    #: kind vllm: what the builder serves (asteer_build.judge_servers.ServerSpec); the
+    #: kind vllm: what the builder serves (asteer_build.pipeline.judge_servers.ServerSpec); the
     #: judge itself only ever sees the endpoints it gets
     server: dict[str, Any] | None = None
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .pool import EndpointPool, PoolError
-from .rubric import (
+from judge.pool import EndpointPool, PoolError
+from judge.rubric import (
     DEFAULT_RUBRIC,
     JudgmentParseError,
     Rubric,
     parse_judgment,
     response_format,
 )
-from .rules import RULES_VERSION, rules_label
-from .secrets import redact
+from judge.rules import RULES_VERSION, rules_label
+from judge.secrets import redact
 
 __all__ = ["Outcome", "Judge", "LLMJudge", "RulesJudge"]
 

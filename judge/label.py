@@ -2,7 +2,7 @@
 
 `alabel_table` (async, for callers that already run an event loop, such as an endpoint
 pool) and `label_table` (sync) take a rollouts table and return it with the dataset
-contract's judge columns (`asteer_build.contract.JUDGE_COLUMNS`) set, rows in the same
+contract's judge columns (`asteer_build.core.contract.JUDGE_COLUMNS`) set, rows in the same
 order, nothing dropped, nothing duplicated. A failure is never written as a label: a row
 whose judgment failed keeps `label` null, `judge_status` ``failed`` and its
 `judge_error`. Where the table comes from and where it goes (a shard directory, a run
@@ -43,10 +43,9 @@ from typing import Protocol, runtime_checkable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asteer_build import contract
-
-from .cache import JudgmentCache, cache_key
-from .judges import Judge, Outcome
+from asteer_build.core import contract
+from judge.cache import JudgmentCache, cache_key
+from judge.judges import Judge, Outcome
 
 __all__ = [
     "REQUIRED_COLUMNS", "JUDGE_COLUMNS", "Request", "BatchJudge", "LabelReport",
@@ -54,7 +53,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("id", "prompt", "concept", "response")
-#: the columns the judge sets, in order: the dataset contract's (asteer_build.contract)
+#: the columns the judge sets, in order: the dataset contract's (asteer_build.core.contract)
 JUDGE_COLUMNS: dict[str, pa.DataType] = contract.JUDGE_COLUMNS
 
 OnDone = Callable[[str, Outcome], None]

@@ -30,7 +30,7 @@ from typing import Any
 
 import openai
 
-from .secrets import api_key_from_env, redact
+from judge.secrets import api_key_from_env, redact
 
 __all__ = ["EndpointConfig", "RetryPolicy", "Completion", "PoolError", "EndpointPool"]
 

@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .rubric import Judgment
+from judge.rubric import Judgment
 
 __all__ = [
     "RULES_VERSION",

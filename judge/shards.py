@@ -25,11 +25,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from asteer_build import atomic
-
-from .cache import JudgmentCache
-from .judges import Judge
-from .label import (
+from asteer_build.core import atomic
+from judge.cache import JudgmentCache
+from judge.judges import Judge
+from judge.label import (
     JUDGE_COLUMNS,
     REQUIRED_COLUMNS,
     BatchJudge,

@@ -32,7 +32,7 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """The product's tiny world (steerable; greedy decoding repeats one token)."""
-    from asteer_build.tinyworld import build_tiny_model
+    from asteer_build.inputs.tinyworld import build_tiny_model
 
     return str(build_tiny_model())
 
@@ -41,7 +41,7 @@ def tiny_model() -> str:
 def varied_model() -> str:
     """A tiny world with varied greedy text, for engine equalities that must not be
     vacuous (see tinyworld.VARIED)."""
-    from asteer_build.tinyworld import VARIED, build_tiny_model
+    from asteer_build.inputs.tinyworld import VARIED, build_tiny_model
 
     return str(build_tiny_model(VARIED))
 

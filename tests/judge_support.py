@@ -70,7 +70,7 @@ def free_port() -> int:
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """The builder's own stop for a `vllm serve` process group."""
-    from asteer_build.judge_servers import stop_group
+    from asteer_build.pipeline.judge_servers import stop_group
 
     stop_group(proc, grace)
 
@@ -330,7 +330,7 @@ class FaultProxy:
 
 def make_rows(n: int, seed: int = 0, prefix: str = "r") -> list[dict]:
     """Rollout rows in the `rollouts` schema, with tiny-world word-soup responses."""
-    from asteer_build.tinyworld import CONCEPT_WORDS, WORDS
+    from asteer_build.inputs.tinyworld import CONCEPT_WORDS, WORDS
 
     rng = random.Random(seed)
     rows = []

@@ -1,4 +1,4 @@
-"""The one atomic-write primitive (asteer_build/atomic.py) and that every committed
+"""The one atomic-write primitive (asteer_build/core/atomic.py) and that every committed
 output goes through it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asteer_build import atomic
+from asteer_build.core import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from asteer_build.build import vector_settings_for
-from asteer_build.config import ConfigError, parse_config
-from asteer_build.sources import Concept
-from asteer_build.tinyworld import build_tiny_model, is_tiny_model
+from asteer_build.inputs.sources import Concept
+from asteer_build.inputs.tinyworld import build_tiny_model, is_tiny_model
+from asteer_build.pipeline.build import vector_settings_for
+from asteer_build.pipeline.config import ConfigError, parse_config
 from asteer_build.vectors import (
     BankError,
     ProbeSettings,

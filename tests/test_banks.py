@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from asteer_build.sources import Concept, tiny_concepts
+from asteer_build.inputs.sources import Concept, tiny_concepts
 from asteer_build.vectors import (
     SEED_INSTRUCTIONS,
     BankError,
@@ -173,7 +173,7 @@ def _lines(cache: Path) -> int:
 
 
 def test_endpoint_writer_survives_server_kill_and_restart(tmp_path):
-    from asteer_build.tinyworld import build_tiny_model
+    from asteer_build.inputs.tinyworld import build_tiny_model
     from judge.pool import EndpointConfig, RetryPolicy
 
     model = str(build_tiny_model())

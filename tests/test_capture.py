@@ -10,8 +10,8 @@ import torch
 
 from asteer_build.engine import SteeredEngine
 from asteer_build.engine import features as F
-from asteer_build.reference import HFReference
-from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
+from asteer_build.engine.reference import HFReference
+from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .capture_support import assert_captures_match_hf
 from .conftest import PROMPTS, chat_ids, engine_args
@@ -179,7 +179,7 @@ def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied
 
 def test_probe_feature_rows_for_online_suggestion(engine):
     """`asteer-train suggest`'s live path: short probes + replays over an alpha grid."""
-    from asteer_build.rollouts import probe_feature_rows
+    from asteer_build.pipeline.rollouts import probe_feature_rows
 
     rows = probe_feature_rows(engine, "a", ["explain the ocean", "why is coffee good"],
                               [0.0, 1.0, 4.0], layer=1, probe_tokens=6)
@@ -203,8 +203,8 @@ def test_feed_across_shard_boundaries_matches_one_batch(engine, varied_model):
     so shards overlap and the short ones finish before longer ones started earlier; each
     shard reaches the writer once, complete, and its rollouts and features match one
     `run_with_capture` batch of the same requests."""
-    from asteer_build.feed import ShardWriter, feed_engine
-    from asteer_build.plan import Shard
+    from asteer_build.pipeline.feed import ShardWriter, feed_engine
+    from asteer_build.pipeline.plan import Shard
 
     ids = chat_ids(varied_model, [PROMPTS[i % 8] for i in range(20)])
     reqs = [_req(i, ids[i], "ab"[i % 2], 1.5, 1, max_tokens=3 + 11 * (i // 4 % 2) + i % 3,
@@ -235,9 +235,9 @@ def test_feed_across_shard_boundaries_matches_one_batch(engine, varied_model):
 
 
 def test_feed_without_capture_matches_one_batch(engine, varied_model):
-    from asteer_build.feed import ShardWriter, feed_engine
-    from asteer_build.plan import Shard
-    from asteer_build.rollouts import run_rollouts
+    from asteer_build.pipeline.feed import ShardWriter, feed_engine
+    from asteer_build.pipeline.plan import Shard
+    from asteer_build.pipeline.rollouts import run_rollouts
 
     ids = chat_ids(varied_model, [PROMPTS[i % 8] for i in range(12)])
     reqs = [_req(i, ids[i], "ab"[i % 2], 1.0, 1, max_tokens=2 + 3 * (i % 5), temp=0.8)
@@ -276,8 +276,8 @@ def test_feed_thread_takes_shards_while_running_and_fails_one_on_write_error(
     engine that fails to start fails `started` and every later shard."""
     import asyncio
 
-    from asteer_build.feed import FeedThread
-    from asteer_build.plan import Shard
+    from asteer_build.pipeline.feed import FeedThread
+    from asteer_build.pipeline.plan import Shard
 
     ids = chat_ids(varied_model, [PROMPTS[i % 8] for i in range(15)])
     reqs = [_req(i, ids[i], "ab"[i % 2], 1.5, 1, max_tokens=2 + 9 * (i % 2) + i % 4,

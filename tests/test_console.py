@@ -13,7 +13,7 @@ from .pipeline_support import ROOT
 
 SCRIPT = r"""
 import logging, subprocess, sys
-from asteer_build.console import console
+from asteer_build.core.console import console
 logging.basicConfig(level="INFO", stream=sys.stderr)
 log_path = sys.argv[1]
 print("before", flush=True)

@@ -1,4 +1,4 @@
-"""The dataset contract (asteer_build/contract.py): its types, that what the builder, the
+"""The dataset contract (asteer_build/core/contract.py): its types, that what the builder, the
 judge and the synthetic dataset write conforms to it, that `train` and `datasets` read it,
 the feature-name scheme and the concept partition."""
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asteer_build import contract as C
+from asteer_build.core import contract as C
 
 # ARCHITECTURE.md, "Dataset schema": the published rollouts row, in order.
 ROLLOUT_TYPES = [
@@ -67,7 +67,7 @@ def test_features_concepts_prompts_types():
 def test_the_contract_and_its_readers_load_without_torch_vllm_or_ray():
     code = (
         "import sys\n"
-        "import asteer_build.contract, judge.shards, train.data, train.splits, "
+        "import asteer_build.core.contract, judge.shards, train.data, train.splits, "
         "train.synthetic, train.feature_names\n"
         "heavy = [m for m in ('torch', 'vllm', 'ray') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -110,7 +110,7 @@ def test_default_feature_names_count_and_round_trip():
 
 
 def test_one_scheme_for_builder_and_synthetic_names():
-    from asteer_build.engine import feature_names as N
+    from asteer_build.core import feature_names as N
     from train.synthetic import feature_columns
 
     assert C.feature_names is N.feature_names and C.parse_feature_name is N.parse_feature_name
@@ -208,7 +208,7 @@ def test_train_draws_the_contract_partition():
 
 
 def _items(n: int):
-    from asteer_build.plan import Item, Shard
+    from asteer_build.pipeline.plan import Item, Shard
 
     items = [
         Item(id=f"r{i}", model="tiny", method="diffmean", concept_id=f"c{i % 2}",
@@ -221,9 +221,9 @@ def _items(n: int):
 
 def test_a_builder_shard_conforms_and_the_judge_completes_it(tmp_path):
     pytest.importorskip("torch")
-    from asteer_build.rollouts import RolloutResult
-    from asteer_build.shards import Store
-    from asteer_build.work import ROLLOUT_SCHEMA, write_shard
+    from asteer_build.pipeline.rollouts import RolloutResult
+    from asteer_build.pipeline.shards import Store
+    from asteer_build.pipeline.work import ROLLOUT_SCHEMA, write_shard
     from judge.cache import JudgmentCache
     from judge.judges import Outcome
     from judge.shards import JUDGE_COLUMNS, judge_shards

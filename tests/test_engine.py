@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asteer_build.engine import POSITION_MODES, SteeredEngine, SteerSpec
-from asteer_build.reference import HFReference
+from asteer_build.engine.reference import HFReference
 
 from .conftest import PROMPTS, chat_ids, engine_args
 

@@ -1,5 +1,5 @@
 """The paper's three architectures through the steered engine: HF parity of steering and
-capture on tiny random Qwen3, Gemma 2 and Llama 3.2 models (asteer_build.tinyworld).
+capture on tiny random Qwen3, Gemma 2 and Llama 3.2 models (asteer_build.inputs.tinyworld).
 
 One engine per architecture serves all of its tests (a module-scoped parametrized
 fixture: pytest finishes one architecture's tests before it starts the next engine).
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from asteer_build.engine import SteeredEngine, SteerSpec
-from asteer_build.reference import HFReference
-from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
-from asteer_build.tinyworld import ARCHS, GEMMA2_SLIDING_WINDOW, build_arch_model
+from asteer_build.engine.reference import HFReference
+from asteer_build.inputs.tinyworld import ARCHS, GEMMA2_SLIDING_WINDOW, build_arch_model
+from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .capture_support import assert_captures_match_hf
 from .conftest import PROMPTS, engine_args

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from asteer_build.engine import AsyncSteeredEngine, SteerSpec
-from asteer_build.reference import HFReference
-from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_one_with_capture_async
+from asteer_build.engine.reference import HFReference
+from asteer_build.pipeline.rollouts import (
+    CaptureSettings,
+    RolloutRequest,
+    run_one_with_capture_async,
+)
 
 from .conftest import PROMPTS, chat_ids, engine_args
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from asteer_build.engine import POSITION_MODES, SteeredEngine, SteerSpec
-from asteer_build.reference import HFReference
-from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
+from asteer_build.engine.reference import HFReference
+from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .capture_support import assert_captures_match_hf
 from .conftest import PROMPTS, chat_ids, engine_args

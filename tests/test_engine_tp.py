@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from asteer_build.engine import SteeredEngine, SteerSpec
-from asteer_build.reference import HFReference
-from asteer_build.rollouts import CaptureSettings, RolloutRequest, run_with_capture
+from asteer_build.engine.reference import HFReference
+from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .conftest import PROMPTS, chat_ids, engine_args
 

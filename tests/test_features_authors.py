@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from asteer_build.core.feature_names import authors_columns, authors_name, authors_names
 from asteer_build.engine import SteeredEngine
 from asteer_build.engine import features as F
-from asteer_build.engine.feature_names import authors_columns, authors_name, authors_names
-from asteer_build.rollouts import (
+from asteer_build.pipeline.rollouts import (
     CaptureSettings,
     RolloutRequest,
     authors_response_text,
@@ -43,7 +43,7 @@ def _vecs() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def deep_model() -> str:
-    from asteer_build.tinyworld import TinyWorldSpec, build_tiny_model
+    from asteer_build.inputs.tinyworld import TinyWorldSpec, build_tiny_model
 
     return str(build_tiny_model(TinyWorldSpec(num_layers=17)))
 
@@ -246,7 +246,7 @@ def test_authors_replay_states_are_the_untemplated_text_at_their_positions(
     tokenized with the tokenizer's own special tokens, at len(tokens(prompt)) - 1 + t."""
     from transformers import AutoTokenizer
 
-    from asteer_build.reference import HFReference
+    from asteer_build.engine.reference import HFReference
 
     reqs, results = authors_run
     tok = AutoTokenizer.from_pretrained(deep_model)
@@ -314,9 +314,9 @@ def test_feature_name_mapping_to_the_authors():
 
 
 def test_replay_mode_is_a_config_field_in_the_hash():
-    from asteer_build.config import ConfigError, parse_config
-    from asteer_build.plan import make_plan
-    from asteer_build.work import ModelContext, capture_settings, shard_requests
+    from asteer_build.pipeline.config import ConfigError, parse_config
+    from asteer_build.pipeline.plan import make_plan
+    from asteer_build.pipeline.work import ModelContext, capture_settings, shard_requests
 
     from .pipeline_support import tiny_config
 

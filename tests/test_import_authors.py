@@ -14,9 +14,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from asteer_build import contract
 from asteer_build.cli import main
-from asteer_build.plan import item_id
+from asteer_build.core import contract
+from asteer_build.pipeline.plan import item_id
 from tests.authors_data import (
     FAILED_EXPLANATION,
     REPO,
@@ -266,7 +266,7 @@ def test_hub_id_fetches_only_the_needed_files(tmp_path, monkeypatch, capsys):
 def test_upload_goes_through_publish_path_without_leaking_the_token(tmp_path, monkeypatch):
     """With `--repo`, the folder goes to the Hub by the upload `publish` uses, after the
     same last scan for the token; the token is in no file."""
-    from asteer_build.publish.authors import import_and_upload
+    from asteer_build.io.authors.importer import import_and_upload
 
     token = "hf_" + "x" * 30
     monkeypatch.setenv("HF_TOKEN", token)

@@ -30,7 +30,7 @@ except ImportError:
 
 
 def test_batch_files_round_trip_through_vllm_run_batch(tmp_path):
-    from asteer_build.tinyworld import build_tiny_model
+    from asteer_build.inputs.tinyworld import build_tiny_model
 
     model = str(build_tiny_model())
     rows = make_rows(20, seed=7)

@@ -220,8 +220,8 @@ def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, ray_jud
 def test_server_flags_and_bad_server_settings_named():
     """Engine args become `vllm serve` flags; a bad `judge.server` fails at config load,
     naming the field and the value, before any engine starts."""
-    from asteer_build.config import ConfigError, parse_config
-    from asteer_build.judge_servers import serve_args
+    from asteer_build.pipeline.config import ConfigError, parse_config
+    from asteer_build.pipeline.judge_servers import serve_args
 
     assert serve_args({"max_model_len": 4096, "enforce_eager": True, "trust_remote_code":
                        False, "hf_overrides": {"a": 1}}) == [

@@ -57,7 +57,7 @@ FAULTS = ["drop", "http500", "http429", "slow", "malformed"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from asteer_build.tinyworld import build_tiny_model
+    from asteer_build.inputs.tinyworld import build_tiny_model
 
     key = "sk-asteer-FAKE-" + secrets.token_hex(12)
     old = os.environ.get(KEY_ENV)

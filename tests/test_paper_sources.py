@@ -14,8 +14,8 @@ import random
 import numpy as np
 import pytest
 
-from asteer_build import contract
-from asteer_build.sources import SourceError, SourceUnavailable, load_concepts, load_prompts
+from asteer_build.core import contract
+from asteer_build.inputs.sources import SourceError, SourceUnavailable, load_concepts, load_prompts
 
 from .authors_data import REPO, concept_name, instruction, write_authors_cache
 from .pipeline_support import ROOT, cli
@@ -197,7 +197,7 @@ def test_a_sample_above_the_sources_rows_fails_naming_both_numbers(tmp_path):
 
 
 def test_sample_is_pythons_random_sample():
-    from asteer_build.sources import _sample
+    from asteer_build.inputs.sources import _sample
 
     rows = [{"i": i} for i in range(805)]
     random.seed(42)
@@ -208,8 +208,8 @@ def test_sample_is_pythons_random_sample():
 
 
 def test_build_json_records_the_resolved_commit(offline, tmp_path):
-    from asteer_build.build import RunOptions, prepare_run
-    from asteer_build.config import parse_config
+    from asteer_build.pipeline.build import RunOptions, prepare_run
+    from asteer_build.pipeline.config import parse_config
 
     from .pipeline_support import tiny_config
 

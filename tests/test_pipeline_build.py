@@ -20,9 +20,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from asteer_build.config import parse_config
-from asteer_build.plan import make_plan
-from asteer_build.shards import read_stage
+from asteer_build.pipeline.config import parse_config
+from asteer_build.pipeline.plan import make_plan
+from asteer_build.pipeline.shards import read_stage
 
 from .pipeline_support import (
     BIN,

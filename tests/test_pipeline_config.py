@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from asteer_build.build import BuildRefused, RunOptions, prepare_run
-from asteer_build.config import ConfigError, load_config, parse_config
-from asteer_build.plan import make_plan, plan_summary
-from asteer_build.sources import SourceError, load_concepts
+from asteer_build.inputs.sources import SourceError, load_concepts
+from asteer_build.pipeline.build import BuildRefused, RunOptions, prepare_run
+from asteer_build.pipeline.config import ConfigError, load_config, parse_config
+from asteer_build.pipeline.plan import make_plan, plan_summary
 
 from .pipeline_support import ROOT, cli, tiny_config, write_config
 
@@ -68,7 +68,7 @@ def test_unreachable_output_via_flag_names_the_flag(tmp_path):
 
 
 def test_unknown_uri_scheme_is_unreachable():
-    from asteer_build.config import check_output
+    from asteer_build.pipeline.config import check_output
 
     with pytest.raises(ConfigError, match="output: output location is unreachable"):
         check_output("nosuchfs://bucket/run")
@@ -198,8 +198,8 @@ def test_store_commit_on_an_fsspec_filesystem():
     """Non-local outputs go through pyarrow / fsspec: the same commit and manifest."""
     import pyarrow as pa
 
-    from asteer_build.config import check_output
-    from asteer_build.shards import Manifest, committed_files, open_store, read_stage
+    from asteer_build.pipeline.config import check_output
+    from asteer_build.pipeline.shards import Manifest, committed_files, open_store, read_stage
 
     uri = check_output("memory://asteer-test/run")
     store = open_store(uri)

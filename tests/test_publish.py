@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asteer_build import publish as pub
-from asteer_build.publish import PublishError, PublishOptions
+from asteer_build.io import publish as pub
+from asteer_build.io.publish import PublishError, PublishOptions
 
 # The 300 s bound is each test's own body. The module fixtures below (a real vectors stage:
 # torch + transformers imports, the HF reference, the judge stage) are built once, inside
@@ -102,12 +102,12 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _build_run(tmp_path_factory) -> Path:
-    from asteer_build.build import RunOptions, prepare_run, run_build
-    from asteer_build.config import parse_config
     from asteer_build.engine.features import feature_names
-    from asteer_build.rollouts import RolloutResult
+    from asteer_build.pipeline.build import RunOptions, prepare_run, run_build
+    from asteer_build.pipeline.config import parse_config
+    from asteer_build.pipeline.rollouts import RolloutResult
+    from asteer_build.pipeline.work import write_shard
     from asteer_build.vectors import load_vectors
-    from asteer_build.work import write_shard
 
     run = tmp_path_factory.mktemp("publish") / "run"
     cfg = parse_config(_config(run))
@@ -167,7 +167,7 @@ def _card(folder: Path):
 
 
 def _run_rows(run: Path, stage: str) -> pa.Table:
-    from asteer_build.shards import read_stage
+    from asteer_build.pipeline.shards import read_stage
 
     return read_stage(str(run), stage)
 
@@ -636,7 +636,7 @@ def test_models_with_different_hidden_sizes_get_one_activations_config_each(tmp_
     them all, so each model gets `activations-<model>`; features are the union."""
     import datasets
 
-    from asteer_build.shards import Manifest, open_store
+    from asteer_build.pipeline.shards import Manifest, open_store
 
     store = open_store(str(tmp_path / "run"))
     store.makedirs("")

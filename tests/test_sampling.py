@@ -1,4 +1,4 @@
-"""Effective sampling per model (asteer_build.sampling): the config's temperature, top-k /
+"""Effective sampling per model (asteer_build.pipeline.sampling): the config's temperature, top-k /
 top-p from the model's generation_config.json where the config leaves them unset, else
 transformers' defaults; recorded per model in build.json, hashed into the plan, and the
 exact values the engine samples with.
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from asteer_build.build import BuildRefused, RunOptions, prepare_run
-from asteer_build.config import ConfigError, parse_config
-from asteer_build.plan import make_plan, plan_summary
-from asteer_build.sampling import FROM_CONFIG, FROM_DEFAULT, FROM_MODEL, resolve_sampling
+from asteer_build.pipeline.build import BuildRefused, RunOptions, prepare_run
+from asteer_build.pipeline.config import ConfigError, parse_config
+from asteer_build.pipeline.plan import make_plan, plan_summary
+from asteer_build.pipeline.sampling import FROM_CONFIG, FROM_DEFAULT, FROM_MODEL, resolve_sampling
 
 from .conftest import chat_ids, engine_args
 from .pipeline_support import ENGINE_ARGS, cli, tiny_config, write_config
@@ -85,8 +85,8 @@ def test_unset_is_the_model_file_else_transformers_defaults(gen_model, tmp_path)
 
 
 def test_build_json_records_sampling_and_a_changed_file_refuses_resume(gen_model, tmp_path):
-    from asteer_build.rollouts import sampling_params
-    from asteer_build.work import ModelContext, shard_requests
+    from asteer_build.pipeline.rollouts import sampling_params
+    from asteer_build.pipeline.work import ModelContext, shard_requests
 
     folder = tmp_path / "gen-copy"
     shutil.copytree(gen_model, folder)
@@ -171,7 +171,7 @@ def test_hub_models_resolve_offline_from_the_cache_and_uncached_fails_only_the_r
 
 
 def test_plan_summary_shows_each_models_values_and_sources(tmp_path):
-    from asteer_build.config import load_config
+    from asteer_build.pipeline.config import load_config
 
     s = plan_summary(parse_config(tiny_config(tmp_path)))["sampling"]["tiny"]
     assert (s["temperature"], s["top_k"], s["top_p"]) == (0.0, 50, 1.0)
@@ -189,9 +189,9 @@ def test_the_engine_samples_with_the_resolved_values_only(gen_model):
     on its own: the same seeds then give different texts."""
     import torch
 
-    from asteer_build.config import ModelConfig, Sampling
     from asteer_build.engine import SteeredEngine
-    from asteer_build.rollouts import RolloutRequest, run_rollouts
+    from asteer_build.pipeline.config import ModelConfig, Sampling
+    from asteer_build.pipeline.rollouts import RolloutRequest, run_rollouts
 
     model = ModelConfig("gen", str(gen_model))
     from_file = resolve_sampling(Sampling(temperature=1.0), model)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asteer_build.engine.feature_names import authors_columns, feature_names
+from asteer_build.core.feature_names import authors_columns, feature_names
 from train.authors import concept_level
 from train.cli import main
 from train.data import DatasetError, list_pairs, load_dataset
@@ -348,7 +348,7 @@ def _write_lengths(root: Path, model: str, methods: tuple[str, ...], skip: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from asteer_build.publish.authors_facts import IMPORT_SCHEMA
+    from asteer_build.io.authors.facts import IMPORT_SCHEMA
 
     rows = [
         {"model": model, "method": method, "concept_id": str(c), "prompt_id": str(s),

@@ -282,11 +282,11 @@ def test_cli_suggest_with_feature_file(small_predictor, tmp_path, capsys):
 
 
 def test_package_import_pulls_in_no_engine():
-    # Of asteer_build, only the light dataset contract (and the torch-free naming module
-    # it shares with the engine) may come along.
+    # Of asteer_build, only the light core (the dataset contract and its torch-free
+    # feature naming) may come along.
     light = (
-        "{'asteer_build', 'asteer_build.contract', 'asteer_build.engine', "
-        "'asteer_build.engine.feature_names'}"
+        "{'asteer_build', 'asteer_build.core', 'asteer_build.core.contract', "
+        "'asteer_build.core.feature_names'}"
     )
     code = (
         "import sys, train, train.cli, train.run, train.suggest, train.search, train.plots;"

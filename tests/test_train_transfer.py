@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from asteer_build.config import ConfigError, parse_config
-from asteer_build.tinyworld import parse_tiny_name
+from asteer_build.inputs.tinyworld import parse_tiny_name
+from asteer_build.pipeline.config import ConfigError, parse_config
 from train.cli import main
 from train.synthetic import generate, write_dataset
 from train.transfer import (

@@ -18,8 +18,14 @@ import pytest
 import torch
 
 from asteer_build.engine import SteeredEngine, SteerSpec
-from asteer_build.sources import Concept, SourceError, load_concepts, load_prompts, tiny_concepts
-from asteer_build.tinyworld import TinyWorldSpec, build_tiny_model
+from asteer_build.inputs.sources import (
+    Concept,
+    SourceError,
+    load_concepts,
+    load_prompts,
+    tiny_concepts,
+)
+from asteer_build.inputs.tinyworld import TinyWorldSpec, build_tiny_model
 from asteer_build.vectors import (
     Bank,
     BankError,
@@ -97,7 +103,7 @@ def _authors_format_banks(root: Path, concepts: list[Concept], n: int) -> None:
     lists), synthetic texts from the tiny world's words so they tokenize to real tokens."""
     import random
 
-    from asteer_build.tinyworld import FILLER_WORDS
+    from asteer_build.inputs.tinyworld import FILLER_WORDS
 
     (root / "training").mkdir(parents=True, exist_ok=True)
     for c in concepts:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from asteer_build import contract
-from asteer_build.engine.feature_names import authors_columns, authors_names
+from asteer_build.core import contract
+from asteer_build.core.feature_names import authors_columns, authors_names
 
 CACHE_DIR = "cache"
 CACHE_GLOB = "features__*.npz"
@@ -232,7 +232,7 @@ def load_pair(
 
 def cache_method(method: str) -> str:
     """A cache's method name as the import names it (their ``probe_l2-0.01`` -> ``probe``)."""
-    from asteer_build.publish.authors import method_name
+    from asteer_build.io.authors.importer import method_name
 
     try:
         return method_name(method)

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asteer_build import contract
+from asteer_build.core import contract
 from train import authors
 from train.authors import HUB_PATTERNS as AUTHORS_PATTERNS
 

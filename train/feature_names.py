@@ -2,14 +2,14 @@
 
 The naming scheme itself (forming and parsing names such as ``sa_t0_k0``, ``da_t1_mean``,
 ``dn_k3_max``, ``ds_std``, ``alpha``, ``vector_norm``) is the dataset contract's
-(`asteer_build.contract`, from `asteer_build.engine.feature_names`); it is re-exported
+(`asteer_build.core.contract`, from `asteer_build.engine.feature_names`); it is re-exported
 here so everything in `train` that depends on the scheme goes through
 ``parse_feature_name``.
 """
 
 from __future__ import annotations
 
-from asteer_build.contract import META_FEATURES, STATS, FeatureInfo, parse_feature_name
+from asteer_build.core.contract import META_FEATURES, STATS, FeatureInfo, parse_feature_name
 
 __all__ = ["STATS", "META_FEATURES", "FeatureInfo", "parse_feature_name", "select_features"]
 

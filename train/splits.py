@@ -4,7 +4,7 @@ Two leaks matter. A concept in both seen and unseen would inflate the unseen sco
 alphas of one (concept, prompt) in different splits would let the model interpolate the
 item's window instead of reading it from the hidden states. So concepts are partitioned
 first (per level, so every level is represented in both), and the prompt split assigns
-whole (concept, prompt) items. Both draws are the authors' (`asteer_build.contract`), so
+whole (concept, prompt) items. Both draws are the authors' (`asteer_build.core.contract`), so
 a model trained on the paper testbed is tested on the concepts and prompts theirs was.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from asteer_build import contract
+from asteer_build.core import contract
 
 SPLITS = ("train", "val", "test", "unseen")
 # Reference: 28 / 7 / 15 of 50 prompts per seen concept (test 0.3, val 0.2 of the rest).
@@ -88,7 +88,7 @@ def partition_concepts(
 
     Precedence: an explicit ``unseen`` list, then the concepts config's ``partition``
     column (``ood`` = unseen), then the contract's draw ``scheme``
-    (`asteer_build.contract.partition_concepts`): ``stratified``, the authors' per-level
+    (`asteer_build.core.contract.partition_concepts`): ``stratified``, the authors' per-level
     draw of ``unseen_fraction`` that publish writes into the ``partition`` column, or
     ``contiguous``, their legacy static ranges. Concepts without a level are never drawn.
     Ids come back in `contract.sort_ids` order (numeric when all are integers).
@@ -137,7 +137,7 @@ def make_splits(
     val_size: float = DEFAULT_VAL_SIZE,
 ) -> Splits:
     """Concept partition plus the authors' per-concept prompt split of the seen concepts
-    (`asteer_build.contract.prompt_splits`: one seeded shuffle per concept, so a prompt
+    (`asteer_build.core.contract.prompt_splits`: one seeded shuffle per concept, so a prompt
     being "hard" does not put it in test for every concept). The prompts are those of
     the frame, in `contract.sort_ids` order: for the paper testbed, their sample order.
     """

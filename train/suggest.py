@@ -77,7 +77,7 @@ def suggest(
 
 def _live_probe_function():
     try:
-        import asteer_build.rollouts as rollouts  # lazy on purpose: pulls in the engine
+        import asteer_build.pipeline.rollouts as rollouts  # lazy on purpose: pulls in the engine
     except ImportError as exc:
         raise LiveSuggestError(
             f"live suggest needs the builder package (asteer_build.rollouts): {exc}. "

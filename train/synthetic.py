@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from asteer_build import contract
-from asteer_build.contract import ROW_STATS, STATS
+from asteer_build.core import contract
+from asteer_build.core.contract import ROW_STATS, STATS
 
 GROUPS = ("DN", "DS", "DA", "SA")
 TOKENS = (0, 1, 3, 5)
@@ -27,7 +27,7 @@ LEVELS = ("low", "mid", "high")
 
 
 def feature_columns(groups=GROUPS, tokens=TOKENS, offsets=OFFSETS) -> list[str]:
-    """Column names in the builder's scheme (`asteer_build.contract.group_names`)."""
+    """Column names in the builder's scheme (`asteer_build.core.contract.group_names`)."""
     cols = []
     for g in groups:
         cols += contract.group_names(g, tokens, offsets)

@@ -47,7 +47,7 @@ import torch
 
 # The names (and which steps / offsets each family has) are the dataset contract's, kept
 # torch-free in feature_names.py; `compute_batch` returns values in their order.
-from .feature_names import GROUPS, feature_names
+from ..core.feature_names import GROUPS, feature_names
 
 __all__ = ["EPS", "GROUPS", "matrices", "feature_names", "compute_batch", "compute",
            "compute_named"]

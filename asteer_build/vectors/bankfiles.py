@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..sources import Concept, hub_commit
+from ..inputs.sources import Concept, hub_commit
 from .banks import Bank, BankError
 
 __all__ = ["DEFAULT_PATTERN", "BankFiles", "read_bank_file", "load_bank_files"]

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import atomic
-from ..sources import Concept
+from ..core import atomic
+from ..inputs.sources import Concept
 
 __all__ = [
     "SEED_INSTRUCTIONS", "BankError", "BankRequest", "Bank", "Writer", "plan_requests",

@@ -90,7 +90,7 @@ def open_pooling(model_path: str, settings: VectorSettings,
     if settings.pool == "hf":
         import torch
 
-        from ..reference import HFReference
+        from ..engine.reference import HFReference
 
         dev = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         ref = HFReference(model_path, dtype=torch.float32, device=dev)

@@ -1,7 +1,7 @@
 """The vectors stage's settings: one frozen dataclass, and the one place the config's
 `vectors:` section maps onto it (`VectorSettings.from_section`).
 
-`asteer_build.config` checks the section with it when a config loads
+`asteer_build.pipeline.config` checks the section with it when a config loads
 (`BuildConfig.vector_settings`), so a bad field fails before any engine starts.
 
 The section's keys are the dataclass's fields other than `layer` and `methods` (those

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import atomic
+from ..core import atomic
 from ..engine.protocol import SteeringEngine
-from ..sources import Concept
+from ..inputs.sources import Concept
 from .bankfiles import load_bank_files
 from .banks import Bank, BankError, bank_path, check_bank, load_bank, plan_requests, safe_name
 from .methods import make_vector
@@ -72,7 +72,7 @@ def stage_banks(concepts: Sequence[Concept], settings: VectorSettings,
                                 "first (asteer_build.vectors.build_banks)")
             banks[c.concept_id] = load_bank(p)
     if banks is None and model_path is not None:
-        from ..tinyworld import is_tiny_model
+        from ..inputs.tinyworld import is_tiny_model
 
         if not is_tiny_model(model_path):
             raise BankError(NO_BANKS.format(model=model_path))

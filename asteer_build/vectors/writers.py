@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..engine.protocol import SteeringEngine
-from ..sources import Concept
+from ..inputs.sources import Concept
 from .banks import BankError, BankRequest
 
 __all__ = ["TemplateWriter", "EndpointWriter", "EngineWriter", "bank_messages",
@@ -112,7 +112,7 @@ class TemplateWriter:
 
     def write(self, concept: Concept, reqs: Sequence[BankRequest]) -> Iterable[tuple[
             BankRequest, str]]:
-        from ..tinyworld import FILLER_WORDS
+        from ..inputs.tinyworld import FILLER_WORDS
 
         avoid = set(concept.concept.lower().split())
         fill = [w for w in FILLER_WORDS if w not in avoid]

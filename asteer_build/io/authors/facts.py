@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .. import contract
+from ...core import contract
 
 AUTHORS_REPO = "Fcr09/SteerBoost-data"
 AUTHORS_CODE = "https://github.com/Fcr09/SteerBoost"

@@ -66,9 +66,10 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import atomic, contract
-from ..plan import item_id
-from .authors_facts import (  # noqa: F401  (re-exported: the importer's public facts)
+from ...core import atomic, contract
+from ...pipeline.plan import item_id
+from ..publish.layout import SPLIT, PublishError
+from .facts import (  # noqa: F401  (re-exported: the importer's public facts)
     AUTHORS_CODE,
     AUTHORS_LABEL_FIELD,
     AUTHORS_REPO,
@@ -84,7 +85,6 @@ from .authors_facts import (  # noqa: F401  (re-exported: the importer's public 
     PROMPT_SEED,
     TOKEN_KEYS,
 )
-from .layout import SPLIT, PublishError
 
 log = logging.getLogger("asteer_build.publish")
 
@@ -247,7 +247,7 @@ def locate_hub(repo: str, revision: str | None = None, methods: list[str] | None
     selected pairs' tarballs and judgment caches."""
     from huggingface_hub import snapshot_download
 
-    from ..sources import SourceError, _hub_download, hub_commit
+    from ...inputs.sources import SourceError, _hub_download, hub_commit
 
     fetched: list[str] = []
     singles: dict[str, Path | None] = {}
@@ -800,9 +800,9 @@ def import_authors(
 
 def _assemble(loc: Located, folder: Path, source: str, rows_per_file: int,
               rows_per_group: int, tokenizers: dict[str, Any]) -> ImportResult:
-    from .card import label_table
-    from .import_card import import_card
-    from .state import sha256_file
+    from ..publish.card import label_table
+    from ..publish.state import sha256_file
+    from .card import import_card
 
     concepts = read_concepts(loc.concepts, loc.root)
     draw = prompt_draw(loc.alpaca)
@@ -890,7 +890,7 @@ def import_and_upload(source: str, out: str, *, repo: str | None = None,
     """`import_authors`, then (with `repo`, unless `dry_run`) the upload `publish` uses
     (`hub.hub_upload` unless `upload` is given): the token is checked before the long
     conversion, the folder scanned for it, then one resumable folder upload."""
-    from .hub import _REPO_ID, _hub_token, check_no_secret, hub_upload
+    from ..publish.hub import _REPO_ID, _hub_token, check_no_secret, hub_upload
 
     token = None
     if repo is not None:

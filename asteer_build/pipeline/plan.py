@@ -12,10 +12,10 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import contract
+from ..core import contract
+from ..inputs.sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 from .config import BuildConfig
 from .sampling import EffectiveSampling, resolve_all
-from .sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 
 __all__ = ["Item", "Shard", "Plan", "engine_hours", "item_id", "item_seed", "judge_estimate",
            "make_plan", "plan_summary", "shard_name"]
@@ -98,7 +98,7 @@ def make_plan(cfg: BuildConfig) -> Plan:
     """All items, in (model, method, concept, prompt, alpha, sample) order, chunked into
     shards that never span two (model, method) pairs (one engine, one vector bank).
 
-    Each model's effective sampling (`asteer_build.sampling`) is part of the hash: a
+    Each model's effective sampling (`asteer_build.pipeline.sampling`) is part of the hash: a
     changed generation_config.json changes what the rollouts are, like a changed alpha.
     """
     concepts = load_concepts(cfg.concepts, cfg.base_dir)

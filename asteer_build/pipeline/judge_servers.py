@@ -234,7 +234,7 @@ def served_judge(spec: ServerSpec, served_name: str, *, executor: str = "local",
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from .lockcheck import require_lock
+    from ..core.lockcheck import require_lock
 
     require_lock("job driver")
     if not ray.is_initialized():

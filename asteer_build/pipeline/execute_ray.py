@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .console import console
+from ..core.console import console
 from .plan import Shard
 
 if TYPE_CHECKING:
+    from ..inputs.sources import Prompt
     from .build import Run
     from .config import BuildConfig, ModelConfig
-    from .sources import Prompt
     from .work import ModelContext
 
 __all__ = ["run_rollouts_ray", "vector_files_on_ray", "EngineHost"]
@@ -57,9 +57,9 @@ class EngineHost:
         self.started = time.time()
 
     async def start(self) -> dict[str, Any]:
-        from .engine import SteeredEngine
+        from ..core.lockcheck import require_lock
+        from ..engine import SteeredEngine
         from .feed import FeedThread
-        from .lockcheck import require_lock
         from .shards import open_store
         from .work import capture_settings, engine_kwargs, model_context, write_shard
 
@@ -394,7 +394,7 @@ class _ModelDispatch:
 def _init(cfg: BuildConfig) -> dict[str, float]:
     import ray
 
-    from .lockcheck import require_lock
+    from ..core.lockcheck import require_lock
 
     require_lock("job driver")
     if not ray.is_initialized():

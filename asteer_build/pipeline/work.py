@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import contract
+from ..core import contract
 from .config import BuildConfig, ModelConfig
 from .plan import Item, Shard
 from .rollouts import RolloutRequest, RolloutResult
@@ -30,7 +30,7 @@ ROLLOUT_SCHEMA = contract.ROLLOUTS_SHARD_SCHEMA
 
 
 def resolve_model_path(path: str) -> str:
-    from .tinyworld import resolve_model_path as resolve
+    from ..inputs.tinyworld import resolve_model_path as resolve
 
     return resolve(path)
 
@@ -45,7 +45,7 @@ def vector_files(model_path: str, concepts: list[Any], settings: Any,
     import tempfile
     from pathlib import Path
 
-    from .vectors.stage import build_vectors
+    from ..vectors.stage import build_vectors
 
     with tempfile.TemporaryDirectory(prefix="asteer-vectors-") as tmp:
         build_vectors(resolve_model_path(model_path), concepts, tmp, settings, engine=engine)
@@ -80,7 +80,7 @@ class ModelContext:
     vectors: dict[str, Any]
     norms: dict[str, float]
     prompt_ids: dict[str, list[int]]
-    #: the model's effective sampling (`asteer_build.sampling`), as build.json records it;
+    #: the model's effective sampling (`asteer_build.pipeline.sampling`), as build.json records it;
     #: required, so no request is ever built without the recorded values
     sampling: Any
 
@@ -107,7 +107,7 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
     """`sampling` is the plan's resolved `EffectiveSampling` for this model, passed in
     (not resolved again on an engine host) so every host samples with the recorded
     values."""
-    from .vectors.stage import load_vectors
+    from ..vectors.stage import load_vectors
 
     path = resolve_model_path(model.path)
     files = {}

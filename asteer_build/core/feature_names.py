@@ -1,6 +1,6 @@
 """The feature-name scheme: how the 414 feature columns are named, and how a name is read.
 
-Pure Python (no torch, no vLLM), so the dataset contract (`asteer_build.contract`), which
+Pure Python (no torch, no vLLM), so the dataset contract (`asteer_build.core.contract`), which
 `judge` and `train` import, can share it with the tensor maths in `features.py` without
 either side holding a copy; the engine package imports its heavy modules lazily, so
 importing this one loads nothing else.

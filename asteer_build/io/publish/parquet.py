@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import atomic
-from ..shards import Store
+from ...core import atomic
+from ...pipeline.shards import Store
 from .layout import PublishError, PublishOptions
 from .plan import ConfigPlan, OutFile, RunInfo, Slice
 

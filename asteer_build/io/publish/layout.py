@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import contract
+from ...core import contract
 
 #: bump when the folder layout or Parquet writing changes: invalidates every file key
 PUBLISH_FORMAT = 1
@@ -23,7 +23,7 @@ SPLIT = "train"
 #: what the Hub upload skips: the state file and temp files of an interrupted publish
 UPLOAD_IGNORE = [".*", "**/.*"]
 # The schemas of the small configs, the rollouts schema and the concept partition are the
-# dataset contract's (asteer_build/contract.py), shared with the builder, judge and train.
+# dataset contract's (asteer_build/core/contract.py), shared with the builder, judge and train.
 ROLLOUTS_SCHEMA = contract.ROLLOUTS_SCHEMA
 CONCEPTS_SCHEMA = contract.CONCEPTS_SCHEMA
 PROMPTS_SCHEMA = contract.PROMPTS_SCHEMA

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.console import console
 from .config import BuildConfig, ModelConfig, check_output
-from .console import console
 from .plan import Plan, Shard, make_plan, shard_name
 from .sampling import require_resolved
 from .shards import Manifest, ShardFile, Store, open_store
@@ -353,7 +353,7 @@ def _judge_stage(run: Run) -> dict[str, Any]:
     jc = JudgeConfig.from_dict(run.cfg.judge)
     out: dict[str, Any] = {}
     if jc.kind == "vllm":
-        # Judge servers of our own (asteer_build.judge_servers): started for this stage,
+        # Judge servers of our own (asteer_build.pipeline.judge_servers): started for this stage,
         # stopped when it ends, also when it fails.
         from .judge_servers import ServerSpec, served_judge
 

@@ -22,8 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import contract
-from ..shards import Manifest, Store
+from ...core import contract
+from ...pipeline.shards import Manifest, Store
 from .layout import (
     CONCEPTS_SCHEMA,
     PROMPTS_SCHEMA,
@@ -174,7 +174,7 @@ def _prompt_sources(config: dict[str, Any]) -> dict[str, str]:
     """Where each prompt came from, if the build's prompt source can still be read here
     (relative file paths may not resolve outside the build machine: then unknown)."""
     try:
-        from ..sources import load_prompts
+        from ...inputs.sources import load_prompts
 
         return {p.prompt_id: p.source for p in load_prompts(config.get("prompts"))}
     except Exception:  # a missing file only costs the `source` column its values

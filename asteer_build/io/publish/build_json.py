@@ -7,8 +7,8 @@ import json
 import re
 from typing import Any
 
-from ..contract import LEVEL_ORDER, PROMPT_TEST_SIZE, PROMPT_VAL_SIZE
-from ..shards import software_versions
+from ...core.contract import LEVEL_ORDER, PROMPT_TEST_SIZE, PROMPT_VAL_SIZE
+from ...pipeline.shards import software_versions
 from .layout import PUBLISH_FORMAT, PublishOptions
 from .plan import RunInfo
 

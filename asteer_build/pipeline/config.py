@@ -113,7 +113,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Sampling:
-    """What the config says; `asteer_build.sampling` resolves each model's effective
+    """What the config says; `asteer_build.pipeline.sampling` resolves each model's effective
     values (unset top_k / top_p come from the model's generation_config.json, else
     transformers' defaults, as `generate()` does for the reference testbed)."""
 
@@ -176,7 +176,7 @@ class BuildConfig:
     def vector_settings(self) -> Any:
         """The `vectors:` section (with `layer` and `methods`) as the vectors stage's
         `asteer_build.vectors.VectorSettings`."""
-        from .vectors.settings import VectorSettings
+        from ..vectors.settings import VectorSettings
 
         section = self.vectors
         banks = section.get("banks") if isinstance(section, dict) else None
@@ -216,7 +216,7 @@ def _model_path(v: Any, where: str, base_dir: str) -> str:
     if v == TINYWORLD:
         return v
     if v.startswith(TINYWORLD + ":"):  # tinyworld[:ARCH][:seed=N]: several tiny models
-        from .tinyworld import parse_tiny_name
+        from ..inputs.tinyworld import parse_tiny_name
 
         try:
             parse_tiny_name(v)
@@ -354,7 +354,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     if output is not None and (not isinstance(output, str) or not output.strip()):
         raise _err("output", "expected a path or URI", output)
     positions = d.get("positions", "all")
-    from .engine.spec import POSITION_MODES
+    from ..engine.spec import POSITION_MODES
 
     if positions not in POSITION_MODES:
         raise _err("positions", f"expected one of {POSITION_MODES}", positions)
@@ -378,7 +378,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not vs.has_banks:
-        from .tinyworld import is_tiny_model
+        from ..inputs.tinyworld import is_tiny_model
 
         real = [m.name for m in models if not is_tiny_model(m.path)]
         if real:

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
-from ..shards import MANIFEST, Manifest, open_store
+from ...core import atomic
+from ...pipeline.shards import MANIFEST, Manifest, open_store
 from .build_json import build_json
 from .card import dataset_card, label_table
 from .layout import CONFIGS, PUBLISH_FORMAT, PublishError, PublishOptions, PublishResult

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from .. import contract
+from ...core import contract
 from .build_json import scrub
 from .layout import SPLIT, PublishOptions
 from .plan import ConfigPlan, RunInfo

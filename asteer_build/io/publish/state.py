@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
+from ...core import atomic
 from .layout import PUBLISH_FORMAT, STATE_FILE
 
 

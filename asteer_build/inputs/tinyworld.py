@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import atomic
+from ..core import atomic
 
 __all__ = [
     "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",

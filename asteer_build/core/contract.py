@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 
-from .engine.feature_names import (
+from .feature_names import (
     DEFAULT_OFFSETS,
     DEFAULT_STEPS,
     GROUPS,

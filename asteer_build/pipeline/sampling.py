@@ -125,7 +125,7 @@ def read_generation_config(model: ModelConfig, *,
     """(the model's generation_config.json as a dict or None when it has none, where it
     was read). `tinyworld` reads the tiny model's folder (written on first use); a Hub
     id the Hugging Face cache, then (with `network`) the Hub."""
-    from .tinyworld import resolve_model_path
+    from ..inputs.tinyworld import resolve_model_path
 
     path = resolve_model_path(model.path)
     if os.path.isdir(path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from .console import console
+from ..core.console import console
 from .feed import ShardWriter, feed_engine, in_flight_window
 from .plan import Shard
 from .work import capture_settings, engine_kwargs, model_context, shard_requests, write_shard
@@ -26,7 +26,7 @@ __all__ = ["run_rollouts_local", "start_engine"]
 def start_engine(run: Run, model: Any) -> Any:
     """The model's in-process engine for this run: started once, shared by the vectors
     and rollouts stages, shut down by the build when it ends (`close_engines`)."""
-    from .engine import SteeredEngine
+    from ..engine import SteeredEngine
     from .work import resolve_model_path
 
     engines = run.engines

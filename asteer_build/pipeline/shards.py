@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import atomic
+from ..core import atomic
 
 __all__ = [
     "Store", "open_store", "Manifest", "ShardFile", "software_versions", "STAGES",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .engine.spec import SteerSpec, steer_start
+from .spec import SteerSpec, steer_start
 
 
 class HFReference:

@@ -11,15 +11,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from .card import _HEADER_ORDER, _size_category
-from .layout import SPLIT
+from ..publish.card import _HEADER_ORDER, _size_category
+from ..publish.layout import SPLIT
 
 
 def _features_yaml(config: str) -> list[dict[str, Any]]:
     import datasets
 
-    from .. import contract
-    from .authors_facts import IMPORT_SCHEMA
+    from ...core import contract
+    from .facts import IMPORT_SCHEMA
 
     schema = {"rollouts": IMPORT_SCHEMA, "concepts": contract.CONCEPTS_SCHEMA,
               "prompts": contract.PROMPTS_SCHEMA}[config]
@@ -58,7 +58,7 @@ def _header(license_id: str, entries: list[dict[str, Any]], counts: dict[str, in
 def import_card(source: dict[str, Any], entries: list[dict[str, Any]],
                 counts: dict[str, int], labels: list[dict[str, Any]],
                 pairs: list[dict[str, Any]], concepts: pa.Table) -> str:
-    from .authors_facts import (
+    from .facts import (
         AUTHORS_CODE,
         FAILURE_PREFIXES,
         JUDGE_MODEL,
