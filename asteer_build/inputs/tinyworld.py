@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core import atomic
+from ..core.paths import cache_dir
 
 __all__ = [
     "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",
@@ -93,12 +94,6 @@ VARIED = TinyWorldSpec(initializer_range=0.1, embed_scale=1.0)
 #: vLLM's and HF's per-step overheads as the whole cost, which hides what padding costs.
 COMPUTE_BOUND = TinyWorldSpec(hidden_size=1024, num_layers=2, num_heads=16, num_kv_heads=16,
                               intermediate_size=4096, embed_scale=1.0)
-
-
-def cache_dir() -> Path:
-    """Root of asteer's local cache; `ASTEER_CACHE` overrides it (tests point it anywhere)."""
-    root = os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer"
-    return Path(root)
 
 
 def _corpus(seed: int, n_lines: int = 4000) -> list[str]:

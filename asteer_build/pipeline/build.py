@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.console import console
+from ..core.paths import cache_dir
 from .config import BuildConfig, ModelConfig, check_output
 from .plan import Plan, Shard, make_plan, shard_name
 from .sampling import require_resolved
@@ -334,7 +334,7 @@ def _scratch_dir(run: Run) -> str:
     their cache again), else under $ASTEER_CACHE by plan hash."""
     if run.store.local:
         return run.store.path(".staging")
-    root = Path(os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer")
+    root = cache_dir()
     return str(root / "staging" / run.plan.plan_hash)
 
 
@@ -409,7 +409,7 @@ def log_file(run: Run) -> Path:
     run folder (the CLI copies it there at the end)."""
     if run.store.local:
         return Path(run.store.path("logs/build.log"))
-    root = Path(os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer")
+    root = cache_dir()
     return root / "logs" / run.plan.plan_hash / "build.log"
 
 

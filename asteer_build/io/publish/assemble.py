@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from ...core import atomic
+from ...core.paths import cache_dir
 from ...pipeline.shards import MANIFEST, Manifest, open_store
 from .build_json import build_json
 from .card import dataset_card, label_table
@@ -64,7 +64,7 @@ def _copy_vectors(
 
 
 def default_folder(repo: str | None, run_dir: str) -> str:
-    root = Path(os.environ.get("ASTEER_CACHE") or Path.home() / ".cache" / "asteer")
+    root = cache_dir()
     name = (repo or Path(run_dir.rstrip("/")).name or "dataset").replace("/", "--")
     return str(root / "publish" / name)
 
