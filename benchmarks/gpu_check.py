@@ -30,7 +30,10 @@ three engine starts, compiled cold, compiled warm from the compile cache, eager)
 `engine_smoke` in the same JSON. It is opt-in: it needs vLLM, and on CPU it compiles the
 model (minutes on 2 cores), which CI's `--device cpu` run must not pay.
 
-Writes benchmarks/results/gpu_check-<device>.json (or `--out`); exit status 1 on failure.
+Writes `gpu_check-<device>.json` under the user's cache (`$ASTEER_CACHE/gpu_check/`,
+default `~/.cache/asteer/gpu_check/`), so the pre-flight check leaves the checkout
+clean; `--out` writes elsewhere (the committed reports in benchmarks/results/ are
+written that way). Exit status 1 on failure.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asteer_build.core.paths import cache_dir
 from asteer_build.engine.capture_buffer import CaptureBuffer, PoolBuffer
 from asteer_build.engine.spec import SteerSpec, to_extra_args
 from asteer_build.engine.steering import SteeringState, encode_vector, vector_digest
@@ -348,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-cache", type=Path, default=None,
                     help="vLLM cache root for --engine (default: a fresh temp dir, so the "
                          "first start compiles cold and the restart reads what it wrote)")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="report file (default: gpu_check-<device>.json under "
+                         "$ASTEER_CACHE/gpu_check, else ~/.cache/asteer/gpu_check)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: --device cuda but CUDA is not available", file=sys.stderr)
@@ -419,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_smoke": smoke,
         "passed": passed and all(sanity.values()) and (smoke is None or smoke["passed"]),
     }
-    out = args.out or HERE / "results" / f"gpu_check-{args.device}.json"
+    out = args.out or cache_dir() / "gpu_check" / f"gpu_check-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in results.items():

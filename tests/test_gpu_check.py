@@ -70,3 +70,18 @@ def test_engine_smoke_is_opt_in_and_reports_into_the_same_json(tmp_path):
     assert rc == 1 and not report["passed"]
     smoke = report["engine_smoke"]
     assert not smoke["passed"] and "no-such-model" in smoke["checks"]["runs"]["error"]
+
+
+def test_default_report_goes_to_the_cache_not_the_checkout(tmp_path, monkeypatch):
+    """The README's pre-flight check (no `--out`) writes under `$ASTEER_CACHE`, and the
+    committed reports in benchmarks/results/ keep their bytes."""
+    from benchmarks.gpu_check import main
+
+    committed = {p: p.read_bytes() for p in (ROOT / "benchmarks" / "results").glob("gpu_check*")}
+    assert committed  # the check below compares something
+    monkeypatch.setenv("ASTEER_CACHE", str(tmp_path / "cache"))
+    assert main(["--device", "cpu", "--backend", "aot_eager"]) == 0
+    report = json.loads((tmp_path / "cache" / "gpu_check" / "gpu_check-cpu.json").read_text())
+    assert report["passed"] and report["backend"] == "aot_eager"
+    assert {p: p.read_bytes() for p in committed} == committed
+    assert sorted((ROOT / "benchmarks" / "results").glob("gpu_check*")) == sorted(committed)
