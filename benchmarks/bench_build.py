@@ -3,7 +3,7 @@
 The tiny world (`configs/demo.yaml`, fewer alphas so a round fits in minutes) with the
 reference workload's shape: per-request lengths from `common.long_tail_lengths` (mean
 ~55% of the cap, ~15% at the cap), `ignore_eos` with per-request `max_tokens`, through
-the builder's benchmark-only hook (`asteer_build.pipeline.work.BENCH_LENGTHS_ENV`). Throughput
+the builder's benchmark-only hook (`bench_lengths` in `asteer_build.core.testseam`). Throughput
 counts useful tokens only (each response's own length).
 
 Variants, run interleaved in each round (paired ratios, median with min and max):
@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from asteer_build.core.testseam import seam_env  # noqa: E402
 from benchmarks.common import long_tail_lengths, paired_summary, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +164,7 @@ def _build(cfg: Path, base: Path, out: Path, executor: str, lengths: Path) -> di
     shutil.copytree(base, out)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env["ASTEER_BENCH_LENGTHS"] = str(lengths)
+    env.update(seam_env(bench_lengths=str(lengths)))
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
     p = subprocess.Popen([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
@@ -236,7 +237,7 @@ def main() -> None:
         lens = long_tail_lengths(len(ids), a.cap, a.seed)
         lengths = tmp / "lengths.json"
         lengths.write_text(json.dumps(dict(zip(ids, lens, strict=True))))
-        os.environ["ASTEER_BENCH_LENGTHS"] = str(lengths)  # the ideal's requests too
+        os.environ.update(seam_env(bench_lengths=str(lengths)))  # the ideal's requests too
         base = tmp / "base"
         t = time.time()
         r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg_off),

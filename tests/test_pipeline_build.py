@@ -20,6 +20,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from asteer_build.core.testseam import seam_env
 from asteer_build.pipeline.config import parse_config
 from asteer_build.pipeline.plan import make_plan
 from asteer_build.pipeline.shards import read_stage
@@ -117,7 +118,7 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     run = work / "killed"
     cfg = write_config(work / "killed.yaml", tiny_config(run))
     p = start_cli("run", "--config", str(cfg), "--no-progress",
-                  ASTEER_FAULT_COMMIT_DELAY_S="0.5")
+                  **seam_env(commit_delay_s=0.5))
     try:
         # Kill while a rollouts shard sits under its temp name, after some are committed.
         wait_for(lambda: len(committed(run, "rollouts")) >= 2 and
@@ -258,9 +259,8 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, 
     pids = work / "actor-pids"
     cfg = write_config(work / "ray.yaml", tiny_config(run))
     # As cluster/runtime_env.yaml does with the GPU lock: driver and actors check theirs.
-    runtime_env = {"env_vars": {"ASTEER_ACTOR_PID_DIR": str(pids),
+    runtime_env = {"env_vars": {**seam_env(actor_pid_dir=str(pids), commit_delay_s=0.5),
                                 "ASTEER_REQUIRE_LOCK": "requirements/cpu.txt",
-                                "ASTEER_FAULT_COMMIT_DELAY_S": "0.5",
                                 "TOKENIZERS_PARALLELISM": "false"}}
     sub_id = f"asteer-test-{os.getpid()}"
     r = subprocess.run(

@@ -88,8 +88,11 @@ class EngineHost:
                 "niceness": self.niceness}
 
     def _write_pid(self) -> None:
-        """Where fault-injection tests (and operators) find the actor process."""
-        pid_dir = os.environ.get("ASTEER_ACTOR_PID_DIR")
+        """Where fault-injection tests find the actor process (`core.testseam` hook
+        `actor_pid_dir`)."""
+        from ..core import testseam
+
+        pid_dir = testseam.hook("actor_pid_dir")
         if pid_dir:
             os.makedirs(pid_dir, exist_ok=True)
             with open(os.path.join(pid_dir, f"{os.getpid()}.pid"), "w") as f:

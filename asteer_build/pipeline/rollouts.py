@@ -65,7 +65,7 @@ class RolloutRequest:
     top_k: int = 0
     top_p: float = 1.0
     prompt: str | None = None
-    #: benchmarks only (`work.BENCH_LENGTHS_ENV`): run exactly `max_tokens` tokens
+    #: benchmarks only (`core.testseam` hook `bench_lengths`): run exactly `max_tokens` tokens
     ignore_eos: bool = False
 
     def steer(self) -> SteerSpec:

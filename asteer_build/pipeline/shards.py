@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..core import atomic
+from ..core import atomic, testseam
 
 __all__ = [
     "Store", "open_store", "Manifest", "ShardFile", "software_versions", "STAGES",
@@ -184,9 +184,9 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _fault_pause() -> None:
-    """Test hook: hold a written temp file before its rename, so a test can kill the
-    writer exactly mid-commit. Unset in real runs."""
-    delay = os.environ.get("ASTEER_FAULT_COMMIT_DELAY_S")
+    """Hold a written temp file before its rename when a test asks (`core.testseam` hook
+    `commit_delay_s`), so it can kill the writer exactly mid-commit."""
+    delay = testseam.hook("commit_delay_s")
     if delay:
         time.sleep(float(delay))
 

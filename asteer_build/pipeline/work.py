@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..core import contract
+from ..core import contract, testseam
 from .config import BuildConfig, ModelConfig
 from .plan import Item, Shard
 from .rollouts import RolloutRequest, RolloutResult
@@ -121,15 +121,10 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
     return ModelContext(model, path, vecs, norms, pids, sampling)
 
 
-#: BENCHMARKS ONLY: a JSON file {item id: response length}; each listed request then
-#: runs exactly that many tokens (`ignore_eos`, per-request `max_tokens`), so
-#: `benchmarks/bench_build.py` can give a build the reference workload's long-tailed
-#: lengths. Never set it for a real build: its rows would not be the model's responses.
-BENCH_LENGTHS_ENV = "ASTEER_BENCH_LENGTHS"
-
-
 @functools.lru_cache(maxsize=2)
 def _bench_lengths(path: str) -> dict[str, int]:
+    """The `bench_lengths` hook's file (`core.testseam`; benchmarks only): read once, as
+    every shard of a build asks for it."""
     import json
     from pathlib import Path
 
@@ -137,10 +132,8 @@ def _bench_lengths(path: str) -> dict[str, int]:
 
 
 def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[RolloutRequest]:
-    import os
-
     s, eff = cfg.sampling, ctx.sampling
-    bench = os.environ.get(BENCH_LENGTHS_ENV)
+    bench = testseam.hook("bench_lengths")
     lengths = _bench_lengths(bench) if bench else {}
     return [
         RolloutRequest(
