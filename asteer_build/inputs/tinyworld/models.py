@@ -1,57 +1,19 @@
-"""The tiny world: a small random Llama and a locally trained tokenizer, written offline.
-
-Tests, benchmarks and the demo need a real Hugging Face model folder that vLLM and
-`transformers` both load, without any network. This module writes one deterministically
-from a seed: a Llama-architecture model with random weights (tied embeddings whose scale
-is a knob: with the default init the logits are so flat that steering barely changes the
-output, see research/cpu-notes.md) and a byte-level BPE tokenizer trained here on a
-built-in corpus, with a chat template. The folder is cached by a hash of its parameters,
-so every test module reuses the same files.
-"""
+"""The tiny world's model folders: a seeded random model of a real Hugging Face class and
+a byte-level BPE tokenizer trained on the built-in corpus, written offline, atomically,
+and cached under a hash of everything that determines their bytes (`TinyWorldSpec`), so
+every test process and the demo reuse the same files."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..core import atomic
-from ..core.paths import cache_dir
+from ...core import atomic
+from ...core.paths import cache_dir
+from .text import ARCH_CHATS, ARCH_STOPS, SPECIAL_TOKENS, TINY_CHAT, Chat, corpus
 
-__all__ = [
-    "ARCHS", "TinyWorldSpec", "VARIED", "WORDS", "CONCEPT_WORDS", "arch_spec",
-    "build_arch_model", "build_compute_model", "build_tiny_model", "cache_dir", "COMPUTE_BOUND",
-    "is_tiny_model", "parse_tiny_name", "resolve_model_path", "resolve_tiny_name",
-]
-
-# Words the tokenizer learns as whole tokens. Concept words are what the tiny world's
-# concepts and the rules judge look for; filler words make ordinary "answers".
-CONCEPT_WORDS = [
-    "ocean", "music", "robot", "coffee", "forest", "rocket", "castle", "dragon",
-    "garden", "winter", "pirate", "planet", "emoji", "table", "upper", "poem",
-]
-FILLER_WORDS = [
-    "the", "a", "is", "of", "and", "to", "in", "it", "you", "that", "for", "on", "with",
-    "as", "this", "are", "be", "can", "we", "how", "what", "why", "when", "answer",
-    "question", "explain", "simple", "good", "idea", "water", "time", "people", "work",
-    "make", "first", "then", "because", "also", "more", "very", "help", "think", "about",
-    "write", "story", "list", "three", "reasons", "short", "long", "day", "city", "book",
-    "friend", "learn", "school", "food", "travel", "money", "health", "sleep", "plan",
-]
-WORDS = CONCEPT_WORDS + FILLER_WORDS
-
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}<|end|>\n"
-    "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 FORMAT_VERSION = 1
 
 
@@ -96,32 +58,7 @@ COMPUTE_BOUND = TinyWorldSpec(hidden_size=1024, num_layers=2, num_heads=16, num_
                               intermediate_size=4096, embed_scale=1.0)
 
 
-def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_lines):
-        n = rng.randint(4, 16)
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(n)) + rng.choice([".", "?", "!"]))
-    # Words seen in isolation too, so each becomes one token with its leading space.
-    lines.extend(" " + w for w in WORDS for _ in range(20))
-    return lines
-
-
-@dataclass(frozen=True)
-class _Chat:
-    """A tokenizer's special tokens and chat template (the tiny world's or a real family's)."""
-
-    special_tokens: tuple[str, ...]
-    bos: str | None
-    eos: str
-    pad: str
-    template: str
-
-
-_TINY_CHAT = _Chat(tuple(SPECIAL_TOKENS), "<|bos|>", "<|eos|>", "<|pad|>", CHAT_TEMPLATE)
-
-
-def _write_tokenizer(spec: TinyWorldSpec, out: Path, chat: _Chat = _TINY_CHAT) -> None:
+def _write_tokenizer(spec: TinyWorldSpec, out: Path, chat: Chat = TINY_CHAT) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -135,7 +72,7 @@ def _write_tokenizer(spec: TinyWorldSpec, out: Path, chat: _Chat = _TINY_CHAT) -
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
+    tok.train_from_iterator(corpus(spec.seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=chat.bos,
@@ -247,93 +184,11 @@ def build_compute_model(root: Path | None = None) -> Path:
 # and global attention; Llama 3.2 uses llama3 rope scaling and tied embeddings. Each
 # builder below writes a small random model of the real Hugging Face class with those
 # features switched on at sizes where they act on short test prompts, plus a chat
-# template shaped like the real family's, on the tiny world's own tokenizer.
+# template shaped like the real family's (`text.ARCH_CHATS`), on the tiny world's own
+# tokenizer.
 
 ARCHS = ("qwen3", "gemma2", "llama3")
 
-_QWEN3_TEMPLATE = (
-    # Like Qwen3's: ChatML turns, no BOS, earlier assistant turns lose their reasoning,
-    # and `enable_thinking=False` pre-fills an empty think block.
-    "{%- for m in messages %}"
-    "{%- if m['role'] == 'assistant' %}"
-    "{%- set content = m['content'] %}"
-    "{%- if '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\n\n</think>\n\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
-
-_GEMMA2_TEMPLATE = (
-    # Like gemma-2-it's: BOS, <start_of_turn>user / model turns, no system role,
-    # roles must alternate.
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{{ raise_exception('System role not supported') }}"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-
-_LLAMA3_TEMPLATE = (
-    # Like Llama 3.2's: BOS, a system header that always carries the knowledge-cutoff
-    # and date lines, <|start_header_id|>role<|end_header_id|> turns ending in <|eot_id|>.
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] | trim %}"
-    "{%- set messages = messages[1:] %}"
-    "{%- else %}{%- set system_message = '' %}{%- endif %}"
-    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}"
-    "{{- 'Cutting Knowledge Date: December 2023\n' }}"
-    "{{- 'Today Date: ' + date_string + '\n\n' }}"
-    "{{- system_message + '<|eot_id|>' }}"
-    "{%- for m in messages %}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
-    "{{- m['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{%- endif %}"
-)
-
-_ARCH_CHATS = {
-    "qwen3": _Chat(
-        ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
-        None, "<|im_end|>", "<|endoftext|>", _QWEN3_TEMPLATE,
-    ),
-    "gemma2": _Chat(
-        ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
-        "<bos>", "<eos>", "<pad>", _GEMMA2_TEMPLATE,
-    ),
-    "llama3": _Chat(
-        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-         "<|eot_id|>", "<|finetune_right_pad_id|>"),
-        "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", _LLAMA3_TEMPLATE,
-    ),
-}
-# Tokens that end a turn (the generation config's EOS list, as in the real models).
-_ARCH_STOPS = {
-    "qwen3": ("<|im_end|>", "<|endoftext|>"),
-    "gemma2": ("<eos>", "<end_of_turn>"),
-    "llama3": ("<|end_of_text|>", "<|eot_id|>"),
-}
 #: Sliding window of the tiny Gemma 2 (real: 4096): short enough that test prompts plus
 #: a few generated tokens run past it, so windowed layers really drop early tokens.
 GEMMA2_SLIDING_WINDOW = 16
@@ -356,7 +211,7 @@ def arch_spec(arch: str, seed: int = 0) -> TinyWorldSpec:
 def _arch_config(arch: str, spec: TinyWorldSpec, vocab_size: int, ids: dict[str, int]):
     common = dict(
         **_shape(spec, vocab_size),
-        eos_token_id=[ids[t] for t in _ARCH_STOPS[arch]],
+        eos_token_id=[ids[t] for t in ARCH_STOPS[arch]],
         dtype=spec.dtype,
     )
     if arch == "qwen3":
@@ -407,7 +262,7 @@ def build_arch_model(arch: str, seed: int = 0, root: Path | None = None) -> Path
     like `build_tiny_model`.
     """
     spec = arch_spec(arch, seed)
-    chat = _ARCH_CHATS[arch]
+    chat = ARCH_CHATS[arch]
     root = Path(root) if root else cache_dir() / "tinyworld"
     payload = json.dumps({**asdict(spec), "arch": arch, "format": FORMAT_VERSION},
                          sort_keys=True)
@@ -424,73 +279,3 @@ def build_arch_model(arch: str, seed: int = 0, root: Path | None = None) -> Path
         _save_random_model(AutoModelForCausalLM.from_config, config, spec, tmp)
         (tmp / "asteer_tinyworld.json").write_text(json.dumps(json.loads(payload), indent=2))
     return target
-
-
-def parse_tiny_name(name: str) -> tuple[str | None, int] | None:
-    """(arch or None for the default tiny Llama, seed) of a config model path naming a
-    tiny model: `tinyworld`, `tinyworld:seed=N`, `tinyworld:ARCH` or
-    `tinyworld:ARCH:seed=N` (ARCH one of ARCHS); None for any other path. Lets one config
-    hold several distinct tiny models (the transfer benchmark's dataset) without
-    writing their cache folders into it. A malformed `tinyworld:` name is an error."""
-    if name == "tinyworld":
-        return None, 0
-    if not name.startswith("tinyworld:"):
-        return None
-    arch, seed = None, 0
-    parts = name.split(":")[1:]
-    for i, part in enumerate(parts):
-        if part in ARCHS and i == 0:
-            arch = part
-        elif re.fullmatch(r"seed=\d+", part) and i == len(parts) - 1:
-            seed = int(part.split("=", 1)[1])
-        else:
-            raise ValueError(
-                f"tinyworld: {name!r}: expected tinyworld[:ARCH][:seed=N] with ARCH one "
-                f"of {', '.join(ARCHS)}; bad part {part!r}"
-            )
-    return arch, seed
-
-
-def resolve_tiny_name(name: str) -> Path:
-    """The folder of the tiny model a `tinyworld[:ARCH][:seed=N]` name denotes (written
-    on first use, cached)."""
-    parsed = parse_tiny_name(name)
-    if parsed is None:
-        raise ValueError(f"tinyworld: {name!r} is not a tiny-model name")
-    arch, seed = parsed
-    if arch is not None:
-        return build_arch_model(arch, seed)
-    return build_tiny_model(TinyWorldSpec(seed=seed))
-
-
-def resolve_model_path(path: str) -> str:
-    """A config's model path as something vLLM / transformers load: a tiny-world name
-    becomes its folder (written on first use); any other path is returned as it is. The
-    one place the builder and the sampling resolver turn names into folders."""
-    return path if parse_tiny_name(path) is None else str(resolve_tiny_name(path))
-
-
-def is_tiny_model(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is the tiny world: the config's `tinyworld`, or a folder written by
-    `build_tiny_model` (it carries `asteer_tinyworld.json`). Sources that only make sense
-    for the tiny world (the template contrast banks) check this."""
-    if str(path) == "tinyworld" or str(path).startswith("tinyworld:"):
-        return True
-    p = Path(path)
-    return p.is_dir() and (p / "asteer_tinyworld.json").is_file()
-
-
-def main() -> None:  # pragma: no cover - convenience entry
-    import argparse
-
-    p = argparse.ArgumentParser(description="Write the tiny-world model and print its path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embed-scale", type=float, default=TinyWorldSpec.embed_scale)
-    p.add_argument("--init-range", type=float, default=TinyWorldSpec.initializer_range)
-    a = p.parse_args()
-    spec = TinyWorldSpec(seed=a.seed, embed_scale=a.embed_scale, initializer_range=a.init_range)
-    print(build_tiny_model(spec))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
