@@ -306,3 +306,25 @@ def test_tokenizer_fills_response_tokens(tmp_path, tiny_model, capsys):
     assert main(["import", str(tmp_path / "small"), "--out", str(tmp_path / "x"),
                  "--tokenizer", "Llama-3.2-3B-Instruct=whatever"]) == 2
     assert "no results for model(s) ['Llama-3.2-3B-Instruct']" in capsys.readouterr().err
+
+
+def test_upload_without_a_token_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """`import --repo` and `publish` check the repo id and the token in one place
+    (`hub.upload_token`), before the long conversion or assembly; the user sees why."""
+    from huggingface_hub import constants
+
+    from asteer_build.io.publish import hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    msg = "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)"
+    out = tmp_path / "ds"
+    assert main(["import", str(_small(tmp_path)), "--out", str(out), "--repo", "org/x"]) == 2
+    assert capsys.readouterr().err.startswith(f"asteer-build: error: {msg}")
+    assert not out.exists() and _leftovers(tmp_path) == []
+    with pytest.raises(ValueError) as e:
+        hub.publish(str(tmp_path / "no-such-run"), "org/x")  # refused before reading it
+    assert str(e.value) == msg
+    assert hub.upload_token("org/x", dry_run=True) is None
+    with pytest.raises(ValueError, match=r"^--repo: expected ORG/NAME \(got None\)$"):
+        hub.upload_token(None, dry_run=True)

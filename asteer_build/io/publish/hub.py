@@ -78,6 +78,22 @@ def _hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
+def upload_token(repo: str | None, *, dry_run: bool) -> str | None:
+    """Check `--repo` and find the token before the long part (assembling a folder,
+    importing the authors' release): a typo or a missing login should not cost an hour of
+    writing first. None with `dry_run`, which uploads nothing."""
+    if not _REPO_ID.fullmatch(repo or ""):
+        raise PublishError(f"--repo: expected ORG/NAME (got {repo!r})")
+    if dry_run:
+        return None
+    token = _hub_token()
+    if not token:
+        raise PublishError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)"
+        )
+    return token
+
+
 def publish(
     run_dir: str,
     repo: str,
@@ -88,18 +104,9 @@ def publish(
     upload: Callable[..., str] = hub_upload,
 ) -> PublishResult:
     """Assemble the folder, then (unless `dry_run`) upload it with `upload`."""
-    if not _REPO_ID.fullmatch(repo or ""):
-        raise PublishError(f"--repo: expected ORG/NAME (got {repo!r})")
+    token = upload_token(repo, dry_run=dry_run)
     opts = opts or PublishOptions()
     folder = opts.folder or default_folder(repo, run_dir)
-    token = None
-    if not dry_run:
-        # Before the (long) assembly: a missing token should not cost an hour of writing.
-        token = _hub_token()
-        if not token:
-            raise PublishError(
-                "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)"
-            )
     result = assemble(run_dir, folder, repo=repo, opts=opts)
     if dry_run:
         return result
