@@ -10,7 +10,7 @@ all of them alike.
 
     python benchmarks/bench_engine.py [--prompts 256] [--tokens 64] [--rounds 3]
 
-`--long-tail` measures the reference workload's shape instead (issue 18): a compute-bound
+`--long-tail` measures the reference workload's shape instead: a compute-bound
 random model (`tinyworld.COMPUTE_BOUND`, hidden 1024) and per-request lengths drawn by
 `common.long_tail_lengths` under a cap (ignore_eos, per-request max_tokens). Throughput
 counts useful tokens only (each response up to its own length): HF pads every batch to its

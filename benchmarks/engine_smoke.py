@@ -1,4 +1,4 @@
-"""The engine smoke of `gpu_check.py --engine` (issue 16, part b): the steered engine on
+"""The engine smoke of `gpu_check.py --engine`: the steered engine on
 real vLLM with compilation (and, on a GPU, CUDA graphs) on, on the tiny world.
 
 Three engines start one after another on the same model:

@@ -1,4 +1,4 @@
-"""Do our hooks and buffers survive compilation and CUDA graphs? (issue 16, part a)
+"""Do our hooks and buffers survive compilation and CUDA graphs?
 
 Runs the real `SteeringState` (steer hook), `CaptureBuffer` (pre/post capture hooks) and
 `PoolBuffer` (pool hook) on a small decoder stack written here (LayerNorm + MLP blocks
@@ -25,7 +25,7 @@ for the steer hook's branch on a numpy count and which CUDA graphs record as tak
 capture; the eager form of the capture and pool hooks only, whose branch on a Python
 flag the trace bakes in) so the checks can be seen to fail.
 
-`--engine` adds part (b), the engine smoke on real vLLM (benchmarks/engine_smoke.py:
+`--engine` adds the engine smoke on real vLLM (benchmarks/engine_smoke.py:
 three engine starts, compiled cold, compiled warm from the compile cache, eager), under
 `engine_smoke` in the same JSON. It is opt-in: it needs vLLM, and on CPU it compiles the
 model (minutes on 2 cores), which CI's `--device cpu` run must not pay.

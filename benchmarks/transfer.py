@@ -1,4 +1,4 @@
-"""Transfer across tiny models and methods (issue 17): leave-one-model-out and
+"""Transfer across tiny models and methods: leave-one-model-out and
 leave-one-method-out macro-F1 of one pooled predictor vs the held-out pair's own
 per-pair predictor and alpha-only baseline, over 10 split seeds (`train.transfer`).
 

@@ -223,7 +223,7 @@ def test_probe_is_trained_as_the_authors_train_it():
         assert ours.dtype == torch.float32 and ours.shape == (d,)
         assert torch.equal(ours, theirs), seed  # same init, same steps, same bits
         assert acc == int(((x @ ours > 0).float() == y).sum()) / 40 and acc > 0.9
-    # the penalty is the norm: the squared norm (the old trainer) lands elsewhere
+    # the penalty is the norm: a squared-norm penalty lands elsewhere
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.nn.Linear(d, 1, bias=False).weight.detach().clone())
     opt = torch.optim.AdamW([w], lr=0.005, weight_decay=0.001)

@@ -1,4 +1,4 @@
-"""The quiet console (issue 13): what reaches the terminal and what goes to the log file.
+"""The quiet console: what reaches the terminal and what goes to the log file.
 
 Seconds, no engine: a small script stands in for a run, with a child process writing to
 its inherited stdout/stderr the way vLLM's engine core and Ray's workers do.

@@ -1,5 +1,5 @@
-"""`make demo`'s build, end to end on the tiny world, and what it writes (issue 9) and
-shows on the terminal (issue 13: a quiet first run)."""
+"""`make demo`'s build, end to end on the tiny world, and what it writes and shows on
+the terminal (a quiet first run)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_summary_numbers_equal_the_result_files(demo):
         assert train_summary["macro_f1"] == p["macro_f1"]
         assert train_summary["search"] == p["search"]
         # on the builder's own data the predictor beats both baselines on unseen
-        # concepts (issue 8). On this default split; over 10 split seeds it does so on
+        # concepts. On this default split; over 10 split seeds it does so on
         # average, not on every split (benchmarks/results/predictor_vs_baselines.json)
         unseen = p["macro_f1"]["unseen"]
         assert unseen["predictor"] > max(unseen["majority"], unseen["alpha_only"]), (key, unseen)
@@ -113,13 +113,12 @@ DIGESTS = Path(__file__).parent / "data" / "demo_dataset_digests.json"
 
 
 def test_demo_dataset_bytes_are_unchanged(demo):
-    """The redesign moved code, not numbers: the demo's data files (Parquet and vectors)
-    are byte-identical to those the code before it wrote (tests/data, recorded at commit
-    09f9e63 and checked equal after the redesign). Not compared: README.md (the card names
-    modules by path) and build.json (creation time); the state file lists the digests
-    compared here. A change that moves numbers on purpose updates the JSON, with why,
-    in its commit: `ASTEER_WRITE_DEMO_DIGESTS=1 .venv/bin/python -m pytest tests/test_demo.py
-    -k bytes` records this machine's digests."""
+    """Moving code must not move numbers: the demo's data files (Parquet and vectors)
+    are byte-identical to the digests recorded in tests/data. Not compared: README.md
+    (the card names modules by path) and build.json (creation time); the state file
+    lists the digests compared here. A change that moves numbers on purpose updates the
+    JSON, with why, in its commit: `ASTEER_WRITE_DEMO_DIGESTS=1 .venv/bin/python -m pytest
+    tests/test_demo.py -k bytes` records this machine's digests."""
     import hashlib
 
     import torch

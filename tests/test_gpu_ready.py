@@ -1,4 +1,4 @@
-"""What a first GPU run would hit, checked on CPU (issue 16).
+"""What a first GPU run would hit, checked on CPU.
 
 - the hooks' form (eager branches vs graph-safe) follows whether anything can be traced
   or graph-captured, not the compile mode alone;

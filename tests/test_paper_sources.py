@@ -2,8 +2,9 @@
 from a pre-populated cache in their exact layout, it plans the reference testbed with
 their 50 prompts (in their order), their levels and their unseen concepts.
 
-The expected prompts and unseen concepts are written here from the notes
-(research/fidelity-gaps.md, sections 1 and 7), independently of asteer's code.
+The expected prompts and unseen concepts are written here as the authors' code draws
+them (`random.seed(42); random.sample(alpaca_eval, 50)`; the stratified concept draw),
+independently of asteer's code, so the test cannot agree with a bug in it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ LEVELS_FIELD = {k: [list(r) for r in v] for k, v in LEVEL_RANGES.items()}
 
 
 def _authors_unseen(seed: int = 42) -> list[int]:
-    """The authors' stratified draw, from the notes: one default_rng(seed); per level
+    """The authors' stratified draw, as their code does it: one default_rng(seed); per level
     low, mid, high over its ids ascending: permutation(50), the last 10 unseen."""
     rng = np.random.default_rng(seed)
     unseen = []

@@ -1,4 +1,4 @@
-"""`asteer-train` on the authors' released feature caches (issue 17, scope 1).
+"""`asteer-train` on the authors' released feature caches.
 
 The folder is written in their exact layout (their `xgb/feature_cache.py`
 `save_feature_cache`: `cache/features__{method}__{model}__L{layer}.npz` with arrays

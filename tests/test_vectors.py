@@ -3,9 +3,8 @@ identical rebuilds, per-concept resume, the local offline bank writer, steering 
 vectors in the tiny world, and clear errors for bad input.
 
 One engine for the module, on a tiny world built to be steerable (init 0.02, tied
-embeddings x3, research/cpu-notes.md): at the default spec the blocks' random output
-swamps the embeddings and no DiffMean vector moves a concept's token rate (measured, see
-the issue-4 report)."""
+embeddings x3: `TinyWorldSpec`): where the blocks' random output swamps the embeddings,
+no DiffMean vector moves a concept's token rate and the steering checks would be vacuous."""
 
 from __future__ import annotations
 
@@ -148,7 +147,7 @@ def _authors_pooling(model: str, texts: list[str], layer: int) -> np.ndarray:
 
 def test_authors_banks_pooled_on_vllm_match_the_hf_reference(engine, model, tmp_path,
                                                             monkeypatch):
-    """Must-show (issue 15): vectors from authors-format bank files, through the stage's
+    """Vectors from authors-format bank files, through the stage's
     vLLM pooling, equal the HF-transformers pooling reference in float32 (relative error
     below 1e-4); the banks come offline from a pre-populated Hugging Face cache."""
     import huggingface_hub.constants as hc

@@ -1,16 +1,15 @@
 """The reference paper's numbers the report puts beside ours, each with where it is from.
 
 One data module so that every number the report compares against has one source line
-(arXiv 2606.11599, "When is Your LLM Steerable?", and its authors' repository; collected
-in ``shared/research/paper-notes.md``). Macro-F1 values are read off the paper's figure
-(two decimals); the strength-search numbers are read off its figure for one
-configuration only (the notes say "likely Qwen3-1.7B, DiffMean"), so they are compared
-for that pair only and the report says so.
+(arXiv 2606.11599, "When is Your LLM Steerable?", and its authors' repository). Macro-F1
+values are read off the paper's figure (two decimals); the strength-search numbers are
+read off its figure for one configuration only (likely Qwen3-1.7B, DiffMean: the paper
+does not say), so they are compared for that pair only and the report says so.
 """
 
 from __future__ import annotations
 
-SOURCE = 'arXiv 2606.11599 ("When is Your LLM Steerable?"), via shared/research/paper-notes.md'
+SOURCE = 'arXiv 2606.11599 ("When is Your LLM Steerable?")'
 
 #: the paper's model names -> the names of their feature caches and of our configs
 #: (``asteer_build/configs/asteer-paper.yaml``); matching is case-insensitive

@@ -21,8 +21,8 @@ Rollouts, one base plus named additions rather than copies:
 (`features_schema(names)`). `concepts` and `prompts`: `CONCEPTS_SCHEMA`,
 `PROMPTS_SCHEMA`; a concept's `partition` is `PARTITION_UNSEEN` (``ood``) or
 `PARTITION_SEEN` (``id``), drawn by `partition_concepts`; seen concepts' prompts are
-split by `prompt_splits`. Both are the authors' algorithms (research/fidelity-gaps.md,
-section 7), shared by `publish`, `train` and `asteer-build plan --json`.
+split by `prompt_splits`. Both are the authors' algorithms, so our unseen concepts and
+splits are theirs; shared by `publish`, `train` and `asteer-build plan --json`.
 """
 
 from __future__ import annotations

@@ -309,7 +309,8 @@ class SteeredEngine(_SteeringClient):
 
 
 class AsyncSteeredEngine(_SteeringClient):
-    """The same on vLLM's `AsyncLLM`, for feeders that keep many requests in flight."""
+    """The same on vLLM's `AsyncLLM`, for asyncio callers (a server, a notebook); the
+    builder's executors drive `SteeredEngine` through `pipeline.feed`."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -360,10 +361,10 @@ class AsyncSteeredEngine(_SteeringClient):
     async def generate_final(
         self, prompt: Any, sampling_params: Any, steer=None, request_id=None, capture=None
     ):
-        """The request's final output only. Asked for as `FINAL_ONLY`: with the default
-        (cumulative) kind AsyncLLM builds a growing `RequestOutput` for every request at
-        every step and wakes its coroutine to drop it, which on a feeder with a full
-        window costs the front end more CPU than the engine's own step loop."""
+        """The request's final output only, asked for as `FINAL_ONLY`: with the default
+        (cumulative) kind AsyncLLM builds a growing `RequestOutput` at every step and
+        wakes the caller's coroutine for each, which a caller that reads only the last
+        one does not need."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
