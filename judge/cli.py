@@ -234,7 +234,7 @@ def cmd_batch_read(args: argparse.Namespace) -> dict:
 def _batch_dir(args: argparse.Namespace, cfg: JudgeConfig, rubric_version: str) -> Path:
     from judge.batches import state_dir_for
 
-    if getattr(args, "batch_dir", None):
+    if args.batch_dir:
         return Path(args.batch_dir)
     return state_dir_for(Path(args.out or args.inp) / ".batches", cfg.model, rubric_version)
 

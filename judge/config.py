@@ -124,7 +124,8 @@ def _endpoints(v: Any) -> list[EndpointConfig]:
         if not isinstance(e, dict):
             raise ValueError(f"{where}: expected a mapping with base_url (got {e!r})")
         if "api_key" in e:
-            raise ValueError("put API keys in the environment and name them with api_key_env")
+            raise ValueError(f"{where}.api_key: put API keys in the environment and name "
+                             "them with api_key_env")
         for k in e:
             if k not in known:
                 raise ValueError(f"{where}: unknown field {k!r} (known: {', '.join(known)})")
@@ -166,7 +167,8 @@ class JudgeConfig:
             raise ValueError(f"judge: expected a mapping of judge settings (got {d!r})")
         d = dict(d.get("judge", d))
         if "api_key" in d:
-            raise ValueError("put API keys in the environment and name them with api_key_env")
+            raise ValueError("judge.api_key: put API keys in the environment and name them "
+                             "with api_key_env")
         eps = _endpoints(d.pop("endpoints", None))
         kind = d.get("kind", "llm")
         if kind not in KINDS:

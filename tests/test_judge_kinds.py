@@ -62,6 +62,9 @@ BAD_JUDGE_INPUTS = [
      "judge.endpoints: expected a list of endpoints (got 'http://a/v1')"),
     ({"kind": "llm", "endpoints": ["http://a/v1"]},
      "judge.endpoints[0]: expected a mapping with base_url (got 'http://a/v1')"),
+    ({"kind": "llm", "endpoints": [{"base_url": "http://a/v1", "api_key": "sk-x"}]},
+     "judge.endpoints[0].api_key: put API keys in the environment and name them with "
+     "api_key_env"),
 ]
 
 
