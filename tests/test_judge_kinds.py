@@ -225,3 +225,95 @@ def test_an_unknown_kind_set_after_parsing_is_refused_by_the_registry():
         open_judge(cfg, JudgeContext())
     assert str(e.value) == "judge.kind: unknown kind 'rulez' (known: llm, openai-batch, " \
                            "rules, vllm)"
+
+
+def _judge_only_run(tmp_path, judge: dict):
+    """A run folder whose rollouts are committed (two shards of word-soup rows), so the
+    build's judge stage runs alone, with no engine."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from asteer_build.pipeline.build import RunOptions, prepare_run
+    from asteer_build.pipeline.config import parse_config
+
+    cfg = parse_config(tiny_config(tmp_path / "run", judge=judge))
+    run = prepare_run(cfg, RunOptions(stages=("judge",), progress=False))
+    rows = make_rows(8, seed=7)
+    for i, chunk in enumerate((rows[:4], rows[4:])):
+        name = f"shard-{i:06d}"
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(chunk), buf)
+        run.manifest.record([run.store.put_file("rollouts", name, f"rollouts/{name}.parquet",
+                                                buf.getvalue(), len(chunk))])
+    return run, rows
+
+
+def _labelled(run) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [r for name, e in sorted(run.manifest.entries("labelled").items())
+            for r in pq.read_table(run.store.path(e["path"])).to_pylist()]
+
+
+def test_the_build_judge_stage_opens_the_rules_kind_through_the_registry(tmp_path):
+    from asteer_build.pipeline.build import execute_run
+
+    run, rows = _judge_only_run(tmp_path, {"kind": "rules"})
+    summary = execute_run(run)
+    assert summary["judge"] == {"shards_judged": 2, "ok": 8, "failed": 0}
+    out = _labelled(run)
+    assert [o["id"] for o in out] == [r["id"] for r in rows]
+    assert {(o["judge_status"], o["judge_model"]) for o in out} == {("ok", "rules-v1")}
+
+
+def test_the_build_judge_stage_runs_openai_batch_through_the_registry(tmp_path, monkeypatch):
+    """The build's Batch API path, now the registry's: every row sent once, labelled
+    with its batch answer, the state beside the judge cache in the run folder."""
+    from asteer_build.pipeline.build import execute_run
+
+    monkeypatch.setenv("BATCH_TEST_KEY", KEY)
+    with batch_server(KEY) as (srv, url):
+        run, rows = _judge_only_run(tmp_path, {
+            "kind": "openai-batch", "model": "judge-b",
+            "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
+            "batch": {"max_requests_per_file": 3, "poll_initial_s": 0.05,
+                      "poll_max_s": 0.2}})
+        summary = execute_run(run)
+        assert set(srv.submitted.values()) == {1} and len(srv.submitted) == 8
+        assert len(srv.batches) == 3
+    j = summary["judge"]
+    assert (j["shards_judged"], j["ok"], j["failed"]) == (2, 8, 0)
+    assert j["batches"]["done"] and j["batches"]["failed_lines"] == 0
+    assert j["batches"]["state_dir"].startswith(str(tmp_path / "run" / ".staging" / "batches"))
+    for o in _labelled(run):
+        k = cache_key(DEFAULT_RUBRIC.version, "judge-b", o["prompt"], o["concept"],
+                      o["response"])
+        assert o["judge_status"] == "ok" and o["label"] == canned_label(k)
+
+
+def test_the_build_judge_stage_opens_an_llm_pool_and_reports_its_endpoints(tmp_path,
+                                                                            monkeypatch):
+    """An unreachable endpoint: every row failed with the pool's reason, none labelled,
+    and the summary carries the pool's per-endpoint counts."""
+    from asteer_build.pipeline.build import execute_run
+
+    from .judge_support import free_port
+
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    run, rows = _judge_only_run(tmp_path, {
+        "kind": "llm", "model": "judge-x", "endpoints": [{"base_url": url,
+                                                          "max_concurrency": 2}],
+        "retry": {"max_attempts": 1, "timeout_s": 2, "acquire_timeout_s": 5}})
+    j = execute_run(run)["judge"]
+    assert (j["shards_judged"], j["ok"], j["failed"]) == (2, 0, 8)
+    (ep,) = j["endpoints"]
+    assert ep["ok"] == 0 and ep["errors"] >= 1
+    out = _labelled(run)
+    assert {o["judge_status"] for o in out} == {"failed"}
+    assert all(o["label"] is None for o in out)
+    # the first calls fail to connect; once the endpoint is ejected, the rest find none
+    assert {o["judge_error"].split(" after ")[0] for o in out} <= {"connection", "no_endpoint"}
+    assert any(o["judge_error"].startswith("connection after 1 attempt(s)") for o in out)
