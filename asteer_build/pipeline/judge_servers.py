@@ -42,10 +42,14 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from judge.config import JudgeConfig
+    from judge.kinds import JudgeContext, JudgeFactory, JudgeSession
 
 log = logging.getLogger("asteer_build")
 
@@ -264,14 +268,14 @@ def served_judge(spec: ServerSpec, served_name: str, *, executor: str = "local",
 
 
 def vllm_judge(*, executor: str = "local", cfg: Any = None,
-               log_dir: str | None = None) -> Callable[[Any, Any], Any]:
+               log_dir: str | None = None) -> JudgeFactory:
     """The builder's factory for `judge.kind: vllm`, plugged into the kind registry
     (`judge.kinds.open_judge(..., plug={"vllm": ...})`): start the judge servers, judge
     through them as the `llm` kind does, stop them when labelling ends, also when it
     fails. The summary names the servers it ran."""
 
     @contextlib.asynccontextmanager
-    async def lifetime(jc: Any, ctx: Any) -> AsyncIterator[Any]:
+    async def lifetime(jc: JudgeConfig, ctx: JudgeContext) -> AsyncIterator[JudgeSession]:
         from judge.kinds import llm_session
         from judge.pool import EndpointConfig
 
