@@ -195,14 +195,14 @@ def _ideal_requests(cfg_path: Path, base: Path):
     from asteer_build.pipeline.config import load_config
     from asteer_build.pipeline.plan import make_plan
     from asteer_build.pipeline.shards import open_store
-    from asteer_build.pipeline.work import capture_settings, model_context, shard_requests
+    from asteer_build.pipeline.work import model_context, shard_requests
 
     cfg = load_config(str(cfg_path))
     plan = make_plan(cfg)
     m = cfg.models[0]
     ctx = model_context(open_store(str(base)), cfg, m, plan.prompts, plan.sampling[m.name])
     reqs = [r for s in plan.shards for r in shard_requests(cfg, ctx, s)]
-    return cfg, ctx, reqs, capture_settings(cfg)
+    return cfg, ctx, reqs, cfg.capture
 
 
 def _ideal(engine, reqs, capture) -> dict:

@@ -45,7 +45,6 @@ def rollouts(cfg, methods: list[str]) -> dict:
     from asteer_build.pipeline.rollouts import replay_activations, run_with_capture
     from asteer_build.pipeline.work import (
         ModelContext,
-        capture_settings,
         chat_prompt_ids,
         engine_kwargs,
         resolve_model_path,
@@ -54,11 +53,12 @@ def rollouts(cfg, methods: list[str]) -> dict:
     from asteer_build.vectors.stage import build_vectors, load_vectors
     from judge.rules import rules_label
 
-    cfg = replace(cfg, methods=tuple(methods))
+    cfg = replace(cfg, methods=tuple(methods), vectors=replace(cfg.vectors,
+                                                              methods=tuple(methods)))
     plan = make_plan(cfg)
     model = cfg.models[0]
     path = resolve_model_path(model.path)
-    settings = replace(capture_settings(cfg), activations=True, activation_dtype="float32",
+    settings = replace(cfg.capture, activations=True, activation_dtype="float32",
                        replay="exact")
     t = {}
     t0 = time.perf_counter()
@@ -67,7 +67,7 @@ def rollouts(cfg, methods: list[str]) -> dict:
     try:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            build_vectors(path, plan.concepts, tmp, cfg.vector_settings(), engine=engine)
+            build_vectors(path, plan.concepts, tmp, cfg.vectors, engine=engine)
             files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
         vecs, norms = load_vectors(files)
         engine.register_vectors(vecs)

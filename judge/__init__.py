@@ -10,7 +10,8 @@ Modules: `rubric` (prompt, schema, parsing), `pool` (endpoints, dispatch, retrie
 `judges` (LLM and rules judges), `rules` (tiny-world measures), `cache`, `label`
 (label a table: the one labelling path), `shards` (shard directories on top of it),
 `batchfile` (OpenAI Batch API files), `batches` (the Batch API stage: submit, poll,
-collect, resubmit), `estimate` (token counts for estimates), `agreement` (kappa,
+collect, resubmit), `kinds` (judge.kind -> the judge and its lifetime, for the build
+and the CLI), `estimate` (token counts for estimates), `agreement` (kappa,
 review samples), `config`,
 `secrets` (key redaction), `cli` (`asteer-judge`).
 """

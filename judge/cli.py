@@ -14,9 +14,16 @@
 The `batch-*` commands drive the Batch API (`judge.batches`); their state lives in
 `--batch-dir` (default `<out>/.batches`), so any of them can be rerun after a kill.
 
+`run` opens the config's `judge.kind` through `judge.kinds`, as the build does: `rules`,
+`llm` (the endpoints), `openai-batch` (the Batch API stage run to the end, its state in
+`--batch-dir` like the batch-* commands, then the labels); `vllm` servers are started
+only by `asteer-build`. An unknown kind is refused, naming the kinds.
+
 Every subcommand prints one JSON summary on stdout; logs go to stderr, with API keys
 masked. Exit status 0 means the command ran; failed rows are reported, not fatal,
-except with `--strict`, which exits 3 when any row is failed or pending.
+except with `--strict`, which exits 3 when any row is failed or pending. Bad input (a
+config field, a kind, a missing file) exits 2 with one line naming it; a Batch API
+submission beyond `judge.batch.cost_cap_usd` without `--yes` exits 4.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+import yaml
 
 from judge.config import JudgeConfig, load_config
 from judge.secrets import install_log_redaction
@@ -59,42 +68,52 @@ def _cache_path(args: argparse.Namespace, cfg: JudgeConfig) -> Path:
     return Path(args.out or args.inp) / ".judge-cache.jsonl"
 
 
+def _shard_requests(args: argparse.Namespace, cfg: JudgeConfig, rubric_version: str) -> list:
+    """The calls labelling `--in` would make: rows still to judge, read from `--out` where
+    a shard was written there already (a resumed run)."""
+    import pyarrow.parquet as pq
+
+    from judge.batches import requests_for_table
+    from judge.shards import list_shards
+
+    reqs = []
+    for shard in list_shards(args.inp):
+        done = Path(args.out) / shard.name if args.out else shard
+        t = pq.read_table(done if done.exists() else shard)
+        reqs += requests_for_table(t, cfg.model, rubric_version, rerun_failed=args.rerun_failed)
+    return reqs
+
+
 async def _run(args: argparse.Namespace) -> dict:
+    """Any kind through the one registry (`judge.kinds`); `openai-batch` runs the Batch
+    API stage to the end (its state in `--batch-dir`, shared with the batch-* commands),
+    then labels from its answers."""
+    from judge.batches import CostCapExceeded
     from judge.cache import JudgmentCache
-    from judge.judges import LLMJudge, RulesJudge
+    from judge.kinds import JudgeContext, open_judge
     from judge.shards import judge_shards
 
     cfg = _config(args)
+    rubric = _rubric(args, cfg)
+    out: dict = {}
+    ctx = JudgeContext(rubric=rubric, batch_dir=_batch_dir(args, cfg, rubric.version),
+                       requests=lambda: _shard_requests(args, cfg, rubric.version),
+                       rerun_failed=args.rerun_failed, yes=args.yes)
+    lifetime = open_judge(cfg, ctx)  # a bad kind fails here, before any file is written
     with JudgmentCache(_cache_path(args, cfg)) as cache:
-        if cfg.kind == "rules":
-            reports = await judge_shards(
-                args.inp, args.out, RulesJudge(), cache, rerun_failed=args.rerun_failed, workers=1
-            )
-            stats: list = []
-        else:
-            from judge.pool import EndpointPool
-
-            if not cfg.endpoints:
-                raise SystemExit("config has no judge endpoints (or pass --rules)")
-            async with EndpointPool(cfg.endpoints, model=cfg.model, retry=cfg.retry) as pool:
-                judge = LLMJudge(
-                    pool,
-                    cfg.model,
-                    max_tokens=cfg.max_tokens,
-                    temperature=cfg.temperature,
-                    structured=cfg.structured,
-                    rubric=_rubric(args, cfg),
-                )
-                reports = await judge_shards(
-                    args.inp,
-                    args.out,
-                    judge,
-                    cache,
-                    rerun_failed=args.rerun_failed,
-                    workers=cfg.workers or 2 * pool.capacity,
-                )
-                stats = pool.stats()
-    return {"shards": [asdict(r) for r in reports], "endpoints": stats}
+        ctx.cache = cache
+        try:
+            async with lifetime as session:
+                reports = await judge_shards(args.inp, args.out, session.judge, cache,
+                                             rerun_failed=args.rerun_failed,
+                                             workers=session.workers)
+                out = {"shards": [asdict(r) for r in reports], "endpoints": session.stats(),
+                       **session.info}
+        except CostCapExceeded as e:
+            log.error("%s", e)
+            args.exit_code = 4
+            return {"shards": [], "refused": str(e)}
+    return out
 
 
 def _summary_counts(summary: dict) -> tuple[int, int]:
@@ -140,12 +159,12 @@ def cmd_sample(args: argparse.Namespace) -> dict:
     from judge.label import JUDGE_COLUMNS
 
     if args.n < 1:
-        raise SystemExit(f"--n: expected a positive number of rows (got {args.n})")
+        raise ValueError(f"--n: expected a positive number of rows (got {args.n})")
     t = load_labels(args.inp, "id")
     strata = tuple(s.strip() for s in args.stratify.split(",") if s.strip())
     missing = [s for s in strata if s not in t.column_names]
     if missing:
-        raise SystemExit(f"--stratify: no column(s) {missing} in {args.inp} "
+        raise ValueError(f"--stratify: no column(s) {missing} in {args.inp} "
                          f"(columns: {', '.join(t.column_names)})")
     t = t.drop_columns([c for c in JUDGE_COLUMNS if c in t.column_names])
     rows = stratified_sample(t, args.n, strata=strata, seed=args.seed)
@@ -222,15 +241,13 @@ def _batch_dir(args: argparse.Namespace, cfg: JudgeConfig, rubric_version: str) 
 
 def _batch_cmd(args: argparse.Namespace) -> dict:
     """batch-submit / -status / -collect / -cancel over one state folder."""
-    import pyarrow.parquet as pq
-
-    from judge.batches import BatchStage, CostCapExceeded, FailuresJudge, requests_for_table
+    from judge.batches import BatchStage, CostCapExceeded, FailuresJudge
     from judge.cache import JudgmentCache
-    from judge.shards import judge_shards, list_shards
+    from judge.shards import judge_shards
 
     cfg = _config(args)
     if cfg.kind != "openai-batch":
-        raise SystemExit(f"judge.kind is {cfg.kind!r}; the batch-* commands need openai-batch")
+        raise ValueError(f"judge.kind is {cfg.kind!r}; the batch-* commands need openai-batch")
     rubric = _rubric(args, cfg)
     if getattr(args, "poll_s", None) is not None:
         from dataclasses import replace
@@ -243,13 +260,8 @@ def _batch_cmd(args: argparse.Namespace) -> dict:
         out: dict = {}
         try:
             if args.cmd in ("batch-submit", "batch-collect"):
-                reqs = []
-                for shard in list_shards(args.inp):
-                    done = Path(args.out) / shard.name if args.out else shard
-                    t = pq.read_table(done if done.exists() else shard)
-                    reqs += requests_for_table(t, cfg.model, rubric.version,
-                                               rerun_failed=args.rerun_failed)
-                out["queued_now"] = stage.add(reqs, rerun_failed=args.rerun_failed)
+                out["queued_now"] = stage.add(_shard_requests(args, cfg, rubric.version),
+                                              rerun_failed=args.rerun_failed)
             if args.cmd == "batch-submit":
                 out["submitted"] = stage.submit(yes=args.yes)
             elif args.cmd == "batch-status":
@@ -296,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="judge a shard directory")
     shard_args(r)
     r.add_argument("--rules", action="store_true", help="use the tiny world's rules judge")
+    r.add_argument("--batch-dir", help="kind openai-batch: batch state folder (default "
+                   "<out>/.batches/<model>-<rubric version>, as the batch-* commands)")
+    r.add_argument("--yes", action="store_true", help="kind openai-batch: submit beyond "
+                   "judge.batch.cost_cap_usd")
     r.set_defaults(func=cmd_run)
 
     a = sub.add_parser("agree", help="Cohen's kappa and confusion matrix of two judges")
@@ -354,7 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     install_log_redaction()
-    summary = args.func(args)
+    # Bad input (a config field, a kind, a path) is one line naming it and exit 2, as
+    # asteer-build does; a traceback is for bugs.
+    try:
+        if getattr(args, "inp", None) and not Path(args.inp).exists():
+            raise FileNotFoundError(f"--in: no such file or folder {args.inp!r}")
+        summary = args.func(args)
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        print(f"asteer-judge: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2, default=str))
     if getattr(args, "exit_code", 0):
         return args.exit_code

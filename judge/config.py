@@ -41,8 +41,9 @@ from judge.rubric import DEFAULT_RUBRIC, Rubric
 
 __all__ = ["JudgeConfig", "BatchSettings", "Prices", "load_config"]
 
-#: the judge kinds this package runs itself (`vllm` endpoints are started by the builder)
-KINDS = ("llm", "rules", "openai-batch")
+#: the judge kinds a config may name (`judge.kinds` runs them; `vllm` needs the builder,
+#: which starts the servers)
+KINDS = ("llm", "rules", "openai-batch", "vllm")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,37 @@ def _section(cls: type, d: Any, name: str) -> Any:
     return cls(**d)
 
 
+def _endpoints(v: Any) -> list[EndpointConfig]:
+    """`judge.endpoints`, each entry checked field by field, so a typo names itself."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ValueError(f"judge.endpoints: expected a list of endpoints (got {v!r})")
+    known = [f.name for f in fields(EndpointConfig)]
+    out = []
+    for i, e in enumerate(v):
+        where = f"judge.endpoints[{i}]"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: expected a mapping with base_url (got {e!r})")
+        if "api_key" in e:
+            raise ValueError(f"{where}.api_key: put API keys in the environment and name "
+                             "them with api_key_env")
+        for k in e:
+            if k not in known:
+                raise ValueError(f"{where}: unknown field {k!r} (known: {', '.join(known)})")
+        url = e.get("base_url")
+        if not isinstance(url, str) or not url.strip():
+            raise ValueError(f"{where}.base_url: required: the endpoint's URL (got {url!r})")
+        for k in ("model", "api_key_env"):
+            if e.get(k) is not None and not isinstance(e[k], str):
+                raise ValueError(f"{where}.{k}: expected a string (got {e[k]!r})")
+        mc = e.get("max_concurrency", EndpointConfig.max_concurrency)
+        if isinstance(mc, bool) or not isinstance(mc, int) or mc < 1:
+            raise ValueError(f"{where}.max_concurrency: expected an integer >= 1 (got {mc!r})")
+        out.append(EndpointConfig(**e))
+    return out
+
+
 @dataclass
 class JudgeConfig:
     model: str = "rules-v1"
@@ -131,10 +163,17 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JudgeConfig:
+        if not isinstance(d, dict) or not isinstance(d.get("judge", d), dict):
+            raise ValueError(f"judge: expected a mapping of judge settings (got {d!r})")
         d = dict(d.get("judge", d))
-        if "api_key" in d or any("api_key" in (e or {}) for e in d.get("endpoints", [])):
-            raise ValueError("put API keys in the environment and name them with api_key_env")
-        eps = [EndpointConfig(**e) for e in d.pop("endpoints", [])]
+        if "api_key" in d:
+            raise ValueError("judge.api_key: put API keys in the environment and name them "
+                             "with api_key_env")
+        eps = _endpoints(d.pop("endpoints", None))
+        kind = d.get("kind", "llm")
+        if kind not in KINDS:
+            raise ValueError(f"judge.kind: unknown kind {kind!r} (known: "
+                             f"{', '.join(sorted(KINDS))})")
         batch = _section(BatchSettings, d.pop("batch", None), "batch")
         prices = _section(Prices, d.pop("prices"), "prices") if d.get("prices") else None
         d.pop("prices", None)
@@ -163,5 +202,13 @@ class JudgeConfig:
 
 
 def load_config(path: str | os.PathLike[str]) -> JudgeConfig:
-    with open(Path(path), encoding="utf-8") as f:
-        return JudgeConfig.from_dict(yaml.safe_load(f) or {})
+    """A judge YAML (a `judge:` section, or its settings at the top); errors name the
+    file and the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config: no such file {str(p)!r}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    return JudgeConfig.from_dict(raw or {})

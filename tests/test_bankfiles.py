@@ -174,8 +174,8 @@ def test_template_banks_are_for_the_tiny_world_only(tmp_path):
                                           "for the tiny world only"):
         parse_config(base)
     ok = parse_config({**base, "vectors": {"banks": {"hub": REPO, "revision": COMMIT}}})
-    assert ok.vector_settings().banks == BankFiles(hub=REPO, revision=COMMIT)
-    assert parse_config({**base, "models": base["models"][:1]}).vector_settings().banks is None
+    assert ok.vectors.banks == BankFiles(hub=REPO, revision=COMMIT)
+    assert parse_config({**base, "models": base["models"][:1]}).vectors.banks is None
     # the build pools on each model's own engine arguments unless vectors.engine_args is set
     gpu = {"dtype": "bfloat16", "max_model_len": 4096}
     paper = parse_config({**base, "models": [{"name": "qwen", "path": "Qwen/Qwen3-1.7B",
@@ -190,7 +190,7 @@ def test_template_banks_are_for_the_tiny_world_only(tmp_path):
     assert parse_config({**base, "models": [{"name": "t", "path": tiny}]}).models[0].path == tiny
     # a bank folder is relative to the config file
     rel = parse_config({**base, "vectors": {"banks": {"path": "data"}}}, base_dir=str(tmp_path))
-    assert rel.vector_settings().banks.path == str(tmp_path / "data")
+    assert rel.vectors.banks.path == str(tmp_path / "data")
 
 
 def _authors_probe(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:

@@ -316,15 +316,15 @@ def test_feature_name_mapping_to_the_authors():
 def test_replay_mode_is_a_config_field_in_the_hash():
     from asteer_build.pipeline.config import ConfigError, parse_config
     from asteer_build.pipeline.plan import make_plan
-    from asteer_build.pipeline.work import ModelContext, capture_settings, shard_requests
+    from asteer_build.pipeline.work import ModelContext, shard_requests
 
     from .pipeline_support import tiny_config
 
     exact = parse_config(tiny_config(None, capture={"steps": [0, 1, 3, 5]}))
     authors = parse_config(tiny_config(None, capture={"steps": [0, 1, 3, 5],
                                                       "replay": "authors"}))
-    assert capture_settings(exact).replay == "exact"
-    assert capture_settings(authors).replay == "authors"
+    assert exact.capture.replay == "exact"
+    assert authors.capture.replay == "authors"
     assert exact.config_hash() != authors.config_hash()
     with pytest.raises(ConfigError, match="capture.replay"):
         parse_config(tiny_config(None, capture={"replay": "raw"}))

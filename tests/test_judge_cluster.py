@@ -236,4 +236,4 @@ def test_server_flags_and_bad_server_settings_named():
         with pytest.raises(ConfigError, match=msg):
             parse_config(raw)
     ok = tiny_config(None, judge={"kind": "vllm", "model": "j", "server": {"model": "m"}})
-    assert parse_config(ok).judge["server"] == {"model": "m"}
+    assert parse_config(ok).judge.server == {"model": "m"}

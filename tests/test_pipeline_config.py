@@ -57,8 +57,8 @@ def test_vectors_section_maps_onto_the_stage_settings():
     from asteer_build.vectors import VectorSettings
 
     s = parse_config(tiny_config(None, vectors={"bank_size": 16, "probe_lr": "5e-3"}))
-    assert s.vector_settings() == VectorSettings(2, ("diffmean", "probe"), bank_size=16)
-    assert parse_config(tiny_config(None, vectors=None)).vector_settings().pool == "vllm"
+    assert s.vectors == VectorSettings(2, ("diffmean", "probe"), bank_size=16)
+    assert parse_config(tiny_config(None, vectors=None)).vectors.pool == "vllm"
 
 
 def test_unreachable_output_via_flag_names_the_flag(tmp_path):

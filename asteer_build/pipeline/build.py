@@ -162,7 +162,7 @@ def vector_settings_for(cfg: BuildConfig, m: ModelConfig) -> Any:
 
     from .work import engine_kwargs
 
-    s = cfg.vector_settings()
+    s = cfg.vectors
     if s.engine_args is None:
         s = dataclasses.replace(s, engine_args=engine_kwargs(m))
     return s
@@ -235,97 +235,75 @@ def _rollouts_stage(run: Run) -> dict[str, Any]:
     return run_rollouts_local(run, todo)
 
 
-async def _judge_async(run: Run, todo: list[str], rerun: set[str],
-                       served: list[dict[str, Any]] | None = None,
-                       stats: list[Any] | None = None) -> list[Any]:
+async def _judge_async(run: Run, todo: list[str],
+                       rerun: set[str]) -> tuple[list[Any], dict[str, Any]]:
     """Label each shard in memory: read its table through the store, label it with
     `judge.label.alabel_table`, commit the bytes through the store's atomic write and
     the manifest. A killed run redoes an uncommitted shard; the judgment cache (an
-    append log written as answers arrive) serves the rows already judged."""
+    append log written as answers arrive) serves the rows already judged.
+
+    The judge comes from the kind registry (`judge.kinds`), as in `asteer-judge`, with
+    the builder's `vllm` servers plugged in; its lifetime (servers, endpoint pool, the
+    Batch API stage run to the end) spans the labelling and ends also when it fails.
+    The Batch API state lives beside the judge cache (`.staging/batches` in a local run
+    folder), so a killed build resumes its batches instead of submitting them again."""
+    from judge.batches import state_dir_for
     from judge.cache import JudgmentCache
-    from judge.config import JudgeConfig
+    from judge.kinds import JudgeContext, open_judge
     from judge.label import LabelReport, alabel_table, table_from_parquet, table_to_parquet
 
-    jc = JudgeConfig.from_dict(run.cfg.judge)
+    from .judge_servers import vllm_judge
+
+    jc = run.cfg.judge
     console.say(f"judge: {len(todo)} shard(s) to label ({jc.kind} judge)")
     cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(Path(_scratch_dir(run)) /
                                                               "judge-cache.jsonl")
-    reports = []
-
-    async def label_all(judge: Any, workers: int) -> None:
-        bar = console.progress(total=len(todo), unit="shard", desc="judge",
-                               disable=not run.opts.progress)
-        with JudgmentCache(cache_path) as cache, bar:
-            for name in todo:
-                entry = run.manifest.entries("labelled").get(name)
-                base = entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
-                rep = LabelReport(f"{name}.parquet")
-                table = table_from_parquet(run.store.read_bytes(base))
-                table = await alabel_table(table, judge, cache=cache,
-                                           rerun_failed=name in rerun, workers=workers,
-                                           report=rep)
-                f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
-                                       table_to_parquet(table), rep.rows)
-                run.manifest.record([f], ok=rep.ok, failed=rep.failed, pending=rep.pending,
-                                    judge_model=judge.judge_model,
-                                    judge_rubric=judge.rubric_version)
-                reports.append(rep)
-                bar.update(1)
-
-    if jc.kind == "openai-batch":
-        import asyncio
-
-        await label_all(await asyncio.to_thread(_judge_batches, run, jc, todo, rerun,
-                                                cache_path), 1)
-    elif jc.kind == "rules":
-        from judge.judges import RulesJudge
-
-        await label_all(RulesJudge(), 1)
-    else:
-        from judge.judges import LLMJudge
-        from judge.pool import EndpointConfig, EndpointPool
-
-        endpoints = jc.endpoints if served is None else [
-            EndpointConfig(s["base_url"], max_concurrency=s["max_concurrency"]) for s in served]
-        async with EndpointPool(endpoints, model=jc.model, retry=jc.retry) as pool:
-            judge = LLMJudge(pool, jc.model, max_tokens=jc.max_tokens,
-                             temperature=jc.temperature, structured=jc.structured,
-                             rubric=jc.rubric(run.cfg.base_dir))
-            await label_all(judge, jc.workers or 2 * pool.capacity)
-            if stats is not None:
-                stats.extend(pool.stats())
-    return reports
-
-
-def _judge_batches(run: Run, jc: Any, todo: list[str], rerun: set[str],
-                   cache_path: str) -> Any:
-    """`judge.kind: openai-batch`: queue every row of `todo` still to judge, run the
-    Batch API stage (`judge.batches`) to the end, and return the judge that labels the
-    shards from its answers (in the cache) and its final failures. The batch state
-    lives beside the judge cache (`.staging/batches` in a local run folder), so a
-    killed build resumes its batches instead of submitting them again."""
-    from judge.batches import BatchStage, FailuresJudge, requests_for_table, state_dir_for
-    from judge.cache import JudgmentCache
-    from judge.label import table_from_parquet
-
     rubric = jc.rubric(run.cfg.base_dir)
+
+    def base(name: str) -> str:
+        entry = run.manifest.entries("labelled").get(name)
+        return entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
+
+    def requests() -> list[Any]:
+        from judge.batches import requests_for_table
+
+        return [r for name in todo for r in requests_for_table(
+            table_from_parquet(run.store.read_bytes(base(name))), jc.model, rubric.version,
+            rerun_failed=name in rerun)]
+
+    ctx = JudgeContext(rubric=rubric, requests=requests, rerun_failed=bool(rerun),
+                       batch_dir=state_dir_for(Path(_scratch_dir(run)) / "batches", jc.model,
+                                               rubric.version),
+                       yes=run.opts.yes, say=console.say)
+    log_dir = run.store.path("logs") if run.store.local else None
+    lifetime = open_judge(jc, ctx, plug={"vllm": vllm_judge(
+        executor=run.opts.executor, cfg=run.cfg, log_dir=log_dir)})
+    reports = []
     with JudgmentCache(cache_path) as cache:
-        state = state_dir_for(Path(_scratch_dir(run)) / "batches", jc.model, rubric.version)
-        stage = BatchStage.from_config(jc, state, cache, rubric)
-        reqs = []
-        for name in todo:
-            entry = run.manifest.entries("labelled").get(name)
-            base = entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
-            reqs += requests_for_table(table_from_parquet(run.store.read_bytes(base)),
-                                       jc.model, rubric.version, rerun_failed=name in rerun)
-        queued = stage.add(reqs, rerun_failed=bool(rerun))
-        console.say(f"judge: {queued} request(s) queued for the Batch API; "
-                    f"{len(stage.records)} batch(es) in {stage.dir}")
-        stage.run(yes=run.opts.yes)
-        s = stage.summary()
-        console.say(f"judge: batches done, {s['failed_lines']} line(s) failed, "
-                    f"~${s['estimated_cost_usd']:.2f} estimated")
-        return FailuresJudge(jc.model, rubric.version, dict(stage.failures))
+        ctx.cache = cache
+        async with lifetime as session:
+            bar = console.progress(total=len(todo), unit="shard", desc="judge",
+                                   disable=not run.opts.progress)
+            with bar:
+                for name in todo:
+                    rep = LabelReport(f"{name}.parquet")
+                    table = table_from_parquet(run.store.read_bytes(base(name)))
+                    table = await alabel_table(table, session.judge, cache=cache,
+                                               rerun_failed=name in rerun,
+                                               workers=session.workers, report=rep)
+                    f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
+                                           table_to_parquet(table), rep.rows)
+                    run.manifest.record([f], ok=rep.ok, failed=rep.failed,
+                                        pending=rep.pending,
+                                        judge_model=session.judge.judge_model,
+                                        judge_rubric=session.judge.rubric_version)
+                    reports.append(rep)
+                    bar.update(1)
+            out = dict(session.info)
+            stats = session.stats()
+            if stats:
+                out["endpoints"] = stats
+    return reports, out
 
 
 def _scratch_dir(run: Run) -> str:
@@ -348,27 +326,7 @@ def _judge_stage(run: Run) -> dict[str, Any]:
     todo = [n for n in sorted(run.manifest.entries("rollouts")) if n not in labelled or n in rerun]
     if not todo:
         return {"shards_judged": 0}
-    from judge.config import JudgeConfig
-
-    jc = JudgeConfig.from_dict(run.cfg.judge)
-    out: dict[str, Any] = {}
-    if jc.kind == "vllm":
-        # Judge servers of our own (asteer_build.pipeline.judge_servers): started for this stage,
-        # stopped when it ends, also when it fails.
-        from .judge_servers import ServerSpec, served_judge
-
-        spec = ServerSpec.from_dict(jc.server)
-        console.say(f"judge: starting {spec.replicas} vllm judge server(s) of {spec.model}")
-        stats: list[Any] = []
-        log_dir = run.store.path("logs") if run.store.local else None
-        with served_judge(spec, jc.model, executor=run.opts.executor, cfg=run.cfg,
-                          log_dir=log_dir) as served:
-            reports = asyncio.run(_judge_async(run, todo, rerun, served, stats))
-        out["servers"] = [{k: s[k] for k in ("base_url", "pid", "port", "host")}
-                          for s in served]
-        out["endpoints"] = stats
-    else:
-        reports = asyncio.run(_judge_async(run, todo, rerun))
+    reports, out = asyncio.run(_judge_async(run, todo, rerun))
     return {"shards_judged": len(reports), "ok": sum(r.ok for r in reports),
             "failed": sum(r.failed for r in reports), **out}
 

@@ -1,12 +1,17 @@
-"""The build config (YAML): parsed into plain dataclasses and checked before any work.
+"""The build config (YAML): parsed once into one typed tree and checked before any work.
 
 A 1.4M-rollout build that dies an hour in because of a typo is expensive, so every check
 that can run up front does, and every error names the field by its path in the file
-(`models[1].path`, `alphas.probe.step`) and the offending value.
+(`models[1].path`, `alphas.probe.step`) and the offending value. The `judge:`,
+`capture:` and `vectors:` sections become the settings their stages take
+(`judge.config.JudgeConfig`, `CaptureSettings`, `VectorSettings`), built here and
+handed down, never parsed again.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -14,9 +19,17 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from .sections import capture_section, judge_section, vectors_section
+
+if TYPE_CHECKING:
+    from judge.config import JudgeConfig
+
+    from ..vectors.settings import VectorSettings
+    from .rollouts import CaptureSettings
 
 __all__ = [
     "ConfigError", "AlphaGrid", "ModelConfig", "Sampling", "RayOptions", "BuildConfig",
@@ -165,32 +178,28 @@ class BuildConfig:
     sampling: Sampling
     output: str | None
     shard_size: int
-    judge: dict[str, Any]
-    capture: dict[str, Any] | None = None
-    vectors: dict[str, Any] = field(default_factory=dict)
+    judge: JudgeConfig
+    #: None: no capture (the section absent or empty)
+    capture: CaptureSettings | None
+    #: with `layer` and `methods` from the top level; a bank folder resolved against
+    #: the config's folder
+    vectors: VectorSettings
     ray: RayOptions = field(default_factory=RayOptions)
     positions: str = "all"
     #: the file this came from, for relative paths; not part of the hash
     base_dir: str = "."
-
-    def vector_settings(self) -> Any:
-        """The `vectors:` section (with `layer` and `methods`) as the vectors stage's
-        `asteer_build.vectors.VectorSettings`."""
-        from ..vectors.settings import VectorSettings
-
-        section = self.vectors
-        banks = section.get("banks") if isinstance(section, dict) else None
-        if isinstance(banks, dict) and isinstance(banks.get("path"), str):
-            # a bank folder is relative to the config file, like `concepts:` and `prompts:`
-            section = {**section, "banks": {**banks, "path": self.resolve(banks["path"])}}
-        return VectorSettings.from_section(section, layer=self.layer, methods=self.methods)
+    #: the `judge`, `capture` and `vectors` sections as the file gave them: `as_dict`
+    #: (the run folder's record) and `config_hash` (what a resumed run must match) are
+    #: over these, so neither moves when the typed settings change shape
+    written: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def alphas(self, model: ModelConfig, method: str) -> tuple[float, ...]:
         return model.alphas[method].values
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(dataclasses.replace(self, **self.written, written={}))
         d.pop("base_dir")
+        d.pop("written")
         return d
 
     def config_hash(self) -> str:
@@ -338,18 +347,13 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
                               positive=True),
     )
 
-    judge = d.get("judge") or {"kind": "rules"}
-    if not isinstance(judge, dict):
-        raise _err("judge", "expected a mapping", judge)
-    _check_judge(judge, base_dir)
-    capture = d.get("capture")
-    if capture is not None and not isinstance(capture, dict):
-        raise _err("capture", "expected a mapping or null", capture)
-    if capture:
-        _check_capture(capture)
-    vectors = d.get("vectors") or {}
-    if not isinstance(vectors, dict):
-        raise _err("vectors", "expected a mapping", vectors)
+    written = copy.deepcopy({"judge": d.get("judge") or {"kind": "rules"},
+                             "capture": d.get("capture"), "vectors": d.get("vectors") or {}})
+    try:
+        judge = judge_section(written["judge"], base_dir)
+        capture = capture_section(written["capture"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     output = d.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip()):
         raise _err("output", "expected a path or URI", output)
@@ -364,20 +368,20 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     for key in ("concepts", "prompts"):
         if key in d and d[key] in (None, ""):
             raise _err(key, "expected `builtin:tinyworld`, a file path, or a list", d[key])
+    shard_size = _int(d.get("shard_size", 256), "shard_size", minimum=1)
+    try:  # a bad `vectors:` field fails now, before any engine
+        vectors = vectors_section(written["vectors"], layer, methods, base_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     cfg = BuildConfig(
         name=name, models=models, methods=methods, layer=layer,
         concepts=d.get("concepts", "builtin:tinyworld"),
         prompts=d.get("prompts", "builtin:tinyworld"),
-        sampling=sampling, output=output,
-        shard_size=_int(d.get("shard_size", 256), "shard_size", minimum=1),
+        sampling=sampling, output=output, shard_size=shard_size,
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
-        base_dir=base_dir,
+        base_dir=base_dir, written=written,
     )
-    try:
-        vs = cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if not vs.has_banks:
+    if not vectors.has_banks:
         from ..inputs.tinyworld import is_tiny_model
 
         real = [m.name for m in models if not is_tiny_model(m.path)]
@@ -388,52 +392,6 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
                        "'training/{concept_id}.json'} or {path: FOLDER}) or "
                        "vectors.bank_dir")
     return cfg
-
-
-def _check_capture(capture: dict[str, Any]) -> None:
-    """Build the capture settings once now, so a bad field fails before any engine."""
-    try:
-        from .rollouts import CaptureSettings
-    except ImportError:
-        return
-    known = set(getattr(CaptureSettings, "__dataclass_fields__", {}))
-    for k in capture:
-        if known and k not in known:
-            raise _err(f"capture.{k}", f"unknown field (known: {', '.join(sorted(known))})")
-    try:
-        CaptureSettings(**capture)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith("capture.") else f"capture: {msg}") from None
-
-
-def _check_judge(judge: dict[str, Any], base_dir: str = ".") -> None:
-    """Validate through the judge package's own parser, so the two never disagree; a
-    `rubric_file` (relative to the config file) is read and checked now."""
-    try:
-        from judge.config import JudgeConfig
-
-        JudgeConfig.from_dict(judge).rubric(base_dir)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise (ConfigError(msg) if msg.startswith("judge.") else _err("judge", msg)) from None
-    if judge.get("kind", "llm") == "vllm":
-        # served by the builder (judge_servers): its `server:` is checked now, not after
-        # the rollouts
-        from .judge_servers import ServerSpec
-
-        try:
-            ServerSpec.from_dict(judge.get("server"))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(str(e) if str(e).startswith("judge.") else
-                              f"judge.server: {e}") from None
-        return
-    if judge.get("kind", "llm") not in ("llm", "rules", "openai-batch"):
-        raise _err("judge.kind", "expected `llm`, `rules`, `openai-batch` or `vllm`",
-                   judge.get("kind"))
-    if judge.get("kind", "llm") in ("llm", "openai-batch") and not judge.get("endpoints"):
-        raise _err("judge.endpoints", "an llm judge needs at least one endpoint "
-                   "(or set judge.kind: rules)")
 
 
 def packaged_configs() -> dict[str, Path]:

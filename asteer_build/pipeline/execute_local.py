@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.console import console
 from .feed import ShardWriter, feed_engine, in_flight_window
 from .plan import Shard
-from .work import capture_settings, engine_kwargs, model_context, shard_requests, write_shard
+from .work import engine_kwargs, model_context, shard_requests, write_shard
 
 if TYPE_CHECKING:
     from .build import Run
@@ -42,7 +42,7 @@ def start_engine(run: Run, model: Any) -> Any:
 
 def run_rollouts_local(run: Run, todo: list[Shard]) -> dict[str, Any]:
     cfg, store, manifest = run.cfg, run.store, run.manifest
-    capture = capture_settings(cfg)
+    capture = cfg.capture
     done_items = done_tokens = 0
     gen_seconds = writer_wait = 0.0
     windows: dict[str, list[float | None]] = {}

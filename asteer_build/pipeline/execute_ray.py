@@ -61,13 +61,13 @@ class EngineHost:
         from ..engine import SteeredEngine
         from .feed import FeedThread
         from .shards import open_store
-        from .work import capture_settings, engine_kwargs, model_context, write_shard
+        from .work import engine_kwargs, model_context, write_shard
 
         require_lock(f"engine actor for {self.model_name} on {_node_ip()}")
         model = next(m for m in self.cfg.models if m.name == self.model_name)
         self.store = open_store(self.store_uri)
         self.ctx = model_context(self.store, self.cfg, model, self.prompts, self.sampling)
-        self.capture = capture_settings(self.cfg)
+        self.capture = self.cfg.capture
         kw = engine_kwargs(model)
         if model.tensor_parallel_size > 1:
             kw.setdefault("distributed_executor_backend", "ray")

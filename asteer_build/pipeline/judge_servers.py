@@ -42,14 +42,19 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from judge.config import JudgeConfig
+    from judge.kinds import JudgeContext, JudgeFactory, JudgeSession
 
 log = logging.getLogger("asteer_build")
 
-__all__ = ["ServerSpec", "ServerProcess", "serve_args", "served_judge", "stop_group"]
+__all__ = ["ServerSpec", "ServerProcess", "serve_args", "served_judge", "stop_group",
+           "vllm_judge"]
 
 
 @dataclass
@@ -260,3 +265,29 @@ def served_judge(spec: ServerSpec, served_name: str, *, executor: str = "local",
                 ray.get(a.stop.remote(), timeout=60)
             ray.kill(a, no_restart=True)
         remove_placement_group(pg)
+
+
+def vllm_judge(*, executor: str = "local", cfg: Any = None,
+               log_dir: str | None = None) -> JudgeFactory:
+    """The builder's factory for `judge.kind: vllm`, plugged into the kind registry
+    (`judge.kinds.open_judge(..., plug={"vllm": ...})`): start the judge servers, judge
+    through them as the `llm` kind does, stop them when labelling ends, also when it
+    fails. The summary names the servers it ran."""
+
+    @contextlib.asynccontextmanager
+    async def lifetime(jc: JudgeConfig, ctx: JudgeContext) -> AsyncIterator[JudgeSession]:
+        from judge.kinds import llm_session
+        from judge.pool import EndpointConfig
+
+        spec = ServerSpec.from_dict(jc.server)
+        ctx.say(f"judge: starting {spec.replicas} vllm judge server(s) of {spec.model}")
+        with served_judge(spec, jc.model, executor=executor, cfg=cfg,
+                          log_dir=log_dir) as served:
+            endpoints = [EndpointConfig(s["base_url"], max_concurrency=s["max_concurrency"])
+                         for s in served]
+            async with llm_session(jc, ctx, endpoints) as session:
+                session.info["servers"] = [{k: s[k] for k in ("base_url", "pid", "port",
+                                                              "host")} for s in served]
+                yield session
+
+    return lifetime

@@ -268,9 +268,8 @@ def judge_estimate(cfg: BuildConfig, calls: int, prompts: list | None,
     Responses are counted in the rollout model's tokens, taken as the judge's. Costs
     need `judge.prices`: live at list price, batch at `batch_discount` of it."""
     from judge import estimate
-    from judge.config import JudgeConfig
 
-    jc = JudgeConfig.from_dict(cfg.judge)
+    jc = cfg.judge
     if jc.kind == "rules":
         return {"kind": "rules", "calls": calls, "note": "the rules judge makes no API calls"}
     rubric = jc.rubric(cfg.base_dir)

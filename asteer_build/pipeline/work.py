@@ -22,7 +22,7 @@ from .shards import ShardFile, Store
 
 __all__ = [
     "ROLLOUT_SCHEMA", "ModelContext", "resolve_model_path", "model_context", "shard_requests",
-    "write_shard", "capture_settings", "engine_kwargs", "vector_files",
+    "write_shard", "engine_kwargs", "vector_files",
 ]
 
 #: a rollouts shard as written here: the contract's rollout columns, judgment pending
@@ -57,18 +57,6 @@ def engine_kwargs(m: ModelConfig) -> dict[str, Any]:
     if m.tensor_parallel_size > 1:
         kw["tensor_parallel_size"] = m.tensor_parallel_size
     return kw
-
-
-def capture_settings(cfg: BuildConfig) -> Any:
-    """The config's capture section as `asteer_build.rollouts.CaptureSettings`, or None
-    when capture is off (or the capture module is not installed yet)."""
-    if not cfg.capture:
-        return None
-    try:
-        from .rollouts import CaptureSettings
-    except ImportError as e:
-        raise RuntimeError(f"capture: configured, but asteer_build.rollouts is missing: {e}") from e
-    return CaptureSettings(**cfg.capture)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 `vectors:` section maps onto it (`VectorSettings.from_section`).
 
 `asteer_build.pipeline.config` checks the section with it when a config loads
-(`BuildConfig.vector_settings`), so a bad field fails before any engine starts.
+(`BuildConfig.vectors`), so a bad field fails before any engine starts.
 
 The section's keys are the dataclass's fields other than `layer` and `methods` (those
 come from the config's top level):
