@@ -4,6 +4,11 @@ A request carries only a vector *name*, alpha, layer and position mode (plus a
 fingerprint): vectors are registered once per engine over RPC, never sent with requests.
 The same module validates specs on the client, so bad input fails there with a message
 naming the request, field and value, and never reaches (or kills) the engine.
+
+The capture records live here too: `CaptureSpec` (which decode steps of a request the
+worker keeps), `CapturePair` (a steered run and its replay, to collect) and
+`CollectResult` (what the workers return). They are typed on both sides and become dicts
+only on the wire: `SamplingParams.extra_args` and the `asteer_collect` RPC.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ feed an engine the same way, through this module:
   atomic; shards may complete (and commit) out of plan order, and a kill loses only the
   shards not yet committed.
 
-`feed_engine` drives a synchronous `SteeredEngine` step by step, in both executors: the
-local one calls it with the plan's shards; the Ray actor runs it on a `FeedThread`, whose
+`feed_engine` runs the feeding state machine (`feeder.Feeder`, which `run_with_capture`
+runs too, as one shard) on a synchronous `SteeredEngine`, in both executors: the local
+one calls it with the plan's shards; the Ray actor runs it on a `FeedThread`, whose
 `ShardInbox` receives shards from the driver a few ahead. One loop, one window, the same
 slots and writer.
 """
