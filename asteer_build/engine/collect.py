@@ -9,6 +9,7 @@ vLLM serializer carries).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ def collect_pairs(
 def collect_records(
     state: SteeringState, capture: CaptureBuffer, pairs: list[CapturePair]
 ) -> list[CollectResult]:
-    found: list[dict[str, Any]] = []
+    found: list[CollectResult] = []
     # features are computed for all pairs of one shape in a single batched call
     groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor, float]]] = {}
@@ -61,8 +62,7 @@ def collect_records(
         capture.overflowed.discard(p.replay)
         want = list(p.steps)
         present = [t for t in want if t in s_rows and t in r_rows]
-        res: dict[str, Any] = {"steps_present": present, "overflow": overflow}
-        found.append(res)
+        found.append(CollectResult(tuple(present), overflow))
         if not present:
             continue
         layers = [p.layer + k for k in p.offsets]
@@ -76,17 +76,17 @@ def collect_records(
         if p.features:
             vec = state.vectors.get(p.vector)
             if vec is None:
-                res["error"] = f"unknown vector {p.vector!r}"
+                found[-1] = replace(found[-1], error=f"unknown vector {p.vector!r}")
             else:
                 key = (len(want), len(layers))
                 groups.setdefault(key, []).append((len(found) - 1, s, r, s_pre, vec, p.alpha))
         if p.activations:
             dt = p.activation_dtype
-            res["activations"] = {
+            found[-1] = replace(found[-1], activations={
                 "steered": _host(s, dt),
                 "replay": _host(r, dt),
                 "steered_pre": _host(s_pre.unsqueeze(1), dt),
-            }
+            })
     for items in groups.values():
         feats = F.compute_batch(
             torch.stack([i[1] for i in items]),
@@ -96,5 +96,5 @@ def collect_records(
             steered_pre=torch.stack([i[3] for i in items]),
         ).cpu()
         for (at, *_), row in zip(items, feats, strict=True):
-            found[at]["features"] = _host(row, "float32")
-    return [CollectResult(**r) for r in found]
+            found[at] = replace(found[at], features=_host(row, "float32"))
+    return found
