@@ -11,6 +11,7 @@ import torch
 from asteer_build.engine import SteeredEngine
 from asteer_build.engine import features as F
 from asteer_build.engine.reference import HFReference
+from asteer_build.engine.spec import CapturePair, CaptureSpec
 from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .capture_support import assert_captures_match_hf
@@ -150,13 +151,12 @@ def test_capture_hits_prefix_cache_and_still_gets_step_zero(engine, varied_model
     replay_ids = ids + first[0].response_token_ids[:5]
     out = engine.generate(
         [{"prompt_token_ids": replay_ids}], SamplingParams(max_tokens=1), None,
-        capture=[{"key": "probe", "steps": [0, 1, 3, 5], "base": len(ids) - 1}],
+        capture=[CaptureSpec("probe", (0, 1, 3, 5), base=len(ids) - 1)],
     )
     assert out[0].num_cached_tokens == 64  # [0, 64) shared; [64, 96) private to capture
-    (got,) = engine.collect([{"steered": "probe", "replay": "probe", "vector": "a",
-                              "alpha": 0.0, "layer": 0, "offsets": [0], "steps": [0, 1, 3, 5],
-                              "features": False}])
-    assert got["steps_present"] == [0, 1, 3, 5]
+    (got,) = engine.collect([CapturePair("probe", "probe", "a", 0.0, 0, (0,), (0, 1, 3, 5),
+                                         features=False)])
+    assert got.steps_present == (0, 1, 3, 5)
 
 
 def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied_model):

@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .spec import MAX_CAPTURE_STEP
 from .staging import StagedArrays
 
 logger = logging.getLogger("asteer.engine")
 
 CAP_KEY = "asteer_cap"
-MAX_STEP = 63  # steps are kept in a uint64 bit mask
+MAX_STEP = MAX_CAPTURE_STEP  # steps are kept in a uint64 bit mask
 
 
 @dataclass

@@ -2,12 +2,14 @@
 `[steps, layers, hidden]` tensors and compute its features on the worker's device.
 
 Runs when the client asks, after the replay finished: rows are taken (and freed) from the
-capture buffer's store. Tensors cross the RPC as raw bytes (float32 features, float16
-or float32 activations) with their shapes, which every vLLM serializer carries.
+capture buffer's store. The records are `spec.CapturePair` in and `spec.CollectResult`
+out; only the RPC sees them as dicts (arrays as raw bytes with their shapes, which every
+vLLM serializer carries).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 
 from . import features as F
 from .capture_buffer import CaptureBuffer
+from .spec import CapturePair, CollectResult
 from .steering import SteeringState
 
 
@@ -31,32 +34,38 @@ def _pad(x: torch.Tensor, idx: list[int], n: int) -> torch.Tensor:
     return out
 
 
-def _wire(t: torch.Tensor, dtype: str) -> dict[str, Any]:
-    arr = t.detach().to("cpu", getattr(torch, dtype)).contiguous()
-    return {"shape": list(arr.shape), "dtype": dtype, "data": arr.numpy().tobytes()}
+def _host(t: torch.Tensor, dtype: str) -> np.ndarray:
+    return t.detach().to("cpu", getattr(torch, dtype)).contiguous().numpy()
 
 
 def collect_pairs(
     state: SteeringState, capture: CaptureBuffer, pairs: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
+    """The RPC's body: wire dicts in (`CapturePair`), wire dicts out (`CollectResult`)."""
+    return [r.to_wire() for r in collect_records(
+        state, capture, [CapturePair.from_wire(p) for p in pairs])]
+
+
+def collect_records(
+    state: SteeringState, capture: CaptureBuffer, pairs: list[CapturePair]
+) -> list[CollectResult]:
+    found: list[CollectResult] = []
     # features are computed for all pairs of one shape in a single batched call
     groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor, float]]] = {}
     for p in pairs:
-        s_rows = capture.take(p["steered"]) or {}
-        same = p["replay"] == p["steered"]
-        r_rows = s_rows if same else (capture.take(p["replay"]) or {})
-        overflow = p["steered"] in capture.overflowed or p["replay"] in capture.overflowed
-        capture.overflowed.discard(p["steered"])
-        capture.overflowed.discard(p["replay"])
-        want = [int(t) for t in p["steps"]]
+        s_rows = capture.take(p.steered) or {}
+        same = p.replay == p.steered
+        r_rows = s_rows if same else (capture.take(p.replay) or {})
+        overflow = p.steered in capture.overflowed or p.replay in capture.overflowed
+        capture.overflowed.discard(p.steered)
+        capture.overflowed.discard(p.replay)
+        want = list(p.steps)
         present = [t for t in want if t in s_rows and t in r_rows]
-        res: dict[str, Any] = {"steps_present": present, "overflow": overflow}
-        results.append(res)
+        found.append(CollectResult(tuple(present), overflow))
         if not present:
             continue
-        layers = [int(p["layer"]) + int(k) for k in p["offsets"]]
+        layers = [p.layer + k for k in p.offsets]
         s, s_pre = _stack(s_rows, present, layers)
         r, _ = _stack(r_rows, present, layers)
         if len(present) < len(want):
@@ -64,22 +73,20 @@ def collect_pairs(
             # features and the activations alike, so every rollout has the same shape.
             idx = [want.index(t) for t in present]
             s, r, s_pre = (_pad(x, idx, len(want)) for x in (s, r, s_pre))
-        if p.get("features", True):
-            vec = state.vectors.get(p["vector"])
+        if p.features:
+            vec = state.vectors.get(p.vector)
             if vec is None:
-                res["error"] = f"unknown vector {p['vector']!r}"
+                found[-1] = replace(found[-1], error=f"unknown vector {p.vector!r}")
             else:
                 key = (len(want), len(layers))
-                groups.setdefault(key, []).append(
-                    (len(results) - 1, s, r, s_pre, vec, float(p["alpha"]))
-                )
-        if p.get("activations"):
-            dt = p.get("activation_dtype", "float16")
-            res["activations"] = {
-                "steered": _wire(s, dt),
-                "replay": _wire(r, dt),
-                "steered_pre": _wire(s_pre.unsqueeze(1), dt),
-            }
+                groups.setdefault(key, []).append((len(found) - 1, s, r, s_pre, vec, p.alpha))
+        if p.activations:
+            dt = p.activation_dtype
+            found[-1] = replace(found[-1], activations={
+                "steered": _host(s, dt),
+                "replay": _host(r, dt),
+                "steered_pre": _host(s_pre.unsqueeze(1), dt),
+            })
     for items in groups.values():
         feats = F.compute_batch(
             torch.stack([i[1] for i in items]),
@@ -89,9 +96,5 @@ def collect_pairs(
             steered_pre=torch.stack([i[3] for i in items]),
         ).cpu()
         for (at, *_), row in zip(items, feats, strict=True):
-            results[at]["features"] = _wire(row, "float32")
-    return results
-
-
-def unwire(obj: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(obj["data"], dtype=obj["dtype"]).reshape(obj["shape"]).copy()
+            found[at] = replace(found[at], features=_host(row, "float32"))
+    return found

@@ -19,7 +19,17 @@ import torch
 
 from . import compat
 from .capture_buffer import CAP_KEY, POOL_KEY
-from .spec import CONFIG_KEY, EXTRA_KEY, WORKER_CLS, SteerSpec, to_extra_args, validate
+from .spec import (
+    CONFIG_KEY,
+    EXTRA_KEY,
+    WORKER_CLS,
+    CapturePair,
+    CaptureSpec,
+    CollectResult,
+    SteerSpec,
+    to_extra_args,
+    validate,
+)
 from .steering import encode_vector, vector_digest
 
 
@@ -131,7 +141,7 @@ class _SteeringClient:
         n: int,
         sampling_params: Any,
         steer: Sequence[SteerSpec | None] | None,
-        capture: Sequence[dict | None] | None = None,
+        capture: Sequence[CaptureSpec | None] | None = None,
     ) -> list[Any]:
         from vllm import SamplingParams
 
@@ -155,6 +165,10 @@ class _SteeringClient:
         caps = list(capture) if capture is not None else [None] * n
         if len(caps) != n:
             raise ValueError(f"got {len(caps)} capture specs for {n} prompts")
+        for i, cap in enumerate(caps):
+            if cap is not None and not isinstance(cap, CaptureSpec):
+                raise TypeError(f"capture[{i}]: expected CaptureSpec or None, "
+                                f"got {type(cap).__name__}")
         out = []
         for sp, spec, cap in zip(params, specs, caps, strict=True):
             if spec is None and cap is None:
@@ -165,9 +179,24 @@ class _SteeringClient:
             if spec is not None:
                 extra[EXTRA_KEY] = to_extra_args(spec, self._vectors.entries[spec.vector][1])
             if cap is not None:
-                extra[CAP_KEY] = cap
+                extra[CAP_KEY] = cap.to_wire()
             sp.extra_args = extra
             out.append(sp)
+        return out
+
+    def _pairs_wire(self, pairs: Sequence[CapturePair]) -> list[dict[str, Any]]:
+        """Checked against the model here, since a layer past its depth would fail
+        inside the worker instead of naming the pair."""
+        out = []
+        for i, p in enumerate(pairs):
+            if not isinstance(p, CapturePair):
+                raise TypeError(f"pairs[{i}]: expected CapturePair, got {type(p).__name__}")
+            top = p.layer + p.offsets[-1]
+            if top >= self.num_layers:
+                raise ValueError(
+                    f"pairs[{i}] ({p.steered}): layer {p.layer} + offset {p.offsets[-1]} = "
+                    f"{top} is past the model's last block {self.num_layers - 1}")
+            out.append(p.to_wire())
         return out
 
 
@@ -219,24 +248,25 @@ class SteeredEngine(_SteeringClient):
         sampling_params: Any = None,
         steer: Sequence[SteerSpec | None] | None = None,
         *,
-        capture: Sequence[dict | None] | None = None,
+        capture: Sequence[CaptureSpec | None] | None = None,
         use_tqdm: bool = False,
         **kwargs: Any,
     ):
         """Like `vllm.LLM.generate`, plus one `SteerSpec` (or None) per prompt.
 
         `capture`, per prompt, asks the worker to keep the residual stream at decode
-        steps (`{"key", "steps", "base"}`, see `capture_buffer.py`); fetch it with
-        `collect`.
+        steps (a `CaptureSpec`, see `capture_buffer.py`); fetch it with `collect`.
         """
         single = isinstance(prompts, str | dict)
         plist = [prompts] if single else list(prompts)
         params = self._decorate(len(plist), sampling_params, steer, capture)
         return self.llm.generate(plist, params, use_tqdm=use_tqdm, **kwargs)
 
-    def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def collect(self, pairs: Sequence[CapturePair]) -> list[CollectResult]:
         """Take captured (steered, replay) pairs from the workers, with features."""
-        return self.llm.collective_rpc("asteer_collect", args=(pairs,))[0]
+        wire = self._pairs_wire(pairs)
+        got = self.llm.collective_rpc("asteer_collect", args=(wire,))[0]
+        return [CollectResult.from_wire(g) for g in got]
 
     def stream(self, submissions, on_output) -> None:
         """Run requests step by step; `on_output(out)` may return more to submit.
@@ -263,7 +293,8 @@ class SteeredEngine(_SteeringClient):
             if live:
                 core.abort_request(list(live))
 
-    def decorate(self, sampling_params: Any, steer: SteerSpec | None, capture: dict | None):
+    def decorate(self, sampling_params: Any, steer: SteerSpec | None,
+                 capture: CaptureSpec | None):
         """One request's SamplingParams with its steering and capture specs (validated)."""
         return self._decorate(1, sampling_params, [steer], [capture])[0]
 
@@ -350,7 +381,7 @@ class AsyncSteeredEngine(_SteeringClient):
         sampling_params: Any,
         steer: SteerSpec | None = None,
         request_id: str | None = None,
-        capture: dict | None = None,
+        capture: CaptureSpec | None = None,
     ) -> AsyncIterator[Any]:
         """Yield vLLM `RequestOutput`s for one request (the last one is final)."""
         (params,) = self._decorate(1, sampling_params, [steer], [capture])
@@ -375,8 +406,10 @@ class AsyncSteeredEngine(_SteeringClient):
             final = out
         return final
 
-    async def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return (await self.engine.collective_rpc("asteer_collect", args=(pairs,)))[0]
+    async def collect(self, pairs: Sequence[CapturePair]) -> list[CollectResult]:
+        wire = self._pairs_wire(pairs)
+        got = (await self.engine.collective_rpc("asteer_collect", args=(wire,)))[0]
+        return [CollectResult.from_wire(g) for g in got]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
 
-    from .spec import SteerSpec
+    from .spec import CapturePair, CaptureSpec, CollectResult, SteerSpec
 
 __all__ = ["SteeringEngine", "AsyncSteeringEngine"]
 
@@ -33,16 +33,17 @@ class SteeringEngine(Protocol):
 
     def generate(self, prompts: Any, sampling_params: Any = None,
                  steer: Sequence[SteerSpec | None] | None = None, *,
-                 capture: Sequence[dict | None] | None = None, use_tqdm: bool = False,
+                 capture: Sequence[CaptureSpec | None] | None = None,
+                 use_tqdm: bool = False,
                  **kwargs: Any) -> list[Any]: ...
 
     def decorate(self, sampling_params: Any, steer: SteerSpec | None,
-                 capture: dict | None) -> Any: ...
+                 capture: CaptureSpec | None) -> Any: ...
 
     def stream(self, submissions: Sequence[tuple[str, Any, Any]],
                on_output: Callable[[Any], Sequence[tuple[str, Any, Any]] | None]) -> None: ...
 
-    def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def collect(self, pairs: Sequence[CapturePair]) -> list[CollectResult]: ...
 
     def pool_hidden(self, prompts: Sequence[Sequence[int]], layer: int,
                     skip: int = 1) -> np.ndarray: ...
@@ -63,8 +64,8 @@ class AsyncSteeringEngine(Protocol):
 
     async def generate_final(self, prompt: Any, sampling_params: Any,
                              steer: SteerSpec | None = None, request_id: str | None = None,
-                             capture: dict | None = None) -> Any: ...
+                             capture: CaptureSpec | None = None) -> Any: ...
 
-    async def collect(self, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    async def collect(self, pairs: Sequence[CapturePair]) -> list[CollectResult]: ...
 
     def shutdown(self) -> None: ...
