@@ -101,7 +101,6 @@ class _ModelDispatch:
         self.ro = run.cfg.ray
         self.actor_cls = actor_cls
         self.queue: collections.deque[Shard] = collections.deque(shards)
-
         self.in_flight = in_flight_window(model.engine_args, self.ro.in_flight_factor)
         bundles, self.actor_opts = _resources(cluster, model.tensor_parallel_size,
                                               self.ro.num_cpus_per_engine)
