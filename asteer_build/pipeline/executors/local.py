@@ -106,9 +106,8 @@ class LocalExecutor(Executor):
                     1, (), _started[shard.index], time.time()))
                 _bar.update(len(shard.items))
 
-            writer = ShardWriter(lambda s, res, _ctx=ctx: write_shard(store, s, res,
-                                                                      _ctx.norms),
-                                 commit)
+            writer = ShardWriter(
+                lambda s, res, _ctx=ctx: write_shard(store, s, res, _ctx.norms), commit)
             window = in_flight_window(model.engine_args, cfg.ray.in_flight_factor)
             try:
                 reqs = functools.partial(shard_requests, cfg, ctx)
