@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="build (or resume) a run folder")
     sp.add_argument("--config", required=True)
     sp.add_argument("--out", help="output location (overrides the config's `output:`)")
-    sp.add_argument("--executor", choices=("local", "ray"), default="local")
+    from .pipeline.executors import EXECUTORS
+
+    sp.add_argument("--executor", choices=tuple(EXECUTORS), default="local")
     sp.add_argument("--rerun-shards", type=_ints, default=[],
                     help="comma-separated shard numbers to rebuild")
     sp.add_argument("--rerun-failed", action="store_true",

@@ -163,7 +163,9 @@ def test_rerun_shards_rewrites_only_those(work, reference):
     time.sleep(0.05)
     r = cli("run", "--config", str(cfg), "--no-progress", "--rerun-shards", "1,4", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout)["rollouts"]["shards_run"] == 2
+    ro = json.loads(r.stdout)["rollouts"]
+    assert ro["shards_run"] == 2
+    assert sorted(x["shard"] for x in ro["shards"]) == ["shard-000001", "shard-000004"]
     for p, (mtime, digest) in files.items():
         rewritten = p.stem in ("shard-000001", "shard-000004")
         assert (p.stat().st_mtime_ns != mtime) == rewritten, p
@@ -308,6 +310,16 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, 
     assert len(list(pids.glob("*.pid"))) >= 2  # a replacement actor took over
     summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex('{\n "run"'):])
     assert summary["rollouts"]["requeued"] >= 1
+    # one commit record per shard; the killed actor's shards name it in their retry cause
+    records = summary["rollouts"]["shards"]
+    assert sorted(x["shard"] for x in records) == [f"shard-{i:06d}" for i in range(6)]
+    assert {x["actor"] for x in records} == {"tiny#0"}
+    retried = [x for x in records if x["attempts"] > 1]
+    assert retried and all(x["pid"] != pid for x in retried)
+    for x in retried:
+        assert len(x["retry_causes"]) == x["attempts"] - 1
+        assert f"tiny#0 (pid {pid})" in x["retry_causes"][0], x["retry_causes"]
+    assert sum(x["pid"] == pid for x in records) >= done_at_kill
     assert engine_nice and (engine_nice == {0} if os.geteuid() == 0 else True)
     assert [a["niceness"] for a in summary["rollouts"]["actors"]] == \
         [0 if os.geteuid() == 0 else 15]

@@ -2,7 +2,8 @@
 
 Every stage reads committed shards of the stage before it and commits its own; this
 module decides what is left to do (from the manifest), refuses a run folder whose items
-would change, and hands the rollouts to an executor (local or Ray).
+would change, and hands the engine work to the executor the options name
+(`executors.get_executor`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.console import console
 from ..core.paths import cache_dir
 from .config import BuildConfig, ModelConfig, check_output
-from .plan import Plan, Shard, make_plan, shard_name
+from .executors import Executor, OnCommit, ShardRecord, get_executor
+from .plan import make_plan, shard_name
+from .run import STAGE_ORDER, Run, RunOptions, pending_shards
 from .sampling import require_resolved
 from .shards import Manifest, ShardFile, Store, open_store
 
@@ -26,8 +28,6 @@ __all__ = ["RunOptions", "BuildRefused", "prepare_run", "execute_run", "run_buil
 
 log = logging.getLogger("asteer_build")
 
-#: user-facing stages; `rollouts` also writes features / activations when capturing
-STAGE_ORDER = ("vectors", "rollouts", "judge")
 _ROLLOUT_SETS = ("rollouts", "features", "activations")
 #: the last run's full summary, in the run folder (stdout gets it only with `--json`)
 SUMMARY = "summary.json"
@@ -35,37 +35,6 @@ SUMMARY = "summary.json"
 
 class BuildRefused(RuntimeError):
     """The run folder belongs to a different plan; nothing was touched."""
-
-
-@dataclass
-class RunOptions:
-    out: str | None = None
-    executor: str = "local"
-    rerun_shards: list[int] = field(default_factory=list)
-    rerun_failed: bool = False
-    stages: tuple[str, ...] = STAGE_ORDER
-    progress: bool = True
-    #: submit Batch API judge work beyond `judge.batch.cost_cap_usd`
-    yes: bool = False
-
-
-@dataclass
-class Run:
-    cfg: BuildConfig
-    plan: Plan
-    store: Store
-    manifest: Manifest
-    opts: RunOptions
-    #: in-process engines by model name (local executor): started by the first stage that
-    #: needs one, reused by the next (vectors pool on the rollouts' engine), closed by
-    #: `execute_run`
-    engines: dict[str, Any] = field(default_factory=dict)
-    engine_start_seconds: dict[str, float] = field(default_factory=dict)
-
-    def close_engines(self) -> None:
-        while self.engines:
-            _, engine = self.engines.popitem()
-            engine.shutdown()
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -100,8 +69,10 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     bad = [s for s in opts.stages if s not in STAGE_ORDER]
     if bad:
         raise ValueError(f"--stages: unknown stage(s) {bad} (known: {', '.join(STAGE_ORDER)})")
-    if opts.executor not in ("local", "ray"):
-        raise ValueError(f"--executor: expected local or ray (got {opts.executor!r})")
+    try:
+        get_executor(opts.executor)
+    except ValueError as e:
+        raise ValueError(f"--executor: {e}") from None
     where = "--out" if opts.out else "output"
     # Relative outputs are relative to the working directory, like --out (sources are
     # relative to the config file: they travel with it; outputs do not).
@@ -168,24 +139,16 @@ def vector_settings_for(cfg: BuildConfig, m: ModelConfig) -> Any:
     return s
 
 
-def _vectors_stage(run: Run) -> None:
-    """Per model: build the vector files (on a Ray GPU worker with the Ray executor, since
-    the head node often has no GPU), store them, and record one manifest entry."""
-    from .work import vector_files
-
+def _vectors_stage(run: Run, executor: Executor) -> None:
+    """Per model: build the vector files where the executor pools, store them, and record
+    one manifest entry."""
     for m in run.cfg.models:
         if run.manifest.is_committed("vectors", m.name):
             continue
         t0 = time.time()
         console.say(f"vectors: {m.name}: building {', '.join(run.cfg.methods)} (starts an "
                     "engine)")
-        args = (m.path, run.plan.concepts, vector_settings_for(run.cfg, m))
-        if run.opts.executor == "ray":
-            from .execute_ray import vector_files_on_ray
-
-            built = vector_files_on_ray(run.cfg, *args)
-        else:
-            built = vector_files(*args, engine=_shared_engine(run, m, args[2]))
+        built = executor.vector_files(m, vector_settings_for(run.cfg, m))
         files = [run.store.put_file("vectors", f"{m.name}/{name}", f"vectors/{m.name}/{name}",
                                     data, len(run.plan.concepts))
                  for name, data in sorted(built.items())]
@@ -198,25 +161,7 @@ def _vectors_stage(run: Run) -> None:
                     f"{', '.join(run.cfg.methods)} in {time.time() - t0:.1f}s")
 
 
-def _shared_engine(run: Run, m: ModelConfig, settings: Any) -> Any:
-    """The run's in-process engine for `m` when the vectors stage can pool on it (vLLM
-    pooling with the model's own engine arguments) and rollouts will follow in this run,
-    so one engine starts per model, not two; else None (the stage starts its own)."""
-    from .work import engine_kwargs
-
-    if (settings.pool != "vllm" or "rollouts" not in run.opts.stages
-            or dict(settings.engine_args or {}) != engine_kwargs(m)):
-        return None
-    from .execute_local import start_engine
-
-    return start_engine(run, m)
-
-
-def pending_shards(run: Run) -> list[Shard]:
-    return [s for s in run.plan.shards if not run.manifest.is_committed("rollouts", s.name)]
-
-
-def _rollouts_stage(run: Run) -> dict[str, Any]:
+def _rollouts_stage(run: Run, executor: Executor, on_shard: OnCommit | None) -> dict[str, Any]:
     missing = [m.name for m in run.cfg.models if not run.manifest.is_committed("vectors", m.name)]
     if missing:
         raise RuntimeError(f"rollouts: no committed vectors for {missing}; run the vectors "
@@ -225,14 +170,17 @@ def _rollouts_stage(run: Run) -> dict[str, Any]:
     if not todo:
         return {"shards_run": 0, "items_run": 0}
     console.say(f"rollouts: {len(todo)} of {len(run.plan.shards)} shards to run "
-                f"({sum(len(s.items) for s in todo):,} items, {run.opts.executor} executor)")
-    if run.opts.executor == "ray":
-        from .execute_ray import run_rollouts_ray
+                f"({sum(len(s.items) for s in todo):,} items, {executor.name} executor)")
 
-        return run_rollouts_ray(run, todo)
-    from .execute_local import run_rollouts_local
+    def committed(rec: ShardRecord) -> None:
+        log.info("rollouts: %s committed: %d rows on %s pid %s%s, attempt %d, %.1fs",
+                 rec.shard, rec.rows, rec.host, rec.pid,
+                 f" ({rec.actor})" if rec.actor else "", rec.attempts,
+                 rec.ended - rec.started)
+        if on_shard is not None:
+            on_shard(rec)
 
-    return run_rollouts_local(run, todo)
+    return executor.run_rollouts(todo, committed)
 
 
 async def _judge_async(run: Run, todo: list[str],
@@ -335,20 +283,23 @@ def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:
     return execute_run(prepare_run(cfg, opts))
 
 
-def execute_run(run: Run) -> dict[str, Any]:
+def execute_run(run: Run, on_shard: OnCommit | None = None) -> dict[str, Any]:
     """The stages of a prepared run; the summary is also written to `summary.json` in the
-    run folder (the CLI prints it on stdout only with `--json`)."""
+    run folder (the CLI prints it on stdout only with `--json`). `on_shard` is called with
+    each rollouts shard's `ShardRecord` as soon as the manifest holds it (on the
+    committing thread), for a caller that acts on shards while the stage still runs."""
     opts = run.opts
     t0 = time.time()
     summary: dict[str, Any] = {"run": run.store.uri, "plan_hash": run.plan.plan_hash,
                                "items": run.plan.n_items, "shards": len(run.plan.shards)}
+    executor = get_executor(opts.executor)(run)
     try:
         if "vectors" in opts.stages:
-            _vectors_stage(run)
+            _vectors_stage(run, executor)
         if "rollouts" in opts.stages:
-            summary["rollouts"] = _rollouts_stage(run)
+            summary["rollouts"] = _rollouts_stage(run, executor, on_shard)
     finally:
-        run.close_engines()  # before the judge, which may start engines of its own
+        executor.close()  # before the judge, which may start engines of its own
     if "judge" in opts.stages:
         summary["judge"] = _judge_stage(run)
     # Writers killed mid-commit (a lost Ray actor) leave dot-named temp files; no writer
