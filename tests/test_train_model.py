@@ -247,7 +247,9 @@ def test_live_suggest_errors_name_what_is_missing(small_predictor, monkeypatch):
                        sampling={"temperature": 0.7, "top_k": 20, "top_p": 0.95},
                        replay="authors")
     # the training data's sampling and replay reach the probes
-    assert seen == {"temperature": 0.7, "top_k": 20, "top_p": 0.95, "replay": "authors"}
+    # and prompts are rendered as the dataset's were (its build.json, via the predictor)
+    assert seen == {"temperature": 0.7, "top_k": 20, "top_p": 0.95, "replay": "authors",
+                    "prompt_format": {"chat_template_kwargs": {"enable_thinking": False}}}
     assert set(res) == {"a", "b"}
     assert res["a"].suggested_alpha == suggest(p, item).suggested_alpha
 

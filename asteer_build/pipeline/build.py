@@ -120,7 +120,8 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     if manifest is None:
         manifest = Manifest.create(store, config=cfg.as_dict(), config_hash=cfg.config_hash(),
                                    plan_hash=plan.plan_hash, n_items=plan.n_items,
-                                   n_shards=len(plan.shards), sampling=sampling)
+                                   n_shards=len(plan.shards), sampling=sampling,
+                                   prompt_format=cfg.prompt_format.as_dict())
     elif manifest.data["plan_hash"] != plan.plan_hash:
         changed = _config_diff(manifest.data.get("config", {}), cfg.as_dict())
         changed += _sampling_diff(manifest.data.get("sampling"), sampling)
@@ -138,6 +139,11 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
         hist.append({"config_hash": manifest.data["config_hash"],
                      "config": manifest.data["config"]})
         manifest.data["config"], manifest.data["config_hash"] = cfg.as_dict(), cfg.config_hash()
+        manifest.save()
+    if manifest.data.get("prompt_format") is None:
+        # what `train` and `suggest` read back; a run folder made without the record
+        # rendered with the default, which the plan hash then confirms
+        manifest.data["prompt_format"] = cfg.prompt_format.as_dict()
         manifest.save()
     if plan.sources and manifest.data.get("sources") != plan.sources:
         # Where concepts and prompts came from: a Hub file's resolved commit, so a build

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ..core.prompts import PromptFormat
+
 __all__ = [
     "ConfigError", "AlphaGrid", "ModelConfig", "Sampling", "RayOptions", "BuildConfig",
     "load_config", "parse_config", "check_output", "METHODS", "TINYWORLD",
@@ -170,6 +172,8 @@ class BuildConfig:
     vectors: dict[str, Any] = field(default_factory=dict)
     ray: RayOptions = field(default_factory=RayOptions)
     positions: str = "all"
+    #: how prompts are rendered (`asteer_build.core.prompts`); recorded in build.json
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
     #: the file this came from, for relative paths; not part of the hash
     base_dir: str = "."
 
@@ -191,6 +195,8 @@ class BuildConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("base_dir")
+        if self.prompt_format.is_default:  # unset: a config's hash as without the key
+            d.pop("prompt_format")
         return d
 
     def config_hash(self) -> str:
@@ -207,6 +213,7 @@ class BuildConfig:
 _TOP = {
     "name", "models", "methods", "layer", "concepts", "prompts", "alphas", "sampling",
     "capture", "judge", "output", "shard_size", "vectors", "ray", "positions",
+    "prompt_format",
 }
 
 
@@ -364,6 +371,10 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
     for key in ("concepts", "prompts"):
         if key in d and d[key] in (None, ""):
             raise _err(key, "expected `builtin:tinyworld`, a file path, or a list", d[key])
+    try:
+        prompt_format = PromptFormat.parse(d.get("prompt_format"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     cfg = BuildConfig(
         name=name, models=models, methods=methods, layer=layer,
         concepts=d.get("concepts", "builtin:tinyworld"),
@@ -371,7 +382,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         sampling=sampling, output=output,
         shard_size=_int(d.get("shard_size", 256), "shard_size", minimum=1),
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
-        base_dir=base_dir,
+        prompt_format=prompt_format, base_dir=base_dir,
     )
     try:
         vs = cfg.vector_settings()  # a bad `vectors:` field fails now, before any engine

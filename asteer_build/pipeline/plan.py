@@ -108,6 +108,8 @@ def make_plan(cfg: BuildConfig) -> Plan:
     h = hashlib.sha256()
     h.update(repr((cfg.layer, cfg.positions, cfg.shard_size, s.temperature,
                    s.max_tokens, s.seed_policy, s.seed, s.samples)).encode())
+    if not cfg.prompt_format.is_default:  # other prompt tokens: other rollouts
+        h.update(repr(sorted(cfg.prompt_format.chat_template_kwargs.items())).encode())
     shards: list[Shard] = []
     for m in cfg.models:
         e = effective[m.name]
