@@ -93,7 +93,7 @@ class PromptFormat:
         rec = (build or {}).get("prompt_format")
         if rec is None:
             rec = ((build or {}).get("config") or {}).get("prompt_format")
-        return cls.parse(rec, "build.json: prompt_format")
+        return cls.parse(rec, "prompt_format")
 
     def as_dict(self) -> dict[str, Any]:
         return {"chat_template_kwargs": dict(self.chat_template_kwargs)}

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core.console import console
 from .config import BuildConfig, ModelConfig, check_output
+from .depth import check_layer
 from .plan import Plan, Shard, make_plan, shard_name
 from .sampling import require_resolved
 from .shards import Manifest, ShardFile, Store, open_store
@@ -102,6 +103,10 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
         raise ValueError(f"--stages: unknown stage(s) {bad} (known: {', '.join(STAGE_ORDER)})")
     if opts.executor not in ("local", "ray"):
         raise ValueError(f"--executor: expected local or ray (got {opts.executor!r})")
+    for name, d in check_layer(cfg).items():
+        if d["num_hidden_layers"] is None:
+            console.say(f"layer: not checked against {name}'s depth here ({d['unchecked']}); "
+                        "the engine checks it when it starts")
     where = "--out" if opts.out else "output"
     # Relative outputs are relative to the working directory, like --out (sources are
     # relative to the config file: they travel with it; outputs do not).
