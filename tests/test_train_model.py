@@ -284,11 +284,11 @@ def test_cli_suggest_with_feature_file(small_predictor, tmp_path, capsys):
 
 
 def test_package_import_pulls_in_no_engine():
-    # Of asteer_build, only the light core (the dataset contract and its torch-free
-    # feature naming) may come along.
+    # Of asteer_build, only the light core (the dataset contract, its torch-free
+    # feature naming, and the prompt format train reads from build.json) may come along.
     light = (
         "{'asteer_build', 'asteer_build.core', 'asteer_build.core.contract', "
-        "'asteer_build.core.feature_names'}"
+        "'asteer_build.core.feature_names', 'asteer_build.core.prompts'}"
     )
     code = (
         "import sys, train, train.cli, train.run, train.suggest, train.search, train.plots;"
