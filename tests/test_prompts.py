@@ -209,3 +209,17 @@ def test_an_engine_that_fails_to_start_says_why_on_the_terminal(tmp_path):
                           "seq len (512)"), err
     assert err.endswith(f"(full log: {tmp_path / 'run' / 'logs' / 'build.log'})")
     assert "See root cause above" not in err
+
+
+def test_a_capture_layer_past_the_model_is_refused():
+    from asteer_build.pipeline.config import ConfigError, parse_config
+    from asteer_build.pipeline.depth import check_layer
+
+    cfg = parse_config(tiny_config(None, capture={"features": False, "extra_offsets": [-1, 4]}))
+    with pytest.raises(ConfigError) as e:
+        check_layer(cfg)
+    assert str(e.value).startswith("capture.extra_offsets: layer 2 + 4 is out of range 0..5 "
+                                   "for model 'tiny' (6 blocks: num_hidden_layers in ")
+    assert str(e.value).endswith("config.json) (got [-1, 4])")
+    ok = parse_config(tiny_config(None, capture={"features": False, "extra_offsets": [-1, 3]}))
+    assert check_layer(ok)["tiny"]["num_hidden_layers"] == 6

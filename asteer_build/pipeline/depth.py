@@ -68,14 +68,23 @@ def model_depth(model: ModelConfig) -> dict[str, Any]:
 def check_layer(cfg: BuildConfig) -> dict[str, dict[str, Any]]:
     """Each model's depth (model name -> `model_depth`); raises ConfigError naming the
     field, the value and the range when `layer` is past a model's last block (steering
-    and the capture at the steered layer both need that block; capture offsets past it
-    are dropped per result, as the capture documents)."""
+    and the capture at the steered layer both need that block), or when a
+    `capture.extra_offsets` layer is (`capture.offsets` past it are dropped per result,
+    as the capture documents)."""
+    cap = cfg.capture
+    extra = (cap.get("extra_offsets") if isinstance(cap, dict)
+             else getattr(cap, "extra_offsets", None)) or ()
     out = {}
     for m in cfg.models:
         d = out[m.name] = model_depth(m)
         n = d["num_hidden_layers"]
-        if n is not None and not 0 <= cfg.layer < n:
-            raise ConfigError(
-                f"layer: out of range 0..{n - 1} for model {m.name!r} ({n} blocks: "
-                f"num_hidden_layers in {d['config']}) (got {cfg.layer})")
+        if n is None:
+            continue
+        blocks = f"for model {m.name!r} ({n} blocks: num_hidden_layers in {d['config']})"
+        if not 0 <= cfg.layer < n:
+            raise ConfigError(f"layer: out of range 0..{n - 1} {blocks} (got {cfg.layer})")
+        past = [k for k in extra if cfg.layer + int(k) >= n]
+        if past:  # asked for by name, unlike `offsets`, so never dropped quietly
+            raise ConfigError(f"capture.extra_offsets: layer {cfg.layer} + {past[0]} is out "
+                              f"of range 0..{n - 1} {blocks} (got {list(extra)})")
     return out
