@@ -184,7 +184,7 @@ def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3):
     finally:
         core.step = step
         eng.shutdown()
-    assert len(rows) == 4 and rows["SA_t0_k0"].notna().all()
+    assert len(rows) == 4 and rows["dn_t0_k0"].notna().all()
     sent = {tuple(ids): 0 for ids in build_ids}
     for rid, ids in seen.items():
         if tuple(ids) in sent:
@@ -195,20 +195,27 @@ def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3):
 
 
 def test_an_engine_that_fails_to_start_says_why_on_the_terminal(tmp_path):
-    """Bug 3: the cause of a failed start is raised in a child process (here vLLM's
-    engine core, whose KV cache cannot hold one request); the CLI's one-line error
-    carries it instead of vLLM's "See root cause above"."""
+    """Bug 3: the cause of a failed start is raised in a child process (here the
+    worker, loading a model file cut short, as an interrupted copy leaves it); the
+    CLI's one-line error carries it instead of vLLM's "See root cause above"."""
+    import shutil
+
+    from asteer_build.inputs.tinyworld import build_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(build_tiny_model(), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     cfg = tiny_config(tmp_path / "run")
-    cfg["models"][0]["engine_args"]["kv_cache_memory_bytes"] = 1 << 20
+    cfg["models"][0]["path"] = str(model)
     path = write_config(tmp_path / "c.yaml", cfg)
     r = cli("run", "--config", str(path), "--stages", "vectors", timeout=300)
     assert r.returncode == 1, r.stderr
     err = r.stderr.strip().splitlines()[-1]
-    assert err.startswith("asteer-build: error: EngineStartError: engine start failed: "
-                          "ValueError: To serve at least one request with the model's max "
-                          "seq len (512)"), err
-    assert err.endswith(f"(full log: {tmp_path / 'run' / 'logs' / 'build.log'})")
-    assert "See root cause above" not in err
+    assert err == ("asteer-build: error: EngineStartError: engine start failed: "
+                   "SafetensorError: Error while deserializing header: incomplete metadata, "
+                   "file not fully covered "
+                   f"(full log: {tmp_path / 'run' / 'logs' / 'build.log'})"), err
 
 
 def test_a_capture_layer_past_the_model_is_refused():
