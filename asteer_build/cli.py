@@ -84,6 +84,10 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
               file=sys.stderr)
     for name, e in summ["sampling"].items():
         print(f"  sampling {name}: {_sampling_text(e)}", file=sys.stderr)
+    for name, d in summ["depth"].items():
+        if d["num_hidden_layers"] is None:
+            print(f"  layer {cfg.layer}: not checked against {name}'s depth "
+                  f"({d['unchecked']}); the engine checks it when it starts", file=sys.stderr)
     t = summ["tokens"]
     print(f"  tokens: ~{t['prefill_estimate']:,} prompt, <= {t['decode_upper_bound']:,} "
           f"generated; stages: {' -> '.join(summ['stages'])}", file=sys.stderr)

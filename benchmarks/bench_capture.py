@@ -47,6 +47,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from asteer_build.core.prompts import prompt_ids
     from asteer_build.engine import SteeredEngine
     from asteer_build.inputs.tinyworld import CONCEPT_WORDS, build_tiny_model
     from asteer_build.pipeline.rollouts import (
@@ -60,9 +61,7 @@ def main() -> None:
     path = str(build_tiny_model())
     tok = AutoTokenizer.from_pretrained(path)
     def chat(text: str) -> list[int]:
-        return list(tok.apply_chat_template([{"role": "user", "content": text}],
-                                            add_generation_prompt=True, tokenize=True,
-                                            return_dict=False))
+        return prompt_ids(tok, text)
 
     questions = [f"explain {CONCEPT_WORDS[i % 16]} to a friend in {3 + i} simple steps"
                  for i in range(args.prompts)]

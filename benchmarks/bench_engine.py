@@ -58,6 +58,7 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from asteer_build.core.prompts import prompt_ids
     from asteer_build.engine import SteeredEngine, SteerSpec
     from asteer_build.engine.reference import HFReference
     from asteer_build.inputs.tinyworld import build_tiny_model
@@ -73,11 +74,7 @@ def main() -> None:
         f"explain {words[i % 8]} and {words[(i * 3 + 1) % 8]} to a friend in {3 + i % 5} "
         "simple steps" for i in range(args.prompts)
     ]
-    prompts = [
-        list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=False))
-        for q in questions
-    ]
+    prompts = [prompt_ids(tok, q) for q in questions]
     n, T = len(prompts), args.tokens
     params = [
         SamplingParams(max_tokens=T, temperature=0.7, seed=1000 + i, ignore_eos=True)
@@ -189,6 +186,7 @@ def long_tail(args: argparse.Namespace) -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from asteer_build.core.prompts import prompt_ids
     from asteer_build.engine import SteeredEngine, SteerSpec
     from asteer_build.engine.reference import HFReference
     from asteer_build.inputs.tinyworld import COMPUTE_BOUND, build_compute_model
@@ -202,10 +200,8 @@ def long_tail(args: argparse.Namespace) -> None:
     tok = hf["bfloat16"].tokenizer
     words = ["ocean", "music", "robot", "coffee", "forest", "rocket", "castle", "garden"]
     prompts = [
-        list(tok.apply_chat_template(
-            [{"role": "user", "content": f"explain {words[i % 8]} and {words[(i * 3 + 1) % 8]}"
-              f" to a friend in {3 + i % 5} simple steps"}],
-            add_generation_prompt=True, tokenize=True, return_dict=False))
+        prompt_ids(tok, f"explain {words[i % 8]} and {words[(i * 3 + 1) % 8]} to a friend "
+                   f"in {3 + i % 5} simple steps")
         for i in range(n)
     ]
     params = [SamplingParams(max_tokens=L, temperature=0.7, seed=1000 + i, ignore_eos=True)

@@ -107,15 +107,14 @@ def run_smoke(device: str, cache_dir: Path, model: str | None = None,
 def _smoke(device: str, model: str | None, tol: float) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
+    from asteer_build.core.prompts import prompt_ids
     from asteer_build.engine import SteerSpec
     from asteer_build.inputs.tinyworld import VARIED, build_tiny_model
     from asteer_build.pipeline.rollouts import CaptureSettings, run_with_capture
 
     model = model or str(build_tiny_model(VARIED))
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}],
-                                            add_generation_prompt=True, tokenize=True,
-                                            return_dict=False)) for q in QUESTIONS]
+    prompts = [prompt_ids(tok, q) for q in QUESTIONS]
     hidden = int(AutoConfig.from_pretrained(model).hidden_size)
     g = torch.Generator().manual_seed(3)
     vectors = {k: torch.randn(hidden, generator=g) for k in ("a", "b")}

@@ -72,7 +72,8 @@ def rollouts(cfg, methods: list[str]) -> dict:
         vecs, norms = load_vectors(files)
         engine.register_vectors(vecs)
         ctx = ModelContext(model, path, vecs, norms,
-                           {p.prompt_id: chat_prompt_ids(path, p.prompt) for p in plan.prompts},
+                           {p.prompt_id: chat_prompt_ids(path, p.prompt, cfg.prompt_format)
+                            for p in plan.prompts},
                            plan.sampling[model.name])
         t["vectors_s"] = time.perf_counter() - t0
         rows = {m: [] for m in methods}

@@ -47,20 +47,10 @@ def varied_model() -> str:
 
 
 def chat_ids(model_path: str, questions: list[str]) -> list[list[int]]:
-    from transformers import AutoTokenizer
+    """User turns rendered as the build renders them (the default prompt format)."""
+    from asteer_build.core.prompts import prompt_ids
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    return [
-        list(
-            tok.apply_chat_template(
-                [{"role": "user", "content": q}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-        )
-        for q in questions
-    ]
+    return [prompt_ids(model_path, q) for q in questions]
 
 
 def engine_args(**over):

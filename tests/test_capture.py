@@ -179,7 +179,7 @@ def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied
 
 def test_probe_feature_rows_for_online_suggestion(engine):
     """`asteer-train suggest`'s live path: short probes + replays over an alpha grid."""
-    from asteer_build.pipeline.rollouts import probe_feature_rows
+    from asteer_build.pipeline.probe import probe_feature_rows
 
     rows = probe_feature_rows(engine, "a", ["explain the ocean", "why is coffee good"],
                               [0.0, 1.0, 4.0], layer=1, probe_tokens=6)

@@ -34,16 +34,10 @@ def _vectors() -> dict[str, torch.Tensor]:
 
 
 def _chat_ids(path: str, questions: list[str]) -> list[list[int]]:
-    from transformers import AutoTokenizer
+    # as the build renders prompts: thinking off where the template has the switch
+    from asteer_build.core.prompts import prompt_ids
 
-    tok = AutoTokenizer.from_pretrained(path)
-    # as the pipeline renders prompts (work.py): thinking off where the template has it
-    return [
-        list(tok.apply_chat_template([{"role": "user", "content": q}],
-                                     add_generation_prompt=True, tokenize=True,
-                                     return_dict=False, enable_thinking=False))
-        for q in questions
-    ]
+    return [prompt_ids(path, q) for q in questions]
 
 
 @pytest.fixture(scope="module", params=ARCHS)

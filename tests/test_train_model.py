@@ -247,7 +247,9 @@ def test_live_suggest_errors_name_what_is_missing(small_predictor, monkeypatch):
                        sampling={"temperature": 0.7, "top_k": 20, "top_p": 0.95},
                        replay="authors")
     # the training data's sampling and replay reach the probes
-    assert seen == {"temperature": 0.7, "top_k": 20, "top_p": 0.95, "replay": "authors"}
+    # and prompts are rendered as the dataset's were (its build.json, via the predictor)
+    assert seen == {"temperature": 0.7, "top_k": 20, "top_p": 0.95, "replay": "authors",
+                    "prompt_format": {"chat_template_kwargs": {"enable_thinking": False}}}
     assert set(res) == {"a", "b"}
     assert res["a"].suggested_alpha == suggest(p, item).suggested_alpha
 
@@ -282,11 +284,11 @@ def test_cli_suggest_with_feature_file(small_predictor, tmp_path, capsys):
 
 
 def test_package_import_pulls_in_no_engine():
-    # Of asteer_build, only the light core (the dataset contract and its torch-free
-    # feature naming) may come along.
+    # Of asteer_build, only the light core (the dataset contract, its torch-free
+    # feature naming, and the prompt format train reads from build.json) may come along.
     light = (
         "{'asteer_build', 'asteer_build.core', 'asteer_build.core.contract', "
-        "'asteer_build.core.feature_names'}"
+        "'asteer_build.core.feature_names', 'asteer_build.core.prompts'}"
     )
     code = (
         "import sys, train, train.cli, train.run, train.suggest, train.search, train.plots;"

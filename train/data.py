@@ -8,6 +8,7 @@ recorded failed judgments as under-steer, which biases the label distribution.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asteer_build.core import contract
+from asteer_build.core.prompts import PromptFormat
 from train import authors
 from train.authors import HUB_PATTERNS as AUTHORS_PATTERNS
 
@@ -214,6 +216,8 @@ def load_dataset(
         "label_counts": {
             CLASS_NAMES[k]: int(v) for k, v in frame["label"].value_counts().sort_index().items()
         },
+        # how the rollouts' prompts were rendered: `suggest --live` probes the same way
+        "prompt_format": _prompt_format(root),
     }
     return LoadedData(
         frame=frame.reset_index(drop=True),
@@ -223,6 +227,21 @@ def load_dataset(
         concepts=concepts,
         report=report,
     )
+
+
+def _prompt_format(root: Path) -> dict:
+    """The dataset's prompt format from its build.json (`asteer_build.core.prompts`);
+    a folder without one (written by hand, or before the record) gets the default, the
+    only format builds used then."""
+    path = root / "build.json"
+    try:
+        build = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable: {exc}") from exc
+    try:
+        return PromptFormat.from_build(build).as_dict()
+    except ValueError as exc:
+        raise DatasetError(f"{path}: {exc}") from exc
 
 
 def _choose_pair(

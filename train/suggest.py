@@ -77,7 +77,7 @@ def suggest(
 
 def _live_probe_function():
     try:
-        import asteer_build.pipeline.rollouts as rollouts  # lazy on purpose: pulls in the engine
+        import asteer_build.rollouts as rollouts  # lazy on purpose: pulls in the engine
     except ImportError as exc:
         raise LiveSuggestError(
             f"live suggest needs the builder package (asteer_build.rollouts): {exc}. "
@@ -94,6 +94,16 @@ def _live_probe_function():
     return fn
 
 
+def dataset_prompt_format(predictor: Predictor) -> dict:
+    """The prompt format of the predictor's training data, as `train` read it from the
+    dataset's build.json; the build default for a predictor trained without the record
+    (the authors' feature caches, older predictors)."""
+    from asteer_build.core.prompts import PromptFormat
+
+    rec = (predictor.metadata.get("dataset") or {}).get("prompt_format")
+    return PromptFormat.parse(rec, "predictor metadata: dataset.prompt_format").as_dict()
+
+
 def suggest_live(
     predictor: Predictor,
     model: str,
@@ -106,11 +116,16 @@ def suggest_live(
     *,
     sampling: dict | None = None,
     replay: str = "exact",
+    prompt_format: dict | None = None,
 ) -> dict[str, Suggestion]:
     """Run the short steered probes and replays of the whole grid (one batch, on the
     builder's engine) and suggest an alpha per prompt. `sampling` (`temperature`,
     `top_k`, `top_p`) and `replay` should be the training dataset's (its build.json),
-    since the predictor only knows features of rollouts sampled and replayed that way."""
+    since the predictor only knows features of rollouts sampled and replayed that way.
+    Prompts are rendered as the dataset's were: `prompt_format` defaults to the record
+    training read from its build.json (the predictor's `dataset` metadata)."""
+    if prompt_format is None:
+        prompt_format = dataset_prompt_format(predictor)
     probe = _live_probe_function()
     rows = probe(
         model=model,
@@ -120,6 +135,7 @@ def suggest_live(
         layer=layer,
         probe_tokens=probe_tokens,
         replay=replay,
+        prompt_format=prompt_format,
         **(sampling or {}),
     )
     if not isinstance(rows, pd.DataFrame) or not {"prompt", "alpha"} <= set(rows.columns):

@@ -30,6 +30,7 @@ from .spec import (
     to_extra_args,
     validate,
 )
+from .startup import start_with_cause
 from .steering import encode_vector, vector_digest
 
 
@@ -222,7 +223,8 @@ class SteeredEngine(_SteeringClient):
         compat.check_vllm()
         from vllm import LLM
 
-        self.llm = LLM(model, **_engine_kwargs(steer_layers, steer_capacity, engine_args))
+        kwargs = _engine_kwargs(steer_layers, steer_capacity, engine_args)
+        self.llm = start_with_cause(lambda: LLM(model, **kwargs))
         self._init_model_info(self.llm.llm_engine.model_config)
 
     def register_vectors(self, vectors: dict[str, Any]) -> dict[str, str]:
@@ -363,7 +365,7 @@ class AsyncSteeredEngine(_SteeringClient):
         args = AsyncEngineArgs(
             model=model, **_engine_kwargs(steer_layers, steer_capacity, engine_args)
         )
-        return cls(AsyncLLM.from_engine_args(args))
+        return cls(start_with_cause(lambda: AsyncLLM.from_engine_args(args)))
 
     def get_tokenizer(self):
         """The engine's tokenizer (the client side re-tokenizes text for the authors'

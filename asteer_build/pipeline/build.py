@@ -17,6 +17,7 @@ from typing import Any
 from ..core.console import console
 from ..core.paths import cache_dir
 from .config import BuildConfig, ModelConfig, check_output
+from .depth import check_layer
 from .executors import Executor, OnCommit, ShardRecord, get_executor
 from .plan import make_plan, shard_name
 from .run import STAGE_ORDER, Run, RunOptions, pending_shards
@@ -73,6 +74,10 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
         get_executor(opts.executor)
     except ValueError as e:
         raise ValueError(f"--executor: {e}") from None
+    for name, d in check_layer(cfg).items():
+        if d["num_hidden_layers"] is None:
+            console.say(f"layer: not checked against {name}'s depth here ({d['unchecked']}); "
+                        "the engine checks it when it starts")
     where = "--out" if opts.out else "output"
     # Relative outputs are relative to the working directory, like --out (sources are
     # relative to the config file: they travel with it; outputs do not).
@@ -91,7 +96,8 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
     if manifest is None:
         manifest = Manifest.create(store, config=cfg.as_dict(), config_hash=cfg.config_hash(),
                                    plan_hash=plan.plan_hash, n_items=plan.n_items,
-                                   n_shards=len(plan.shards), sampling=sampling)
+                                   n_shards=len(plan.shards), sampling=sampling,
+                                   prompt_format=cfg.prompt_format.as_dict())
     elif manifest.data["plan_hash"] != plan.plan_hash:
         changed = _config_diff(manifest.data.get("config", {}), cfg.as_dict())
         changed += _sampling_diff(manifest.data.get("sampling"), sampling)
@@ -109,6 +115,11 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
         hist.append({"config_hash": manifest.data["config_hash"],
                      "config": manifest.data["config"]})
         manifest.data["config"], manifest.data["config_hash"] = cfg.as_dict(), cfg.config_hash()
+        manifest.save()
+    if manifest.data.get("prompt_format") is None:
+        # what `train` and `suggest` read back; a run folder made without the record
+        # rendered with the default, which the plan hash then confirms
+        manifest.data["prompt_format"] = cfg.prompt_format.as_dict()
         manifest.save()
     if plan.sources and manifest.data.get("sources") != plan.sources:
         # Where concepts and prompts came from: a Hub file's resolved commit, so a build

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..core.prompts import PromptFormat
 from .sections import capture_section, judge_section, vectors_section
 
 if TYPE_CHECKING:
@@ -186,6 +187,8 @@ class BuildConfig:
     vectors: VectorSettings
     ray: RayOptions = field(default_factory=RayOptions)
     positions: str = "all"
+    #: how prompts are rendered (`asteer_build.core.prompts`); recorded in build.json
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
     #: the file this came from, for relative paths; not part of the hash
     base_dir: str = "."
     #: the `judge`, `capture` and `vectors` sections as the file gave them: `as_dict`
@@ -200,6 +203,8 @@ class BuildConfig:
         d = asdict(dataclasses.replace(self, **self.written, written={}))
         d.pop("base_dir")
         d.pop("written")
+        if self.prompt_format.is_default:  # unset: a config's hash as without the key
+            d.pop("prompt_format")
         return d
 
     def config_hash(self) -> str:
@@ -216,6 +221,7 @@ class BuildConfig:
 _TOP = {
     "name", "models", "methods", "layer", "concepts", "prompts", "alphas", "sampling",
     "capture", "judge", "output", "shard_size", "vectors", "ray", "positions",
+    "prompt_format",
 }
 
 
@@ -373,13 +379,17 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         vectors = vectors_section(written["vectors"], layer, methods, base_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        prompt_format = PromptFormat.parse(d.get("prompt_format"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     cfg = BuildConfig(
         name=name, models=models, methods=methods, layer=layer,
         concepts=d.get("concepts", "builtin:tinyworld"),
         prompts=d.get("prompts", "builtin:tinyworld"),
         sampling=sampling, output=output, shard_size=shard_size,
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
-        base_dir=base_dir, written=written,
+        prompt_format=prompt_format, base_dir=base_dir, written=written,
     )
     if not vectors.has_banks:
         from ..inputs.tinyworld import is_tiny_model

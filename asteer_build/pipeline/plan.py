@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..core import contract
 from ..inputs.sources import Concept, Prompt, SourceUnavailable, load_concepts, load_prompts
 from .config import BuildConfig
+from .depth import check_layer
 from .sampling import EffectiveSampling, resolve_all
 
 __all__ = ["Item", "Shard", "Plan", "engine_hours", "item_id", "item_seed", "judge_estimate",
@@ -108,6 +109,8 @@ def make_plan(cfg: BuildConfig) -> Plan:
     h = hashlib.sha256()
     h.update(repr((cfg.layer, cfg.positions, cfg.shard_size, s.temperature,
                    s.max_tokens, s.seed_policy, s.seed, s.samples)).encode())
+    if not cfg.prompt_format.is_default:  # other prompt tokens: other rollouts
+        h.update(repr(sorted(cfg.prompt_format.chat_template_kwargs.items())).encode())
     shards: list[Shard] = []
     for m in cfg.models:
         e = effective[m.name]
@@ -189,6 +192,7 @@ def plan_summary(cfg: BuildConfig, listing: bool = False, tok_s: float | None = 
     prompts (`prompt_id`, `source_index`, `prompt`) and concepts (`concept_id`,
     `concept`, `level`, `partition` as publish and train draw it) so a testbed can be
     checked before any GPU hour. `tok_s` adds `engine_hours` (`engine_hours`)."""
+    depth = check_layer(cfg)  # a layer past a model's last block fails here, offline
     concepts, n_c, why_c = _load_or_expect(cfg.concepts, "concepts", cfg.base_dir)
     prompts, n_p, why_p = _load_or_expect(cfg.prompts, "prompts", cfg.base_dir)
     prompt_tokens = _TEMPLATE_TOKENS + 32
@@ -227,6 +231,8 @@ def plan_summary(cfg: BuildConfig, listing: bool = False, tok_s: float | None = 
         # never fails and never goes online: a model whose generation_config.json is
         # not local shows as unresolved here (`run` reads the Hub, or refuses)
         "sampling": {n: e.as_dict() for n, e in resolve_all(cfg, network=False).items()},
+        # each model's block count from its config.json (or why it is unchecked)
+        "depth": depth,
         "tokens": {
             "prefill_estimate": total * prompt_tokens,
             "decode_upper_bound": total * cfg.sampling.max_tokens,

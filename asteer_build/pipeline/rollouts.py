@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-import torch
 
 from ..core.contract import DEFAULT_OFFSETS as DEFAULT_OFFSETS  # the public import path
 from ..core.contract import DEFAULT_STEPS as DEFAULT_STEPS
@@ -176,61 +174,3 @@ def run_rollouts(engine: SteeringEngine, requests: Sequence[RolloutRequest],
         [r.steer() for r in requests],
     )
     return [result_from_output(r, o) for r, o in zip(requests, outs, strict=True)]
-
-
-def probe_feature_rows(
-    model: SteeringEngine | str,
-    vector: Any,
-    prompts: Sequence[str],
-    alphas: Sequence[float],
-    layer: int,
-    probe_tokens: int = 6,
-    *,
-    positions: str = "all",
-    temperature: float = 0.7,
-    seed: int = 0,
-    engine_args: dict[str, Any] | None = None,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    replay: str = "exact",
-):
-    """Features of short steered probes (+ replays) for every (prompt, alpha), in one batch.
-
-    For online prediction (`asteer-train suggest`): `model` is a running `SteeredEngine`
-    or a model path/id to start one with `engine_args`; `vector` a registered name or a
-    `[hidden]` array; prompts are user turns (the model's chat template is applied).
-    Pass the build's effective `top_k` / `top_p` (build.json's `sampling`) to probe as
-    its rollouts were sampled; the defaults are no truncation. `replay`: the replay mode
-    the predictor's training data used (`capture.replay`).
-    Returns a DataFrame with `prompt`, `alpha` and the feature columns.
-    """
-    import pandas as pd
-
-    from ..engine import SteeredEngine
-
-    engine = model if isinstance(model, SteeringEngine) else SteeredEngine(
-        str(model), **(engine_args or {}))
-    name = vector if isinstance(vector, str) else "asteer-suggest"
-    if not isinstance(vector, str):
-        engine.register_vectors({name: torch.as_tensor(vector, dtype=torch.float32)})
-    tok = engine.get_tokenizer()
-    settings = CaptureSettings(activations=False, replay=replay)
-    if probe_tokens < max(settings.steps) + 1:
-        raise ValueError(f"probe_tokens={probe_tokens}: need >= {max(settings.steps) + 1} "
-                         f"to reach capture step {max(settings.steps)}")
-    reqs, keys = [], []
-    for i, p in enumerate(prompts):
-        ids = list(tok.apply_chat_template([{"role": "user", "content": p}],
-                                           add_generation_prompt=True, tokenize=True,
-                                           return_dict=False))
-        for j, a in enumerate(alphas):
-            reqs.append(RolloutRequest(
-                id=f"suggest-{i}-{j}", prompt_token_ids=ids, vector=name, alpha=float(a),
-                layer=int(layer), positions=positions, seed=seed + j,
-                max_tokens=probe_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, prompt=p))
-            keys.append((p, float(a)))
-    rows = []
-    for (p, a), res in zip(keys, run_with_capture(engine, reqs, settings), strict=True):
-        rows.append({"prompt": p, "alpha": a, **(res.features or {})})
-    return pd.DataFrame(rows)

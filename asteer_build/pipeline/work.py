@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..core import contract, testseam
+from ..core.prompts import PromptFormat, prompt_ids
 from .config import BuildConfig, ModelConfig
 from .plan import Item, Shard
 from .rollouts import RolloutRequest, RolloutResult
@@ -73,21 +74,10 @@ class ModelContext:
     sampling: Any
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def chat_prompt_ids(path: str, prompt: str) -> list[int]:
-    """One user turn through the model's chat template, generation prompt added, no
-    system prompt; thinking disabled where the template knows the switch (Qwen3)."""
-    tok = _tokenizer(path)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                  add_generation_prompt=True, tokenize=True,
-                                  return_dict=False, enable_thinking=False)
-    return [int(x) for x in ids]
+def chat_prompt_ids(path: str, prompt: str, fmt: PromptFormat | None = None) -> list[int]:
+    """One user turn of the model at `path`, rendered as the build renders it
+    (`asteer_build.core.prompts`; `fmt` the config's `prompt_format`)."""
+    return prompt_ids(path, prompt, fmt)
 
 
 def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
@@ -102,7 +92,7 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
     for name in ["index.json", *[f"{m}.safetensors" for m in cfg.methods]]:
         files[name] = store.read_bytes(f"vectors/{model.name}/{name}")
     vecs, norms = load_vectors(files)
-    pids = {p.prompt_id: chat_prompt_ids(path, p.prompt) for p in prompts}
+    pids = {p.prompt_id: chat_prompt_ids(path, p.prompt, cfg.prompt_format) for p in prompts}
     if sampling is None or not sampling.resolved:
         raise RuntimeError(f"rollouts: {model.name}: no resolved sampling "
                            f"({getattr(sampling, 'error', None) or 'none given'})")

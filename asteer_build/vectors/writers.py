@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..core.prompts import PromptFormat, render_ids
 from ..engine.protocol import SteeringEngine
 from ..inputs.sources import Concept
 from .banks import BankError, BankRequest
@@ -209,28 +210,32 @@ class EndpointWriter:
 
 class EngineWriter:
     """The local vLLM engine, offline: chat template, sampling with per-request seeds,
-    plain-text answers (no JSON wrapper needed when we hold the decoder)."""
+    plain-text answers (no JSON wrapper needed when we hold the decoder). Prompts render
+    with `prompt_format`, the build's (`BuildConfig.prompt_format`), so a model with a
+    thinking switch writes its bank texts in the mode its rollouts run in."""
 
     name = "engine"
 
     def __init__(self, engine: SteeringEngine, model: str, *, temperature: float = 0.8,
-                 max_tokens: int = 150) -> None:
+                 max_tokens: int = 150, prompt_format: PromptFormat | None = None) -> None:
         self.engine, self.model = engine, model
         self.temperature, self.max_tokens = temperature, max_tokens
+        self.prompt_format = prompt_format or PromptFormat()
         self.calls = 0
 
     def describe(self) -> dict[str, Any]:
         return {"writer": self.name, "model": self.model, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "prompt": _prompt_record(False)}
+                "max_tokens": self.max_tokens, "prompt": _prompt_record(False),
+                "prompt_format": self.prompt_format.as_dict()}
 
     def write(self, concept: Concept, reqs: Sequence[BankRequest]) -> Iterable[tuple[
             BankRequest, str]]:
         from vllm import SamplingParams
 
         tok = self.engine.get_tokenizer()
-        prompts = [{"prompt_token_ids": list(tok.apply_chat_template(
-            bank_messages(concept, r, json_reply=False), add_generation_prompt=True,
-            tokenize=True, return_dict=False))} for r in reqs]
+        prompts = [{"prompt_token_ids": render_ids(
+            tok, bank_messages(concept, r, json_reply=False), self.prompt_format)}
+            for r in reqs]
         params = [SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens,
                                  seed=r.seed) for r in reqs]
         self.calls += len(reqs)

@@ -65,6 +65,8 @@ def build_json(
         "plan_hash": d.get("plan_hash"),
         # each model's effective top-k / top-p / temperature and where each came from
         "sampling": d.get("sampling"),
+        # the chat-template options every prompt was rendered with (`core.prompts`)
+        "prompt_format": d.get("prompt_format"),
         "items": d.get("items"),
         "shards": d.get("shards"),
         "created": d.get("created"),
