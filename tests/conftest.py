@@ -9,6 +9,35 @@ import tempfile
 
 import pytest
 
+#: what a caller may export that would point the suite's Hub, object-store or Ray steps
+#: somewhere else (or nowhere): HF_HUB_OFFLINE=1, usual on air-gapped clusters, stops the
+#: loopback Hub upload before it is sent; a user's token or endpoint would go with it;
+#: RAY_ADDRESS would attach a test's driver to the caller's cluster. Dropped at import,
+#: before huggingface_hub or Ray read them, whatever was exported.
+CALLER_VARIABLES = (
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_HOME",
+    "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_XET",
+)
+#: every AWS_* and RAY_* variable goes: credentials, profile, endpoint, region, a cluster
+#: address or token, Ray's internal settings
+CALLER_PREFIXES = ("AWS_", "RAY_")
+
+
+def _pin_environment() -> None:
+    for name in list(os.environ):
+        if name in CALLER_VARIABLES or name.startswith(CALLER_PREFIXES):
+            del os.environ[name]
+    # A fresh Hugging Face home: no token file or hub cache of the caller's is read.
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="asteer-test-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+_pin_environment()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `datasets` caches a local folder's Arrow files under a key that ignores the folder's
 # path and times, so a "load it back" test could read another run's cache: one fresh
