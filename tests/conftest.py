@@ -46,6 +46,21 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="asteer-test-hf-datase
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+#: fixtures that start a vLLM engine, `vllm serve`, a Ray head, a build or the demo: a
+#: test that uses one, directly or through another fixture, is marked `slow` (`make
+#: test-fast` leaves it out). Tests that start an engine in their own body carry the mark.
+SLOW_FIXTURES = frozenset({
+    "engines", "engine", "arch", "judge_server", "server", "ray_head", "pipeline_reference",
+    "reference", "run_dir", "demo",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 PROMPTS = [
     "explain the ocean to a friend",
     "write a short story about a robot",
@@ -104,3 +119,164 @@ def engine_args(**over):
     )
     args.update(over)
     return args
+
+
+class EngineRegistry:
+    """Steered engines shared by the session's test modules, keyed by (model, engine
+    args): an engine start costs 25-60 s on two cores, and modules that only need an
+    engine with the same args get the same one. At most `cap` stay alive (~2 GB each);
+    the least recently used is shut down to make room. Modules that need an engine of
+    their own (prefix caching off, compiled, in-process, TP, async) still start one."""
+
+    def __init__(self, cap: int = 2) -> None:
+        self.cap = cap
+        self._live: dict[tuple, object] = {}
+        self.started = 0
+
+    def get(self, model: str, **over):
+        from asteer_build.engine import SteeredEngine
+
+        args = engine_args(**over)
+        key = (model, tuple(sorted((k, repr(v)) for k, v in args.items())))
+        eng = self._live.pop(key, None)
+        if eng is None:
+            while len(self._live) >= self.cap:
+                self._live.pop(next(iter(self._live))).shutdown()
+            eng = SteeredEngine(model, **args)
+            self.started += 1
+        self._live[key] = eng  # last = most recently used
+        return eng
+
+    def close(self) -> None:
+        while self._live:
+            self._live.popitem()[1].shutdown()
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """The session's EngineRegistry: `engines.get(model, **engine_args overrides)`."""
+    reg = EngineRegistry()
+    yield reg
+    reg.close()
+
+
+#: the engine args of the shared tiny-world engine (test_engine, test_capture): a 64-token
+#: budget forces chunked prefill of the longer prompts; 48 sequences take the largest
+#: batch either module sends in one step
+SHARED_ENGINE = {"max_num_batched_tokens": 64, "max_num_seqs": 48}
+
+
+# -- one Ray head per session -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_token(tmp_path_factory):
+    """A cluster token of our own, as `ray get-auth-token --generate` would write, but in
+    the session's temp folder (RAY_AUTH_TOKEN_PATH), never in the user's ~/.ray."""
+    import secrets
+
+    folder = tmp_path_factory.mktemp("ray-auth")
+    folder.chmod(0o700)
+    path = folder / "token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_token, tmp_path_factory):
+    """One local Ray head for the session, with token authentication on (the way Ray ships
+    it and cluster/README.md tells users to run theirs), on 127.0.0.1, with the dashboard
+    for `ray job`. Yields (GCS address, dashboard URL, client environment).
+
+    It runs as `ray start --head --block`: on SIGTERM that process stops exactly the
+    processes of its own node (Ray's Node shutdown), where `ray stop --force` would kill
+    every Ray process on the machine."""
+    import signal
+    import subprocess
+    import time
+
+    from .pipeline_support import BIN, free_port, ray_auth_env
+
+    port, dash = free_port(), free_port()
+    # no drain wait on SIGTERM: nothing is served from this head
+    e = ray_auth_env(ray_token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+             "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             "--disable-usage-stats"],
+            env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "block forever" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", e
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+# -- one reference build per session ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pipeline_reference(tmp_path_factory):
+    """An uninterrupted local build of pipeline_support.tiny_config, run as a user would:
+    quiet, no --json. Tests that read it (or copy it and rebuild parts) share this one
+    build; none may write into it."""
+    import json
+
+    from .pipeline_support import cli, tiny_config, write_config
+
+    work = tmp_path_factory.mktemp("reference")
+    run = work / "ref"
+    cfg = write_config(work / "ref.yaml", tiny_config(run))
+    r = cli("run", "--config", str(cfg), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # No JSON on stdout: a short human summary; the full one is summary.json in the run
+    # folder, every engine/library line is in its logs/build.log.
+    assert "{" not in r.stdout and f"summary: {run}/summary.json" in r.stdout
+    assert len((r.stdout + r.stderr).splitlines()) < 20, r.stdout + r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"]["stages"]["labelled"]["rows"] == 24
+    log = (run / "logs" / "build.log").read_text()
+    assert "vectors: tiny" in log and "judge: 6 shard(s)" in log
+    return run
+
+
+# -- one `vllm serve` per session ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def judge_server(tmp_path_factory):
+    """One `vllm serve` of the tiny model for the session's judge and bank tests. It
+    requires an API key (in judge_support.KEY_ENV), so every passing request also proves
+    the key travelled. Outages are made with judge_support.FaultProxy in front of it, never
+    by killing it: later tests use it."""
+    import secrets
+
+    from asteer_build.inputs.tinyworld import build_tiny_model
+
+    from .judge_support import KEY_ENV, served_model, vllm_server
+
+    key = "sk-asteer-FAKE-" + secrets.token_hex(12)
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = key
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    try:
+        with vllm_server(str(build_tiny_model()), log, api_key=key) as url:
+            yield {"url": url, "model": served_model(url, key), "key": key}
+    finally:
+        if old is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = old

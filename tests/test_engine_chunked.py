@@ -6,12 +6,15 @@ exactly where the spec says; checked against the HF reference token for token.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from asteer_build.engine import POSITION_MODES, SteeredEngine, SteerSpec
 from asteer_build.engine.reference import HFReference
 
 from .conftest import PROMPTS, chat_ids, engine_args
+
+pytestmark = pytest.mark.slow  # starts its own engine
 
 
 def test_chunked_prefill_matches_reference(varied_model):

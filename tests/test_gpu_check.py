@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.slow  # the whole pre-flight check in a subprocess (~10-20 s)
 def test_gpu_check_cpu_passes(tmp_path):
     out = tmp_path / "gpu_check-cpu.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(

@@ -183,6 +183,7 @@ def test_plan_summary_shows_each_models_values_and_sources(tmp_path):
                            "top_p": FROM_CONFIG}
 
 
+@pytest.mark.slow  # starts an engine on the model with the generation_config
 def test_the_engine_samples_with_the_resolved_values_only(gen_model):
     """top_k 1 from the model's file makes sampling at temperature 1 deterministic across
     seeds; with the config turning top-k/top-p off, vLLM must not apply the file's top_k

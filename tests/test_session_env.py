@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .conftest import CALLER_PREFIXES, CALLER_VARIABLES
+from .conftest import CALLER_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_FAKEsessionENVtoken0123456789"
@@ -61,10 +61,7 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 
 
 def test_session_environment_is_pinned():
-    leaked = [k for k in os.environ
-              if (k in CALLER_VARIABLES and k != "HF_HOME") or
-              (k.startswith(CALLER_PREFIXES) and
-               k not in ("AWS_EC2_METADATA_DISABLED", "RAY_USAGE_STATS_ENABLED"))]
+    leaked = [k for k in (*CALLER_VARIABLES, *CALLER_ENV) if k != "HF_HOME" and k in os.environ]
     assert not leaked
     assert Path(os.environ["HF_HOME"]).name.startswith("asteer-test-hf-home-")
     from huggingface_hub import constants, get_token
