@@ -123,33 +123,61 @@ def engine_args(**over):
 
 class EngineRegistry:
     """Steered engines shared by the session's test modules, keyed by (model, engine
-    args): an engine start costs 25-60 s on two cores, and modules that only need an
-    engine with the same args get the same one. At most `cap` stay alive (~2 GB each);
-    the least recently used is shut down to make room. Modules that need an engine of
-    their own (prefix caching off, compiled, in-process, TP, async) still start one."""
+    args, in-process or not): modules that only need an engine with the same args get
+    the same one. At most `cap` stay alive (~2 GB each); the least recently used is shut
+    down to make room.
+
+    `inprocess=True` runs the engine core in the test process (uni executor,
+    VLLM_ENABLE_V1_MULTIPROCESSING=0): a start then costs a few seconds instead of the
+    25-60 s of a new engine-core process that imports vLLM again. vLLM keeps one
+    distributed state per process, so one in-process engine lives at a time and its
+    shutdown clears that state (`cleanup_dist_env_and_memory`, as vLLM's own tests do)
+    for the next. Modules that test the multiprocess engine itself, compilation, TP or
+    AsyncLLM start their own."""
 
     def __init__(self, cap: int = 2) -> None:
         self.cap = cap
         self._live: dict[tuple, object] = {}
         self.started = 0
 
-    def get(self, model: str, **over):
+    def get(self, model: str, *, inprocess: bool = False, **over):
         from asteer_build.engine import SteeredEngine
 
+        if inprocess:
+            over.setdefault("distributed_executor_backend", "uni")
         args = engine_args(**over)
-        key = (model, tuple(sorted((k, repr(v)) for k, v in args.items())))
+        key = (model, inprocess, tuple(sorted((k, repr(v)) for k, v in args.items())))
         eng = self._live.pop(key, None)
         if eng is None:
+            for k in [k for k in self._live if inprocess and k[1]]:
+                self._shutdown(k)
             while len(self._live) >= self.cap:
-                self._live.pop(next(iter(self._live))).shutdown()
-            eng = SteeredEngine(model, **args)
+                self._shutdown(next(iter(self._live)))
+            mp = pytest.MonkeyPatch()
+            if inprocess:
+                mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # vLLM's CPU worker binds its OpenMP threads, this (main) thread among them,
+            # to cores; processes the tests start later would inherit that binding
+            cpus = os.sched_getaffinity(0)
+            try:
+                eng = SteeredEngine(model, **args)
+            finally:
+                mp.undo()
+                os.sched_setaffinity(0, cpus)
             self.started += 1
         self._live[key] = eng  # last = most recently used
         return eng
 
+    def _shutdown(self, key: tuple) -> None:
+        self._live.pop(key).shutdown()
+        if key[1]:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+
     def close(self) -> None:
         while self._live:
-            self._live.popitem()[1].shutdown()
+            self._shutdown(next(iter(self._live)))
 
 
 @pytest.fixture(scope="session")
