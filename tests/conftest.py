@@ -164,6 +164,13 @@ class EngineRegistry:
             finally:
                 mp.undo()
                 os.sched_setaffinity(0, cpus)
+                if inprocess:
+                    # an engine core caches vLLM's environment variables once it is up;
+                    # in this process that would freeze VLLM_ENABLE_V1_MULTIPROCESSING=0
+                    # and every later test's settings (TP thread binding, cache root)
+                    from vllm import envs
+
+                    envs.disable_envs_cache()
             self.started += 1
         self._live[key] = eng  # last = most recently used
         return eng
