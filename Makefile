@@ -15,7 +15,7 @@ export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo bench lint lock clean
+.PHONY: setup test test-fast demo bench lint lock clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ $(STAMP): pyproject.toml $(LOCK_CPU)
 	$(BIN)/python -c "import vllm, transformers.models.llama.modeling_llama, ray, openai, lightgbm"
 	touch $(STAMP)
 
+# The whole suite, as CI runs it: every failure is reported (no -x), slowest tests last.
 test: setup
-	$(BIN)/python -m pytest -x -q -p no:cacheprovider --durations=20 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 tests
+
+# The edit-test loop: everything but the tests marked `slow` (vLLM engines, `vllm serve`,
+# Ray clusters, builds, the demo).
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not slow" tests
 
 demo: setup
 	$(BIN)/asteer-build demo --out demo_out

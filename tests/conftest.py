@@ -9,6 +9,35 @@ import tempfile
 
 import pytest
 
+#: what a caller may export that would point the suite's Hub, object-store or Ray steps
+#: somewhere else (or nowhere): HF_HUB_OFFLINE=1, usual on air-gapped clusters, stops the
+#: loopback Hub upload before it is sent; a user's token or endpoint would go with it;
+#: RAY_ADDRESS would attach a test's driver to the caller's cluster. Dropped at import,
+#: before huggingface_hub or Ray read them, whatever was exported.
+CALLER_VARIABLES = (
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_HOME",
+    "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_XET",
+)
+#: every AWS_* and RAY_* variable goes: credentials, profile, endpoint, region, a cluster
+#: address or token, Ray's internal settings
+CALLER_PREFIXES = ("AWS_", "RAY_")
+
+
+def _pin_environment() -> None:
+    for name in list(os.environ):
+        if name in CALLER_VARIABLES or name.startswith(CALLER_PREFIXES):
+            del os.environ[name]
+    # A fresh Hugging Face home: no token file or hub cache of the caller's is read.
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="asteer-test-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+_pin_environment()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `datasets` caches a local folder's Arrow files under a key that ignores the folder's
 # path and times, so a "load it back" test could read another run's cache: one fresh
@@ -16,6 +45,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="asteer-test-hf-datasets-")
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+#: fixtures that start a vLLM engine, `vllm serve`, a Ray head, a build or the demo: a
+#: test that uses one, directly or through another fixture, is marked `slow` (`make
+#: test-fast` leaves it out). Tests that start an engine in their own body carry the mark.
+SLOW_FIXTURES = frozenset({
+    "engines", "engine", "arch", "judge_server", "server", "ray_head", "pipeline_reference",
+    "reference", "run_dir", "demo",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 PROMPTS = [
     "explain the ocean to a friend",
@@ -65,3 +109,199 @@ def engine_args(**over):
     )
     args.update(over)
     return args
+
+
+class EngineRegistry:
+    """Steered engines shared by the session's test modules, keyed by (model, engine
+    args, in-process or not): modules that only need an engine with the same args get
+    the same one. At most `cap` stay alive (~2 GB each); the least recently used is shut
+    down to make room.
+
+    `inprocess=True` runs the engine core in the test process (uni executor,
+    VLLM_ENABLE_V1_MULTIPROCESSING=0): a start then costs a few seconds instead of the
+    25-60 s of a new engine-core process that imports vLLM again. vLLM keeps one
+    distributed state per process, so one in-process engine lives at a time and its
+    shutdown clears that state (`cleanup_dist_env_and_memory`, as vLLM's own tests do)
+    for the next. Modules that test the multiprocess engine itself, compilation, TP or
+    AsyncLLM start their own."""
+
+    def __init__(self, cap: int = 2) -> None:
+        self.cap = cap
+        self._live: dict[tuple, object] = {}
+        self.started = 0
+
+    def get(self, model: str, *, inprocess: bool = False, **over):
+        from asteer_build.engine import SteeredEngine
+
+        if inprocess:
+            over.setdefault("distributed_executor_backend", "uni")
+        args = engine_args(**over)
+        key = (model, inprocess, tuple(sorted((k, repr(v)) for k, v in args.items())))
+        eng = self._live.pop(key, None)
+        if eng is None:
+            for k in [k for k in self._live if inprocess and k[1]]:
+                self._shutdown(k)
+            while len(self._live) >= self.cap:
+                self._shutdown(next(iter(self._live)))
+            mp = pytest.MonkeyPatch()
+            if inprocess:
+                mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # vLLM's CPU worker binds its OpenMP threads, this (main) thread among them,
+            # to cores; processes the tests start later would inherit that binding
+            cpus = os.sched_getaffinity(0)
+            try:
+                eng = SteeredEngine(model, **args)
+            finally:
+                mp.undo()
+                os.sched_setaffinity(0, cpus)
+                if inprocess:
+                    # an engine core caches vLLM's environment variables once it is up;
+                    # in this process that would freeze VLLM_ENABLE_V1_MULTIPROCESSING=0
+                    # and every later test's settings (TP thread binding, cache root)
+                    from vllm import envs
+
+                    envs.disable_envs_cache()
+            self.started += 1
+        self._live[key] = eng  # last = most recently used
+        return eng
+
+    def _shutdown(self, key: tuple) -> None:
+        self._live.pop(key).shutdown()
+        if key[1]:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+
+    def close(self) -> None:
+        while self._live:
+            self._shutdown(next(iter(self._live)))
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """The session's EngineRegistry: `engines.get(model, **engine_args overrides)`."""
+    reg = EngineRegistry()
+    yield reg
+    reg.close()
+
+
+#: the engine args of the shared tiny-world engine (test_engine, test_capture): a 64-token
+#: budget forces chunked prefill of the longer prompts; 48 sequences take the largest
+#: batch either module sends in one step
+SHARED_ENGINE = {"max_num_batched_tokens": 64, "max_num_seqs": 48}
+
+
+# -- one Ray head per session -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_token(tmp_path_factory):
+    """A cluster token of our own, as `ray get-auth-token --generate` would write, but in
+    the session's temp folder (RAY_AUTH_TOKEN_PATH), never in the user's ~/.ray."""
+    import secrets
+
+    folder = tmp_path_factory.mktemp("ray-auth")
+    folder.chmod(0o700)
+    path = folder / "token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_token, tmp_path_factory):
+    """One local Ray head for the session, with token authentication on (the way Ray ships
+    it and cluster/README.md tells users to run theirs), on 127.0.0.1, with the dashboard
+    for `ray job`. Yields (GCS address, dashboard URL, client environment).
+
+    It runs as `ray start --head --block`: on SIGTERM that process stops exactly the
+    processes of its own node (Ray's Node shutdown), where `ray stop --force` would kill
+    every Ray process on the machine."""
+    import signal
+    import subprocess
+    import time
+
+    from .pipeline_support import BIN, free_port, ray_auth_env
+
+    port, dash = free_port(), free_port()
+    # no drain wait on SIGTERM: nothing is served from this head
+    e = ray_auth_env(ray_token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+             "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             "--disable-usage-stats"],
+            env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "block forever" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", e
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+# -- one reference build per session ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pipeline_reference(tmp_path_factory):
+    """An uninterrupted local build of pipeline_support.tiny_config, run as a user would:
+    quiet, no --json. Tests that read it (or copy it and rebuild parts) share this one
+    build; none may write into it."""
+    import json
+
+    from .pipeline_support import cli, tiny_config, write_config
+
+    work = tmp_path_factory.mktemp("reference")
+    run = work / "ref"
+    cfg = write_config(work / "ref.yaml", tiny_config(run))
+    r = cli("run", "--config", str(cfg), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # No JSON on stdout: a short human summary; the full one is summary.json in the run
+    # folder, every engine/library line is in its logs/build.log.
+    assert "{" not in r.stdout and f"summary: {run}/summary.json" in r.stdout
+    assert len((r.stdout + r.stderr).splitlines()) < 20, r.stdout + r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"]["stages"]["labelled"]["rows"] == 24
+    log = (run / "logs" / "build.log").read_text()
+    assert "vectors: tiny" in log and "judge: 6 shard(s)" in log
+    return run
+
+
+# -- one `vllm serve` per session ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def judge_server(tmp_path_factory):
+    """One `vllm serve` of the tiny model for the session's judge and bank tests. It
+    requires an API key (in judge_support.KEY_ENV), so every passing request also proves
+    the key travelled. Outages are made with judge_support.FaultProxy in front of it, never
+    by killing it: later tests use it."""
+    import secrets
+
+    from asteer_build.inputs.tinyworld import build_tiny_model
+
+    from .judge_support import KEY_ENV, served_model, vllm_server
+
+    key = "sk-asteer-FAKE-" + secrets.token_hex(12)
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = key
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    try:
+        with vllm_server(str(build_tiny_model()), log, api_key=key) as url:
+            yield {"url": url, "model": served_model(url, key), "key": key}
+    finally:
+        if old is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = old

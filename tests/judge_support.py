@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VLLM_CLI = [sys.executable, str(HERE / "_vllm_cli.py")]
+#: the variable that holds the session judge server's API key (conftest.judge_server)
+KEY_ENV = "ASTEER_JUDGE_TEST_KEY"
 
 # Flags the tiny model needs on CPU. Whitespace inside JSON is disabled because a random
 # model otherwise emits whitespace until max_tokens and never closes the object. The

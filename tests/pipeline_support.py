@@ -138,3 +138,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_auth_env(token: Path, **extra: str) -> dict[str, str]:
+    """A Ray client's (or head's) environment with the session's cluster token."""
+    e = env(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token), **extra)
+    e.pop("RAY_ADDRESS", None)
+    e.pop("RAY_AUTH_TOKEN", None)
+    return e

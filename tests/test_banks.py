@@ -1,14 +1,12 @@
 """Contrast banks: the request plan, the per-concept cache and its resume, and the
-OpenAI-compatible writer against a real `vllm serve` of the tiny model that is killed
-mid-run and restarted on the same port."""
+OpenAI-compatible writer against the session's real `vllm serve` of the tiny model, which
+goes away mid-run (through a fault proxy) and comes back."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,10 +25,7 @@ from asteer_build.vectors import (
     plan_requests,
 )
 
-try:
-    from .judge_support import CPU_FLAGS, VLLM_CLI, _stop, free_port, vllm_env
-except ImportError:
-    from judge_support import CPU_FLAGS, VLLM_CLI, _stop, free_port, vllm_env
+from .judge_support import KEY_ENV, FaultProxy
 
 N = 6
 
@@ -146,51 +141,26 @@ def test_parse_response_tolerates_truncation_and_plain_text():
 # -- the endpoint writer against a real server ------------------------------------------
 
 
-def _start_server(model: str, port: int, log: Path) -> subprocess.Popen:
-    cmd = [*VLLM_CLI, "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "tiny", "--max-num-seqs", "16", *CPU_FLAGS]
-    with open(log, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(),
-                                start_new_session=True)
-
-
-def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("vllm serve did not become ready") from None
-            time.sleep(0.5)
-
-
 def _lines(cache: Path) -> int:
     return sum(len(p.read_text().splitlines()) - 1 for p in cache.glob("*.jsonl"))
 
 
-def test_endpoint_writer_survives_server_kill_and_restart(tmp_path):
-    from asteer_build.inputs.tinyworld import build_tiny_model
+def test_endpoint_writer_survives_server_kill_and_restart(judge_server, tmp_path):
+    """The session's `vllm serve` (conftest.judge_server) goes away mid-run and comes
+    back: the fault proxy in front of it drops every connection for a while (the server
+    is shared, so it is not killed); the run waits, retries and finishes every text."""
     from judge.pool import EndpointConfig, RetryPolicy
 
-    model = str(build_tiny_model())
-    port = free_port()
-    log = tmp_path / "serve.log"
-    proc = _start_server(model, port, log)
-    procs = [proc]
+    proxy = FaultProxy(judge_server["url"])
     try:
-        _wait_ready(proc, port, log)
         cs = tiny_concepts()[:3]
         cache = tmp_path / "banks"
         retry = RetryPolicy(max_attempts=400, base_delay_s=0.2, max_delay_s=1.0,
                             timeout_s=30.0, failures_to_eject=3, cooldown_s=0.5,
                             max_cooldown_s=1.0, acquire_timeout_s=300.0)
-        writer = EndpointWriter([EndpointConfig(f"http://127.0.0.1:{port}/v1",
-                                                max_concurrency=4)], "tiny",
-                                max_tokens=48, max_chars=160, retry=retry)
+        endpoint = EndpointConfig(proxy.url, api_key_env=KEY_ENV, max_concurrency=4)
+        writer = EndpointWriter([endpoint], judge_server["model"], max_tokens=48,
+                                max_chars=160, retry=retry)
         result: dict = {}
 
         def run() -> None:
@@ -205,12 +175,12 @@ def test_endpoint_writer_survives_server_kill_and_restart(tmp_path):
         while _lines(cache) < 2 * N + 2 if cache.exists() else True:
             assert time.monotonic() < deadline and th.is_alive(), result
             time.sleep(0.05)
-        _stop(proc, grace=0.0)  # SIGTERM to the group, SIGKILL if it lingers
+        proxy.reset(lambda key, attempt, body: "drop")  # the server is gone
         written_at_kill = _lines(cache)
         time.sleep(1.0)
         assert th.is_alive(), result  # the run waits for the server, it does not fail
-        proc = _start_server(model, port, log)
-        procs.append(proc)
+        assert proxy.injected["drop"] >= 1  # requests met the outage
+        proxy.reset()  # ...and it is back
         th.join(300)
         assert not th.is_alive() and "error" not in result, result
         banks = result["banks"]
@@ -223,7 +193,8 @@ def test_endpoint_writer_survives_server_kill_and_restart(tmp_path):
                     .splitlines()[1:]]
             keys = [(r["kind"], r["index"]) for r in recs]
             assert sorted(keys) == sorted({(k, i) for k in ("pos", "neg") for i in range(N)})
-            assert b.header["writer"] == "endpoint" and b.header["model"] == "tiny"
+            assert b.header["writer"] == "endpoint"
+            assert b.header["model"] == judge_server["model"]
             assert b.header["temperature"] == 0.8 and "incorporate" in (
                 b.header["prompt"]["positive"])
         assert writer.pool is None  # closed
@@ -234,12 +205,12 @@ def test_endpoint_writer_survives_server_kill_and_restart(tmp_path):
         stats_ok = writer.calls
         assert stats_ok >= 3 * 2 * N
         # a rerun finds every bank cached and asks the server nothing
-        w2 = EndpointWriter([EndpointConfig(f"http://127.0.0.1:{port}/v1")], "tiny",
-                            max_tokens=48, max_chars=160, retry=retry)
+        w2 = EndpointWriter([EndpointConfig(proxy.url, api_key_env=KEY_ENV)],
+                            judge_server["model"], max_tokens=48, max_chars=160, retry=retry)
         again = build_banks(cs, w2, cache, n=N)
         assert w2.calls == 0
         assert {k: b.digest() for k, b in again.items()} == {
             k: b.digest() for k, b in banks.items()}
     finally:
-        for p in procs:
-            _stop(p)
+        proxy.release_held()
+        proxy.close()

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from asteer_build.engine import SteeredEngine
 from asteer_build.engine import features as F
 from asteer_build.engine.reference import HFReference
 from asteer_build.engine.spec import CapturePair, CaptureSpec
 from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .capture_support import assert_captures_match_hf
-from .conftest import PROMPTS, chat_ids, engine_args
+from .conftest import PROMPTS, SHARED_ENGINE, chat_ids
 
 STEPS = (0, 1, 3, 5)
 
@@ -26,12 +25,12 @@ def _vecs():
 
 
 @pytest.fixture(scope="module")
-def engine(varied_model):
-    # a small token budget forces chunked prefill of the longer prompts
-    eng = SteeredEngine(varied_model, **engine_args(max_num_batched_tokens=64, max_num_seqs=48))
+def engine(engines, varied_model):
+    # the session's shared engine: its small token budget forces chunked prefill of the
+    # longer prompts
+    eng = engines.get(varied_model, **SHARED_ENGINE)
     eng.register_vectors(_vecs())
-    yield eng
-    eng.shutdown()
+    return eng
 
 
 def _req(i, ids, vector="a", alpha=2.0, layer=1, mode="all", max_tokens=10, temp=0.0):

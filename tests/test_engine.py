@@ -1,7 +1,7 @@
 """The steered engine on real vLLM (CPU) with the tiny model, default multiprocess engine.
 
-One engine with prefix caching (vLLM's default) serves the module; one without prefix
-caching is started for the on/off comparison.
+The session's shared engine, prefix caching on (vLLM's default), serves the module; one
+without prefix caching (in the test process) is added for the on/off comparison.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from asteer_build.engine import POSITION_MODES, SteeredEngine, SteerSpec
+from asteer_build.engine import POSITION_MODES, SteerSpec
 from asteer_build.engine.reference import HFReference
 
-from .conftest import PROMPTS, chat_ids, engine_args
+from .conftest import PROMPTS, SHARED_ENGINE, chat_ids
 
 HIDDEN = 128
 NEW = 16
@@ -26,11 +26,11 @@ def _vectors() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def engine(varied_model):
-    eng = SteeredEngine(varied_model, **engine_args())
+def engine(engines, varied_model):
+    """The session's shared engine (conftest.SHARED_ENGINE: chunked prefill on)."""
+    eng = engines.get(varied_model, **SHARED_ENGINE)
     eng.register_vectors(_vectors())
-    yield eng
-    eng.shutdown()
+    return eng
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_default_engine_is_multiprocess(engine):
     (info,) = engine.info()
     assert info["adapter"] == "cpu-v1"
     assert info["steer_layers"] == list(range(6))
-    assert set(info["vectors"]) == {"ocean", "music", "robot"}
+    assert {"ocean", "music", "robot"} <= set(info["vectors"])  # other modules add theirs
 
 
 def test_alpha_zero_is_byte_identical(engine, prompts):
@@ -164,7 +164,7 @@ def test_matches_hf_reference(engine, prompts, reference):
     assert_steering_matches_hf(engine, prompts, reference)
 
 
-def test_prefix_caching_on_and_off_agree(varied_model, engine, long_prompts):
+def test_prefix_caching_on_and_off_agree(engines, varied_model, engine, long_prompts):
     prompt = long_prompts[1]
     assert len(prompt) > 48
     grid = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
@@ -172,12 +172,10 @@ def test_prefix_caching_on_and_off_agree(varied_model, engine, long_prompts):
     # With caching: run the grid twice, the second time the prompt blocks are cached.
     first = engine.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)
     again = engine.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)
-    off = SteeredEngine(varied_model, **engine_args(enable_prefix_caching=False))
-    try:
-        off.register_vectors(_vectors())
-        plain = off.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)
-    finally:
-        off.shutdown()
+    # without prefix caching, in the test process (conftest.EngineRegistry)
+    off = engines.get(varied_model, inprocess=True, enable_prefix_caching=False)
+    off.register_vectors(_vectors())
+    plain = off.generate([{"prompt_token_ids": prompt}] * len(specs), _greedy(), specs)
     assert _tokens(first) == _tokens(plain) == _tokens(again)
     assert len({tuple(t) for t in _tokens(plain)}) >= 4
     # KV that cannot depend on the config is shared: the repeat of a `generated` or

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from asteer_build.engine import SteeredEngine, SteerSpec
+from asteer_build.engine import SteerSpec
 from asteer_build.engine.reference import HFReference
 from asteer_build.inputs.tinyworld import ARCHS, GEMMA2_SLIDING_WINDOW, build_arch_model
 from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_with_capture
 
 from .capture_support import assert_captures_match_hf
-from .conftest import PROMPTS, engine_args
+from .conftest import PROMPTS
 
 HIDDEN = 64
 LAYERS = 6
@@ -41,15 +41,16 @@ def _chat_ids(path: str, questions: list[str]) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def arch(request):
+def arch(request, engines):
     path = str(build_arch_model(request.param))
-    # a 64-token budget chunks the Llama prompts (its system header makes them ~85 long)
-    eng = SteeredEngine(path, **engine_args(max_num_batched_tokens=64, max_num_seqs=32))
+    # a 64-token budget chunks the Llama prompts (its system header makes them ~85 long);
+    # in the test process (conftest.EngineRegistry), which shuts the previous
+    # architecture's engine down when the cap needs room
+    eng = engines.get(path, inprocess=True, max_num_batched_tokens=64, max_num_seqs=32)
     eng.register_vectors(_vectors())
     ref = HFReference(path)
     ref.register_vectors(_vectors())
-    yield request.param, path, eng, ref
-    eng.shutdown()
+    return request.param, path, eng, ref
 
 
 def _greedy(n: int = NEW):

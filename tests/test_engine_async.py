@@ -18,6 +18,8 @@ from asteer_build.pipeline.rollouts import (
 
 from .conftest import PROMPTS, chat_ids, engine_args
 
+pytestmark = pytest.mark.slow  # starts its own engine
+
 
 def test_async_engine_concurrent_requests_match_reference(varied_model):
     from vllm import SamplingParams

@@ -10,24 +10,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asteer_build.engine import SteeredEngine, SteerSpec
+from asteer_build.engine import SteerSpec
 from asteer_build.engine.reference import HFReference
 
-from .conftest import PROMPTS, chat_ids, engine_args
+from .conftest import PROMPTS, chat_ids
 
 LAYER = 2
 
 
 @pytest.fixture(scope="module")
-def engine(varied_model):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    eng = SteeredEngine(varied_model, **engine_args(distributed_executor_backend="uni"))
+def engine(engines, varied_model):
+    """conftest.EngineRegistry's in-process engine (uni executor,
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 while it starts)."""
+    eng = engines.get(varied_model, inprocess=True)
     g = torch.Generator().manual_seed(7)
     eng.register_vectors({"v": torch.randn(128, generator=g)})
-    yield eng
-    eng.shutdown()
-    mp.undo()
+    return eng
 
 
 def _residuals(engine, prompt, spec) -> dict[int, torch.Tensor]:

@@ -12,6 +12,8 @@ from asteer_build.pipeline.rollouts import CaptureSettings, RolloutRequest, run_
 
 from .conftest import PROMPTS, chat_ids, engine_args
 
+pytestmark = pytest.mark.slow  # starts its own engine
+
 
 def test_tensor_parallel_steering_and_capture_match_reference(varied_model):
     from vllm import SamplingParams

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from asteer_build.core.feature_names import authors_columns, authors_name, authors_names
-from asteer_build.engine import SteeredEngine
 from asteer_build.engine import features as F
 from asteer_build.pipeline.rollouts import (
     CaptureSettings,
@@ -27,7 +26,7 @@ from asteer_build.pipeline.rollouts import (
     run_with_capture,
 )
 
-from .conftest import PROMPTS, chat_ids, engine_args
+from .conftest import PROMPTS, chat_ids
 
 LAYER = 1
 STEPS = [0, 1, 3, 5]
@@ -49,11 +48,12 @@ def deep_model() -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(deep_model):
-    eng = SteeredEngine(deep_model, **engine_args(max_num_seqs=32))
+def engine(engines, deep_model):
+    """In the test process (conftest.EngineRegistry): nothing here needs the engine core
+    in a process of its own."""
+    eng = engines.get(deep_model, inprocess=True, max_num_seqs=32)
     eng.register_vectors(_vecs())
-    yield eng
-    eng.shutdown()
+    return eng
 
 
 def _requests(model: str) -> list[RolloutRequest]:

@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
-def test_gpu_check_cpu_passes(tmp_path):
-    out = tmp_path / "gpu_check-cpu.json"
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """The pre-flight check as a user runs it (a subprocess, no `--engine`), once for the
+    module: the tests below read its exit status and report."""
+    out = tmp_path_factory.mktemp("gpu-check") / "gpu_check-cpu.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")]))
     proc = subprocess.run(
@@ -30,7 +33,12 @@ def test_gpu_check_cpu_passes(tmp_path):
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow  # the whole pre-flight check in a subprocess (~10-20 s)
+def test_gpu_check_cpu_passes(cpu_run):
+    _, report = cpu_run
     assert report["passed"] and all(report["reference_sanity"].values())
     checks = report["checks"]["compile"]
     assert set(checks) == {"steered_outputs", "captured_rows", "pooled_means"}
@@ -52,7 +60,8 @@ def test_gpu_check_fails_when_a_hook_is_broken(tmp_path, brk, failing):
     assert not report["checks"]["compile"][failing]["pass"]
 
 
-def test_engine_smoke_is_opt_in_and_reports_into_the_same_json(tmp_path):
+@pytest.mark.slow  # reads the module's pre-flight run
+def test_engine_smoke_is_opt_in_and_reports_into_the_same_json(cpu_run, tmp_path):
     """Without `--engine` the JSON has no engine part; with it, a smoke that cannot run
     (here: no such model folder, refused before any engine starts) is a failed check in
     the report and exit status 1, not a traceback. The smoke itself (three vLLM engine
@@ -60,9 +69,7 @@ def test_engine_smoke_is_opt_in_and_reports_into_the_same_json(tmp_path):
     compiled engine here."""
     from benchmarks.gpu_check import main
 
-    plain = tmp_path / "plain.json"
-    assert main(["--device", "cpu", "--backend", "aot_eager", "--out", str(plain)]) == 0
-    assert json.loads(plain.read_text())["engine_smoke"] is None
+    assert cpu_run[1]["engine_smoke"] is None  # the run without `--engine`
     out = tmp_path / "smoke.json"
     rc = main(["--device", "cpu", "--backend", "aot_eager", "--engine",
                "--engine-model", str(tmp_path / "no-such-model"), "--out", str(out)])

@@ -331,6 +331,7 @@ print("STARTED")
 """
 
 
+@pytest.mark.slow  # starts a raw vLLM engine in a subprocess
 def test_worker_refuses_steering_when_the_engine_core_lacks_the_plugin(tiny_model):
     """A raw vLLM engine with the steered worker but the plugin excluded: the worker,
     in the engine-core process (uniprocess), fails the start with the clear error."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 import yaml
 
 try:  # tests/ may or may not be a package
@@ -29,6 +30,7 @@ except ImportError:
     )
 
 
+@pytest.mark.slow  # `vllm run-batch` starts an engine
 def test_batch_files_round_trip_through_vllm_run_batch(tmp_path):
     from asteer_build.inputs.tinyworld import build_tiny_model
 

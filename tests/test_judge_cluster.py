@@ -1,7 +1,7 @@
 """Self-hosted judges (`judge.kind: vllm`) with the tiny model, and the agreement flow.
 
-One demo build (vectors and rollouts, 12 rows) for the module. (a) On a real local Ray
-cluster the judge stage starts a `vllm serve` actor, labels the build's shards through
+The session's reference build (24 rows), unjudged, for the module. (a) On the session's
+local Ray cluster the judge stage starts a `vllm serve` actor, labels the build's shards through
 it and stops it: the process is gone and its port free afterwards. (b) The README's
 agreement flow: a stratified sample of the build, labelled by the rules judge and by the
 tiny-model vLLM judge, compared by `asteer-judge agree`; its kappa must equal one
@@ -15,6 +15,7 @@ lost or guessed.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,8 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from .judge_support import VLLM_CLI, vllm_env
-from .pipeline_support import BIN, ROOT, env, free_port, tiny_config, write_config
-from .test_pipeline_build import _auth_env, ray_token  # noqa: F401  (fixture)
+from .pipeline_support import ROOT, env, free_port, tiny_config, write_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -84,11 +84,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _serving(model: str) -> list[psutil.Process]:
+def _serving(model: str, port: int) -> list[psutil.Process]:
+    """`vllm serve` processes of `model` on `port` (the session's own judge server,
+    conftest.judge_server, serves the same model on another port)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "serve" in cmd and model in cmd:
+        if "serve" in cmd and model in cmd and str(port) in cmd:
             out.append(p)
     return out
 
@@ -99,41 +101,26 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(work) -> tuple[Path, dict]:
-    """The tiny demo build's vectors and rollouts (12 rows in 3 shards), not yet judged:
-    one method, to keep the module's engine starts few."""
+def demo(work, pipeline_reference) -> tuple[Path, dict]:
+    """The session's reference build (conftest.pipeline_reference: 24 rows in 6 shards)
+    with its labels taken out, so the judge stage labels it from scratch."""
     run = work / "run"
-    cfg = tiny_config(run, methods=["diffmean"], alphas={"diffmean": [1.0, 3.0, 6.0]})
-    r = _py("asteer_build.cli", "run", "--config", str(write_config(work / "demo.yaml", cfg)),
-            "--stages", "vectors,rollouts", "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run, cfg
-
-
-@pytest.fixture(scope="module")
-def ray_head(work, ray_token):  # noqa: F811
-    """A local head on 127.0.0.1 with token auth, like test_pipeline_build's cluster; its
-    GCS address is what a driver (the builder) connects to."""
-    port = free_port()
-    e = _auth_env(ray_token)
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                    "--disable-usage-stats"], env=e, check=True, capture_output=True,
-                   timeout=180)
-    try:
-        yield f"127.0.0.1:{port}", e
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=e, capture_output=True,
-                       timeout=120)
+    shutil.copytree(pipeline_reference, run,
+                    ignore=shutil.ignore_patterns("labelled", ".staging"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"]["labelled"] = {}
+    (run / "build.json").write_text(json.dumps(m))
+    return run, tiny_config(run)
 
 
 @pytest.fixture(scope="module")
 def ray_judged(demo, ray_head, work, tiny_model):
     """The judge stage of the demo build with `judge.kind: vllm` on the local Ray cluster:
-    one vLLM judge actor, started and stopped by the stage. (b) reuses its labels, so the
-    module starts two engines in all (the build's, the judge's)."""
+    one vLLM judge actor, started and stopped by the stage (it must own the server: that
+    the stage stops it is under test). (b) reuses its labels, so the module starts one
+    engine in all, the judge's."""
     run, cfg = demo
-    addr, e = ray_head
+    addr, _, e = ray_head
     cfg = dict(cfg, ray={**cfg["ray"], "address": addr},
                judge={"kind": "vllm", "model": SERVED, "max_tokens": 300, "workers": 8,
                       "retry": {"max_attempts": 3, "timeout_s": 120, "base_delay_s": 0.1},
@@ -147,12 +134,12 @@ def ray_judged(demo, ray_head, work, tiny_model):
 
 def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(ray_judged, tiny_model):
     run, summary = ray_judged
-    assert summary["shards_judged"] == 3
+    assert summary["shards_judged"] == 6
     rows = _rows(run / "labelled")
-    assert len(rows) == 12 and len({x["id"] for x in rows}) == 12
+    assert len(rows) == 24 and len({x["id"] for x in rows}) == 24
     _check_rows(rows)
     assert {x["judge_model"] for x in rows} == {SERVED}
-    assert summary["ok"] + summary["failed"] == 12
+    assert summary["ok"] + summary["failed"] == 24
     # the requests reached the served judge: answers came back from it
     (stats,) = summary["endpoints"]
     assert stats["base_url"] == summary["servers"][0]["base_url"]
@@ -167,7 +154,7 @@ def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(ray_judged, tiny_m
     assert not psutil.pid_exists(srv["pid"]) or \
         psutil.Process(srv["pid"]).status() == psutil.STATUS_ZOMBIE
     assert _port_free(srv["port"])
-    assert not _serving(tiny_model)
+    assert not _serving(tiny_model, srv["port"])
 
 
 def _kappa(a: list[int], b: list[int]) -> float:
@@ -186,8 +173,9 @@ def test_agreement_of_rules_and_vllm_judges_on_a_stratified_sample(demo, ray_jud
             "--n", "6", "--stratify", "concept_level,alpha")
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads(r.stdout)
-    # 2 concept levels x 3 alphas: 6 strata of 2 rows each, 1 drawn from every one
-    assert s["rows"] == 6 and s["of"] == 12 and len(s["per_stratum"]) == 6
+    # 2 concept levels x 3 alphas: 6 strata of 4 rows each (2 methods x 2 prompts), 1
+    # drawn from every one
+    assert s["rows"] == 6 and s["of"] == 24 and len(s["per_stratum"]) == 6
     assert set(s["per_stratum"].values()) == {1}
     rows = pq.read_table(sample / "sample.parquet").to_pylist()
     assert len({(x["concept_level"], x["alpha"]) for x in rows}) == 6

@@ -1,14 +1,12 @@
 """The judge pool against a real `vllm serve` of the tiny model, directly and through a
-fault-injecting proxy. One server for the whole module; it requires an API key, so every
-passing request also proves the key travelled, and the secrecy test proves it went
-nowhere else."""
+fault-injecting proxy. The session's server (conftest.judge_server); it requires an API
+key, so every passing request also proves the key travelled, and the secrecy test proves
+it went nowhere else."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -26,51 +24,36 @@ from judge.shards import judge_shards
 
 try:  # tests/ may or may not be a package
     from .judge_support import (
+        KEY_ENV,
         ROOT,
         FaultProxy,
         make_rows,
         read_dir,
         row_key,
         run_cli,
-        served_model,
-        vllm_server,
         write_shard,
     )
 except ImportError:
     from judge_support import (
+        KEY_ENV,
         ROOT,
         FaultProxy,
         make_rows,
         read_dir,
         row_key,
         run_cli,
-        served_model,
-        vllm_server,
         write_shard,
     )
 
-KEY_ENV = "ASTEER_JUDGE_TEST_KEY"
 #: the reason comes before the label: room for EXPLANATION_MAX characters and the JSON
 JUDGE_MAX_TOKENS = 300
 FAULTS = ["drop", "http500", "http429", "slow", "malformed"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from asteer_build.inputs.tinyworld import build_tiny_model
-
-    key = "sk-asteer-FAKE-" + secrets.token_hex(12)
-    old = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = key
-    log = tmp_path_factory.mktemp("vllm") / "serve.log"
-    try:
-        with vllm_server(str(build_tiny_model()), log, api_key=key) as url:
-            yield {"url": url, "model": served_model(url, key), "key": key}
-    finally:
-        if old is None:
-            os.environ.pop(KEY_ENV, None)
-        else:
-            os.environ[KEY_ENV] = old
+def server(judge_server):
+    """The session's `vllm serve` (conftest.judge_server), API key required."""
+    return judge_server
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,7 @@ def test_authors_cache_layout(hub_cache):
     assert len(bank["positive"]) == len(bank["negative"]) == 50
 
 
+@pytest.mark.slow  # plans the 1.4M-rollout paper config twice in subprocesses
 def test_paper_plan_offline_from_the_authors_files(hub_cache):
     cache, commit = hub_cache
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}

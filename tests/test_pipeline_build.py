@@ -31,9 +31,9 @@ from .pipeline_support import (
     check_no_partial,
     cli,
     committed,
-    env,
     free_port,
     kill_group,
+    ray_auth_env,
     sha,
     start_cli,
     temp_files,
@@ -52,21 +52,9 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(work) -> Path:
-    """An uninterrupted local build, run as a user would: quiet, no --json."""
-    run = work / "ref"
-    cfg = write_config(work / "ref.yaml", tiny_config(run))
-    r = cli("run", "--config", str(cfg), "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    # No JSON on stdout: a short human summary; the full one is summary.json in the run
-    # folder, every engine/library line is in its logs/build.log.
-    assert "{" not in r.stdout and f"summary: {run}/summary.json" in r.stdout
-    assert len((r.stdout + r.stderr).splitlines()) < 20, r.stdout + r.stderr
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"]["stages"]["labelled"]["rows"] == 24
-    log = (run / "logs" / "build.log").read_text()
-    assert "vectors: tiny" in log and "judge: 6 shard(s)" in log
-    return run
+def reference(pipeline_reference) -> Path:
+    """The session's uninterrupted local build (conftest.pipeline_reference)."""
+    return pipeline_reference
 
 
 def _expected_ids(run: Path) -> list[str]:
@@ -183,45 +171,15 @@ def test_rerun_shards_rewrites_only_those(work, reference):
 
 
 @pytest.fixture(scope="module")
-def ray_token(work) -> Path:
-    """A cluster token of our own, as `ray get-auth-token --generate` would write, but in
-    the test's folder (RAY_AUTH_TOKEN_PATH), never in the user's ~/.ray."""
-    path = work / "ray-auth" / "token"
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.write_text(secrets.token_hex(32))
-    path.chmod(0o600)
-    return path
-
-
-def _auth_env(token: Path, **extra: str) -> dict[str, str]:
-    e = env(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(token), **extra)
-    e.pop("RAY_ADDRESS", None)
-    e.pop("RAY_AUTH_TOKEN", None)
-    return e
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(work, ray_token):
-    """A local cluster with token authentication on, the way Ray ships it and the way
-    cluster/README.md tells users to run theirs."""
-    port, dash = free_port(), free_port()
-    e = _auth_env(ray_token)
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--disable-usage-stats"],
-                   env=e, check=True, capture_output=True, timeout=180)
-    addr = f"http://127.0.0.1:{dash}"
-    try:
-        yield addr
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=e, capture_output=True,
-                       timeout=120)
+def ray_cluster(ray_head) -> str:
+    """The session's local cluster (conftest.ray_head), token authentication on: its
+    dashboard address, where `ray job` submits."""
+    return ray_head[1]
 
 
 @pytest.fixture(scope="module")
 def client_env(ray_token):
-    return _auth_env(ray_token)
+    return ray_auth_env(ray_token)
 
 
 def _job(addr: str, e: dict[str, str], *args: str,

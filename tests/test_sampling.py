@@ -17,7 +17,7 @@ from asteer_build.pipeline.config import ConfigError, parse_config
 from asteer_build.pipeline.plan import make_plan, plan_summary
 from asteer_build.pipeline.sampling import FROM_CONFIG, FROM_DEFAULT, FROM_MODEL, resolve_sampling
 
-from .conftest import chat_ids, engine_args
+from .conftest import chat_ids
 from .pipeline_support import ENGINE_ARGS, cli, tiny_config, write_config
 
 pytestmark = pytest.mark.timeout(600)
@@ -183,13 +183,13 @@ def test_plan_summary_shows_each_models_values_and_sources(tmp_path):
                            "top_p": FROM_CONFIG}
 
 
-def test_the_engine_samples_with_the_resolved_values_only(gen_model):
+@pytest.mark.slow  # starts an engine on the model with the generation_config
+def test_the_engine_samples_with_the_resolved_values_only(engines, gen_model):
     """top_k 1 from the model's file makes sampling at temperature 1 deterministic across
     seeds; with the config turning top-k/top-p off, vLLM must not apply the file's top_k
     on its own: the same seeds then give different texts."""
     import torch
 
-    from asteer_build.engine import SteeredEngine
     from asteer_build.pipeline.config import ModelConfig, Sampling
     from asteer_build.pipeline.rollouts import RolloutRequest, run_rollouts
 
@@ -198,18 +198,17 @@ def test_the_engine_samples_with_the_resolved_values_only(gen_model):
     off = resolve_sampling(Sampling(temperature=1.0, top_k=0, top_p=1.0), model)
     assert (from_file.top_k, from_file.top_p, off.top_k, off.top_p) == (1, 0.5, 0, 1.0)
     ids = chat_ids(str(gen_model), ["write a short story about a city"])[0]
-    engine = SteeredEngine(str(gen_model), steer_layers=[2], **engine_args())
-    try:
-        engine.register_vectors({"zero": torch.zeros(128)})
+    # in the test process (conftest.EngineRegistry): vLLM reads the folder's
+    # generation_config.json there as in its own process
+    engine = engines.get(str(gen_model), inprocess=True, steer_layers=[2])
+    engine.register_vectors({"zero": torch.zeros(128)})
 
-        def texts(eff) -> list[str]:
-            reqs = [RolloutRequest(id=f"r{s}", prompt_token_ids=ids, vector="zero", alpha=0.0,
-                                   layer=2, seed=s, max_tokens=12, temperature=eff.temperature,
-                                   top_k=eff.top_k, top_p=eff.top_p) for s in range(4)]
-            return [r.response for r in run_rollouts(engine, reqs)]
+    def texts(eff) -> list[str]:
+        reqs = [RolloutRequest(id=f"r{s}", prompt_token_ids=ids, vector="zero", alpha=0.0,
+                               layer=2, seed=s, max_tokens=12, temperature=eff.temperature,
+                               top_k=eff.top_k, top_p=eff.top_p) for s in range(4)]
+        return [r.response for r in run_rollouts(engine, reqs)]
 
-        fixed, varied = texts(from_file), texts(off)
-    finally:
-        engine.shutdown()
+    fixed, varied = texts(from_file), texts(off)
     assert len(set(fixed)) == 1 and fixed[0], fixed
     assert len(set(varied)) > 1, varied

@@ -131,6 +131,7 @@ def test_missing_extra_or_shifted_columns_are_named(tmp_path):
         concept_level(150)
 
 
+@pytest.mark.slow  # trains and searches every pair (~20-40 s)
 def test_cli_all_trains_evaluates_and_reports_each_pair(release, tmp_path):
     """Both predictor options at two split seeds per pair; the report puts the paper's
     numbers for each pair beside ours (mean, std) with ours - paper."""

@@ -35,7 +35,7 @@ from asteer_build.vectors import (
     load_vectors,
 )
 
-from .conftest import PROMPTS, chat_ids, engine_args
+from .conftest import PROMPTS, chat_ids
 
 LAYER = 2
 STEERABLE = TinyWorldSpec(initializer_range=0.02, embed_scale=3.0)
@@ -48,10 +48,10 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(model):
-    eng = SteeredEngine(model, **engine_args())
-    yield eng
-    eng.shutdown()
+def engine(engines, model):
+    """In the test process (conftest.EngineRegistry): nothing here needs the engine core
+    in a process of its own."""
+    return engines.get(model, inprocess=True)
 
 
 class CountingEngine:
