@@ -93,6 +93,7 @@ def test_one_summary_shape_for_every_executor():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_local_build_reports_each_shard_as_it_commits(tmp_path):
     """One record per shard, delivered while the stage runs: when a record arrives, its
     shard's manifest entry is already saved and later shards are not committed yet."""

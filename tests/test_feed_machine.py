@@ -118,23 +118,23 @@ def test_bad_records_are_refused_naming_the_field(make, message):
 
 # ---- the machine, on the varied tiny model (vLLM CPU) ----------------------------------
 @pytest.fixture(scope="module")
-def engine(varied_model):
-    from asteer_build.engine import SteeredEngine
-
-    from .conftest import engine_args
+def engine(engines, varied_model):
+    """The session's shared tiny-world engine (conftest.SHARED_ENGINE); this module's
+    vectors have names of their own, so the modules sharing it keep theirs."""
+    from .conftest import SHARED_ENGINE
 
     g = torch.Generator().manual_seed(5)
-    eng = SteeredEngine(varied_model, **engine_args(max_num_batched_tokens=64, max_num_seqs=48))
-    eng.register_vectors({"a": torch.randn(128, generator=g), "b": torch.randn(128, generator=g)})
-    yield eng
-    eng.shutdown()
+    eng = engines.get(varied_model, **SHARED_ENGINE)
+    eng.register_vectors({"fa": torch.randn(128, generator=g),
+                          "fb": torch.randn(128, generator=g)})
+    return eng
 
 
 def _reqs(model: str, n: int) -> list[RolloutRequest]:
     from .conftest import PROMPTS, chat_ids
 
     ids = chat_ids(model, [PROMPTS[i % 8] for i in range(n)])
-    return [RolloutRequest(f"r{i}", ids[i], "ab"[i % 2], 1.5, 1 + i % 3,
+    return [RolloutRequest(f"r{i}", ids[i], ("fa", "fb")[i % 2], 1.5, 1 + i % 3,
                            positions=("all", "generated")[i % 5 == 4], seed=40 + i,
                            max_tokens=2 + 5 * (i % 3), temperature=0.8) for i in range(n)]
 
@@ -186,17 +186,17 @@ def test_engine_refuses_untyped_or_out_of_range_records(engine, varied_model):
     ids = _reqs(varied_model, 1)[0].prompt_token_ids
     with pytest.raises(TypeError, match="capture\\[0\\]: expected CaptureSpec or None, got dict"):
         engine.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1),
-                        [SteerSpec("a", 1.0, 1)], capture=[{"key": "k", "steps": [0]}])
+                        [SteerSpec("fa", 1.0, 1)], capture=[{"key": "k", "steps": [0]}])
     with pytest.raises(TypeError, match="pairs\\[0\\]: expected CapturePair, got dict"):
-        engine.collect([CapturePair("s", "r", "a", 1.0, 1, (0,), STEPS).to_wire()])
+        engine.collect([CapturePair("s", "r", "fa", 1.0, 1, (0,), STEPS).to_wire()])
     with pytest.raises(ValueError, match="pairs\\[1\\] \\(s2\\): layer 3 \\+ offset 3 = 6 is "
                                          "past the model's last block 5"):
-        engine.collect([CapturePair("s1", "r1", "a", 1.0, 1, (0,), STEPS),
-                        CapturePair("s2", "r2", "a", 1.0, 3, (0, 3), STEPS)])
+        engine.collect([CapturePair("s1", "r1", "fa", 1.0, 1, (0,), STEPS),
+                        CapturePair("s2", "r2", "fa", 1.0, 3, (0, 3), STEPS)])
     # the engine still serves: a capture under a typed spec comes back typed
     (out,) = engine.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=4),
-                             [SteerSpec("a", 1.0, 1)], capture=[CaptureSpec("k", (0, 1))])
-    (got,) = engine.collect([CapturePair("k", "k", "a", 1.0, 1, (0, 1), (0, 1))])
+                             [SteerSpec("fa", 1.0, 1)], capture=[CaptureSpec("k", (0, 1))])
+    (got,) = engine.collect([CapturePair("k", "k", "fa", 1.0, 1, (0, 1), (0, 1))])
     assert isinstance(got, CollectResult) and got.steps_present == (0, 1)
     assert got.features is not None and got.features.dtype == np.float32
     assert got.activations is None and got.error is None

@@ -138,18 +138,15 @@ def test_plan_refuses_a_layer_past_the_model_and_says_when_it_cannot_check(tmp_p
     assert json.loads(r.stdout)["depth"]["tiny"]["num_hidden_layers"] is None
 
 
-def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3):
+def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3, engines):
     """Bug 1: the ids the probe's requests carry, read back from the engine's outputs,
     are the build's rollout prompt ids for a template with a thinking switch."""
     import numpy as np
 
     from asteer_build.core.prompts import PromptFormat
-    from asteer_build.engine import SteeredEngine
     from asteer_build.pipeline.config import parse_config
     from asteer_build.pipeline.probe import probe_feature_rows
     from asteer_build.pipeline.work import chat_prompt_ids, resolve_model_path
-
-    from .conftest import engine_args
 
     cfg = tiny_config(None)
     cfg["models"][0].update(name="q", path="tinyworld:qwen3")
@@ -165,7 +162,8 @@ def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3):
     # what suggest --live passes: the format train read from the dataset's build.json
     fmt = PromptFormat.from_build({"prompt_format": cfg.prompt_format.as_dict()})
 
-    eng = SteeredEngine(path, **engine_args())
+    # the in-process engine test_engine_archs uses for this model (conftest.EngineRegistry)
+    eng = engines.get(path, inprocess=True, max_num_batched_tokens=64, max_num_seqs=32)
     seen: dict[str, list[int]] = {}
     core = eng.llm.llm_engine
     step = core.step
@@ -183,7 +181,6 @@ def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3):
                                   prompt_format=fmt)
     finally:
         core.step = step
-        eng.shutdown()
     assert len(rows) == 4 and rows["dn_t0_k0"].notna().all()
     sent = {tuple(ids): 0 for ids in build_ids}
     for rid, ids in seen.items():
@@ -194,6 +191,7 @@ def test_the_suggest_probe_sends_the_build_prompt_ids(qwen3):
     assert all(n >= 2 for n in sent.values()), sent  # both alphas of every prompt
 
 
+@pytest.mark.slow
 def test_an_engine_that_fails_to_start_says_why_on_the_terminal(tmp_path):
     """Bug 3: the cause of a failed start is raised in a child process (here the
     worker, loading a model file cut short, as an interrupted copy leaves it); the
