@@ -381,7 +381,7 @@ def test_killed_publish_subprocess_resumes(run_dir, published, tmp_path):
     folder = tmp_path / "killed"
     code = (
         "import os, signal, sys\n"
-        "from asteer_build import publish as pub\n"
+        "from asteer_build.io import publish as pub\n"
         "n = []\n"
         "def hook(p):\n"
         "    n.append(p)\n"
