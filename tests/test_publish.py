@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.server
 import json
 import logging
 import os
@@ -20,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,8 @@ import pytest
 
 from asteer_build.io import publish as pub
 from asteer_build.io.publish import PublishError, PublishOptions
+
+from .hub_support import loopback_hub
 
 # The 300 s bound is each test's own body. The module fixtures below (a real vectors stage:
 # torch + transformers imports, the HF reference, the judge stage) are built once, inside
@@ -414,68 +414,14 @@ def test_dropping_a_config_removes_its_files(run_dir, tmp_path):
 # ------------------------------------------------------------------ token and upload
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """A stand-in Hub that records requests: repo creation succeeds, the rest 404s."""
-
-    log: list[dict] = []
-
-    def _handle(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n) if n else b""
-        self.log.append(
-            {
-                "method": self.command,
-                "path": self.path,
-                "auth": self.headers.get("Authorization"),
-                "body": body,
-            }
-        )
-        if self.command == "POST" and self.path == "/api/repos/create":
-            out = json.dumps(
-                {
-                    "url": f"http://{self.headers['Host']}/datasets/asteer-org/x",
-                    "name": "asteer-org/x",
-                }
-            ).encode()
-            self.send_response(200)
-        elif self.path == "/api/validate-yaml":
-            out = b'{"errors": [], "warnings": []}'
-            self.send_response(200)
-        else:
-            out = b'{"error": "Repository not found"}'
-            self.send_response(404)
-            self.send_header("X-Error-Code", "RepoNotFound")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    do_GET = do_POST = do_PUT = do_HEAD = _handle
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_upload_is_one_call_with_the_right_arguments(published, tmp_path):
     from huggingface_hub.errors import HfHubHTTPError
 
-    _Recorder.log = []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    try:
-        with pytest.raises((HfHubHTTPError, OSError, ValueError)):
-            pub.hub_upload(
-                str(published),
-                "asteer-org/asteer-test",
-                private=True,
-                token=FAKE_TOKEN,
-                endpoint=f"http://127.0.0.1:{srv.server_port}",
-            )
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    create = _Recorder.log[0]
+    with loopback_hub() as (endpoint, log), pytest.raises(
+            (HfHubHTTPError, OSError, ValueError)):
+        pub.hub_upload(str(published), "asteer-org/asteer-test", private=True,
+                       token=FAKE_TOKEN, endpoint=endpoint)
+    create = log[0]
     assert (create["method"], create["path"]) == ("POST", "/api/repos/create")
     assert create["auth"] == f"Bearer {FAKE_TOKEN}"
     body = json.loads(create["body"])
@@ -483,7 +429,7 @@ def test_upload_is_one_call_with_the_right_arguments(published, tmp_path):
     assert body["type"] == "dataset"
     assert body.get("private") is True or body.get("visibility") == "private"
     # Then the folder upload itself, against the dataset repo, authenticated.
-    later = _Recorder.log[1:]
+    later = log[1:]
     assert later and all(r["auth"] == f"Bearer {FAKE_TOKEN}" for r in later)
     assert any("/datasets/asteer-org/asteer-test" in r["path"] for r in later), [
         (r["method"], r["path"]) for r in later

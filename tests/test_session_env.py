@@ -5,15 +5,13 @@ running the loopback-Hub upload in a pytest subprocess with those variables expo
 
 from __future__ import annotations
 
-import http.server
-import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from .conftest import CALLER_VARIABLES
+from .hub_support import loopback_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_FAKEsessionENVtoken0123456789"
@@ -29,35 +27,6 @@ CALLER_ENV = {
     "AWS_ACCESS_KEY_ID": "AKIACALLER",
     "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
 }
-
-
-class _Hub(http.server.BaseHTTPRequestHandler):
-    """A loopback Hub that creates the repo and refuses the rest (as test_publish's)."""
-
-    log: list[tuple[str, str, str | None]] = []
-
-    def _handle(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n:
-            self.rfile.read(n)
-        self.log.append((self.command, self.path, self.headers.get("Authorization")))
-        if self.command == "POST" and self.path == "/api/repos/create":
-            out = json.dumps({"url": f"http://{self.headers['Host']}/datasets/asteer-org/x",
-                              "name": "asteer-org/x"}).encode()
-            self.send_response(200)
-        else:
-            out = b'{"error": "Repository not found"}'
-            self.send_response(404)
-            self.send_header("X-Error-Code", "RepoNotFound")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    do_GET = do_POST = do_PUT = do_HEAD = _handle
-
-    def log_message(self, *args) -> None:
-        pass
 
 
 def test_session_environment_is_pinned():
@@ -81,18 +50,13 @@ def test_hub_upload_reaches_the_loopback_hub(tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# test\n")
-    _Hub.log = []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with loopback_hub() as (endpoint, log):
         with pytest.raises(Exception):  # noqa: B017 - the stand-in Hub 404s the upload
             hub_upload(str(folder), "asteer-org/env-test", private=True, token=TOKEN,
-                       endpoint=f"http://127.0.0.1:{srv.server_port}")
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert _Hub.log[0] == ("POST", "/api/repos/create", f"Bearer {TOKEN}")
-    assert len(_Hub.log) >= 2  # the upload itself was attempted against the loopback Hub
+                       endpoint=endpoint)
+    assert (log[0]["method"], log[0]["path"], log[0]["auth"]) == (
+        "POST", "/api/repos/create", f"Bearer {TOKEN}")
+    assert len(log) >= 2  # the upload itself was attempted against the loopback Hub
 
 
 def test_suite_ignores_the_callers_hf_aws_and_ray_variables():
