@@ -31,14 +31,19 @@ $(STAMP): pyproject.toml $(LOCK_CPU)
 	$(BIN)/python -c "import vllm, transformers.models.llama.modeling_llama, ray, openai, lightgbm"
 	touch $(STAMP)
 
+# Test workers (pytest-xdist). tests/xdist_units.py keeps the modules that share a Ray head,
+# a `vllm serve` or the engine registry on one worker, so each starts once per run.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadscope
+
 # The whole suite, as CI runs it: every failure is reported (no -x), slowest tests last.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) --durations=20 tests
 
 # The edit-test loop: everything but the tests marked `slow` (vLLM engines, `vllm serve`,
 # Ray clusters, builds, the demo).
 test-fast: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) --durations=10 -m "not slow" tests
 
 demo: setup
 	$(BIN)/asteer-build demo --out demo_out

@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+from . import xdist_units
+
 #: what a caller may export that would point the suite's Hub, object-store or Ray steps
 #: somewhere else (or nowhere): HF_HUB_OFFLINE=1, usual on air-gapped clusters, stops the
 #: loopback Hub upload before it is sent; a user's token or endpoint would go with it;
@@ -35,6 +37,13 @@ def _pin_environment() -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # Under xdist (`make test` runs two workers) each worker's engines get a core of their
+    # own: vLLM's CPU backend binds every engine's one OpenMP thread to the first core
+    # (VLLM_CPU_OMP_THREADS_BIND=auto), so two workers' engines would share it.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
 
 
 _pin_environment()
@@ -55,10 +64,26 @@ SLOW_FIXTURES = frozenset({
 })
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # the units are read off the `slow` marks set here
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    xdist_units.worker_collected(config, items)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    xdist_units.configure_controller(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    xdist_units.configure_node(node)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    return xdist_units.make_scheduler(config, log)
 
 
 PROMPTS = [
@@ -260,12 +285,12 @@ def pipeline_reference(tmp_path_factory):
     build; none may write into it."""
     import json
 
-    from .pipeline_support import cli, tiny_config, write_config
+    from .pipeline_support import INPROCESS_ENGINE, cli, tiny_config, write_config
 
     work = tmp_path_factory.mktemp("reference")
     run = work / "ref"
     cfg = write_config(work / "ref.yaml", tiny_config(run))
-    r = cli("run", "--config", str(cfg), "--no-progress")
+    r = cli("run", "--config", str(cfg), "--no-progress", **INPROCESS_ENGINE)
     assert r.returncode == 0, r.stderr[-3000:]
     # No JSON on stdout: a short human summary; the full one is summary.json in the run
     # folder, every engine/library line is in its logs/build.log.
@@ -305,3 +330,5 @@ def judge_server(tmp_path_factory):
             os.environ.pop(KEY_ENV, None)
         else:
             os.environ[KEY_ENV] = old
+
+

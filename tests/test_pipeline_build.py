@@ -1,39 +1,33 @@
-"""End-to-end builds of a tiny config: local, interrupted, rerun, and on a real Ray cluster.
+"""End-to-end local builds of a tiny config: interrupted, rerun, judged again.
 
-One uninterrupted local build is the reference; every other build (SIGKILLed and resumed,
-`--rerun-shards`, `ray job submit` with an actor SIGKILLed mid-shard) must end with
-exactly its item ids and, generation being greedy, byte-identical rows.
+One uninterrupted local build is the reference (conftest.pipeline_reference); every other
+build (SIGKILLed and resumed, `--rerun-shards`; on Ray in test_pipeline_ray) must end with
+exactly its item ids and, generation being greedy, byte-identical rows. The builds here run
+their engine in-process (pipeline_support.INPROCESS_ENGINE).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
-import psutil
-import pyarrow.parquet as pq
 import pytest
 
 from asteer_build.core.testseam import seam_env
-from asteer_build.pipeline.config import parse_config
-from asteer_build.pipeline.plan import make_plan
 from asteer_build.pipeline.shards import read_stage
 
 from .pipeline_support import (
-    BIN,
-    ROOT,
+    INPROCESS_ENGINE,
+    assert_same_build,
     check_no_partial,
     cli,
     committed,
+    expected_ids,
     free_port,
     kill_group,
-    ray_auth_env,
     sha,
     start_cli,
     temp_files,
@@ -57,28 +51,9 @@ def reference(pipeline_reference) -> Path:
     return pipeline_reference
 
 
-def _expected_ids(run: Path) -> list[str]:
-    cfg = parse_config(tiny_config(run))
-    return [i.id for i in make_plan(cfg).items()]
-
-
-def _assert_same_build(run: Path, ref: Path) -> None:
-    check_no_partial(run)
-    assert not temp_files(run)
-    for stage in ("rollouts", "labelled"):
-        got, want = read_stage(str(run), stage), read_stage(str(ref), stage)
-        ids = got.column("id").to_pylist()
-        assert len(ids) == len(set(ids)), f"{stage}: duplicate ids"
-        assert sorted(ids) == sorted(_expected_ids(ref))
-        assert got.equals(want), f"{stage}: rows differ from the uninterrupted build"
-    # Byte-identical shard files, not just equal tables.
-    for name, e in committed(ref, "rollouts").items():
-        assert committed(run, "rollouts")[name]["sha256"] == e["sha256"], name
-
-
 def test_local_build_is_complete_and_labelled(reference):
     t = read_stage(str(reference), "labelled")
-    assert sorted(t.column("id").to_pylist()) == sorted(_expected_ids(reference))
+    assert sorted(t.column("id").to_pylist()) == sorted(expected_ids(reference))
     assert set(t.column("judge_status").to_pylist()) == {"ok"}
     assert set(t.column("label").to_pylist()) <= {0, 1, 2}
     assert set(t.column("judge_rubric").to_pylist()) == {"rules-v1"}  # the rubric's version
@@ -106,7 +81,7 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     run = work / "killed"
     cfg = write_config(work / "killed.yaml", tiny_config(run))
     p = start_cli("run", "--config", str(cfg), "--no-progress",
-                  **seam_env(commit_delay_s=0.5))
+                  **seam_env(commit_delay_s=0.5), **INPROCESS_ENGINE)
     try:
         # Kill while a rollouts shard sits under its temp name, after some are committed.
         wait_for(lambda: len(committed(run, "rollouts")) >= 2 and
@@ -124,7 +99,7 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     # No partial shard is visible: temp names are dot files, committed files check out.
     check_no_partial(run)
     assert all(not f.name.startswith(".") for f in visible_shards(run, "rollouts"))
-    r = cli("run", "--config", str(cfg), "--no-progress", "--json")
+    r = cli("run", "--config", str(cfg), "--no-progress", "--json", **INPROCESS_ENGINE)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # --json: stdout is the summary JSON, nothing else
     assert summary == json.loads((run / "summary.json").read_text())
@@ -139,7 +114,7 @@ def test_sigkill_mid_shard_then_resume_matches_uninterrupted(work, reference):
     # No duplicates: every planned id exactly once, the pre-kill ones among them.
     ids = read_stage(str(run), "rollouts").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 24 and set(before_ids) <= set(ids)
-    _assert_same_build(run, reference)
+    assert_same_build(run, reference)
 
 
 def test_rerun_shards_rewrites_only_those(work, reference):
@@ -149,7 +124,8 @@ def test_rerun_shards_rewrites_only_those(work, reference):
     files = {p: (p.stat().st_mtime_ns, sha(p)) for st in ("rollouts", "labelled")
              for p in visible_shards(run, st)}
     time.sleep(0.05)
-    r = cli("run", "--config", str(cfg), "--no-progress", "--rerun-shards", "1,4", "--json")
+    r = cli("run", "--config", str(cfg), "--no-progress", "--rerun-shards", "1,4", "--json",
+            **INPROCESS_ENGINE)
     assert r.returncode == 0, r.stderr[-3000:]
     ro = json.loads(r.stdout)["rollouts"]
     assert ro["shards_run"] == 2
@@ -158,133 +134,13 @@ def test_rerun_shards_rewrites_only_those(work, reference):
         rewritten = p.stem in ("shard-000001", "shard-000004")
         assert (p.stat().st_mtime_ns != mtime) == rewritten, p
         assert sha(p) == digest, p  # greedy: same bytes again
-    _assert_same_build(run, reference)
+    assert_same_build(run, reference)
     # A config edit that changes items is refused, naming the remedy.
     edited = tiny_config(run)
     edited["alphas"]["diffmean"] = [1.0, 2.0, 6.0]
     r = cli("run", "--config", str(write_config(work / "edited.yaml", edited)), timeout=60)
     assert r.returncode == 3
     assert "refusing to build" in r.stderr and "--out" in r.stderr
-
-
-# --- Ray ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(ray_head) -> str:
-    """The session's local cluster (conftest.ray_head), token authentication on: its
-    dashboard address, where `ray job` submits."""
-    return ray_head[1]
-
-
-@pytest.fixture(scope="module")
-def client_env(ray_token):
-    return ray_auth_env(ray_token)
-
-
-def _job(addr: str, e: dict[str, str], *args: str,
-         timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", addr], cwd=ROOT,
-                          env=e, capture_output=True, text=True, timeout=timeout)
-
-
-def test_ray_job_submit_without_the_token_is_refused(ray_cluster, client_env, work):
-    """Auth is really on: a client without the cluster's token (none in RAY_AUTH_TOKEN_PATH,
-    RAY_AUTH_TOKEN or its home) or with a wrong one gets Ray's own error, and no job runs."""
-    home = work / "no-token-home"
-    home.mkdir(exist_ok=True)
-    no_token = {k: v for k, v in client_env.items() if k != "RAY_AUTH_TOKEN_PATH"}
-    no_token["HOME"] = str(home)
-    r = _job(ray_cluster, no_token, "submit", "--no-wait", "--", "true", timeout=60)
-    # Ray 2.60 raises AuthenticationError or, on the submit path, aborts in its C++ token
-    # loader; both say this.
-    assert r.returncode != 0
-    assert "Token authentication is enabled but Ray couldn't find an authentication token" \
-        in r.stderr, r.stderr[-3000:]
-    wrong = dict(no_token, RAY_AUTH_TOKEN=secrets.token_hex(32))
-    r = _job(ray_cluster, wrong, "submit", "--no-wait", "--", "true", timeout=60)
-    assert r.returncode != 0 and "ray.exceptions.AuthenticationError" in r.stderr, \
-        r.stderr[-3000:]
-    unset = {k: v for k, v in no_token.items() if k != "RAY_AUTH_MODE"}
-    r = _job(ray_cluster, unset, "submit", "--no-wait", "--", "true", timeout=60)
-    assert r.returncode != 0 and "ray.exceptions.AuthenticationError" in r.stderr, \
-        r.stderr[-3000:]
-    r = _job(ray_cluster, client_env, "list", timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert "entrypoint='true'" not in r.stdout + r.stderr
-
-
-def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, client_env):
-    run = work / "ray"
-    pids = work / "actor-pids"
-    cfg = write_config(work / "ray.yaml", tiny_config(run))
-    # As cluster/runtime_env.yaml does with the GPU lock: driver and actors check theirs.
-    runtime_env = {"env_vars": {**seam_env(actor_pid_dir=str(pids), commit_delay_s=0.5),
-                                "ASTEER_REQUIRE_LOCK": "requirements/cpu.txt",
-                                "TOKENIZERS_PARALLELISM": "false"}}
-    sub_id = f"asteer-test-{os.getpid()}"
-    r = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", ".",
-         "--submission-id", sub_id, "--no-wait", "--runtime-env-json", json.dumps(runtime_env),
-         "--", "asteer-build", "run", "--config", str(cfg), "--executor", "ray",
-         "--no-progress", "--json"],
-        cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    victims: list[psutil.Process] = []
-    try:
-        first = wait_for(lambda: list(pids.glob("*.pid")), 300, "the engine actor")
-        pid = int(first[0].read_text())
-        wait_for(lambda: len(committed(run, "rollouts")) >= 1 and
-                 any(f.parent.name == "rollouts" for f in temp_files(run)),
-                 300, "a rollouts shard mid-commit on the actor")
-        proc = psutil.Process(pid)
-        victims = [proc, *proc.children(recursive=True)]
-        # the engine's processes run at normal priority, not Ray's worker niceness 15
-        # (raising priority needs root, which this suite has where it runs as root)
-        engine_nice = {v.nice() for v in victims[1:]}
-        for v in victims:  # the actor and its engine processes, as a lost node would
-            try:
-                v.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        done_at_kill = len(committed(run, "rollouts"))
-        assert done_at_kill < 6
-
-        def finished():
-            r = _job(ray_cluster, client_env, "status", sub_id, timeout=60)
-            s = (r.stdout + r.stderr).lower()
-            return next((x for x in ("succeeded", "failed", "stopped") if x in s), None)
-
-        status = wait_for(finished, 400, "the Ray job", poll=2.0)
-        logs = _job(ray_cluster, client_env, "logs", sub_id, timeout=60).stdout
-        assert status == "succeeded", logs[-4000:]
-    finally:
-        for v in victims:
-            try:
-                v.kill()
-            except psutil.NoSuchProcess:
-                pass
-    assert "lost" in logs and "[ray] summary" in logs and "[ray] tiny#0" in logs
-    assert len(list(pids.glob("*.pid"))) >= 2  # a replacement actor took over
-    summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex('{\n "run"'):])
-    assert summary["rollouts"]["requeued"] >= 1
-    # one commit record per shard; the killed actor's shards name it in their retry cause
-    records = summary["rollouts"]["shards"]
-    assert sorted(x["shard"] for x in records) == [f"shard-{i:06d}" for i in range(6)]
-    assert {x["actor"] for x in records} == {"tiny#0"}
-    retried = [x for x in records if x["attempts"] > 1]
-    assert retried and all(x["pid"] != pid for x in retried)
-    for x in retried:
-        assert len(x["retry_causes"]) == x["attempts"] - 1
-        assert f"tiny#0 (pid {pid})" in x["retry_causes"][0], x["retry_causes"]
-    assert sum(x["pid"] == pid for x in records) >= done_at_kill
-    assert engine_nice and (engine_nice == {0} if os.geteuid() == 0 else True)
-    assert [a["niceness"] for a in summary["rollouts"]["actors"]] == \
-        [0 if os.geteuid() == 0 else 15]
-    (t_first, t_last), = summary["rollouts"]["generate_windows"].values()
-    assert abs((t_last - t_first) - summary["rollouts"]["generate_seconds"]) < 0.011
-    _assert_same_build(run, reference)
-    assert pq.read_metadata(run / "labelled" / "shard-000005.parquet").num_rows == 4
 
 
 def test_judge_failures_are_recorded_then_rerun_failed_relabels(work, reference):
