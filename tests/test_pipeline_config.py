@@ -61,6 +61,23 @@ def test_vectors_section_maps_onto_the_stage_settings():
     assert parse_config(tiny_config(None, vectors=None)).vectors.pool == "vllm"
 
 
+def test_pca_is_a_method_with_its_own_alpha_grid():
+    from asteer_build.pipeline.config import METHODS
+    from asteer_build.pipeline.plan import make_plan
+    from asteer_build.vectors.settings import METHODS as STAGE_METHODS
+
+    assert METHODS == STAGE_METHODS  # the config's list is the stage's
+    cfg = parse_config(tiny_config(None, methods=["diffmean", "pca"],
+                                   alphas={"diffmean": [1.0, 3.0], "pca": [2.0, 4.0, 8.0]}))
+    assert cfg.vectors.methods == ("diffmean", "pca")
+    items = list(make_plan(cfg).items())
+    assert sorted({(i.method, i.alpha) for i in items if i.method == "pca"}) == \
+        [("pca", 2.0), ("pca", 4.0), ("pca", 8.0)]
+    assert len(items) == 2 * 2 * (2 + 3)  # concepts x prompts x alphas of both methods
+    with pytest.raises(ConfigError, match=r"methods\[1\].*known: diffmean, probe, pca"):
+        parse_config(tiny_config(None, methods=["diffmean", "pcaa"]))
+
+
 def test_unreachable_output_via_flag_names_the_flag(tmp_path):
     (tmp_path / "file").write_text("x")
     err = _run_bad(tmp_path, tiny_config(None), "--out", str(tmp_path / "file" / "sub"))

@@ -74,13 +74,14 @@ def _read(folder: Path) -> dict[str, bytes]:
 
 def test_vllm_vectors_match_hf_reference(engine, model, tmp_path):
     cs = tiny_concepts()[:4]
-    a = build_vectors(model, cs, tmp_path / "vllm", VectorSettings(LAYER, METHODS, bank_size=12),
+    methods = [*METHODS, "pca"]
+    a = build_vectors(model, cs, tmp_path / "vllm", VectorSettings(LAYER, methods, bank_size=12),
                       engine=engine)
     b = build_vectors(model, cs, tmp_path / "hf", VectorSettings(
-        LAYER, METHODS, pool="hf", bank_size=12, device="cpu"))
+        LAYER, methods, pool="hf", bank_size=12, device="cpu"))
     va, _ = load_vectors(_read(tmp_path / "vllm"))
     vb, _ = load_vectors(_read(tmp_path / "hf"))
-    assert sorted(va) == sorted(vb) == sorted(f"{m}/{c.concept_id}" for m in METHODS
+    assert sorted(va) == sorted(vb) == sorted(f"{m}/{c.concept_id}" for m in methods
                                                 for c in cs)
     for k in va:
         assert va[k].dtype == torch.float32 and va[k].shape == (128,)
@@ -92,9 +93,43 @@ def test_vllm_vectors_match_hf_reference(engine, model, tmp_path):
         assert a["diffmean"][c.concept_id]["probe_accuracy"] is None
         assert a["diffmean"][c.concept_id]["norm"] == pytest.approx(
             float(va[f"diffmean/{c.concept_id}"].double().norm()))
-    # the two methods are different vectors, not one written twice
+        # PCA at DiffMean's length, a direction of its own
+        assert a["pca"][c.concept_id]["norm"] == pytest.approx(
+            a["diffmean"][c.concept_id]["norm"], rel=1e-5)
+    # the methods are different vectors, not one written twice
     c0 = cs[0].concept_id
     assert not torch.allclose(va[f"diffmean/{c0}"], va[f"probe/{c0}"])
+    assert not torch.allclose(va[f"diffmean/{c0}"], va[f"pca/{c0}"])
+
+
+def test_pca_is_the_first_component_of_the_paired_differences():
+    """Pairs whose difference varies in strength along one axis: PCA finds that axis,
+    points it to the positive side and gives it DiffMean's length; swapping the sides
+    flips it; too few or identical pairs are refused."""
+    from asteer_build.vectors.methods import diffmean, make_vector, pca_direction
+    from asteer_build.vectors.settings import ProbeSettings
+
+    rng = np.random.default_rng(0)
+    hidden, n = 16, 24
+    u = rng.standard_normal(hidden)
+    u /= np.linalg.norm(u)
+    neg = rng.standard_normal((n, hidden)).astype(np.float32)
+    strength = np.linspace(0.5, 3.0, n)[:, None]
+    pos = (neg + 4 * strength * u + 0.05 * rng.standard_normal((n, hidden))).astype(np.float32)
+    v = pca_direction(pos, neg).double().numpy()
+    assert np.linalg.norm(v) == pytest.approx(float(diffmean(pos, neg).double().norm()),
+                                              rel=1e-6)
+    assert v @ u / np.linalg.norm(v) > 0.99
+    d = pos.astype(np.float64) - neg.astype(np.float64)
+    first = np.linalg.svd(d - d.mean(0))[2][0]  # numpy's own PCA of the centred pairs
+    assert abs(v @ first) / np.linalg.norm(v) == pytest.approx(1.0, abs=1e-9)
+    torch.testing.assert_close(pca_direction(neg, pos), -pca_direction(pos, neg))
+    vec, acc = make_vector("pca", pos, neg, ProbeSettings())
+    assert acc is None and torch.equal(vec, pca_direction(pos, neg))
+    with pytest.raises(ValueError, match=r"pca: needs at least 2 contrast pairs, got 1"):
+        pca_direction(pos[:1], neg)
+    with pytest.raises(ValueError, match="pca: the 24 contrast differences are all equal"):
+        pca_direction(np.round(neg) + 1, np.round(neg))  # exact: integers in float32
 
 
 def _authors_format_banks(root: Path, concepts: list[Concept], n: int) -> None:

@@ -37,7 +37,9 @@ __all__ = [
     "load_config", "parse_config", "check_output", "METHODS", "TINYWORLD",
 ]
 
-METHODS = ("diffmean", "probe")
+#: the vector methods (vectors.settings.METHODS, kept here so a config parses without
+#: importing the vectors stage)
+METHODS = ("diffmean", "probe", "pca")
 TINYWORLD = "tinyworld"
 SEED_POLICIES = ("item", "fixed", "none")
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

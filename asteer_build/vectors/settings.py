@@ -40,7 +40,9 @@ from typing import Any
 
 __all__ = ["METHODS", "POOLS", "ProbeSettings", "VectorSettings"]
 
-METHODS = ("diffmean", "probe")
+METHODS = ("diffmean", "probe", "pca")
+#: the seed paper's two, the default where no methods are named
+PAPER_METHODS = ("diffmean", "probe")
 POOLS = ("vllm", "hf")
 
 
@@ -91,7 +93,7 @@ class VectorSettings:
     config field (`vectors.<field>`, or `methods`)."""
 
     layer: int
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = PAPER_METHODS
     pool: str = "vllm"
     bank_size: int = 32
     seed: int = 0

@@ -1,4 +1,4 @@
-"""The vectors stage: contrast banks -> pooled states -> DiffMean / LinearProbe vectors,
+"""The vectors stage: contrast banks -> pooled states -> one vector per method and concept,
 written as one model's vector files.
 
 Files per model: `<method>.safetensors` (one float32 tensor per concept id) and

@@ -213,7 +213,8 @@ def dataset_card(
     out += [f"# ASTEER steerability dataset: `{cfg.get('name', 'build')}`", ""]
     out += [
         "Each row of the default config is one **steered generation**: a language model, a "
-        "concept steering vector (DiffMean or LinearProbe) added with strength `alpha` to "
+        "concept steering vector (DiffMean, LinearProbe or PCA: `method`) added with strength "
+        "`alpha` to "
         "the residual stream at the output of decoder block `layer` at every position, one "
         "prompt, the full response, and a judge's label of whether the steering worked: "
         "`0` under-steer, `1` success, `2` over-steer. The `features` config holds "
@@ -357,7 +358,10 @@ def dataset_card(
             "mean(positive) - mean(negative); LinearProbe is the weight of a bias-free "
             "logistic probe trained as the reference trains it (AdamW, lr 5e-3, weight "
             "decay 1e-3, 10 full-batch epochs, BCE plus 0.01 x the weight's L2 norm, not "
-            "its square), from a seeded init.",
+            "its square), from a seeded init."
+            + (" PCA is the first principal component of the paired differences (positive "
+               "text i minus negative text i, centred), pointed to the positive side and "
+               "scaled to DiffMean's norm." if "pca" in (cfg.get("methods") or ()) else ""),
             "",
         ]
     doc = _feature_doc()
