@@ -375,8 +375,8 @@ def test_bad_input_fails_clearly(engine, model, tmp_path):
                                                  ["the water is good", "water"])},
                         tmp_path / "x", VectorSettings(LAYER, ["diffmean"]),
                         Pooling(engine_pooler(engine), no_bos, engine.num_layers, "vllm"))
-    with pytest.raises(ValueError, match="unknown method"):
-        build_vectors(model, cs, tmp_path / "x", VectorSettings(LAYER, ["pca"], bank_size=4),
+    with pytest.raises(ValueError, match=r"\[.ica.\] \(known: diffmean, probe, pca\)"):
+        build_vectors(model, cs, tmp_path / "x", VectorSettings(LAYER, ["ica"], bank_size=4),
                       engine=engine)
     # sources
     (tmp_path / "dup.json").write_text(json.dumps([
