@@ -227,3 +227,62 @@ def test_batch_judge_stage_survives_sigkill_while_polling(work, reference):
         if f.is_file():
             assert key.encode() not in f.read_bytes(), f
     assert key not in first_log and key not in r.stderr and key not in r.stdout
+
+
+def test_pca_and_file_vectors_build_end_to_end(work, reference):
+    """`methods: [diffmean, probe, pca, file]` on the small config, with capture: the build
+    completes; the `file` vectors are the reference build's own DiffMean (re-keyed
+    `<concept_id>/<layer>`), so their rows equal the diffmean rows' tokens and features
+    per (concept, prompt, alpha). A file missing a concept stops the run naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from asteer_build.core.feature_names import feature_names
+
+    dm = load_file(str(reference / "vectors" / "tiny" / "diffmean.safetensors"))
+    mine = save_file({f"{cid}/2": v for cid, v in dm.items()}, str(work / "mine.safetensors"))
+    del mine
+    methods = ["diffmean", "probe", "pca", "file"]
+    run = work / "four-methods"
+    steps, offsets = (0, 1), (0, 1)
+    cfg = tiny_config(run, methods=methods, alphas={m: [1.0, 3.0, 6.0] for m in methods},
+                      vectors={"bank_size": 16, "file": {"path": "mine.safetensors"}},
+                      capture={"steps": list(steps), "offsets": list(offsets)})
+    r = cli("run", "--config", str(write_config(work / "four.yaml", cfg)), "--no-progress",
+            **INPROCESS_ENGINE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_stage(str(run), "labelled").to_pylist()
+    assert len(rows) == 48 == len({x["id"] for x in rows})
+    assert {x["method"] for x in rows} == set(methods)
+    assert {x["judge_status"] for x in rows} == {"ok"}
+    feats = {x["id"]: x for x in read_stage(str(run), "features").to_pylist()}
+    assert len(feats) == 48
+    for x in rows:
+        x.update({k: v for k, v in feats[x["id"]].items() if k not in x})
+    by = {(x["method"], x["concept_id"], x["prompt_id"], x["alpha"]): x for x in rows}
+    same = ["response", "response_tokens", "finish_reason", "vector_norm",
+            *feature_names(steps, offsets)]
+    for (m, cid, pid, a), x in by.items():
+        if m == "file":
+            d = by[("diffmean", cid, pid, a)]
+            assert {k: x[k] for k in same} == {k: d[k] for k in same}, (cid, pid, a)
+    # PCA is a vector of its own: its rows' features are not the diffmean rows' again (the
+    # tiny model's greedy text is one token repeated, whatever the vector)
+    names = feature_names(steps, offsets)
+    differ = [k for k in by if k[0] == "pca" and
+              [by[k][n] for n in names] != [by[("diffmean", *k[1:])][n] for n in names]]
+    assert len(differ) == 12, differ
+    index = json.loads((run / "vectors" / "tiny" / "index.json").read_text())
+    assert index["file"]["tw-ocean"]["source"] == str(work / "mine.safetensors")
+    assert index["pca"]["tw-ocean"]["norm"] == pytest.approx(
+        index["diffmean"]["tw-ocean"]["norm"], rel=1e-5)
+    # a file without tw-robot's vector: refused naming the concept and the layer
+    save_file({"tw-ocean/2": dm["tw-ocean"]}, str(work / "partial.safetensors"))
+    cfg = dict(cfg, output=str(work / "partial-run"),
+               vectors={"bank_size": 16, "file": {"path": "partial.safetensors"}})
+    r = cli("run", "--config", str(write_config(work / "partial.yaml", cfg)), "--no-progress",
+            **INPROCESS_ENGINE)
+    assert r.returncode != 0
+    assert "no vector for concept 'tw-robot' at layer 2 (key 'tw-robot/2'; it has none " \
+        "for it)" in r.stderr, r.stderr[-3000:]
+    assert not (work / "partial-run" / "rollouts").exists() or not visible_shards(
+        work / "partial-run", "rollouts")

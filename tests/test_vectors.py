@@ -8,6 +8,7 @@ no DiffMean vector moves a concept's token rate and the steering checks would be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -130,6 +131,96 @@ def test_pca_is_the_first_component_of_the_paired_differences():
         pca_direction(pos[:1], neg)
     with pytest.raises(ValueError, match="pca: the 24 contrast differences are all equal"):
         pca_direction(np.round(neg) + 1, np.round(neg))  # exact: integers in float32
+
+
+def _save_keyed(path: Path, vecs: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in vecs.items()}, str(path))
+    return path
+
+
+def test_a_vector_file_is_checked_naming_the_concept_and_the_layer(tmp_path):
+    """`file` vectors: every configured concept at the configured layer, one finite,
+    non-zero float vector each; anything else is refused naming concept, layer and key."""
+    from asteer_build.vectors.vector_files import VectorFile, VectorFileError, read_vector_file
+
+    good = {"tw-ocean/2": torch.ones(8), "tw-robot/2": torch.arange(8.0),
+            "tw-robot/3": torch.ones(8)}
+    f = _save_keyed(tmp_path / "v.safetensors", good)
+    vecs, source = read_vector_file(VectorFile(path=str(f)), ["tw-ocean", "tw-robot"], 2, 8)
+    assert torch.equal(vecs["tw-robot"], torch.arange(8.0))
+    assert source == {"source": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    cases = [
+        (good, ["tw-ocean", "tw-city"], 2, 8,
+         "no vector for concept 'tw-city' at layer 2 (key 'tw-city/2'; it has none for it)"),
+        (good, ["tw-robot"], 4, 8,
+         "no vector for concept 'tw-robot' at layer 4 (key 'tw-robot/4'; it has layers "
+         "[2, 3] for it)"),
+        ({"tw-ocean/2": torch.ones(2, 4)}, ["tw-ocean"], 2, None,
+         "concept 'tw-ocean' at layer 2 (key 'tw-ocean/2'): shape (2, 4), expected one vector"),
+        ({"tw-ocean/2": torch.ones(6)}, ["tw-ocean"], 2, 8,
+         "(key 'tw-ocean/2'): 6 values, the model's residual stream has 8"),
+        ({"tw-ocean/2": torch.tensor([1.0, float("nan")])}, ["tw-ocean"], 2, None,
+         "(key 'tw-ocean/2'): NaN or inf values"),
+        ({"tw-ocean/2": torch.zeros(4)}, ["tw-ocean"], 2, None, "(key 'tw-ocean/2'): all zeros"),
+        ({"tw-ocean/2": torch.ones(4, dtype=torch.int64)}, ["tw-ocean"], 2, None,
+         "(key 'tw-ocean/2'): dtype torch.int64, expected a float tensor"),
+    ]
+    for i, (tensors, ids, layer, hidden, msg) in enumerate(cases):
+        bad = _save_keyed(tmp_path / f"bad{i}.safetensors", tensors)
+        with pytest.raises(VectorFileError) as e:
+            read_vector_file(VectorFile(path=str(bad)), ids, layer, hidden)
+        assert str(e.value).startswith(f"vectors.file: {bad}: ") and msg in str(e.value), \
+            (msg, str(e.value))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(VectorFileError, match="junk.safetensors is not a safetensors file"):
+        read_vector_file(VectorFile(path=str(tmp_path / "junk.safetensors")), ["a"], 2)
+    with pytest.raises(VectorFileError, match="vectors.file.path: no such file"):
+        read_vector_file(VectorFile(path=str(tmp_path / "none.safetensors")), ["a"], 2)
+    # the settings: the method and the file go together
+    for kw, msg in [
+        ({"methods": ["diffmean", "file"]}, "vectors.file: required by method 'file'"),
+        ({"methods": ["diffmean"], "file": {"path": str(f)}},
+         r"vectors.file is set \(.*\) but methods \['diffmean'\] has no 'file'"),
+        ({"methods": ["file"], "file": {"path": "a", "hub": "o/r"}},
+         "set exactly one of path and hub"),
+        ({"methods": ["file"], "file": {"url": "a"}}, r"vectors.file.url: unknown field"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            VectorSettings(LAYER, **kw)
+    assert VectorSettings(LAYER, ["file"], file={"hub": "org/vecs", "revision": "v1"}
+                          ).file.where() == "hf://org/vecs@v1/vectors.safetensors"
+
+
+def test_file_vectors_are_written_as_given_beside_pooled_ones(engine, model, tmp_path):
+    """Our DiffMean vectors brought back as a `file`: the same tensors, bit for bit, with
+    their source in the index; a file alone needs no banks; a file as wide as another model
+    is refused against the pooled width."""
+    cs = tiny_concepts()[:3]
+    idx = build_vectors(model, cs, tmp_path / "dm", VectorSettings(LAYER, ["diffmean"],
+                                                                   bank_size=8), engine=engine)
+    dm, _ = load_vectors(_read(tmp_path / "dm"))
+    f = _save_keyed(tmp_path / "mine.safetensors",
+                    {f"{c.concept_id}/{LAYER}": dm[f"diffmean/{c.concept_id}"] for c in cs})
+    both = build_vectors(model, cs, tmp_path / "both", VectorSettings(
+        LAYER, ["diffmean", "file"], bank_size=8, file={"path": str(f)}), engine=engine)
+    got, norms = load_vectors(_read(tmp_path / "both"))
+    for c in cs:
+        assert torch.equal(got[f"file/{c.concept_id}"], got[f"diffmean/{c.concept_id}"])
+        e = both["file"][c.concept_id]
+        assert e["source"] == str(f) and e["key"] == f"{c.concept_id}/{LAYER}"
+        assert e["norm"] == pytest.approx(idx["diffmean"][c.concept_id]["norm"], rel=1e-6)
+    alone = build_vectors("no/such-model", cs, tmp_path / "alone", VectorSettings(
+        LAYER, ["file"], file={"path": str(f)}))  # no banks, no model, no engine
+    assert list(alone) == ["file"] and (tmp_path / "alone" / "file.safetensors").exists()
+    wide = _save_keyed(tmp_path / "wide.safetensors",
+                       {f"{c.concept_id}/{LAYER}": torch.ones(64) for c in cs})
+    from asteer_build.vectors.vector_files import VectorFileError
+
+    with pytest.raises(VectorFileError, match=r"64 values, the model's residual stream has 128"):
+        build_vectors(model, cs, tmp_path / "w", VectorSettings(
+            LAYER, ["diffmean", "file"], bank_size=8, file={"path": str(wide)}), engine=engine)
 
 
 def _authors_format_banks(root: Path, concepts: list[Concept], n: int) -> None:

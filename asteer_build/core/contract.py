@@ -68,7 +68,7 @@ JUDGE_STATUSES = ("ok", "failed", "pending")
 ROLLOUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("id", pa.string()),  # hash of model/method/concept/prompt/layer/alpha/sample
     pa.field("model", pa.string()),
-    pa.field("method", pa.string()),  # diffmean | probe | pca
+    pa.field("method", pa.string()),  # diffmean | probe | pca | file
     pa.field("concept_id", pa.string()),
     pa.field("concept", pa.string()),
     pa.field("concept_level", pa.string()),  # low | mid | high

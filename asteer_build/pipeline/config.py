@@ -39,7 +39,7 @@ __all__ = [
 
 #: the vector methods (vectors.settings.METHODS, kept here so a config parses without
 #: importing the vectors stage)
-METHODS = ("diffmean", "probe", "pca")
+METHODS = ("diffmean", "probe", "pca", "file")
 TINYWORLD = "tinyworld"
 SEED_POLICIES = ("item", "fixed", "none")
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -393,7 +393,7 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
         prompt_format=prompt_format, base_dir=base_dir, written=written,
     )
-    if not vectors.has_banks:
+    if not vectors.has_banks and vectors.pooled_methods:  # `file` alone needs no banks
         from ..inputs.tinyworld import is_tiny_model
 
         real = [m.name for m in models if not is_tiny_model(m.path)]

@@ -86,4 +86,10 @@ def vectors_section(section: Any, layer: int, methods: tuple[str, ...],
         if "://" not in path and not os.path.isabs(path):
             path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
         section = {**section, "banks": {**banks, "path": path}}
+    vfile = section.get("file")
+    if isinstance(vfile, dict) and isinstance(vfile.get("path"), str):
+        path = os.path.expanduser(vfile["path"])
+        if "://" not in path and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(base_dir, path))
+        section = {**section, "file": {**vfile, "path": path}}
     return VectorSettings.from_section(section, layer=layer, methods=methods)

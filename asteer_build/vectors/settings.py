@@ -14,6 +14,8 @@ come from the config's top level):
         pattern: "training/{concept_id}.json"
         revision: null      # a branch, tag or commit; null: main, pinned at first file
       bank_dir: null        # or a folder of banks written by `build_banks`
+      file: null            # the `file` method's vectors: {path: FILE} or {hub: REPO,
+                            # filename: NAME} (`vector_files`)
       bank_size: 32         # texts per side of the tiny world's template banks
       seed: 0               # template banks and the probe's init
       cache_dir: null       # per-concept vector cache, so a killed stage resumes
@@ -40,7 +42,7 @@ from typing import Any
 
 __all__ = ["METHODS", "POOLS", "ProbeSettings", "VectorSettings"]
 
-METHODS = ("diffmean", "probe", "pca")
+METHODS = ("diffmean", "probe", "pca", "file")
 #: the seed paper's two, the default where no methods are named
 PAPER_METHODS = ("diffmean", "probe")
 POOLS = ("vllm", "hf")
@@ -99,6 +101,7 @@ class VectorSettings:
     seed: int = 0
     banks: Any = None
     bank_dir: str | None = None
+    file: Any = None
     cache_dir: str | None = None
     probe_epochs: int = 10
     probe_lr: float = 0.005
@@ -131,6 +134,17 @@ class VectorSettings:
             if self.bank_dir is not None:
                 raise ValueError(f"vectors.banks and vectors.bank_dir are both set "
                                  f"({self.banks.where()}, {self.bank_dir}): keep one")
+        if self.file is not None:
+            from .vector_files import VectorFile
+
+            set_(self, "file", VectorFile.from_section(self.file))
+            if "file" not in methods:
+                raise ValueError(f"vectors.file is set ({self.file.where()}) but methods "
+                                 f"{list(methods)} has no 'file': add it, or drop vectors.file")
+        elif "file" in methods:
+            raise ValueError("vectors.file: required by method 'file': a safetensors file "
+                             "with one vector per concept and layer, {path: FILE} or "
+                             "{hub: REPO, filename: NAME}")
         if self.device is not None and not isinstance(self.device, str):
             raise ValueError(f"vectors.device: expected a torch device name (got "
                              f"{self.device!r})")
@@ -142,6 +156,11 @@ class VectorSettings:
     def has_banks(self) -> bool:
         """Whether banks are configured (else only the tiny world's templates apply)."""
         return self.banks is not None or self.bank_dir is not None
+
+    @property
+    def pooled_methods(self) -> tuple[str, ...]:
+        """The methods computed from pooled contrast-bank states (all but `file`)."""
+        return tuple(m for m in self.methods if m != "file")
 
     @property
     def probe(self) -> ProbeSettings:

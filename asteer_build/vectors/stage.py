@@ -1,5 +1,6 @@
-"""The vectors stage: contrast banks -> pooled states -> one vector per method and concept,
-written as one model's vector files.
+"""The vectors stage: contrast banks -> pooled states -> one vector per method and concept
+(the `file` method's come from the user's file instead: `vector_files`), written as one
+model's vector files.
 
 Files per model: `<method>.safetensors` (one float32 tensor per concept id) and
 `index.json` ({method: {concept_id: {norm, layer, bank_size, probe_accuracy, ...}}}).
@@ -35,6 +36,7 @@ from .banks import Bank, BankError, bank_path, check_bank, load_bank, plan_reque
 from .methods import make_vector
 from .pooling import Pooling, open_pooling, tokenize_texts
 from .settings import ProbeSettings, VectorSettings
+from .vector_files import VectorFileError, file_key, read_vector_file
 from .writers import TemplateWriter
 
 __all__ = ["build_vectors", "compute_vectors", "stage_banks", "load_vectors"]
@@ -100,15 +102,28 @@ def build_vectors(model_path: str, concepts: Sequence[Concept], out_dir: str | P
     """The stage end to end: write `<method>.safetensors` + `index.json` into `out_dir`
     and return the index. `engine`: a running `SteeredEngine` to pool on (else one is
     started for `pool: vllm`); `banks`: texts handed in, overriding the configured ones."""
+    ids = [c.concept_id for c in concepts]
+    # the user's own vectors are read first: a file that misses a concept fails before an
+    # engine starts
+    file_vecs = _read_file_vectors(settings, ids) if "file" in settings.methods else None
+    if not settings.pooled_methods:  # only `file`: no banks, no pooling
+        return _write_files(Path(out_dir), settings, ids, {}, file_vecs)
     bank_objs = stage_banks(concepts, settings, banks, model_path=model_path)
     with open_pooling(model_path, settings, engine) as pooling:
         return compute_vectors(model_path, bank_objs, out_dir, settings, pooling,
-                               on_concept=on_concept)
+                               on_concept=on_concept, file_vectors=file_vecs)
+
+
+FileVectors = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def _read_file_vectors(s: VectorSettings, ids: Sequence[str]) -> FileVectors:
+    return read_vector_file(s.file, ids, int(s.layer))
 
 
 def _fingerprint(model_id: str, s: VectorSettings, probe: ProbeSettings, kind: str,
                  b: Bank) -> str:
-    key = {"model": model_id, "layer": int(s.layer), "methods": sorted(s.methods),
+    key = {"model": model_id, "layer": int(s.layer), "methods": sorted(s.pooled_methods),
            "probe": probe.as_dict(), "bank": b.digest(), "pool": kind, "v": 2}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -136,7 +151,7 @@ def _concept_vectors(s: VectorSettings, probe: ProbeSettings, kind: str, b: Bank
         raise RuntimeError(f"{b.concept_id}: non-finite pooled states at layer {s.layer}")
     tens: dict[str, torch.Tensor] = {}
     ents: dict[str, dict[str, Any]] = {}
-    for meth in s.methods:
+    for meth in s.pooled_methods:
         v, acc = make_vector(meth, pos, neg, probe)
         tens[meth] = v.contiguous()
         ents[meth] = {"norm": float(v.double().norm()), "layer": int(s.layer),
@@ -160,9 +175,11 @@ def _bank_ids(tokenizer: Any, cid: str, side: str, texts: Sequence[str]) -> list
 def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Path,
                     settings: VectorSettings, pooling: Pooling, *,
                     concepts_per_call: int | None = None,
-                    on_concept: OnConcept | None = None) -> dict[str, Any]:
+                    on_concept: OnConcept | None = None,
+                    file_vectors: FileVectors | None = None) -> dict[str, Any]:
     """Vectors for every bank (checked by `stage_banks`), pooled with `pooling`; concepts
-    already in `settings.cache_dir` under the same fingerprint are read back, not pooled."""
+    already in `settings.cache_dir` under the same fingerprint are read back, not pooled.
+    The `file` method's vectors come from `file_vectors` (read here when not given)."""
     from safetensors.torch import save_file
 
     s, layer, num_layers = settings, settings.layer, pooling.num_layers
@@ -210,13 +227,39 @@ def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Pat
             if on_concept:
                 on_concept(cid, ents)
 
-    out = Path(out_dir)
+    if "file" in s.methods and file_vectors is None:
+        file_vectors = _read_file_vectors(s, list(banks))
+    if file_vectors is not None and s.pooled_methods:
+        for cid in banks:  # as wide as the residual stream the banks were pooled from
+            width = next(iter(results[cid][0].values())).shape[0]
+            if file_vectors[0][cid].shape[0] != width:
+                raise VectorFileError(
+                    f"vectors.file: {s.file.where()}: concept {cid!r} at layer {layer} (key "
+                    f"{file_key(cid, layer)!r}): {file_vectors[0][cid].shape[0]} values, the "
+                    f"model's residual stream has {width}")
+    return _write_files(Path(out_dir), s, list(banks), results, file_vectors)
+
+
+def _write_files(out: Path, s: VectorSettings, ids: Sequence[str],
+                 results: Mapping[str, Result], file_vectors: FileVectors | None
+                 ) -> dict[str, Any]:
+    """`<method>.safetensors` per method and `index.json`, in concept order."""
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {m: {} for m in s.methods}
     for meth in s.methods:
-        tensors = {cid: results[cid][0][meth] for cid in banks}
-        for cid in banks:
-            index[meth][cid] = results[cid][1][meth]
+        if meth == "file":
+            vecs, source = file_vectors
+            tensors = {cid: vecs[cid] for cid in ids}
+            for cid in ids:
+                index[meth][cid] = {"norm": float(vecs[cid].double().norm()),
+                                    "layer": int(s.layer), "probe_accuracy": None,
+                                    "key": file_key(cid, s.layer), **source}
+        else:
+            tensors = {cid: results[cid][0][meth] for cid in ids}
+            for cid in ids:
+                index[meth][cid] = results[cid][1][meth]
         save_file(tensors, str(out / f"{meth}.safetensors"))
     (out / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
     return index

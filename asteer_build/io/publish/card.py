@@ -213,7 +213,8 @@ def dataset_card(
     out += [f"# ASTEER steerability dataset: `{cfg.get('name', 'build')}`", ""]
     out += [
         "Each row of the default config is one **steered generation**: a language model, a "
-        "concept steering vector (DiffMean, LinearProbe or PCA: `method`) added with strength "
+        "concept steering vector (DiffMean, LinearProbe, PCA or a file of the builder's: "
+        "`method`) added with strength "
         "`alpha` to "
         "the residual stream at the output of decoder block `layer` at every position, one "
         "prompt, the full response, and a judge's label of whether the steering worked: "
@@ -361,7 +362,9 @@ def dataset_card(
             "its square), from a seeded init."
             + (" PCA is the first principal component of the paired differences (positive "
                "text i minus negative text i, centred), pointed to the positive side and "
-               "scaled to DiffMean's norm." if "pca" in (cfg.get("methods") or ()) else ""),
+               "scaled to DiffMean's norm." if "pca" in (cfg.get("methods") or ()) else "")
+            + (" `file` vectors were brought by the builder (`index.json` names their source "
+               "file and its sha256)." if "file" in (cfg.get("methods") or ()) else ""),
             "",
         ]
     doc = _feature_doc()
