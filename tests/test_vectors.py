@@ -466,7 +466,7 @@ def test_bad_input_fails_clearly(engine, model, tmp_path):
                                                  ["the water is good", "water"])},
                         tmp_path / "x", VectorSettings(LAYER, ["diffmean"]),
                         Pooling(engine_pooler(engine), no_bos, engine.num_layers, "vllm"))
-    with pytest.raises(ValueError, match=r"\[.ica.\] \(known: diffmean, probe, pca\)"):
+    with pytest.raises(ValueError, match=r"\[.ica.\] \(known: diffmean, probe, pca, file\)"):
         build_vectors(model, cs, tmp_path / "x", VectorSettings(LAYER, ["ica"], bank_size=4),
                       engine=engine)
     # sources
