@@ -193,6 +193,32 @@ def test_a_vector_file_is_checked_naming_the_concept_and_the_layer(tmp_path):
                           ).file.where() == "hf://org/vecs@v1/vectors.safetensors"
 
 
+def test_a_vector_file_from_a_hub_repo(tmp_path, monkeypatch):
+    """`{hub: REPO}`: fetched with hf_hub_download (here from a hub cache laid out as it
+    leaves one, offline), its source named as an hf:// path; a file the repo does not
+    have is an error naming it."""
+    import huggingface_hub.constants as hc
+
+    from asteer_build.vectors.vector_files import VectorFile, VectorFileError, read_vector_file
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "hub" / "models--org--vecs"
+    (root / "snapshots" / commit).mkdir(parents=True)
+    snap = _save_keyed(root / "snapshots" / commit / "vectors.safetensors",
+                       {"tw-ocean/2": torch.arange(1.0, 9.0)})
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    vecs, source = read_vector_file(VectorFile(hub="org/vecs"), ["tw-ocean"], 2, 8)
+    assert torch.equal(vecs["tw-ocean"], torch.arange(1.0, 9.0))
+    assert source == {"source": "hf://org/vecs/vectors.safetensors",
+                      "sha256": hashlib.sha256(snap.read_bytes()).hexdigest()}
+    with pytest.raises(VectorFileError, match=r"vectors.file: cannot fetch "
+                       r"hf://org/vecs/sae\.safetensors: LocalEntryNotFoundError"):
+        read_vector_file(VectorFile(hub="org/vecs", filename="sae.safetensors"), ["a"], 2)
+
+
 def test_file_vectors_are_written_as_given_beside_pooled_ones(engine, model, tmp_path):
     """Our DiffMean vectors brought back as a `file`: the same tensors, bit for bit, with
     their source in the index; a file alone needs no banks; a file as wide as another model

@@ -81,9 +81,14 @@ class VectorFile:
                 raise VectorFileError(f"vectors.file.path: no such file {self.path!r}")
             return p
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-        return Path(hf_hub_download(self.hub, self.filename, repo_type=self.repo_type,
-                                    revision=self.revision))
+        try:
+            return Path(hf_hub_download(self.hub, self.filename, repo_type=self.repo_type,
+                                        revision=self.revision))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+            raise VectorFileError(f"vectors.file: cannot fetch {self.where()}: "
+                                  f"{type(e).__name__}: {e}") from e
 
 
 def read_vector_file(vf: VectorFile, concept_ids: Sequence[str], layer: int,
