@@ -29,8 +29,8 @@ SHARED_FIXTURES = ("ray_head", "engines", "judge_server")
 UNITS_KEY = "asteer_units_file"
 
 
-def _module(item: pytest.Item) -> str:
-    return item.nodeid.split("::", 1)[0]
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 def work_units(items: list[pytest.Item]) -> dict[str, str]:
@@ -44,7 +44,7 @@ def work_units(items: list[pytest.Item]) -> dict[str, str]:
         return x
 
     for item in items:
-        mod = find(_module(item))
+        mod = find(_module(item.nodeid))
         for name in SHARED_FIXTURES:
             if name in getattr(item, "fixturenames", ()):
                 parent[find(f"fixture:{name}")] = mod
@@ -60,10 +60,10 @@ def order_by_unit(items: list[pytest.Item], unit_of: dict[str, str]) -> None:
     stats: dict[str, list[int]] = {}  # unit -> [first resource it uses, -slow tests, index]
     for i, item in enumerate(items):
         names = getattr(item, "fixturenames", ())
-        s = stats.setdefault(unit_of[_module(item)], [len(SHARED_FIXTURES), 0, i])
+        s = stats.setdefault(unit_of[_module(item.nodeid)], [len(SHARED_FIXTURES), 0, i])
         s[0] = min([s[0]] + [SHARED_FIXTURES.index(f) for f in SHARED_FIXTURES if f in names])
         s[1] -= item.get_closest_marker("slow") is not None
-    items.sort(key=lambda it: stats[unit_of[_module(it)]])
+    items.sort(key=lambda it: stats[unit_of[_module(it.nodeid)]])
 
 
 def worker_collected(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -93,8 +93,7 @@ def make_scheduler(config: pytest.Config, log):
         def _split_scope(self, nodeid: str) -> str:
             if self._units is None:
                 self._units = json.loads(Path(config._asteer_units).read_text())
-            module = nodeid.split("::", 1)[0]
-            return self._units.get(module, module)
+            return self._units.get(_module(nodeid), _module(nodeid))
 
     config.option.loadscopereorder = False
     return UnitScheduling(config, log)

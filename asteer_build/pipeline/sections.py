@@ -74,22 +74,17 @@ def capture_section(capture: Any) -> CaptureSettings | None:
 
 def vectors_section(section: Any, layer: int, methods: tuple[str, ...],
                     base_dir: str) -> VectorSettings:
-    """With `layer` and `methods` from the config's top level; a bank folder is relative
-    to the config file, like `concepts:` and `prompts:`."""
+    """With `layer` and `methods` from the config's top level; a bank folder and a vector
+    file are relative to the config file, like `concepts:` and `prompts:`."""
     from ..vectors.settings import VectorSettings
 
     if not isinstance(section, dict):
         raise ValueError(f"vectors: expected a mapping (got {section!r})")
-    banks = section.get("banks")
-    if isinstance(banks, dict) and isinstance(banks.get("path"), str):
-        path = banks["path"]
-        if "://" not in path and not os.path.isabs(path):
-            path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
-        section = {**section, "banks": {**banks, "path": path}}
-    vfile = section.get("file")
-    if isinstance(vfile, dict) and isinstance(vfile.get("path"), str):
-        path = os.path.expanduser(vfile["path"])
-        if "://" not in path and not os.path.isabs(path):
-            path = os.path.normpath(os.path.join(base_dir, path))
-        section = {**section, "file": {**vfile, "path": path}}
+    for key in ("banks", "file"):  # a bank folder, the `file` method's file
+        sub = section.get(key)
+        if isinstance(sub, dict) and isinstance(sub.get("path"), str):
+            path = sub["path"]
+            if "://" not in path and not os.path.isabs(path):
+                path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+            section = {**section, key: {**sub, "path": path}}
     return VectorSettings.from_section(section, layer=layer, methods=methods)

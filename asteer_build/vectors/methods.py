@@ -87,7 +87,7 @@ def pca_direction(pos: np.ndarray, neg: np.ndarray) -> torch.Tensor:
     v = vt[0]
     if float(mean @ v) < 0:
         v = -v
-    scale = float(np.linalg.norm(pos.astype(np.float64).mean(0) - neg.astype(np.float64).mean(0)))
+    scale = float(diffmean(pos, neg).double().norm())  # the norm index.json records
     return torch.from_numpy((v * scale).astype(np.float32))
 
 
