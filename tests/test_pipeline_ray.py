@@ -39,11 +39,6 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(pipeline_reference) -> Path:
-    return pipeline_reference
-
-
-@pytest.fixture(scope="module")
 def ray_cluster(ray_head) -> str:
     """The session's local cluster (conftest.ray_head), token authentication on: its
     dashboard address, where `ray job` submits."""
@@ -87,7 +82,8 @@ def test_ray_job_submit_without_the_token_is_refused(ray_cluster, client_env, wo
     assert "entrypoint='true'" not in r.stdout + r.stderr
 
 
-def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, client_env):
+def test_ray_job_with_actor_sigkill_matches_local(work, pipeline_reference, ray_cluster,
+                                                  client_env):
     run = work / "ray"
     pids = work / "actor-pids"
     cfg = write_config(work / "ray.yaml", tiny_config(run))
@@ -156,5 +152,5 @@ def test_ray_job_with_actor_sigkill_matches_local(work, reference, ray_cluster, 
         [0 if os.geteuid() == 0 else 15]
     (t_first, t_last), = summary["rollouts"]["generate_windows"].values()
     assert abs((t_last - t_first) - summary["rollouts"]["generate_seconds"]) < 0.011
-    assert_same_build(run, reference)
+    assert_same_build(run, pipeline_reference)
     assert pq.read_metadata(run / "labelled" / "shard-000005.parquet").num_rows == 4
