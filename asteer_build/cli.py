@@ -4,6 +4,7 @@
     asteer-build run --config CONFIG [--out DIR] [--executor local|ray]
                      [--rerun-shards 3,17] [--rerun-failed] [--stages vectors,rollouts,judge]
     asteer-build status RUN_DIR
+    asteer-build check [CONFIG] [--model NAME_OR_PATH] [--device cpu|cuda] [--tp N]
     asteer-build import [HUB_ID|FOLDER] --out FOLDER [--method M] [--model M] [--repo ORG/NAME]
 
 `plan` and `status` print JSON on stdout (plus a table for `plan`; `plan --json` also
@@ -158,6 +159,68 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     return st
 
 
+def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
+    from .pipeline.check import CheckOptions, report_path, run_check
+
+    out = args.out or report_path(args.model or args.config)
+    opts = CheckOptions(
+        config=args.config, model=args.model, device=args.device, tp=args.tp,
+        layer=args.layer, prompts=args.prompts, new_tokens=args.new_tokens,
+        throughput_requests=args.throughput_requests,
+        throughput_tokens=args.throughput_tokens, reference_only=args.reference_only,
+        out=out)
+    with quiet_for(args, out.with_suffix(".log"), "asteer-build check"):
+        report = run_check(opts)
+    for name, c in report["checks"].items():
+        print(f"  {name:<24} {'PASS' if c.get('pass') else 'FAIL'}", file=sys.stderr)
+    tp = report.get("throughput")
+    if tp:
+        h = tp["engine_hours"]
+        print(f"  throughput: {tp['tok_s']:,.0f} tok/s ({tp['requests']} requests x "
+              f"{tp['tokens_per_request']} tokens at the config's shape)\n"
+              f"  this config: ~{h['engine_hours']:,.3g} engine-hours on this machine "
+              f"(generated tokens only, every model at this speed)", file=sys.stderr)
+    print(f"asteer-build check: {'PASS' if report['passed'] else 'FAIL'} -> "
+          f"{report['report_path']}", file=sys.stderr)
+    if not report["passed"]:
+        raise CheckFailed(f"check failed: {', '.join(report['failed'])} "
+                          f"(report: {report['report_path']})")
+    return report
+
+
+class CheckFailed(Exception):
+    """A pre-flight check failed (exit status 1; the report names it)."""
+
+
+def _add_check_command(sub: Any) -> None:
+    sp = sub.add_parser(
+        "check", help="pre-flight: steering on your model and machine against the HF "
+        "reference, and the config's engine-hours at this machine's speed")
+    sp.add_argument("config", nargs="?", default="asteer-paper",
+                    help="a config file or a packaged config (default: asteer-paper); its "
+                    "engine arguments, layer, capture and sampling are used")
+    sp.add_argument("--model", help="a model of the config by name, or any path / Hub id "
+                    "(then with the engine arguments of the config's first model)")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="where the HF reference runs (default: cuda when available)")
+    sp.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
+    sp.add_argument("--layer", type=int, default=None, help="default: the config's layer")
+    sp.add_argument("--prompts", type=int, default=4)
+    sp.add_argument("--new-tokens", type=int, default=16)
+    sp.add_argument("--throughput-requests", type=int, default=None, metavar="N",
+                    help="requests in the throughput run (default: the engine's "
+                    "max_num_seqs, at most 256; 0 skips it)")
+    sp.add_argument("--throughput-tokens", type=int, default=128, metavar="N")
+    sp.add_argument("--reference-only", action="store_true",
+                    help="only the HF half (a machine without vLLM)")
+    from pathlib import Path
+
+    sp.add_argument("--out", type=Path, default=None, help="the JSON report (default: "
+                    "$ASTEER_CACHE/check/, else ~/.cache/asteer/check/)")
+    add_output_flags(sp)
+    sp.set_defaults(fn=cmd_check)
+
+
 def cmd_import(args: argparse.Namespace) -> dict[str, Any]:
     from .io.authors.importer import import_and_upload
 
@@ -241,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_publish_command(sub)
     _add_import_command(sub)
+    _add_check_command(sub)
     from .demo import add_demo_command
 
     add_demo_command(sub)
@@ -269,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildRefused as e:
         print(f"asteer-build: {e}", file=sys.stderr)
         return 3
+    except CheckFailed as e:
+        print(f"asteer-build: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"asteer-build: error: {e}{console.log_hint()}", file=sys.stderr)
         return 2

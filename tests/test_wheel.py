@@ -3,6 +3,7 @@ data and nothing reads files relative to the source tree."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -35,8 +36,9 @@ def installed(tmp_path_factory) -> Path:
     return target
 
 
-def _run(target: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(target))  # the wheel ahead of .venv's editable
+def _run(target: Path, cwd: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    # the wheel ahead of .venv's editable install
+    env = dict(os.environ, PYTHONPATH=str(target), **extra_env)
     env.pop("PYTHONSAFEPATH", None)
     # The paper config reads the authors' files from the Hub: no network in tests, and a
     # cache miss then counts from `expect:` (tests/test_paper_sources.py reads a cache).
@@ -84,3 +86,22 @@ def test_installed_train_cli_and_a_missing_config(installed, tmp_path):
     assert r.returncode == 2
     assert "file not found (got 'configs/no-such.yaml'); packaged configs: asteer-paper, demo" \
         in r.stderr
+
+
+@pytest.mark.slow  # an engine start and the HF reference (~15 s)
+def test_installed_check_passes_on_tiny_llama3(installed, tmp_path):
+    """The pre-flight from the wheel, outside the checkout: its third tiny architecture
+    (tests/test_check.py runs the other two and the breaks from the checkout)."""
+    from asteer_build.inputs.tinyworld import build_arch_model
+
+    from .pipeline_support import INPROCESS_ENGINE
+
+    model = str(build_arch_model("llama3"))
+    r = _run(installed, tmp_path, "asteer-build", "check", "demo", "--model", model,
+             "--throughput-requests", "8", "--out", "check.json", **INPROCESS_ENGINE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["passed"] and report["versions"]["asteer"]
+    assert report["checks"]["reference_tokens"]["first_divergence"] == [None] * 16
+    log = (tmp_path / "check.log").read_text()
+    assert "cpu-v1 adapter" in log  # the engine's own lines went to the log

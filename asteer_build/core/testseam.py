@@ -20,6 +20,12 @@ Hooks (name: value type; who sets it; what it does):
 - `actor_pid_dir`: folder path; tests/test_pipeline_build.py (the Ray actor SIGKILL
   test). Each Ray engine actor writes `<pid>.pid` there once its engine is up, so a
   test finds the process to kill, and sees its replacement start.
+- `check_break`: one of `CHECK_BREAKS`; tests/test_check.py. Breaks the steered engine
+  on purpose so `asteer-build check` can be seen to catch each fault: `addition` (the
+  row holds `v`, whatever alpha), `position_mode` (every mode steers from position 0),
+  `capture_layer` (block l's capture lands in block l + 1's slot), `mixed_batch` (every
+  steered token of a step reads the first steered request's row). Read once when the
+  worker's steering state and capture buffer are built.
 - `bench_lengths`: path of a JSON file `{item id: response length}`;
   benchmarks/bench_build.py. Each listed request runs exactly that many tokens
   (`ignore_eos`, per-request `max_tokens`), giving a build the reference workload's
@@ -39,7 +45,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_VAR", "HOOKS", "hook", "seam_env"]
+__all__ = ["CHECK_BREAKS", "ENV_VAR", "HOOKS", "hook", "seam_env"]
 
 ENV_VAR = "ASTEER_TEST_SEAM"
 
@@ -48,7 +54,9 @@ HOOKS: dict[str, tuple[tuple[type, ...], str]] = {
     "commit_delay_s": ((int, float), "a number of seconds"),
     "actor_pid_dir": ((str,), "a folder path"),
     "bench_lengths": ((str,), "a JSON file path"),
+    "check_break": ((str,), "one of addition, position_mode, capture_layer, mixed_batch"),
 }
+CHECK_BREAKS = ("addition", "position_mode", "capture_layer", "mixed_batch")
 
 
 def hook(name: str) -> Any:
@@ -98,5 +106,6 @@ def _check(hooks: dict[str, Any], where: str) -> None:
         if name not in HOOKS:
             raise ValueError(f"{where}: unknown hook {name!r} (hooks: {', '.join(HOOKS)})")
         types, what = HOOKS[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) or not isinstance(value, types) or (
+                name == "check_break" and value not in CHECK_BREAKS):
             raise ValueError(f"{where}: {name}: expected {what} (got {value!r})")

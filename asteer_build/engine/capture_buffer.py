@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.testseam import hook as seam_hook
 from .spec import MAX_CAPTURE_STEP
 from .staging import StagedArrays
 
@@ -233,6 +234,8 @@ class CaptureBuffer:
     def make_post_hook(self, layer: int):
         """After block `layer` (and after its steering): copy the residual stream."""
         post = self.post
+        if seam_hook("check_break") == "capture_layer":  # a deliberate fault (testseam)
+            layer = min(layer + 1, self.num_layers - 1)
         branches = self.allow_python_branches
 
         def capture_post(module, args, output):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.testseam import hook as seam_hook
 from .spec import POSITION_MODES, steer_start
 
 logger = logging.getLogger("asteer.engine")
@@ -96,6 +97,8 @@ class SteeringState:
         self.layer_refs = np.zeros(len(self.steer_layers), dtype=np.int64)
         self.rejected = 0
         self.generation = 0  # bumped whenever the request -> row map changes
+        # `asteer-build check`'s deliberate faults (core.testseam); None in a real run
+        self._break = seam_hook("check_break")
 
     # ---- vectors (RPC) -------------------------------------------------------------
     def register_vectors(self, vectors: dict[str, bytes]) -> dict[str, str]:
@@ -143,13 +146,15 @@ class SteeringState:
                 )
             row = self._free_rows.pop()
             layer = int(spec["l"])
-            delta = float(spec["a"]) * self.vectors[spec["v"]]
+            alpha = 1.0 if self._break == "addition" else float(spec["a"])
+            delta = alpha * self.vectors[spec["v"]]
             self.tables[self.slot_of_layer[layer], row].copy_(delta.to(self.dtype))
             entry = _Row(row=row, layer=layer, refs=0)
             self._rows_by_fp[fp] = entry
             self.layer_refs[self.slot_of_layer[layer]] += 1
         entry.refs += 1
-        self.requests[req_id] = (entry.row, fp, steer_start(spec["p"], prompt_len))
+        start = 0 if self._break == "position_mode" else steer_start(spec["p"], prompt_len)
+        self.requests[req_id] = (entry.row, fp, start)
         self.generation += 1
         return entry.row
 
@@ -215,6 +220,8 @@ class SteeringState:
         dirty = self._dirty[turn]
         n = int(num_scheduled_req.sum())
         if self.requests and rows_req.any():
+            if self._break == "mixed_batch":
+                rows_req = np.where(rows_req > 0, rows_req[rows_req > 0][0], 0)
             tok_rows = np.repeat(rows_req, num_scheduled_req)
             # Offset of each token within its request's chunk, against the offset where
             # the request's steering window starts (both relative to num_computed).
