@@ -38,7 +38,7 @@ def test_seam_is_off_unless_set(monkeypatch):
     from asteer_build.core import testseam
 
     monkeypatch.delenv(testseam.ENV_VAR, raising=False)
-    assert [testseam.hook(h) for h in testseam.HOOKS] == [None, None, None]
+    assert [testseam.hook(h) for h in testseam.HOOKS] == [None] * 4
     monkeypatch.setenv(testseam.ENV_VAR, "")
     assert testseam.hook("commit_delay_s") is None
 
@@ -63,7 +63,10 @@ def test_seam_reads_an_object_or_a_file(tmp_path, monkeypatch):
     ("{nope", "ASTEER_TEST_SEAM: not valid JSON"),
     ("[1, 2]", "ASTEER_TEST_SEAM: expected a JSON object {hook: value} (got list)"),
     ('{"commit_delay": 0.5}', "ASTEER_TEST_SEAM: unknown hook 'commit_delay' (hooks: "
-                              "commit_delay_s, actor_pid_dir, bench_lengths)"),
+                              "commit_delay_s, actor_pid_dir, bench_lengths, "
+                              "check_break)"),
+    ('{"check_break": "steer"}', "ASTEER_TEST_SEAM: check_break: expected one of addition, "
+                                 "position_mode, capture_layer, mixed_batch (got 'steer')"),
     ('{"commit_delay_s": "0.5"}', "ASTEER_TEST_SEAM: commit_delay_s: expected a number of "
                                   "seconds (got '0.5')"),
     ('{"commit_delay_s": true}', "ASTEER_TEST_SEAM: commit_delay_s: expected a number of "
