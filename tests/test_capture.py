@@ -170,7 +170,11 @@ def test_pooled_prompt_states_match_hf_and_repeat_bit_identically(engine, varied
     for i, x in enumerate(ids):
         want = ref.residual_stream(x, None, [2])[2][1:].mean(0).numpy()
         np.testing.assert_allclose(got[i], want, atol=2e-5, rtol=1e-5)
-    assert np.array_equal(engine.pool_hidden(ids, layer=2), got)
+    again, norms = engine.pool_hidden(ids, layer=2, with_norms=True)
+    assert np.array_equal(again, got)  # bit-identical on a repeat
+    for i, x in enumerate(ids):  # and each text's mean token norm, for `alpha_units: norm`
+        want = ref.residual_stream(x, None, [2])[2][1:].norm(dim=-1).mean().item()
+        assert norms[i] == pytest.approx(want, rel=1e-5)
     assert not np.allclose(engine.pool_hidden(ids, layer=3), got)
     with pytest.raises(ValueError, match="layer 6 out of range"):
         engine.pool_hidden(ids, layer=6)

@@ -299,8 +299,9 @@ def test_pool_release_keeps_the_mean_on_the_device_until_taken():
     pool.make_hook(0)(None, (), (h, torch.zeros(3, H)))
     pool.release("p")
     assert pool.store["kp"].device == pool.sum.device
-    got = pool.take("kp")
-    assert got is not None and torch.equal(got, torch.ones(H))
+    got = pool.take("kp")  # the mean state, then the mean token norm (sqrt(H) here)
+    assert got is not None and torch.equal(got[:H], torch.ones(H))
+    assert got[H].item() == pytest.approx(H ** 0.5)
     assert pool.sum[0].sum() == H  # the unpooled BOS went to the sink slot
 
 

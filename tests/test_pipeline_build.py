@@ -229,6 +229,43 @@ def test_batch_judge_stage_survives_sigkill_while_polling(work, reference):
     assert key not in first_log and key not in r.stderr and key not in r.stdout
 
 
+def test_alpha_units_norm_build(work):
+    """`alpha_units: norm`: the vectors stage measures the banks' mean residual norm m at
+    the layer (`residual_norm.json`, only in this mode), the engine adds alpha x m x
+    v / ||v|| (the captured stream moves by exactly alpha x m at the steered layer), and
+    each row records the raw multiple alpha x m / ||v|| it applied."""
+    import numpy as np
+
+    run = work / "norm-units"
+    cfg = tiny_config(run, alphas={"diffmean": [0.5, 1.0], "probe": [0.5, 1.0]},
+                      alpha_units="norm", vectors={"bank_size": 16},
+                      capture={"steps": [0, 1], "offsets": [0, 1], "activations": True})
+    r = cli("run", "--config", str(write_config(work / "norm.yaml", cfg)), "--no-progress",
+            **INPROCESS_ENGINE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rn = json.loads((run / "vectors" / "tiny" / "residual_norm.json").read_text())
+    m = rn["mean_token_norm"]
+    assert rn["alpha_units"] == "norm" and rn["layer"] == 2 and m > 0
+    assert rn["texts"] == 2 * 2 * 16 and len(rn["per_concept"]) == 2
+    rows = read_stage(str(run), "labelled").to_pylist()
+    assert len(rows) == 16 and {x["judge_status"] for x in rows} == {"ok"}
+    for x in rows:
+        assert x["alpha_raw"] == pytest.approx(x["alpha"] * m / x["vector_norm"], rel=1e-6)
+    # probe vectors are not DiffMean's length: the same alpha is a different raw multiple
+    raw = {x["method"]: x["alpha_raw"] / x["alpha"] for x in rows if x["concept_id"] ==
+           "tw-ocean"}
+    assert raw["probe"] != pytest.approx(raw["diffmean"], rel=0.05)
+    acts = {x["id"]: x for x in read_stage(str(run), "activations").to_pylist()}
+    for x in rows:
+        a = acts[x["id"]]
+        added = np.asarray(a["steered"][0][0], np.float32) - np.asarray(a["steered_pre"][0],
+                                                                        np.float32)
+        # float16 storage of states of norm ~m: a few 1e-3 relative
+        assert float(np.linalg.norm(added)) == pytest.approx(x["alpha"] * m, rel=5e-3)
+    feats = {x["id"]: x for x in read_stage(str(run), "features").to_pylist()}
+    assert all(feats[x["id"]]["alpha"] == pytest.approx(x["alpha"]) for x in rows)
+
+
 def test_pca_and_file_vectors_build_end_to_end(work, reference):
     """`methods: [diffmean, probe, pca, file]` on the small config, with capture: the build
     completes; the `file` vectors are the reference build's own DiffMean (re-keyed

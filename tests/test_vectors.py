@@ -61,9 +61,9 @@ class CountingEngine:
     def __init__(self, engine: SteeredEngine) -> None:
         self.engine, self.pooled = engine, 0
 
-    def pool_hidden(self, prompts, layer, skip=1):
+    def pool_hidden(self, prompts, layer, skip=1, **kw):
         self.pooled += len(prompts)
-        return self.engine.pool_hidden(prompts, layer, skip)
+        return self.engine.pool_hidden(prompts, layer, skip, **kw)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

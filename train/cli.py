@@ -36,6 +36,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         "`asteer-build import` from their result files, whose response_tokens are joined "
         "on (model, method, concept, prompt, alpha) so the strength search can run",
     )
+    p.add_argument(
+        "--alpha-feature",
+        choices=("alpha", "alpha_raw"),
+        default="alpha",
+        help="the strength the predictor reads: alpha (the config's units; norm units "
+        "for an `alpha_units: norm` build) or alpha_raw (the multiple of v applied)",
+    )
     p.add_argument("--model", help="model name (needed if the dataset has several)")
     p.add_argument("--method", help="diffmean | probe (needed if several)")
     p.add_argument("--out", required=True, help="output folder")
@@ -278,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                 split_seeds=_csv(a.split_seeds, int),
                 transfer=a.transfer,
                 lengths=a.lengths,
+                alpha_feature=a.alpha_feature,
                 **_fit_kwargs(a),
             )
             print(json.dumps(summary, indent=2))
             return 0
-        data = with_lengths(load_dataset(a.data, a.model, a.method), a.lengths)
+        data = with_lengths(load_dataset(a.data, a.model, a.method, alpha=a.alpha_feature),
+                            a.lengths)
         print(json.dumps(data.report), file=sys.stderr)
         if a.cmd == "fit":
             (option,) = _options(a.predictor_option) or ("default",)

@@ -35,6 +35,7 @@ ROLLOUT_COLUMNS = (
     "concept_level",
     "prompt_id",
     "alpha",
+    "alpha_raw",
     "vector_norm",
     "response_tokens",
     "label",
@@ -130,13 +131,19 @@ def list_pairs(source: str | Path) -> list[tuple[str, str]]:
 
 
 def load_dataset(
-    source: str | Path, model: str | None = None, method: str | None = None
+    source: str | Path, model: str | None = None, method: str | None = None,
+    alpha: str = "alpha",
 ) -> LoadedData:
     """Join features and labelled rollouts of one (model, method).
 
     If the dataset holds several pairs, ``model``/``method`` must pick one; a single
-    pair is selected automatically so the tiny world needs no flags.
+    pair is selected automatically so the tiny world needs no flags. ``alpha``: the
+    column the ``alpha`` feature (and the strength search's grid) reads, ``alpha`` (the
+    config's units) or ``alpha_raw`` (the multiple of v applied; they differ only for an
+    ``alpha_units: norm`` build).
     """
+    if alpha not in ("alpha", "alpha_raw"):
+        raise DatasetError(f"alpha: expected alpha or alpha_raw (got {alpha!r})")
     root = resolve_source(source)
     if authors.is_authors_layout(root) and not _parquet_files(root, "rollouts"):
         model, method = _choose_pair(authors.list_pairs(root), model, method)
@@ -189,6 +196,12 @@ def load_dataset(
         columns=[c for c in features.columns if c in rollouts.columns and c != "id"]
     )
     frame = rollouts.merge(features, on="id", how="inner", validate="one_to_one")
+    if alpha == "alpha_raw":
+        if "alpha_raw" not in frame.columns or frame["alpha_raw"].isna().any():
+            raise DatasetError(f"{root}: --alpha-feature alpha_raw: the rollouts of "
+                               f"({model}, {method}) have no alpha_raw column (a dataset "
+                               "built before it was recorded)")
+        frame["alpha"] = frame["alpha_raw"]
     missing_features = len(rollouts) - len(frame)
     if frame.empty:
         raise DatasetError(f"no labelled rollout of ({model}, {method}) has a feature row")
@@ -213,6 +226,7 @@ def load_dataset(
         "dropped_missing_features": int(missing_features),
         "rows_used": len(frame),
         "n_features": len(feature_cols),
+        "alpha_feature": alpha,
         "label_counts": {
             CLASS_NAMES[k]: int(v) for k, v in frame["label"].value_counts().sort_index().items()
         },

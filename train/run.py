@@ -229,6 +229,7 @@ def run_all(
     report: bool = True,
     transfer: bool = False,
     lengths: str | Path | None = None,
+    alpha_feature: str = "alpha",
     **fit_kwargs,
 ) -> dict:
     """Fit + evaluate + search in one call; returns the headline numbers and writes
@@ -259,7 +260,7 @@ def run_all(
                 f"{m}__{me}": run_all(
                     root, out / f"{m}__{me}", m, me, n_trials, seed, num_threads, ks,
                     probe_tokens, length, predictors, seeds, False, lengths=lengths,
-                    **fit_kwargs,
+                    alpha_feature=alpha_feature, **fit_kwargs,
                 )
                 for m, me in pairs
             }
@@ -270,7 +271,8 @@ def run_all(
                     root, out, transfer, seeds, n_trials, num_threads))
             return summary
         dataset_folder = root
-    data = with_lengths(load_dataset(dataset_folder, model, method), lengths)
+    data = with_lengths(load_dataset(dataset_folder, model, method, alpha=alpha_feature),
+                        lengths)
     single = len(predictors) == 1 and len(seeds) == 1
     runs = [
         _run_one(

@@ -163,6 +163,7 @@ def generate(
                     "layer": pa.array(np.full(n, 10), pa.int32()),
                     "alpha": a,
                     "vector_norm": norm_c[ci],
+                    "alpha_raw": a,
                     "seed": pa.array(np.arange(n), pa.int64()),
                     "response": ["..."] * n,
                     "response_tokens": pa.array(length, pa.int32()),

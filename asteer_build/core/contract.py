@@ -77,6 +77,9 @@ ROLLOUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("layer", pa.int32()),
     pa.field("alpha", pa.float64()),
     pa.field("vector_norm", pa.float32()),
+    # the multiple of v the engine added: alpha with `alpha_units: raw` (the paper's),
+    # alpha x m / ||v|| with `norm` (m: the banks' mean residual norm at the layer)
+    pa.field("alpha_raw", pa.float64()),
     pa.field("seed", pa.int64()),
     pa.field("response", pa.string()),
     pa.field("response_tokens", pa.int32()),

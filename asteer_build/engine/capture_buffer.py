@@ -287,6 +287,9 @@ class PoolBuffer:
         # Slot 0 is the sink of tokens nobody pools (graph-safe hooks add every token
         # somewhere); it is never handed out nor read.
         self.sum = torch.zeros(slots + 1, hidden_size, dtype=torch.float32, device=device)
+        # the sum of each pooled token's L2 norm: the mean residual norm that strengths in
+        # norm units (`alpha_units: norm`) are relative to, from the same pass
+        self.norm_sum = torch.zeros(slots + 1, dtype=torch.float32, device=device)
         self.slots = slots
         self._free = list(range(slots, 0, -1))
         # Per scheduled token: its pooling slot (0 = none) and layer (-1 = none); one
@@ -313,6 +316,7 @@ class PoolBuffer:
             raise RuntimeError(f"asteer: all {self.slots} pooling slots are in use")
         slot = self._free.pop()
         self.sum[slot].zero_()
+        self.norm_sum[slot].zero_()
         skip = int(spec.get("skip", 1))
         key = str(spec["key"])
         self.requests[req_id] = (key, slot, int(spec["layer"]), skip, max(prompt_len - skip, 0))
@@ -333,15 +337,16 @@ class PoolBuffer:
         self.generation += 1
 
     def _mean(self, item) -> torch.Tensor:
-        """The slot's mean, still on the device: `release` runs inside the step, so it
-        only enqueues the division; `take` (an RPC, off the step path) moves it to host."""
+        """The slot's mean state and, last, its mean token norm (`[hidden + 1]`), still
+        on the device: `release` runs inside the step, so it only enqueues the division;
+        `take` (an RPC, off the step path) moves it to host."""
         _, slot, _, _, count = item
-        return self.sum[slot] / max(count, 1)
+        return torch.cat([self.sum[slot], self.norm_sum[slot:slot + 1]]) / max(count, 1)
 
     def take(self, key: str) -> torch.Tensor | None:
-        """The pooled state (float32, host) once the request's prefill is done (it may
-        not be released yet: the worker learns about finished requests only at the next
-        step)."""
+        """The pooled state with its mean token norm appended (float32 `[hidden + 1]`,
+        host) once the request's prefill is done (it may not be released yet: the worker
+        learns about finished requests only at the next step)."""
         if key in self.store:
             return self.store.pop(key).cpu()
         req_id = self.by_key.get(key)
@@ -390,7 +395,7 @@ class PoolBuffer:
         tokens pool is only known on the device, and a graph cannot size work by it.
         Eager runners skip layers nobody pools at this step.
         """
-        total = self.sum
+        total, norms = self.sum, self.norm_sum
         slots, layers = self.tok_slot, self.tok_layer
         branches = self.allow_python_branches
 
@@ -400,7 +405,9 @@ class PoolBuffer:
             hidden, residual = output
             n = hidden.shape[0]
             dst = torch.where(layers[:n] == layer, slots[:n], 0)
-            total.index_add_(0, dst, (hidden + residual).float())
+            stream = (hidden + residual).float()
+            total.index_add_(0, dst, stream)
+            norms.index_add_(0, dst, torch.linalg.vector_norm(stream, dim=-1))
             return None
 
         return pool_hook

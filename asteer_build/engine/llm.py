@@ -301,10 +301,12 @@ class SteeredEngine(_SteeringClient):
         return self._decorate(1, sampling_params, [steer], [capture])[0]
 
     def pool_hidden(
-        self, prompts: Sequence[Sequence[int]], layer: int, skip: int = 1
-    ) -> np.ndarray:
+        self, prompts: Sequence[Sequence[int]], layer: int, skip: int = 1, *,
+        with_norms: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Mean residual stream after block `layer` over each prompt's tokens at positions
-        >= `skip` (reference: all but position 0), as `[n, hidden]` float32.
+        >= `skip` (reference: all but position 0), as `[n, hidden]` float32; with
+        `with_norms` also each prompt's mean token L2 norm over the same positions, `[n]`.
 
         One prefill-only request per prompt, pooled on the device; the vectors stage runs
         contrast banks through this at vLLM speed.
@@ -332,7 +334,9 @@ class SteeredEngine(_SteeringClient):
         missing = [k for k in keys if k not in got]
         if missing:
             raise RuntimeError(f"asteer: {len(missing)} pooled states missing")
-        return np.stack([np.frombuffer(got[k], dtype="<f4") for k in keys]).copy()
+        rows = np.stack([np.frombuffer(got[k], dtype="<f4") for k in keys])
+        means = rows[:, :-1].copy()
+        return (means, rows[:, -1].copy()) if with_norms else means
 
     def shutdown(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

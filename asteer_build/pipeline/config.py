@@ -189,6 +189,10 @@ class BuildConfig:
     vectors: VectorSettings
     ray: RayOptions = field(default_factory=RayOptions)
     positions: str = "all"
+    #: `raw` (the paper's): the engine adds alpha x v; `norm`: alpha x m x v / ||v||, m
+    #: the mean residual norm at the layer over the contrast banks (`vectors.stage`),
+    #: so one alpha grid means the same push on models and layers of any scale
+    alpha_units: str = "raw"
     #: how prompts are rendered (`asteer_build.core.prompts`); recorded in build.json
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     #: the file this came from, for relative paths; not part of the hash
@@ -207,6 +211,8 @@ class BuildConfig:
         d.pop("written")
         if self.prompt_format.is_default:  # unset: a config's hash as without the key
             d.pop("prompt_format")
+        if self.alpha_units == "raw":  # likewise
+            d.pop("alpha_units")
         return d
 
     def config_hash(self) -> str:
@@ -223,7 +229,7 @@ class BuildConfig:
 _TOP = {
     "name", "models", "methods", "layer", "concepts", "prompts", "alphas", "sampling",
     "capture", "judge", "output", "shard_size", "vectors", "ray", "positions",
-    "prompt_format",
+    "prompt_format", "alpha_units",
 }
 
 
@@ -377,8 +383,13 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         if key in d and d[key] in (None, ""):
             raise _err(key, "expected `builtin:tinyworld`, a file path, or a list", d[key])
     shard_size = _int(d.get("shard_size", 256), "shard_size", minimum=1)
+    alpha_units = d.get("alpha_units", "raw")
+    from ..vectors.settings import ALPHA_UNITS
+
+    if alpha_units not in ALPHA_UNITS:
+        raise _err("alpha_units", f"expected one of {ALPHA_UNITS}", alpha_units)
     try:  # a bad `vectors:` field fails now, before any engine
-        vectors = vectors_section(written["vectors"], layer, methods, base_dir)
+        vectors = vectors_section(written["vectors"], layer, methods, base_dir, alpha_units)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
@@ -391,9 +402,11 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
         prompts=d.get("prompts", "builtin:tinyworld"),
         sampling=sampling, output=output, shard_size=shard_size,
         judge=judge, capture=capture, vectors=vectors, ray=ray, positions=positions,
-        prompt_format=prompt_format, base_dir=base_dir, written=written,
+        alpha_units=alpha_units, prompt_format=prompt_format, base_dir=base_dir,
+        written=written,
     )
-    if not vectors.has_banks and vectors.pooled_methods:  # `file` alone needs no banks
+    # `file` alone needs no banks, unless strengths are in norm units (measured on them)
+    if not vectors.has_banks and (vectors.pooled_methods or alpha_units == "norm"):
         from ..inputs.tinyworld import is_tiny_model
 
         real = [m.name for m in models if not is_tiny_model(m.path)]

@@ -73,7 +73,7 @@ def capture_section(capture: Any) -> CaptureSettings | None:
 
 
 def vectors_section(section: Any, layer: int, methods: tuple[str, ...],
-                    base_dir: str) -> VectorSettings:
+                    base_dir: str, alpha_units: str = "raw") -> VectorSettings:
     """With `layer` and `methods` from the config's top level; a bank folder and a vector
     file are relative to the config file, like `concepts:` and `prompts:`."""
     from ..vectors.settings import VectorSettings
@@ -87,4 +87,5 @@ def vectors_section(section: Any, layer: int, methods: tuple[str, ...],
             if "://" not in path and not os.path.isabs(path):
                 path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
             section = {**section, key: {**sub, "path": path}}
-    return VectorSettings.from_section(section, layer=layer, methods=methods)
+    return VectorSettings.from_section(section, layer=layer, methods=methods,
+                                       alpha_units=alpha_units)

@@ -8,6 +8,7 @@ lives here and nowhere else: prompt tokenization, request fields, row schema, wr
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,15 @@ class ModelContext:
     #: the model's effective sampling (`asteer_build.pipeline.sampling`), as build.json records it;
     #: required, so no request is ever built without the recorded values
     sampling: Any
+    #: `alpha_units: norm`: the banks' mean residual norm m at the layer (None: raw)
+    residual_norm: float | None = None
+
+    def raw_alpha(self, method: str, concept_id: str, alpha: float) -> float:
+        """The multiple of the stored vector the engine adds: alpha itself in raw units,
+        alpha x m / ||v|| in norm units (so the added vector has norm alpha x m)."""
+        if self.residual_norm is None:
+            return float(alpha)
+        return float(alpha) * self.residual_norm / self.norms[f"{method}/{concept_id}"]
 
 
 def chat_prompt_ids(path: str, prompt: str, fmt: PromptFormat | None = None) -> list[int]:
@@ -85,18 +95,22 @@ def model_context(store: Store, cfg: BuildConfig, model: ModelConfig, prompts,
     """`sampling` is the plan's resolved `EffectiveSampling` for this model, passed in
     (not resolved again on an engine host) so every host samples with the recorded
     values."""
-    from ..vectors.stage import load_vectors
+    from ..vectors.stage import RESIDUAL_NORM_FILE, load_residual_norm, load_vectors
 
     path = resolve_model_path(model.path)
     files = {}
-    for name in ["index.json", *[f"{m}.safetensors" for m in cfg.methods]]:
+    names = ["index.json", *[f"{m}.safetensors" for m in cfg.methods]]
+    if cfg.alpha_units == "norm":
+        names.append(RESIDUAL_NORM_FILE)
+    for name in names:
         files[name] = store.read_bytes(f"vectors/{model.name}/{name}")
     vecs, norms = load_vectors(files)
+    m_norm = load_residual_norm(files)
     pids = {p.prompt_id: chat_prompt_ids(path, p.prompt, cfg.prompt_format) for p in prompts}
     if sampling is None or not sampling.resolved:
         raise RuntimeError(f"rollouts: {model.name}: no resolved sampling "
                            f"({getattr(sampling, 'error', None) or 'none given'})")
-    return ModelContext(model, path, vecs, norms, pids, sampling)
+    return ModelContext(model, path, vecs, norms, pids, sampling, m_norm)
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,7 +130,8 @@ def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[Ro
     return [
         RolloutRequest(
             id=it.id, prompt_token_ids=ctx.prompt_ids[it.prompt_id],
-            vector=f"{it.method}/{it.concept_id}", alpha=it.alpha, layer=it.layer,
+            vector=f"{it.method}/{it.concept_id}",
+            alpha=ctx.raw_alpha(it.method, it.concept_id, it.alpha), layer=it.layer,
             positions=cfg.positions, seed=it.seed,
             max_tokens=lengths.get(it.id, s.max_tokens), ignore_eos=it.id in lengths,
             temperature=eff.temperature, top_k=eff.top_k, top_p=eff.top_p, prompt=it.prompt,
@@ -126,7 +141,7 @@ def shard_requests(cfg: BuildConfig, ctx: ModelContext, shard: Shard) -> list[Ro
 
 
 def _rollout_table(items: list[Item], results: list[RolloutResult],
-                   norms: dict[str, float]) -> pa.Table:
+                   norms: dict[str, float], raw_alpha: RawAlpha | None) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in ROLLOUT_SCHEMA}
     for it, r in zip(items, results, strict=True):
         if r.id != it.id:
@@ -136,6 +151,8 @@ def _rollout_table(items: list[Item], results: list[RolloutResult],
             "concept": it.concept, "concept_level": it.concept_level,
             "prompt_id": it.prompt_id, "prompt": it.prompt, "layer": it.layer,
             "alpha": it.alpha, "vector_norm": norms[f"{it.method}/{it.concept_id}"],
+            "alpha_raw": (raw_alpha(it.method, it.concept_id, it.alpha) if raw_alpha
+                          else float(it.alpha)),
             "seed": it.seed, "response": r.response, "response_tokens": r.response_tokens,
             "finish_reason": r.finish_reason, "label": None, "judge_model": None,
             "judge_status": "pending", "judge_explanation": None,
@@ -155,10 +172,13 @@ def _features_table(items: list[Item], results: list[RolloutResult]) -> pa.Table
         "method": pa.array([it.method for it in items], pa.string()),
         "concept_id": pa.array([it.concept_id for it in items], pa.string()),
         "prompt_id": pa.array([it.prompt_id for it in items], pa.string()),
-        "alpha": pa.array([it.alpha for it in items], pa.float32()),  # == the alpha feature
+        # the key and the `alpha` feature: the config's strength (in norm units with
+        # `alpha_units: norm`; the worker computed with the raw multiple, in `alpha_raw`)
+        "alpha": pa.array([it.alpha for it in items], pa.float32()),
     }
     for n in names:
-        cols[n] = pa.array(np.asarray([r.features[n] for r in results], np.float32))
+        if n != "alpha":
+            cols[n] = pa.array(np.asarray([r.features[n] for r in results], np.float32))
     return pa.table(cols, schema=contract.features_schema(names))
 
 
@@ -179,10 +199,16 @@ def _activations_table(items: list[Item], results: list[RolloutResult]) -> pa.Ta
     return pa.table(cols)
 
 
+#: (method, concept_id, alpha in the config's units) -> the multiple of v applied
+RawAlpha = Callable[[str, str, float], float]
+
+
 def write_shard(store: Store, shard: Shard, results: list[RolloutResult],
-                norms: dict[str, float]) -> list[ShardFile]:
+                norms: dict[str, float], raw_alpha: RawAlpha | None = None
+                ) -> list[ShardFile]:
     """Write the shard's files (rollouts, then features / activations when captured);
-    each is renamed into place; the caller records them in the manifest."""
+    each is renamed into place; the caller records them in the manifest. `raw_alpha`:
+    `ModelContext.raw_alpha` (None: strengths are raw, `alpha_raw` = `alpha`)."""
     files = []
     feats = _features_table(shard.items, results)
     if feats is not None:
@@ -191,5 +217,5 @@ def write_shard(store: Store, shard: Shard, results: list[RolloutResult],
     if acts is not None:
         files.append(store.write_table("activations", shard.name, acts))
     files.append(store.write_table("rollouts", shard.name,
-                                   _rollout_table(shard.items, results, norms)))
+                                   _rollout_table(shard.items, results, norms, raw_alpha)))
     return files

@@ -34,8 +34,9 @@ from .settings import VectorSettings
 __all__ = ["Pooler", "Pooling", "tokenize_texts", "engine_pooler", "hf_pooler",
            "open_pooling"]
 
-#: token ids of the texts, layer -> [len(ids), hidden] float32
-Pooler = Callable[[list[list[int]], int], np.ndarray]
+#: token ids of the texts, layer -> ([len(ids), hidden] mean states, [len(ids)] mean token
+#: L2 norms), float32, both over positions 1.. (the norms: `alpha_units: norm`)
+Pooler = Callable[[list[list[int]], int], tuple[np.ndarray, np.ndarray]]
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -53,19 +54,24 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 def engine_pooler(engine: SteeringEngine, chunk: int = 2048) -> Pooler:
-    def pool(ids: list[list[int]], layer: int) -> np.ndarray:
-        parts = [engine.pool_hidden(ids[i:i + chunk], layer, skip=1)
+    def pool(ids: list[list[int]], layer: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [engine.pool_hidden(ids[i:i + chunk], layer, skip=1, with_norms=True)
                  for i in range(0, len(ids), chunk)]
-        return np.concatenate(parts) if parts else np.zeros((0, engine.hidden_size), "f4")
+        if not parts:
+            return np.zeros((0, engine.hidden_size), "f4"), np.zeros(0, "f4")
+        return (np.concatenate([m for m, _ in parts]),
+                np.concatenate([n for _, n in parts]))
 
     return pool
 
 
 def hf_pooler(ref: Any) -> Pooler:
     """One sequence per forward: no padding, so nothing to mask and nothing to doubt."""
-    def pool(ids: list[list[int]], layer: int) -> np.ndarray:
-        rows = [ref.residual_stream(x, None, [layer])[layer][1:].mean(0).numpy() for x in ids]
-        return np.stack(rows).astype(np.float32)
+    def pool(ids: list[list[int]], layer: int) -> tuple[np.ndarray, np.ndarray]:
+        states = [ref.residual_stream(x, None, [layer])[layer][1:] for x in ids]
+        means = np.stack([h.mean(0).numpy() for h in states]).astype(np.float32)
+        norms = np.array([float(h.norm(dim=-1).mean()) for h in states], np.float32)
+        return means, norms
 
     return pool
 

@@ -40,12 +40,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["METHODS", "POOLS", "ProbeSettings", "VectorSettings"]
+__all__ = ["ALPHA_UNITS", "METHODS", "POOLS", "ProbeSettings", "VectorSettings"]
 
 METHODS = ("diffmean", "probe", "pca", "file")
 #: the seed paper's two, the default where no methods are named
 PAPER_METHODS = ("diffmean", "probe")
 POOLS = ("vllm", "hf")
+#: `raw`: the engine adds alpha x v; `norm`: alpha x m x v / ||v||, m the mean residual
+#: norm at the layer over the contrast banks (the config's top-level `alpha_units`)
+ALPHA_UNITS = ("raw", "norm")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class VectorSettings:
     probe_l2: float = 0.01
     device: str | None = None
     engine_args: Mapping[str, Any] | None = field(default=None, hash=False)
+    #: from the config's top level: `norm` also measures the banks' mean residual norm
+    alpha_units: str = "raw"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -118,6 +123,8 @@ class VectorSettings:
             raise ValueError(f"methods: unknown method(s) {bad} (known: {', '.join(METHODS)})")
         set_(self, "methods", methods)
         _int(self.layer, "layer", 0)
+        if self.alpha_units not in ALPHA_UNITS:
+            raise ValueError(f"alpha_units: expected raw or norm (got {self.alpha_units!r})")
         if self.pool not in POOLS:
             raise ValueError(f"vectors.pool: expected vllm or hf (got {self.pool!r})")
         _int(self.bank_size, "vectors.bank_size", 1)
@@ -169,11 +176,12 @@ class VectorSettings:
 
     @classmethod
     def section_keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if f.name not in ("layer", "methods"))
+        return tuple(f.name for f in fields(cls)
+                     if f.name not in ("layer", "methods", "alpha_units"))
 
     @classmethod
-    def from_section(cls, section: Any, *, layer: int, methods: Sequence[str]
-                     ) -> VectorSettings:
+    def from_section(cls, section: Any, *, layer: int, methods: Sequence[str],
+                     alpha_units: str = "raw") -> VectorSettings:
         """The config's `vectors:` section (a mapping, or None for all defaults)."""
         if section is None:
             section = {}
@@ -183,4 +191,4 @@ class VectorSettings:
         for k in section:
             if k not in known:
                 raise ValueError(f"vectors.{k}: unknown field (known: {', '.join(known)})")
-        return cls(layer=layer, methods=tuple(methods), **section)
+        return cls(layer=layer, methods=tuple(methods), alpha_units=alpha_units, **section)

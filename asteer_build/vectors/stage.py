@@ -39,7 +39,11 @@ from .settings import ProbeSettings, VectorSettings
 from .vector_files import VectorFileError, file_key, read_vector_file
 from .writers import TemplateWriter
 
-__all__ = ["build_vectors", "compute_vectors", "stage_banks", "load_vectors"]
+__all__ = ["build_vectors", "compute_vectors", "stage_banks", "load_vectors",
+           "load_residual_norm", "RESIDUAL_NORM_FILE"]
+
+#: written beside the vector files only with `alpha_units: norm`
+RESIDUAL_NORM_FILE = "residual_norm.json"
 
 OnConcept = Callable[[str, dict[str, Any]], None]
 
@@ -106,8 +110,8 @@ def build_vectors(model_path: str, concepts: Sequence[Concept], out_dir: str | P
     # the user's own vectors are read first: a file that misses a concept fails before an
     # engine starts
     file_vecs = _read_file_vectors(settings, ids) if "file" in settings.methods else None
-    if not settings.pooled_methods:  # only `file`: no banks, no pooling
-        return _write_files(Path(out_dir), settings, ids, {}, file_vecs)
+    if not settings.pooled_methods and settings.alpha_units == "raw":
+        return _write_files(Path(out_dir), settings, ids, {}, file_vecs)  # no banks needed
     bank_objs = stage_banks(concepts, settings, banks, model_path=model_path)
     with open_pooling(model_path, settings, engine) as pooling:
         return compute_vectors(model_path, bank_objs, out_dir, settings, pooling,
@@ -128,7 +132,9 @@ def _fingerprint(model_id: str, s: VectorSettings, probe: ProbeSettings, kind: s
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-Result = tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]
+#: a concept's vectors by method, their index entries, and its bank's residual norm
+#: (mean token L2 norm at the layer over all its texts, and the text count)
+Result = tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], tuple[float, int] | None]
 
 
 def _cached(cache: Path | None, cid: str, fingerprint: str) -> Result | None:
@@ -142,11 +148,12 @@ def _cached(cache: Path | None, cid: str, fingerprint: str) -> Result | None:
         meta = h.metadata() or {}
     if meta.get("fingerprint") != fingerprint:
         return None
-    return load_file(str(f)), json.loads(meta["entries"])
+    norm = json.loads(meta["bank_norm"]) if "bank_norm" in meta else None
+    return load_file(str(f)), json.loads(meta["entries"]), (tuple(norm) if norm else None)
 
 
 def _concept_vectors(s: VectorSettings, probe: ProbeSettings, kind: str, b: Bank,
-                     pos: np.ndarray, neg: np.ndarray) -> Result:
+                     pos: np.ndarray, neg: np.ndarray, norms: np.ndarray) -> Result:
     if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
         raise RuntimeError(f"{b.concept_id}: non-finite pooled states at layer {s.layer}")
     tens: dict[str, torch.Tensor] = {}
@@ -158,7 +165,7 @@ def _concept_vectors(s: VectorSettings, probe: ProbeSettings, kind: str, b: Bank
                       "bank_size": len(pos), "n_positive": len(pos),
                       "n_negative": len(neg), "probe_accuracy": acc,
                       "bank_digest": b.digest(), "pool": kind}
-    return tens, ents
+    return tens, ents, (float(np.mean(norms, dtype=np.float64)), len(norms))
 
 
 def _bank_ids(tokenizer: Any, cid: str, side: str, texts: Sequence[str]) -> list[list[int]]:
@@ -198,6 +205,8 @@ def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Pat
     todo: list[str] = []
     for cid, b in banks.items():
         hit = _cached(cache, cid, fingerprint(b))
+        if hit is not None and hit[2] is None and s.alpha_units == "norm":
+            hit = None  # cached before bank norms were kept: pool it again
         if hit is not None:
             results[cid] = hit
         else:
@@ -215,15 +224,17 @@ def compute_vectors(model_id: str, banks: Mapping[str, Bank], out_dir: str | Pat
             neg = _bank_ids(pooling.tokenizer, cid, "negative", banks[cid].negatives)
             spans.append((len(ids), len(ids) + len(pos), len(ids) + len(pos) + len(neg)))
             ids += pos + neg
-        pooled = pooling.pool(ids, int(layer))
+        pooled, token_norms = pooling.pool(ids, int(layer))
         for cid, (a, m, e) in zip(group, spans, strict=True):
-            tens, ents = _concept_vectors(s, probe, pooling.kind, banks[cid],
-                                          pooled[a:m], pooled[m:e])
+            res = _concept_vectors(s, probe, pooling.kind, banks[cid], pooled[a:m],
+                                   pooled[m:e], token_norms[a:e])
+            tens, ents, norm = res
             if cache:
                 with atomic.atomic_path(cache / f"{safe_name(cid)}.safetensors") as tmp:
-                    save_file(tens, str(tmp), metadata={"fingerprint": fingerprint(banks[cid]),
-                                                        "entries": json.dumps(ents)})
-            results[cid] = (tens, ents)
+                    save_file(tens, str(tmp), metadata={
+                        "fingerprint": fingerprint(banks[cid]), "entries": json.dumps(ents),
+                        "bank_norm": json.dumps(norm)})
+            results[cid] = res
             if on_concept:
                 on_concept(cid, ents)
 
@@ -262,7 +273,21 @@ def _write_files(out: Path, s: VectorSettings, ids: Sequence[str],
                 index[meth][cid] = results[cid][1][meth]
         save_file(tensors, str(out / f"{meth}.safetensors"))
     (out / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    if s.alpha_units == "norm":
+        per = {cid: results[cid][2] for cid in ids}
+        texts = sum(n for _, n in per.values())
+        mean = sum(v * n for v, n in per.values()) / max(texts, 1)
+        (out / RESIDUAL_NORM_FILE).write_text(json.dumps({
+            "alpha_units": "norm", "layer": int(s.layer), "mean_token_norm": mean,
+            "texts": texts, "positions": "1.. (position 0 skipped, as pooling does)",
+            "per_concept": {cid: v for cid, (v, _) in per.items()}}, indent=1))
     return index
+
+
+def load_residual_norm(folder_files: dict[str, bytes]) -> float | None:
+    """The mean residual norm at the layer a norm-units build measured (None: raw)."""
+    raw = folder_files.get(RESIDUAL_NORM_FILE)
+    return None if raw is None else float(json.loads(raw)["mean_token_norm"])
 
 
 def load_vectors(folder_files: dict[str, bytes]) -> tuple[dict[str, torch.Tensor],

@@ -187,6 +187,7 @@ def _row(pair: Pair, item: Any, i: int, where: str, cid: int, layer: int, alpha:
         "layer": layer,
         "alpha": alpha,
         "vector_norm": norm,
+        "alpha_raw": alpha,  # their strengths are raw multiples of v
         "seed": None,
         "response": response,
         "response_tokens": tokens,

@@ -322,7 +322,10 @@ def dataset_card(
     notes = {
         "rollouts": "One row per steered generation. `id` is a hash of model, method, "
         "concept, prompt, layer, alpha and sample index; `seed` is the sampling "
-        "seed; `vector_norm` is the unscaled vector's L2 norm; `response_tokens` "
+        "seed; `vector_norm` is the unscaled vector's L2 norm; `alpha_raw` the multiple "
+        "of that vector the engine added (`alpha` itself, unless the build set "
+        "`alpha_units: norm`: then alpha x m / vector_norm, m the contrast banks' mean "
+        "residual norm at the layer); `response_tokens` "
         "counts generated tokens.",
         "features": "One row per rollout `id` (plus its keys). Every other column is a "
         "float32 feature named `{family}_t{step}_k{offset}` (one matrix entry), "

@@ -107,7 +107,8 @@ class LocalExecutor(Executor):
                 _bar.update(len(shard.items))
 
             writer = ShardWriter(
-                lambda s, res, _ctx=ctx: write_shard(store, s, res, _ctx.norms), commit)
+                lambda s, res, _ctx=ctx: write_shard(store, s, res, _ctx.norms,
+                                                     _ctx.raw_alpha), commit)
             window = in_flight_window(model.engine_args, cfg.ray.in_flight_factor)
             try:
                 reqs = functools.partial(shard_requests, cfg, ctx)

@@ -69,7 +69,8 @@ class EngineHost:
             return engine
 
         self.feeder = FeedThread(make_engine, self.capture, self.max_in_flight,
-                                 lambda s, res: write_shard(store, s, res, ctx.norms))
+                                 lambda s, res: write_shard(store, s, res, ctx.norms,
+                                                            ctx.raw_alpha))
         await self.feeder.started()
         self._write_pid()
         return {"pid": os.getpid(), "node": _node_ip(), "host": host_name(),
