@@ -130,3 +130,23 @@ def test_config_names_several_tiny_models():
     assert [m.name for m in cfg.models] == ["tinyworld-seed1", "tinyworld-gemma2"]
     with pytest.raises(ConfigError, match="bad part 'seed=x'"):
         parse_config({**base, "models": [{"path": "tinyworld:seed=x"}]})
+
+
+def test_every_vector_method_is_treated_alike(tmp_path):
+    """The vector methods beyond the paper's two (`pca`, `file`) are methods like any
+    other to training: leave-one-method-out holds each of four out in turn, and the
+    pooled predictor still beats alpha-only on every one."""
+    methods = ("diffmean", "probe", "pca", "file")
+    pairs = tuple((m, me) for m in ("ma", "mb") for me in methods)
+    data = write_dataset(tmp_path / "four", generate(n_concepts=9, n_prompts=6, pairs=pairs,
+                                                      seed=7))
+    out = tmp_path / "out"
+    assert main(["transfer", "--data", str(data), "--out", str(out), "--seeds", "1",
+                 "--trials", "1", "--threads", "1"]) == 0
+    res = json.loads((out / "transfer.json").read_text())
+    lomethod = res["leave_one_method_out"]
+    assert sorted(lomethod) == sorted(methods)
+    for me, r in lomethod.items():
+        assert r["held_out_pairs"] == [f"ma/{me}", f"mb/{me}"]
+        assert r["pooled"]["mean"] > r["alpha_only"]["mean"] + 0.05, (me, r)
+    assert "| pca |" in (out / "transfer.md").read_text()
