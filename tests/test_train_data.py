@@ -45,6 +45,27 @@ def test_several_pairs_must_be_chosen(tmp_path):
         load_dataset(tmp_path, model="m2")
 
 
+def test_the_alpha_feature_reads_either_strength(tmp_path):
+    """`--alpha-feature alpha_raw` (an `alpha_units: norm` build): the predictor's alpha is
+    the multiple of v applied; a dataset without the column says so."""
+    import pyarrow as pa
+
+    tables = generate(n_concepts=6, n_prompts=4)
+    roll = tables["rollouts"]
+    i = roll.column_names.index("alpha_raw")
+    tables["rollouts"] = roll.set_column(i, "alpha_raw", pa.compute.multiply(
+        roll.column("alpha"), 2.5))
+    write_dataset(tmp_path / "a", tables)
+    plain, raw = load_dataset(tmp_path / "a"), load_dataset(tmp_path / "a", alpha="alpha_raw")
+    assert raw.report["alpha_feature"] == "alpha_raw" and "alpha" in raw.feature_names
+    pd.testing.assert_series_equal(raw.frame["alpha"], plain.frame["alpha"] * 2.5,
+                                   check_exact=False, rtol=1e-6)
+    tables["rollouts"] = roll.drop_columns(["alpha_raw"])
+    write_dataset(tmp_path / "b", tables)
+    with pytest.raises(DatasetError, match="no alpha_raw column"):
+        load_dataset(tmp_path / "b", alpha="alpha_raw")
+
+
 def test_dataset_without_labels_is_a_clear_error(tmp_path):
     write_dataset(tmp_path, generate(n_concepts=6, n_prompts=4, with_labels=False))
     with pytest.raises(DatasetError, match="no labels.*judge stage"):
