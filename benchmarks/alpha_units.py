@@ -1,20 +1,24 @@
 """Do strengths in the residual stream's units carry across models? (`alpha_units: norm`)
 
-Two tiny-world models of different seeds whose residual streams differ in size (model B:
-seed 1, embeddings scaled x30 instead of x3, so its mean residual norm at the steered
-layer is several times model A's; the blocks are its own random ones, not A's rescaled),
-each built twice on the demo's concepts, prompts, sampling and rules judge: once with an
+Two tiny-world models of different seeds whose residual streams differ in size: model A
+is the demo's (seed 0); model B is seed 1 built with `stream_scale: 8`
+(`tinyworld.TinyWorldSpec`: embeddings and block output projections x8, output
+embeddings untied and unscaled, so its stream is 8x that of its seed and its logits the
+same; its random weights are its own, not A's). Each is
+built twice on the demo's concepts, prompts, sampling and rules judge: once with an
 alpha grid in raw units (the engine adds alpha x v) and once in norm units (alpha x m x
 v / ||v||, m the banks' mean residual norm at the layer). Both grids are geometric
 (factor sqrt 2), wide enough for both models' regimes.
 
 Reported per model, method and unit: the label fractions (under / success / over) at each
-alpha, the alpha of peak success rate, and the ratio of the two models' peaks. Expected:
+alpha, the alpha of peak success rate (on the success curve smoothed over neighbouring
+alphas), the onset (the first alpha reaching half that peak), and the ratio of the two
+models' peaks and onsets. Expected:
 probe vectors (a classifier's weights, whose length does not follow the stream's) peak
 at alphas within 1.5x of each other in norm units and more than 3x apart in raw units;
 DiffMean vectors already scale with the stream, so their raw peaks may agree too.
 
-    python benchmarks/alpha_units.py [--grid-points 21] [--out-dir /tmp/alpha-units]
+    python benchmarks/alpha_units.py [--raw-points 33] [--norm-points 23] [--out-dir DIR]
 
 Writes `results/alpha_units.json` and `results/alpha_units.png`.
 """
@@ -42,11 +46,9 @@ def models() -> dict[str, dict]:
     from asteer_build.inputs.tinyworld.models import TinyWorldSpec, build_tiny_model
 
     a = TinyWorldSpec()
-    b = TinyWorldSpec(seed=1, embed_scale=30.0)
-    return {"A": {"spec": {"seed": a.seed, "embed_scale": a.embed_scale},
-                  "path": str(build_tiny_model(a))},
-            "B": {"spec": {"seed": b.seed, "embed_scale": b.embed_scale},
-                  "path": str(build_tiny_model(b))}}
+    b = TinyWorldSpec(seed=1, stream_scale=8.0)
+    return {"A": {"spec": a.record(), "path": str(build_tiny_model(a))},
+            "B": {"spec": b.record(), "path": str(build_tiny_model(b))}}
 
 
 def grid(lo: float, points: int) -> list[float]:
@@ -77,22 +79,28 @@ def curves(rows: list[dict]) -> dict:
             labels = np.array([r["label"] for r in mine if r["alpha"] == a])
             for i, k in enumerate(frac):
                 frac[k].append(float((labels == i).mean()))
-        peak = alphas[int(np.argmax(frac["success"]))]
+        # 96 rollouts per alpha: smooth over neighbouring alphas (a factor sqrt 2 each
+        # side) before taking the peak, so one noisy point on a plateau does not move it
+        succ = np.array(frac["success"])
+        smooth = np.convolve(np.pad(succ, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+        peak = alphas[int(np.argmax(smooth))]
+        onset = alphas[int(np.argmax(smooth >= smooth.max() / 2))]
         raw = [r["alpha_raw"] / r["alpha"] for r in mine if r["alpha"]]
-        out[m] = {"alphas": alphas, **frac, "peak_alpha": peak,
-                  "peak_success": max(frac["success"]),
+        out[m] = {"alphas": alphas, **frac, "peak_alpha": peak, "onset_alpha": onset,
+                  "peak_success": float(smooth.max()),
                   "alpha_raw_per_alpha_median": float(np.median(raw))}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid-points", type=int, default=21)
+    ap.add_argument("--raw-points", type=int, default=33, help="raw grid: 0.25 x 2^(i/2)")
+    ap.add_argument("--norm-points", type=int, default=23, help="norm grid: 2^(i/2) / 32")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/alpha-units"))
     args = ap.parse_args()
     from asteer_build.pipeline.shards import read_stage
 
-    grids = {"raw": grid(0.25, args.grid_points), "norm": grid(1 / 32, args.grid_points)}
+    grids = {"raw": grid(0.25, args.raw_points), "norm": grid(1 / 32, args.norm_points)}
     ms = models()
     results: dict = {}
     norms: dict = {}
@@ -120,8 +128,11 @@ def main() -> None:
         summary[meth] = {}
         for units in grids:
             pa, pb = (results[n][units][meth]["peak_alpha"] for n in ("A", "B"))
+            oa, ob = (results[n][units][meth]["onset_alpha"] for n in ("A", "B"))
             summary[meth][units] = {"peak_A": pa, "peak_B": pb,
-                                    "ratio": round(max(pa, pb) / min(pa, pb), 3)}
+                                    "ratio": round(max(pa, pb) / min(pa, pb), 3),
+                                    "onset_A": oa, "onset_B": ob,
+                                    "onset_ratio": round(max(oa, ob) / min(oa, ob), 3)}
     checks = {
         "residual_norm_ratio_B_over_A": round(norms["B"] / norms["A"], 3),
         "norms_differ_5x": norms["B"] / norms["A"] >= 5 or norms["A"] / norms["B"] >= 5,

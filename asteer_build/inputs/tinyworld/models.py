@@ -38,9 +38,24 @@ class TinyWorldSpec:
     initializer_range: float = 0.02
     embed_scale: float = 3.0
     dtype: str = "float32"
+    #: None: as above. A number s: the input embeddings and every block's output
+    #: projections (attention `o_proj`, MLP `down_proj`) times s, the output embeddings
+    #: untied at their unscaled values. Each block reads its input through an RMSNorm, so
+    #: the residual stream is s times that of the same seed at s = None and the logits
+    #: (after the final RMSNorm) are the same, up to the norms' epsilon: a model whose
+    #: stream is s times larger, for `benchmarks/alpha_units.py`
+    stream_scale: float | None = None
+
+    def record(self) -> dict:
+        """The fields that name and describe the folder (`stream_scale` only when set,
+        so folders written before it existed keep their names)."""
+        fields = asdict(self)
+        if fields["stream_scale"] is None:
+            del fields["stream_scale"]
+        return fields
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        payload = json.dumps({**self.record(), "format": FORMAT_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -101,7 +116,7 @@ def _shape(spec: TinyWorldSpec, vocab_size: int) -> dict:
         head_dim=spec.hidden_size // spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings,
         initializer_range=spec.initializer_range,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.stream_scale is None,
     )
 
 
@@ -130,7 +145,14 @@ def _save_random_model(make, config, spec: TinyWorldSpec, out: Path) -> None:
     torch.manual_seed(spec.seed)
     model = make(config)
     with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(spec.embed_scale)
+        emb = model.get_input_embeddings().weight
+        emb.mul_(spec.embed_scale)
+        if spec.stream_scale is not None:
+            model.get_output_embeddings().weight.copy_(emb)  # untied, unscaled
+            emb.mul_(spec.stream_scale)
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(spec.stream_scale)
+                layer.mlp.down_proj.weight.mul_(spec.stream_scale)
     model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(
@@ -164,7 +186,7 @@ def build_tiny_model(spec: TinyWorldSpec | None = None, root: Path | None = None
         special = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         _write_model(spec, tmp, len(tok), special)
         (tmp / "asteer_tinyworld.json").write_text(
-            json.dumps({**asdict(spec), "format": FORMAT_VERSION}, indent=2)
+            json.dumps({**spec.record(), "format": FORMAT_VERSION}, indent=2)
         )
     return target
 
@@ -264,7 +286,7 @@ def build_arch_model(arch: str, seed: int = 0, root: Path | None = None) -> Path
     spec = arch_spec(arch, seed)
     chat = ARCH_CHATS[arch]
     root = Path(root) if root else cache_dir() / "tinyworld"
-    payload = json.dumps({**asdict(spec), "arch": arch, "format": FORMAT_VERSION},
+    payload = json.dumps({**spec.record(), "arch": arch, "format": FORMAT_VERSION},
                          sort_keys=True)
     target = root / f"{arch}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
     if (target / "asteer_tinyworld.json").exists():
