@@ -85,8 +85,27 @@ class CheckOptions:
     throughput_tokens: int = 128
     reference_only: bool = False
     out: Path | None = None
-    #: filled in by the run
-    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Setup:
+    """What both halves share: the model, its reference, the prompts and the batch."""
+
+    opts: CheckOptions
+    cfg: BuildConfig
+    mcfg: ModelConfig
+    path: str
+    engine_args: dict[str, Any]
+    layer: int
+    agree: int
+    state_tol: float
+    ref: Any
+    vectors: dict[str, Any]
+    prompts: list[list[int]]
+    specs: list[SteerSpec | None]
+    batch_prompts: list[list[int]]
+    ref_tokens: list[list[int]] = field(default_factory=list)
+    plain_tokens: list[list[int]] = field(default_factory=list)
 
 
 def run_check(opts: CheckOptions) -> dict[str, Any]:
@@ -136,11 +155,12 @@ def run_check(opts: CheckOptions) -> dict[str, Any]:
         "tolerance": {"agree_steps": agree, "state_rel": state_tol},
         "versions": _versions(), "checks": {}, "reference": {},
     }
-    ref_tokens = ref.generate(batch_prompts, specs, max_new_tokens=opts.new_tokens,
-                              batch_size=8)
-    plain_tokens = ref.generate(prompts, None, max_new_tokens=opts.new_tokens)
-    report["reference"] = _reference_half(ref, prompts, specs, batch_prompts, ref_tokens,
-                                          plain_tokens, opts.new_tokens, agree)
+    su = _Setup(opts, cfg, mcfg, path, engine_args, layer, agree, state_tol, ref, vectors,
+                prompts, specs, batch_prompts)
+    su.ref_tokens = ref.generate(batch_prompts, specs, max_new_tokens=opts.new_tokens,
+                                 batch_size=8)
+    su.plain_tokens = ref.generate(prompts, None, max_new_tokens=opts.new_tokens)
+    report["reference"] = _reference_half(su)
     report["timings"] = {"reference_s": round(time.perf_counter() - t0, 2)}
     checks = report["checks"]
     checks["steering_changes_output"] = report["reference"].pop("steering_changes_output")
@@ -154,9 +174,7 @@ def run_check(opts: CheckOptions) -> dict[str, Any]:
             report["engine"] = {"run": False, "why": f"vLLM is not installed ({e})"}
             checks["engine"] = {"pass": False, "error": report["engine"]["why"]}
         else:
-            _engine_half(report, path, engine_args, vectors, prompts, specs, batch_prompts,
-                         ref, ref_tokens, plain_tokens, cfg, mcfg, layer, agree, state_tol,
-                         opts)
+            _engine_half(su, report)
     failed = [k for k, c in checks.items() if not c.get("pass")]
     failed += [f"reference.{k}" for k, c in report["reference"].items()
                if isinstance(c, dict) and c.get("pass") is False]
@@ -265,10 +283,11 @@ def _label(spec: SteerSpec | None) -> str:
     return "unsteered" if spec is None else f"{spec.vector} a={spec.alpha} {spec.positions}"
 
 
-def _reference_half(ref: Any, prompts, specs, batch_prompts, ref_tokens, plain_tokens,
-                    n: int, agree: int) -> dict[str, Any]:
+def _reference_half(su: _Setup) -> dict[str, Any]:
     """What runs without vLLM: the reference agrees with itself (alpha 0, batch vs
     alone), and steering moves the output at these strengths."""
+    ref, prompts, specs, n = su.ref, su.prompts, su.specs, su.opts.new_tokens
+    batch_prompts, ref_tokens, plain_tokens = su.batch_prompts, su.ref_tokens, su.plain_tokens
     zero_equal = all(
         ref.generate(prompts, [SteerSpec("v0", 0.0, specs[0].layer, m)] * len(prompts),
                      max_new_tokens=n) == plain_tokens for m in POSITION_MODES)
@@ -278,27 +297,26 @@ def _reference_half(ref: Any, prompts, specs, batch_prompts, ref_tokens, plain_t
     moved = sum(t != plain_tokens[i % len(prompts)] for i, t in enumerate(steered))
     return {
         "alpha_zero": {"pass": zero_equal},
-        "mixed_batch": _agreement(steered, alone, agree),
+        "mixed_batch": _agreement(steered, alone, su.agree),
         "steering_changes_output": {
             "pass": moved * 2 >= len(steered), "moved": moved, "steered": len(steered),
             "why": "steering must move most greedy outputs, or the checks prove nothing"},
     }
 
 
-def _engine_half(report, path, engine_args, vectors, prompts, specs, batch_prompts, ref,
-                 ref_tokens, plain_tokens, cfg, mcfg, layer, agree, state_tol,
-                 opts) -> None:
+def _engine_half(su: _Setup, report: dict[str, Any]) -> None:
     from vllm import SamplingParams
 
     from ..engine import SteeredEngine
 
     checks = report["checks"]
-    n = opts.new_tokens
+    n, layer, agree = su.opts.new_tokens, su.layer, su.agree
+    prompts, specs, batch_prompts = su.prompts, su.specs, su.batch_prompts
     t0 = time.perf_counter()
-    eng = SteeredEngine(path, **engine_args)
+    eng = SteeredEngine(su.path, **su.engine_args)
     report["timings"]["engine_start_s"] = round(time.perf_counter() - t0, 2)
     try:
-        eng.register_vectors(vectors)
+        eng.register_vectors(su.vectors)
         greedy = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
         def run(ps, ss):
@@ -318,22 +336,23 @@ def _engine_half(report, path, engine_args, vectors, prompts, specs, batch_promp
         alone = [run([batch_prompts[i]], [specs[i]])[0] for i in steered_idx]
         checks["mixed_batch"] = {**_agreement([mixed[i] for i in steered_idx], alone, agree),
                                  "configs": [_label(specs[i]) for i in steered_idx]}
-        checks["reference_tokens"] = {**_agreement(mixed, ref_tokens, agree),
+        checks["reference_tokens"] = {**_agreement(mixed, su.ref_tokens, agree),
                                       "configs": [_label(s) for s in specs],
-                                      "unsteered_equal": plain == plain_tokens}
-        checks["reference_states"] = _states(eng, ref, batch_prompts, specs, cfg, layer,
-                                             state_tol, n)
+                                      "unsteered_equal": plain == su.plain_tokens}
+        checks["reference_states"] = _states(eng, su)
         checks["runner"] = _runner(eng)
-        report["throughput"] = _throughput(eng, cfg, mcfg, prompts, layer, opts)
+        report["throughput"] = _throughput(eng, su)
     finally:
         eng.shutdown()
     report["timings"]["engine_s"] = round(time.perf_counter() - t0, 2)
 
 
-def _states(eng, ref, batch_prompts, specs, cfg, layer, tol, n) -> dict[str, Any]:
+def _states(eng, su: _Setup) -> dict[str, Any]:
     """The build's capture path (`run_with_capture`: steered rows, exact replay) against
     the reference's block outputs over the same tokens."""
     from .rollouts import run_with_capture
+
+    cfg, layer, n, ref, tol = su.cfg, su.layer, su.opts.new_tokens, su.ref, su.state_tol
 
     base = cfg.capture or CaptureSettings()
     steps = tuple(s for s in (base.steps or DEFAULT_STEPS) if s < n) or (0,)
@@ -343,7 +362,7 @@ def _states(eng, ref, batch_prompts, specs, cfg, layer, tol, n) -> dict[str, Any
     reqs = [RolloutRequest(id=f"check{i}", prompt_token_ids=p, vector=s.vector,
                            alpha=s.alpha, layer=s.layer, positions=s.positions, seed=i,
                            max_tokens=n, temperature=0.0)
-            for i, (p, s) in enumerate(zip(batch_prompts, specs, strict=True)) if s]
+            for i, (p, s) in enumerate(zip(su.batch_prompts, su.specs, strict=True)) if s]
     results = run_with_capture(eng, reqs, settings)
     worst: dict[str, float] = {}
     per_layer: dict[int, float] = {}
@@ -386,16 +405,17 @@ def _runner(eng) -> dict[str, Any]:
             "graphs_captured": graphs}
 
 
-def _throughput(eng, cfg: BuildConfig, mcfg: ModelConfig, prompts, layer: int,
-                opts: CheckOptions) -> dict[str, Any] | None:
+def _throughput(eng, su: _Setup) -> dict[str, Any] | None:
     """A short run at the config's shape (batch, sampling, capture and replay), and the
     plan's engine-hours at the measured rate."""
     from .plan import plan_summary
     from .rollouts import run_with_capture
 
+    cfg, opts, prompts, layer = su.cfg, su.opts, su.prompts, su.layer
+
     n_req = opts.throughput_requests
     if n_req is None:
-        n_req = min(256, int(mcfg.engine_args.get("max_num_seqs") or 256))
+        n_req = min(256, int(su.engine_args.get("max_num_seqs") or 256))
     if n_req <= 0:
         return None
     tokens = min(cfg.sampling.max_tokens, opts.throughput_tokens)
