@@ -138,6 +138,11 @@ def main() -> None:
         "norms_differ_5x": norms["B"] / norms["A"] >= 5 or norms["A"] / norms["B"] >= 5,
         "probe_norm_peaks_within_1.5x": summary["probe"]["norm"]["ratio"] <= 1.5,
         "probe_raw_peaks_differ_over_3x": summary["probe"]["raw"]["ratio"] > 3,
+        # the probe's success curve is a plateau in the tiny world (no over-steer regime:
+        # past the onset the stream is the probe direction and the text its fixed
+        # distribution), so the onset is the better-defined point
+        "probe_norm_onsets_within_1.5x": summary["probe"]["norm"]["onset_ratio"] <= 1.5,
+        "probe_raw_onsets_differ_over_3x": summary["probe"]["raw"]["onset_ratio"] > 3,
     }
     payload = {"models": {n: {**m, "residual_norm": norms[n]} for n, m in ms.items()},
                "grids": grids, "peaks": summary, "checks": checks, "curves": results,
