@@ -99,7 +99,7 @@ def test_every_break_has_a_check():
 def test_each_check_fails_under_its_own_break(tmp_path, brk):
     failing, passing = BREAKS[brk]
     proc, report = check(tmp_path, "--model", "tinyworld:qwen3", "--throughput-requests", "0",
-                         **seam_env(check_break=brk))
+                         "--prompts", "2", **seam_env(check_break=brk))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "check failed: " in proc.stderr and failing in proc.stderr
     checks = report["checks"]
