@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -236,7 +237,8 @@ class _Worker:
         op = cmd["op"]
         if op == "run":  # one throughput variant over the whole workload
             variant = cmd["variant"]
-            n = len(plan["prompts"]) if cmd.get("n") is None else int(cmd["n"])
+            n = len(plan["prompts"]) if cmd.get("n") is None else \
+                min(int(cmd["n"]), len(plan["prompts"]))
             idx = list(range(n))
             lengths = plan["lengths"][:n]
             configs = None if variant == "plain" else \
@@ -253,7 +255,7 @@ class _Worker:
                 out["captured_rows"] = sum(len(p) for _, p in states)
             return out
         if op == "greedy":  # correctness: first n prompts, temperature 0
-            n, m = int(cmd["n"]), int(cmd["max_tokens"])
+            n, m = min(int(cmd["n"]), len(plan["prompts"])), int(cmd["max_tokens"])
             idx = list(range(n))
             cfg = cmd.get("steer")
             configs = None if cfg is None else [tuple(cfg)] * n
@@ -269,6 +271,12 @@ class _Worker:
             return out
         if op == "info":
             info = {"versions": _versions(self.tool), "torch_threads": torch.get_num_threads()}
+            vcfg = self.llm.llm_engine.vllm_config
+            info["block_size"] = vcfg.cache_config.block_size
+            info["enable_prefix_caching"] = vcfg.cache_config.enable_prefix_caching
+            info["enforce_eager"] = vcfg.model_config.enforce_eager
+            info["worker_extension_cls"] = vcfg.parallel_config.worker_extension_cls
+            info["worker_cls"] = vcfg.parallel_config.worker_cls
             if self.eng is not None:
                 i = self.eng.info()[0]
                 info["steering_state"] = {k: i[k] for k in ("adapter", "capacity",
@@ -314,6 +322,9 @@ class WorkerError(RuntimeError):
         self.tb = tb
 
 
+_LIVE: list[WorkerProc] = []  # every worker started, killed at exit if still running
+
+
 class WorkerProc:
     """A worker subprocess: JSON commands on stdin, marked JSON replies on stdout, every
     other line (vLLM's logs) to its log file."""
@@ -326,7 +337,8 @@ class WorkerProc:
         self.proc = subprocess.Popen(
             [python, str(Path(__file__).resolve()), "--worker", *argv], env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, cwd=str(ROOT))
+            text=True, bufsize=1, cwd=str(ROOT), start_new_session=True)
+        _LIVE.append(self)
         threading.Thread(target=self._pump, daemon=True).start()
         self.hello = self._wait()
 
@@ -343,6 +355,7 @@ class WorkerProc:
         try:
             got = self.replies.get(timeout=self.timeout)
         except queue.Empty:
+            self.kill()
             raise WorkerError(f"{self.name}: no reply in {self.timeout:.0f} s") from None
         if got is None:
             raise WorkerError(f"{self.name}: exited ({self.proc.wait()}); log tail:\n"
@@ -369,9 +382,16 @@ class WorkerProc:
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=120)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
         self.fh.close()
+
+    def kill(self) -> None:
+        """The worker and its engine processes (its own session): nothing outlives us."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
 
 
 def inside_peer(tb: str | None, package: str) -> bool | None:
@@ -495,9 +515,10 @@ def check_correctness(tools: dict, plan: dict, args: argparse.Namespace, log_dir
         entry = {
             "steered_differs_from_unsteered": sum(a != b for a, b in zip(un, st, strict=True)),
             "distinct_tokens_per_unsteered_response": [len(set(t)) for t in un],
-            "unsteered_first_response": un[0][:24],
-            "steered_first_response": st[0][:24],
         }
+        ex = next((i for i, (a, b) in enumerate(zip(un, st, strict=True)) if a != b), None)
+        if ex is not None:
+            entry["example"] = {"prompt": ex, "unsteered": un[ex], "steered": st[ex]}
         if ours is not None and tool != "ours":
             o_un, o_st = ours["unsteered"]["tokens"], ours["steered"]["tokens"]
             entry["unsteered_equal_to_ours"] = sum(a == b for a, b in zip(un, o_un, strict=True))
@@ -537,6 +558,37 @@ def check_correctness(tools: dict, plan: dict, args: argparse.Namespace, log_dir
     return out
 
 
+def check_in_model_dtype(workers: dict, live: list[str], plan: dict,
+                         args: argparse.Namespace) -> dict:
+    """The same greedy check on the throughput engines (the benchmark's dtype), tokens
+    only: alpha = 2 is exact in bfloat16 for every tool, so the tools should agree here
+    too unless their vLLM versions compute differently."""
+    n, m = args.check_prompts, args.check_tokens
+    cfg = [0, 2.0, plan["num_layers"] // 2]
+    got: dict = {}
+    for tool in live:
+        try:
+            w = workers[(tool, "steered")]
+            got[tool] = {name: w.call(op="greedy", n=n, max_tokens=m, steer=steer)["tokens"]
+                         for name, steer in (("unsteered", None), ("steered", cfg))}
+        except WorkerError as e:
+            got[tool] = {"error": str(e)}
+    out: dict = {"dtype": args.dtype, "prompts": n, "max_tokens": m, "config": cfg}
+    ours = got.get("ours", {})
+    for tool, res in got.items():
+        if "error" in res:
+            out[tool] = res
+            continue
+        e = {"steered_differs_from_unsteered": sum(
+            a != b for a, b in zip(res["unsteered"], res["steered"], strict=True))}
+        if tool != "ours" and "steered" in ours:
+            for name in ("unsteered", "steered"):
+                e[f"{name}_equal_to_ours"] = sum(
+                    a == b for a, b in zip(res[name], ours[name], strict=True))
+        out[tool] = e
+    return out
+
+
 def measure_model(model_key: str, tools: dict, args: argparse.Namespace, tmp: Path,
                   log_dir: Path) -> dict:
     plan = build_plan(model_key, args, tmp)
@@ -553,6 +605,12 @@ def measure_model(model_key: str, tools: dict, args: argparse.Namespace, tmp: Pa
             "temperature": 0.7, "ignore_eos": True, "engine_args": plan["engine_args"],
             "k_configs": "(vector c{i % k}, alpha 1 + 3 (i % k) / k, layer (i % k) % "
                          "layers), as bench_engine --long-tail",
+            "runner_and_cache": "CPU: both vLLMs run the V1 CPU runner (no Triton here; "
+                                "vllm-lens also sets VLLM_USE_V2_MODEL_RUNNER=0), eager; "
+                                "block_size 128 exceeds every prompt, so no tool gets "
+                                "prefix-cache hits (vllm-lens's skip_reading_prefix_cache "
+                                "for steered requests costs nothing here); see each "
+                                "worker's *_info in status",
             "capture": f"steps {list(STEPS)} (step t = the forward at position "
                        "prompt_len - 1 + t), every layer, with the 256-config steering; "
                        "ours: CaptureSpec + collect (float16 activations), vllm-lens: "
@@ -594,9 +652,11 @@ def measure_model(model_key: str, tools: dict, args: argparse.Namespace, tmp: Pa
                     if (tool, r) in workers:
                         workers.pop((tool, r)).close()
                 break
+    live = [t for t in tools if (t, "steered") in workers]
+    if live:  # cheap: the engines are up
+        section["correctness_model_dtype"] = check_in_model_dtype(workers, live, plan, args)
     rounds: dict = {}
     secs: dict = {}
-    live = [t for t in tools if (t, "steered") in workers]
     try:
         for r in range(args.pairs):
             print(f"[{model_key}] round {r}", flush=True)
@@ -620,11 +680,10 @@ def measure_model(model_key: str, tools: dict, args: argparse.Namespace, tmp: Pa
                     print(f"  {tool} {v}: {tps:,.0f} useful tok/s ({got['seconds']:.1f} s)",
                           flush=True)
         for (tool, role), w in workers.items():
-            if role == "steered":
-                try:
-                    status[tool]["info"] = w.call(op="info")
-                except WorkerError as e:
-                    status[tool]["info_error"] = str(e)
+            try:
+                status[tool][f"{role}_info"] = w.call(op="info")
+            except WorkerError as e:
+                status[tool][f"{role}_info_error"] = str(e)
     finally:
         for w in workers.values():
             w.close()
@@ -793,7 +852,7 @@ def main() -> None:
     ap.add_argument("--hotwire-python", help="python of a venv with hotwire-vllm and vLLM")
     ap.add_argument("--tools", help="comma list to measure (default: every tool that runs)")
     ap.add_argument("--no-check", dest="check", action="store_false",
-                    help="skip the correctness check")
+                    help="skip the float32 correctness check (its own engines)")
     ap.add_argument("--check-only", action="store_true",
                     help="the correctness check alone, no throughput rounds")
     ap.add_argument("--check-prompts", type=int, default=8)
@@ -825,6 +884,7 @@ def main() -> None:
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     from benchmarks.common import environment, write
 
     out: dict = {"plan": plan, "steering_definitions": STEERING_DEFINITIONS, "models": {}}
@@ -837,6 +897,9 @@ def main() -> None:
                 out["models"][mk] = measure_model(mk, tools, args, Path(tmp), log_dir)
         finally:
             out["wall_s"] = round(time.perf_counter() - t0, 1)
+            for w in _LIVE:
+                if w.proc.poll() is None:
+                    w.kill()
         # a failed worker's log is worth keeping next to the JSON's traceback
         failed = {p.name: p.read_text()[-4000:] for p in log_dir.glob("*.log")
                   if "Traceback" in p.read_text()}
