@@ -842,7 +842,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--cap", type=int, default=64, help="the length cap (bench_engine's "
                     "published long-tail run used 64)")
-    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=9, help="paired rounds (issue: >= 5)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-gib", type=float, default=1.0,
                     help="CPU: KV cache per engine (4 engines are up at once)")
