@@ -27,7 +27,11 @@ on a GPU cluster, one CPU on a CPU cluster. The actor launches `vllm serve` as a
 subprocess in its own process group on a free port of its node, waits for `/health`,
 and returns its base URL. With the local executor the same class runs in this process:
 one machine, one server. Stopping kills the whole process group (the API server and
-its engine core), so no vLLM process outlives the stage.
+its engine core), so no vLLM process outlives the stage. A builder (or actor) that dies
+without stopping it, SIGKILLed say, takes the server with it: `vllm serve` runs under
+a parent-death signal (Linux `PR_SET_PDEATHSIG`, set by a small exec wrapper, `_ORPHAN_GUARD`),
+so the kernel sends it SIGTERM when the process that started it is gone, and vLLM's API
+server then stops its engine core.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -102,6 +107,29 @@ class ServerSpec:
         return s
 
 
+#: Run as `python -c _ORPHAN_GUARD PARENT_PID CMD...`: ask the kernel for SIGTERM when
+#: the parent dies, leave at once if it already has (it may die between fork and prctl),
+#: then become CMD. An exec wrapper instead of Popen's `preexec_fn`, which is unsafe in a
+#: process with threads (the builder has several).
+_ORPHAN_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:\n"  # 1 = PR_SET_PDEATHSIG
+    "    sys.exit('judge server: prctl(PR_SET_PDEATHSIG) failed: errno %d'"
+    " % ctypes.get_errno())\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('judge server: the process that started it is gone')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def orphan_guarded(cmd: list[str]) -> list[str]:
+    """`cmd` under the parent-death signal (Linux); elsewhere `cmd` as it is."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *cmd]
+
+
 def serve_args(engine_args: dict[str, Any]) -> list[str]:
     """`vllm serve` flags from engine args: `max_model_len: 4096` -> `--max-model-len
     4096`, `true` -> a bare flag, `false`/null -> left out, dicts and lists as JSON."""
@@ -153,7 +181,8 @@ class ServerProcess:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as f:
             # its own session: stop() kills the group, engine core included
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(orphan_guarded(cmd), stdout=f,
+                                         stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         self.port = port
         deadline = time.monotonic() + self.spec.start_timeout_s
