@@ -138,7 +138,11 @@ def run_check(opts: CheckOptions) -> dict[str, Any]:
 
     texts = _prompt_texts(cfg, opts.prompts)
     prompts = [prompt_ids(ref.tokenizer, t, cfg.prompt_format) for t in texts]
-    norm = _mean_residual_norm(ref, prompts, layer)
+    # the residual norm as `alpha_units: norm` measures it (each text's mean token norm,
+    # position 0 skipped, averaged over texts), here over the check's prompts
+    from ..vectors.pooling import hf_pooler
+
+    norm = float(hf_pooler(ref)(prompts, layer)[1].mean(dtype=np.float64))
     g = torch.Generator().manual_seed(0)
     vectors = {}
     for name in ("v0", "v1"):
@@ -240,18 +244,6 @@ def _prompt_texts(cfg: BuildConfig, n: int) -> list[str]:
     except SourceUnavailable:
         texts = []
     return texts if len(texts) == n else list(CHECK_PROMPTS[:n])
-
-
-def _mean_residual_norm(ref: Any, prompts: list[list[int]], layer: int) -> float:
-    """Mean L2 norm of the residual stream after block `layer` over the prompts' tokens
-    (the first token left out: attention-sink positions carry outlier norms)."""
-    norms = []
-    for ids in prompts:
-        h = ref.residual_stream(ids, None, [layer])[layer]
-        norms.append(h[1:].norm(dim=-1))
-    import torch
-
-    return float(torch.cat(norms).mean())
 
 
 def _mixed_batch(n_prompts: int, layer: int) -> list[SteerSpec | None]:
