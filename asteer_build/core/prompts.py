@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fields import reject_unknown
+
 __all__ = ["DEFAULT_CHAT_TEMPLATE_KWARGS", "PromptFormat", "load_tokenizer", "prompt_ids",
            "render_ids", "user_turn"]
 
@@ -65,10 +67,7 @@ class PromptFormat:
             return cls()
         if not isinstance(raw, Mapping):
             raise ValueError(f"{where}: expected a mapping (got {raw!r})")
-        unknown = [k for k in raw if k != "chat_template_kwargs"]
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown field (known: "
-                             "chat_template_kwargs)")
+        reject_unknown(raw, where, ("chat_template_kwargs",))
         kw = raw.get("chat_template_kwargs", DEFAULT_CHAT_TEMPLATE_KWARGS)
         w = f"{where}.chat_template_kwargs"
         if kw is None:

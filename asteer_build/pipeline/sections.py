@@ -13,6 +13,8 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..core.fields import reject_unknown
+
 if TYPE_CHECKING:
     from judge.config import JudgeConfig
 
@@ -61,10 +63,7 @@ def capture_section(capture: Any) -> CaptureSettings | None:
         return None
     from .rollouts import CaptureSettings
 
-    known = {f.name for f in dataclasses.fields(CaptureSettings)}
-    for k in capture:
-        if k not in known:
-            raise ValueError(f"capture.{k}: unknown field (known: {', '.join(sorted(known))})")
+    reject_unknown(capture, "capture", sorted(f.name for f in dataclasses.fields(CaptureSettings)))
     try:
         return CaptureSettings(**capture)
     except (TypeError, ValueError) as e:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.fields import reject_unknown
 from ..inputs.sources import Concept, hub_commit
 from .banks import Bank, BankError
 
@@ -83,11 +84,7 @@ class BankFiles:
         if not isinstance(section, Mapping):
             raise ValueError(f"vectors.banks: expected a mapping like {{hub: OWNER/NAME}} or "
                              f"{{path: FOLDER}} (got {section!r})")
-        known = ("hub", "path", "pattern", "revision")
-        for k in section:
-            if k not in known:
-                raise ValueError(f"vectors.banks.{k}: unknown field (known: "
-                                 f"{', '.join(known)})")
+        reject_unknown(section, "vectors.banks", ("hub", "path", "pattern", "revision"))
         return cls(**{k: v for k, v in section.items() if v is not None or k != "pattern"})
 
     def as_dict(self) -> dict[str, Any]:

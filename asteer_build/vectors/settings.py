@@ -40,6 +40,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..core.fields import reject_unknown
+
 __all__ = ["ALPHA_UNITS", "METHODS", "POOLS", "ProbeSettings", "VectorSettings"]
 
 METHODS = ("diffmean", "probe", "pca", "file")
@@ -187,8 +189,5 @@ class VectorSettings:
             section = {}
         if not isinstance(section, Mapping):
             raise ValueError(f"vectors: expected a mapping (got {section!r})")
-        known = cls.section_keys()
-        for k in section:
-            if k not in known:
-                raise ValueError(f"vectors.{k}: unknown field (known: {', '.join(known)})")
+        reject_unknown(section, "vectors", cls.section_keys())
         return cls(layer=layer, methods=tuple(methods), alpha_units=alpha_units, **section)

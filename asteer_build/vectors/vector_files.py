@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.fields import reject_unknown
+
 __all__ = ["VectorFile", "VectorFileError", "file_key", "read_vector_file"]
 
 
@@ -52,10 +54,7 @@ class VectorFile:
         if not isinstance(d, Mapping):
             raise ValueError(f"vectors.file: expected {{path: FILE}} or {{hub: REPO, "
                              f"filename: NAME}} (got {d!r})")
-        known = ("path", "hub", "filename", "repo_type", "revision")
-        for k in d:
-            if k not in known:
-                raise ValueError(f"vectors.file.{k}: unknown field (known: {', '.join(known)})")
+        reject_unknown(d, "vectors.file", ("path", "hub", "filename", "repo_type", "revision"))
         for k, v in d.items():
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise ValueError(f"vectors.file.{k}: expected a non-empty string (got {v!r})")
