@@ -30,6 +30,7 @@ def _run_bad(tmp_path, cfg: dict, *extra: str):
     (lambda c: c["models"][0].update(path="/nonexistent/model-dir"), "models[0].path"),
     (lambda c: c["models"][0].pop("path"), "models[0].path"),
     (lambda c: c.update(output="/proc/asteer-cannot-write/here"), "output"),
+    (lambda c: c.update(alpha_units="sigma"), "alpha_units"),
 ])
 def test_bad_config_fails_before_any_work_naming_the_field(tmp_path, mutate, field):
     cfg = tiny_config(tmp_path / "out")
