@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fields import reject_unknown
-
 __all__ = ["DEFAULT_CHAT_TEMPLATE_KWARGS", "PromptFormat", "load_tokenizer", "prompt_ids",
            "render_ids", "user_turn"]
 
@@ -67,7 +65,12 @@ class PromptFormat:
             return cls()
         if not isinstance(raw, Mapping):
             raise ValueError(f"{where}: expected a mapping (got {raw!r})")
-        reject_unknown(raw, where, ("chat_template_kwargs",))
+        unknown = [k for k in raw if k != "chat_template_kwargs"]
+        # not core.fields: train imports this module, whose imports stay as light as
+        # tests/test_train_model.py allows
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown field (known: "
+                             "chat_template_kwargs)")
         kw = raw.get("chat_template_kwargs", DEFAULT_CHAT_TEMPLATE_KWARGS)
         w = f"{where}.chat_template_kwargs"
         if kw is None:
