@@ -149,8 +149,13 @@ class BatchStage:
                  model: str, settings: BatchSettings | None = None,
                  prices: Prices | None = None, rubric: Rubric = DEFAULT_RUBRIC,
                  max_tokens: int | None = None, temperature: float | None = None,
-                 structured: bool = True, sleep: Callable[[float], None] = time.sleep) -> None:
+                 structured: bool = True, sleep: Callable[[float], None] = time.sleep,
+                 on_save: Callable[[], None] | None = None) -> None:
+        """`on_save`: called after each state write, before the step it records is
+        acted on (a build mirrors the state folder into a remote run folder there, so a
+        driver on another machine resumes exactly where this one stopped)."""
         self.client, self.cache, self.model, self.rubric = client, cache, model, rubric
+        self.on_save = on_save
         self.settings = settings or BatchSettings()
         self.prices = prices
         self.body_opts = (max_tokens, temperature, structured)
@@ -183,6 +188,8 @@ class BatchStage:
 
     def _save(self) -> None:
         atomic.write_text(self.dir / STATE_FILE, json.dumps(self.state, indent=1))
+        if self.on_save is not None:
+            self.on_save()
 
     @property
     def records(self) -> list[dict[str, Any]]:

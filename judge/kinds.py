@@ -49,6 +49,8 @@ class JudgeContext:
     #: openai-batch: submit beyond `judge.batch.cost_cap_usd`
     yes: bool = False
     say: Callable[[str], None] = log.info
+    #: openai-batch: called after each batch-state write (`BatchStage.on_save`)
+    on_state_saved: Callable[[], None] | None = None
 
 
 @dataclass
@@ -119,7 +121,8 @@ async def _batch_session(cfg: JudgeConfig, ctx: JudgeContext) -> AsyncIterator[J
     if ctx.cache is None or ctx.batch_dir is None or ctx.requests is None:
         raise ValueError("judge.kind openai-batch: the caller gave no judgment cache, batch "
                          "state folder or requests")
-    stage = BatchStage.from_config(cfg, ctx.batch_dir, ctx.cache, ctx.rubric)
+    stage = BatchStage.from_config(cfg, ctx.batch_dir, ctx.cache, ctx.rubric,
+                                   on_save=ctx.on_state_saved)
     queued = stage.add(ctx.requests(), rerun_failed=ctx.rerun_failed)
     ctx.say(f"judge: {queued} request(s) queued for the Batch API; "
             f"{len(stage.records)} batch(es) in {stage.dir}")

@@ -93,8 +93,14 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait(timeout=30)
 
 
-def manifest(run: Path) -> dict:
-    return json.loads((run / "build.json").read_text())
+def manifest(run: Path | str) -> dict:
+    """build.json with its journal applied (what a reader sees mid-run too)."""
+    from asteer_build.pipeline.shards import Manifest, open_store
+
+    m = Manifest.load(open_store(str(run)))
+    if m is None:
+        raise FileNotFoundError(f"{run}: no build.json")
+    return m.data
 
 
 def committed(run: Path, stage: str) -> dict:

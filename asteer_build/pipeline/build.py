@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..core.paths import cache_dir
 from .config import BuildConfig, ModelConfig, check_output
 from .depth import check_layer
 from .executors import Executor, OnCommit, ShardRecord, get_executor
+from .judge_state import StateMirror
 from .plan import make_plan, shard_name
 from .run import STAGE_ORDER, Run, RunOptions, pending_shards
 from .sampling import require_resolved
@@ -215,13 +217,21 @@ async def _judge_async(run: Run, todo: list[str],
 
     jc = run.cfg.judge
     console.say(f"judge: {len(todo)} shard(s) to label ({jc.kind} judge)")
-    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(Path(_scratch_dir(run)) /
-                                                              "judge-cache.jsonl")
+    scratch = Path(_scratch_dir(run))
+    # A remote run folder keeps the state in `judge-state/` (judge_state.StateMirror);
+    # a cache file the config names is the user's own, not mirrored.
+    mirror = None if run.store.local else StateMirror(run.store, scratch)
+    if mirror is not None:
+        mirror.pull()
+    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(scratch / "judge-cache.jsonl")
     rubric = jc.rubric(run.cfg.base_dir)
+    rollouts = run.manifest.entries("rollouts")
 
     def base(name: str) -> str:
+        """The file a shard is labelled from, as the manifest names it (never a path
+        made up here: an object store's names are the writer's)."""
         entry = run.manifest.entries("labelled").get(name)
-        return entry["path"] if entry and name in rerun else f"rollouts/{name}.parquet"
+        return entry["path"] if entry and name in rerun else rollouts[name]["path"]
 
     def requests() -> list[Any]:
         from judge.batches import requests_for_table
@@ -231,9 +241,9 @@ async def _judge_async(run: Run, todo: list[str],
             rerun_failed=name in rerun)]
 
     ctx = JudgeContext(rubric=rubric, requests=requests, rerun_failed=bool(rerun),
-                       batch_dir=state_dir_for(Path(_scratch_dir(run)) / "batches", jc.model,
-                                               rubric.version),
-                       yes=run.opts.yes, say=console.say)
+                       batch_dir=state_dir_for(scratch / "batches", jc.model, rubric.version),
+                       yes=run.opts.yes, say=console.say,
+                       on_state_saved=mirror.sync if mirror is not None else None)
     log_dir = run.store.path("logs") if run.store.local else None
     lifetime = open_judge(jc, ctx, plug={"vllm": vllm_judge(
         executor=run.opts.executor, cfg=run.cfg, log_dir=log_dir)})
@@ -256,6 +266,8 @@ async def _judge_async(run: Run, todo: list[str],
                                         pending=rep.pending,
                                         judge_model=session.judge.judge_model,
                                         judge_rubric=session.judge.rubric_version)
+                    if mirror is not None:
+                        mirror.sync()
                     reports.append(rep)
                     bar.update(1)
             out = dict(session.info)
@@ -266,9 +278,10 @@ async def _judge_async(run: Run, todo: list[str],
 
 
 def _scratch_dir(run: Run) -> str:
-    """Local home of the judge cache (an append log, so a local file): inside the run
-    folder when that is local (`.staging`, the name earlier runs used, so they find
-    their cache again), else under $ASTEER_CACHE by plan hash."""
+    """Local home of the judge cache (an append log, so a local file) and the Batch API
+    state: inside the run folder when that is local (`.staging`, the name earlier runs
+    used, so they find their cache again), else a working copy under $ASTEER_CACHE by
+    plan hash, mirrored into the run folder (`judge_state`)."""
     if run.store.local:
         return run.store.path(".staging")
     root = cache_dir()
@@ -311,8 +324,12 @@ def execute_run(run: Run, on_shard: OnCommit | None = None) -> dict[str, Any]:
             summary["rollouts"] = _rollouts_stage(run, executor, on_shard)
     finally:
         executor.close()  # before the judge, which may start engines of its own
+        _compact(run)
     if "judge" in opts.stages:
-        summary["judge"] = _judge_stage(run)
+        try:
+            summary["judge"] = _judge_stage(run)
+        finally:
+            _compact(run)
     # Writers killed mid-commit (a lost Ray actor) leave dot-named temp files; no writer
     # is alive now, so they can go.
     run.store.clean_temps()
@@ -321,6 +338,18 @@ def execute_run(run: Run, on_shard: OnCommit | None = None) -> dict[str, Any]:
     run.store.write_bytes_atomic(SUMMARY, (json.dumps(summary, indent=1, default=str) + "\n")
                                  .encode())
     return summary
+
+
+def _compact(run: Run) -> None:
+    """build.json takes in the stage's journal (`shards.Manifest`), once per stage; a
+    stage that failed keeps its own error (the journal holds the commits anyway)."""
+    failing = sys.exc_info()[0] is not None
+    try:
+        run.manifest.compact()
+    except Exception as e:
+        if not failing:
+            raise
+        log.warning("could not compact %s after a failed stage: %s", run.store.uri, e)
 
 
 def log_file(run: Run) -> Path:

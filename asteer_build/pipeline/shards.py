@@ -9,12 +9,32 @@ Layout of a run folder (local path or any pyarrow / fsspec filesystem URI)::
     activations/shard-000003.parquet
     labelled/shard-000003.parquet   rollouts with judge columns: the dataset's `rollouts`
 
-Commit order: write the Parquet under a dot-prefixed temp name, fsync, rename to the
-final name, then add a manifest entry (row count, sha256, config hash, versions) and
-replace `build.json` the same way. Only the manifest says a shard is done: a file that
-exists without an entry (killed between rename and manifest) is simply redone. Readers
-list committed files through the manifest, never by globbing, and temp names start with
-a dot so globbing readers skip them too. The manifest has one writer (the driver).
+    journal/00000042-rollouts-shard-000003.json   one manifest entry per commit
+
+Commit order: the shard file first, then its manifest entry. Only the manifest says a
+shard is done: a file that exists without an entry (killed between the two) is simply
+redone. Readers list committed files through the manifest, never by globbing.
+
+- **A local folder** has rename: the file is written under a dot-prefixed temp name,
+  fsynced and renamed into place (temp names start with a dot so globbing readers skip
+  them, and `clean_temps` removes a killed writer's).
+- **An object store** (s3://, gs://, any non-local filesystem) has no rename: a copy plus
+  a delete per shard is what `fs.move` costs there. An object becomes visible only when
+  its upload completes, so the file is uploaded once, under its final name: one
+  PutObject (or one multipart upload), nothing else. A writer killed mid-upload leaves
+  an incomplete multipart upload, never a torn object; a bucket lifecycle rule
+  (AbortIncompleteMultipartUpload) reclaims those (cluster/README.md). Folders are not
+  made (pyarrow would PUT a marker object per folder). Every call is retried with
+  backoff through a store outage (`ASTEER_STORE_RETRY_S`, 300 s by default).
+
+The manifest: `build.json` holds the run's records and a compacted copy of every entry;
+each commit adds one small journal object (`journal/<seq>-<stage>-<name>.json`, the
+entry or a tombstone from `--rerun-shards`), so the bytes written per commit do not grow
+with the number of shards, and `build.json` is rewritten only when a stage ends
+(`Manifest.compact`), with `journal_through` saying which journal objects it already
+holds. Loading reads `build.json` plus the journal objects after it. A local folder's
+compacted journal files are removed; an object store's stay (no DeleteObject per shard).
+The manifest has one writer (the driver), which numbers the journal.
 """
 
 from __future__ import annotations
@@ -22,11 +42,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import threading
 import time
+import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,7 +63,11 @@ __all__ = [
     "MANIFEST", "committed_files", "read_stage",
 ]
 
+log = logging.getLogger("asteer_build")
+T = TypeVar("T")
+
 MANIFEST = "build.json"
+JOURNAL = "journal"
 #: shard sets, in stage order; `vectors` entries are per model, the rest per shard
 STAGES = ("vectors", "rollouts", "features", "activations", "labelled")
 
@@ -72,11 +100,36 @@ class ShardFile:
     bytes: int
 
 
+#: URI query parameters that would put a credential into build.json, logs and the card
+_CREDENTIAL_PARAMS = ("access_key", "secret_key", "session_token")
+#: what the AWS SDK says (inside pyarrow's OSError) when the store, not the request, failed
+_TRANSIENT = ("NETWORK_CONNECTION", "curlCode", "SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE",
+              "SERVICE_UNAVAILABLE", "ServiceUnavailable", "REQUEST_TIMEOUT", "RequestTimeout",
+              "Connection reset", "Connection refused", "timed out", "HTTP response code 5")
+
+
+def _store_retry_s() -> float:
+    return float(os.environ.get("ASTEER_STORE_RETRY_S", "300"))
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    return isinstance(e, OSError) and any(t in str(e) for t in _TRANSIENT)
+
+
 class Store:
     """A run folder on a pyarrow filesystem (local, s3://, gs://, hdfs://, or fsspec)."""
 
     def __init__(self, uri: str) -> None:
         if "://" in uri and not uri.startswith("file://"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
+            bad = [k for k in _CREDENTIAL_PARAMS if k in query]
+            if bad:
+                raise ValueError(f"output {uri.split('?', 1)[0]}: credentials in the URI "
+                                 f"({', '.join(bad)}) would be written into build.json and "
+                                 "logs; give them through the environment or the "
+                                 "provider's credential chain instead")
             self.fs, root = _filesystem(uri)
             self.local = False
         else:
@@ -86,6 +139,31 @@ class Store:
             self.local = True
         self.root = root.rstrip("/")
         self.uri = uri if not self.local else self.root
+        #: seconds a store outage is waited out, per call
+        self.retry_s = _store_retry_s()
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()`, again with backoff while the store is unreachable (remote stores): a
+        blip of the network or the service costs time, never a shard."""
+        if self.local:
+            return fn()
+        deadline, delay, said = time.monotonic() + self.retry_s, 0.5, False
+        while True:
+            try:
+                out = fn()
+            except OSError as e:
+                if not _transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                if not said:
+                    log.warning("store %s: %s failed (%s); retrying for up to %.0fs",
+                                self.uri, what, str(e).splitlines()[0][:200], self.retry_s)
+                    said = True
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if said:
+                log.warning("store %s: %s went through after the outage", self.uri, what)
+            return out
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -96,38 +174,54 @@ class Store:
         return self.path(rel)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+        return self._retry(f"stat {rel}", lambda: self.fs.get_file_info(self.path(rel)).type
+                           != pafs.FileType.NotFound)
 
     def makedirs(self, rel: str) -> None:
-        self.fs.create_dir(self.path(rel), recursive=True)
+        """A local folder; nothing on an object store, which has none (pyarrow would PUT
+        an empty marker object per folder)."""
+        if self.local:
+            self.fs.create_dir(self.path(rel), recursive=True)
 
     def probe_write(self) -> None:
-        """Create the root and write/remove a file: fails early on a bad location."""
+        """Write a file (and remove it, locally): fails early on a bad location. An
+        object store keeps its one probe object, overwritten by each run, rather than
+        paying a delete (and pyarrow's parent marker object) per run."""
         self.makedirs("")
+        if not self.local:
+            self.write_bytes_atomic(".asteer-probe", b"ok")
+            return
         probe = f".probe-{uuid.uuid4().hex[:8]}"
         self.write_bytes_atomic(probe, b"ok")
         self.fs.delete_file(self.path(probe))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        def read() -> bytes:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+
+        return self._retry(f"read {rel}", read)
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        """Temp name, fsync, rename (and fsync the folder): never a torn file."""
-        parent = rel.rpartition("/")[0]
-        if parent:
-            self.makedirs(parent)
-        tmp = atomic.temp_path(rel).as_posix()
+        """Never a torn file: temp name, fsync, rename (and fsync the folder) locally; one
+        upload under the final name on an object store, where an object appears only
+        when its upload completes."""
         if self.local:
-            p = self.path(tmp)
+            parent = rel.rpartition("/")[0]
+            if parent:
+                self.makedirs(parent)
+            p = self.path(atomic.temp_path(rel).as_posix())
             with open(p, "wb") as f:
                 f.write(data)
             atomic.commit(p, self.path(rel), before_rename=_fault_pause)
-        else:
-            with self.fs.open_output_stream(self.path(tmp)) as f:
+            return
+
+        def upload() -> None:
+            with self.fs.open_output_stream(self.path(rel)) as f:
                 f.write(data)
-            _fault_pause()
-            self.fs.move(self.path(tmp), self.path(rel))
+                _fault_pause()  # a kill here: the upload never completes
+
+        self._retry(f"write {rel}", upload)
 
     def write_table(self, stage: str, name: str, table: pa.Table) -> ShardFile:
         """Write one shard file of a stage and rename it into place."""
@@ -147,19 +241,28 @@ class Store:
         return hashlib.sha256(self.read_bytes(rel)).hexdigest()
 
     def read_table(self, rel: str) -> pa.Table:
-        return pq.read_table(self.path(rel), filesystem=self.fs)
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+    def list_files(self, rel: str) -> list[pafs.FileInfo]:
+        """The files under `rel` (recursive); none when it does not exist."""
+        sel = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        return [i for i in self._retry(f"list {rel}", lambda: self.fs.get_file_info(sel))
+                if i.type == pafs.FileType.File]
+
+    def delete(self, rel: str) -> None:
+        self._retry(f"delete {rel}", lambda: self.fs.delete_file(self.path(rel)))
 
     def clean_temps(self) -> int:
-        """Remove leftover temp files of killed writers (they are never read)."""
+        """Remove leftover temp files of killed writers (they are never read). An object
+        store has none (uploads go under their final names); older run folders may."""
         n = 0
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+            infos = self.list_files("")
         except (FileNotFoundError, OSError):
             return 0
         for info in infos:
-            base = info.base_name
-            if info.type == pafs.FileType.File and atomic.is_temp(base):
-                self.fs.delete_file(info.path)
+            if atomic.is_temp(info.base_name):
+                self._retry(f"delete {info.path}", lambda p=info.path: self.fs.delete_file(p))
                 n += 1
         return n
 
@@ -195,18 +298,60 @@ def open_store(uri: str) -> Store:
     return Store(uri)
 
 
+def _journal_name(seq: int, stage: str, name: str) -> str:
+    return f"{JOURNAL}/{seq:08d}-{stage}-{urllib.parse.quote(name, safe='')}.json"
+
+
 class Manifest:
-    """`build.json`: config, hashes, versions and every committed shard entry."""
+    """`build.json` and its journal: config, hashes, versions and every committed shard
+    entry (the module docstring says how the two fit)."""
 
     def __init__(self, store: Store, data: dict[str, Any]) -> None:
         self.store = store
         self.data = data
+        #: the next journal number (one writer: the driver)
+        self._seq = int(data.get("journal_through", -1)) + 1
+        #: journal files a local compaction may remove
+        self._journal_files: list[str] = []
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, store: Store) -> Manifest | None:
-        if not store.exists(MANIFEST):
-            return None
-        return cls(store, json.loads(store.read_bytes(MANIFEST)))
+        for attempt in range(3):
+            if not store.exists(MANIFEST):
+                return None
+            m = cls(store, json.loads(store.read_bytes(MANIFEST)))
+            try:
+                m._replay_journal()
+            except FileNotFoundError:
+                # a local writer compacted (and removed journal files) while we read:
+                # its build.json now holds them
+                if attempt == 2:
+                    raise
+                continue
+            return m
+        return None
+
+    def _replay_journal(self) -> None:
+        through = int(self.data.get("journal_through", -1))
+        found = []
+        for info in self.store.list_files(JOURNAL):
+            head = info.base_name.split("-", 1)[0]
+            if info.base_name.endswith(".json") and head.isdigit():
+                found.append((int(head), info.path))
+        found.sort()
+        for seq, path in found:
+            rel = path[len(self.store.root) + 1:]
+            self._journal_files.append(rel)
+            self._seq = max(self._seq, seq + 1)
+            if seq <= through:
+                continue
+            rec = json.loads(self.store.read_bytes(rel))
+            ents = self.entries(rec["stage"])
+            if rec.get("forgotten"):
+                ents.pop(rec["name"], None)
+            else:
+                ents[rec["name"]] = rec["entry"]
 
     @classmethod
     def create(cls, store: Store, *, config: dict[str, Any], config_hash: str,
@@ -229,8 +374,21 @@ class Manifest:
         return m
 
     def save(self) -> None:
-        blob = json.dumps(self.data, indent=1, sort_keys=True, default=str).encode()
-        self.store.write_bytes_atomic(MANIFEST, blob)
+        """Rewrite `build.json` with everything, the journal so far included (also after
+        a change of its own records): what `compact` does at a stage's end."""
+        with self._lock:
+            self.data["journal_through"] = self._seq - 1
+            blob = json.dumps(self.data, indent=1, sort_keys=True, default=str).encode()
+            self.store.write_bytes_atomic(MANIFEST, blob)
+            if self.store.local:
+                for rel in self._journal_files:
+                    try:
+                        os.unlink(self.store.path(rel))
+                    except FileNotFoundError:
+                        pass
+                self._journal_files.clear()
+
+    compact = save
 
     def entries(self, stage: str) -> dict[str, dict[str, Any]]:
         return self.data["stages"].setdefault(stage, {})
@@ -238,24 +396,37 @@ class Manifest:
     def is_committed(self, stage: str, name: str) -> bool:
         return name in self.entries(stage)
 
-    def record(self, files: list[ShardFile], *, save: bool = True, **extra: Any) -> None:
-        """Add entries for files already renamed into place, then persist atomically."""
+    def _journal(self, stage: str, name: str, rec: dict[str, Any]) -> None:
+        """One journal object: the commit point of one entry, its size independent of
+        how many shards the run has."""
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            rel = _journal_name(seq, stage, name)
+            self.store.write_bytes_atomic(
+                rel, json.dumps({"stage": stage, "name": name, **rec}, sort_keys=True,
+                                default=str).encode())
+            self._journal_files.append(rel)
+
+    def record(self, files: list[ShardFile], **extra: Any) -> None:
+        """Add entries for files already in place, each committed by its journal object."""
         for f in files:
-            self.entries(f.stage)[f.name] = {
+            entry = {
                 "path": f.path, "rows": f.rows, "sha256": f.sha256, "bytes": f.bytes,
                 "config_hash": self.data["config_hash"],
                 "software": self.data["software"],
                 "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **extra,
             }
-        if save:
-            self.save()
+            self._journal(f.stage, f.name, {"entry": entry})
+            self.entries(f.stage)[f.name] = entry
 
     def forget(self, stage: str, names: list[str]) -> None:
         ents = self.entries(stage)
         for n in names:
-            ents.pop(n, None)
-        self.save()
+            if n in ents:
+                self._journal(stage, n, {"forgotten": True})
+                ents.pop(n)
 
 
 def committed_files(run: str | Store, stage: str) -> list[str]:
