@@ -98,13 +98,14 @@ def test_seam_env_and_hook_refuse_unknown_names():
 def test_product_code_reads_no_other_asteer_variable():
     """Test and fault hooks go through the seam; the other variables are the user's, and
     one is the product's own parent-to-child channel (`engine/startup.py`: where vLLM's
-    child processes write why a start failed)."""
+    child processes write why a start failed). ASTEER_STORE_RETRY_S is the user's: how
+    long a store outage is waited out (`pipeline/shards.py`)."""
     names = set()
     for d in ("asteer_build", "judge", "train"):
         for f in (ROOT / d).rglob("*.py"):
             names |= set(re.findall(r"ASTEER_[A-Z_]+", f.read_text()))
     assert names == {"ASTEER_ALLOW_UNTESTED_VLLM", "ASTEER_CACHE", "ASTEER_REQUIRE_LOCK",
-                     "ASTEER_TEST_SEAM", "ASTEER_ENGINE_START_ERRORS"}
+                     "ASTEER_TEST_SEAM", "ASTEER_ENGINE_START_ERRORS", "ASTEER_STORE_RETRY_S"}
 
 
 def test_commit_delay_hook_holds_the_temp_file_before_the_rename(tmp_path, monkeypatch):
