@@ -151,3 +151,89 @@ def test_s3_outage_mid_build_is_waited_out(s3, work, pipeline_reference, monkeyp
         rel = k[len("outage-run/"):]
         if rel.split("/")[0] in ("rollouts", "features", "activations", "labelled"):
             assert rel in named, rel
+
+
+def _upload_run(srv, local: Path, prefix: str, *, drop: tuple[str, ...]) -> None:
+    """A local run folder copied onto the S3 server, without the stages named in `drop`
+    (files and manifest entries)."""
+    import boto3
+
+    c = boto3.client("s3", endpoint_url=srv.url, region_name="us-east-1",
+                     aws_access_key_id="k", aws_secret_access_key="s")
+    for f in sorted(local.rglob("*")):
+        rel = f.relative_to(local).as_posix()
+        if not f.is_file() or rel.split("/")[0] in (*drop, ".staging", "logs"):
+            continue
+        data = f.read_bytes()
+        if rel == "build.json":
+            m = json.loads(data)
+            for st in drop:
+                m["stages"][st] = {}
+            data = json.dumps(m).encode()
+        c.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data)
+
+
+def test_batch_judge_state_travels_with_the_run_folder(s3, work, pipeline_reference):
+    """The Batch API judge on an s3:// run folder, SIGKILLed while it polls; the rerun
+    comes from "another machine" (its own ASTEER_CACHE and HOME, so no local state):
+    it finds the batches in the run folder's `judge-state/`, submits no custom_id twice
+    and labels every row once with the server's answer."""
+    import secrets
+
+    from judge.cache import cache_key
+    from judge.rubric import DEFAULT_RUBRIC
+
+    from .batch_api_support import batch_server, canned_label
+    from .pipeline_support import kill_group, wait_for
+
+    srv3, url3 = s3
+    _upload_run(srv3, pipeline_reference, "batch-run", drop=("labelled",))
+    uri = f"s3://{BUCKET}/batch-run"
+    ro = read_stage(str(pipeline_reference), "rollouts").to_pylist()
+    want = {cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
+                      x["response"]) for x in ro}
+    n_files = -(-len(want) // 4)
+    key = "sk-s3-batch-" + secrets.token_hex(8)
+    machines = {n: {"ASTEER_CACHE": str(work / n / "cache"), "HOME": str(work / n)}
+                for n in ("machine-a", "machine-b")}
+    with batch_server(key) as (srv, url):
+        cfg = tiny_config(uri)
+        cfg["judge"] = {"kind": "openai-batch", "model": "judge-b",
+                        "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
+                        "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05,
+                                  "poll_max_s": 0.2}}
+        path = write_config(work / "s3-batch.yaml", cfg)
+        srv.hold.set()
+        p = start_cli("run", "--config", str(path), "--stages", "judge", "--no-progress",
+                      BATCH_TEST_KEY=key, **_env(url3, **machines["machine-a"]))
+        wait_for(lambda: len(srv.batches) >= n_files and srv.retrieves >= 3 * n_files, 120,
+                 "the judge stage polling its batches")
+        assert p.poll() is None
+        kill_group(p)
+        n_batches = len(srv.batches)
+        srv.hold.clear()
+        state = [k for k in _objects(srv3, "batch-run/judge-state/")]
+        assert any(k.endswith("/batches.json") for k in state), state
+        r = cli("run", "--config", str(path), "--stages", "judge", "--no-progress",
+                timeout=180, BATCH_TEST_KEY=key, **_env(url3, **machines["machine-b"]))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(srv.batches) == n_batches == n_files
+        assert set(srv.submitted.values()) == {1} and set(srv.submitted) == want
+    import os
+
+    old = {k: os.environ.get(k) for k in s3_env(url3)}
+    os.environ.update(s3_env(url3))
+    try:
+        rows = read_stage(open_store(uri), "labelled").to_pylist()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert len(rows) == 24 == len({x["id"] for x in rows})
+    for x in rows:
+        k = cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
+                      x["response"])
+        assert x["judge_status"] == "ok" and x["label"] == canned_label(k)
+    assert not [k for k, v in _objects(srv3, "batch-run/").items() if key.encode() in v]
