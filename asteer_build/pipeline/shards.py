@@ -141,6 +141,10 @@ class Store:
         self.uri = uri if not self.local else self.root
         #: seconds a store outage is waited out, per call
         self.retry_s = _store_retry_s()
+        #: what this process wrote through the store: files, bytes, seconds spent writing
+        #: (summed over writer threads: the time uploads would take one after another)
+        self.writes = {"files": 0, "bytes": 0, "seconds": 0.0}
+        self._writes_lock = threading.Lock()
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, again with backoff while the store is unreachable (remote stores): a
@@ -206,6 +210,14 @@ class Store:
         """Never a torn file: temp name, fsync, rename (and fsync the folder) locally; one
         upload under the final name on an object store, where an object appears only
         when its upload completes."""
+        t0 = time.monotonic()
+        self._write(rel, data)
+        with self._writes_lock:
+            self.writes["files"] += 1
+            self.writes["bytes"] += len(data)
+            self.writes["seconds"] += time.monotonic() - t0
+
+    def _write(self, rel: str, data: bytes) -> None:
         if self.local:
             parent = rel.rpartition("/")[0]
             if parent:
