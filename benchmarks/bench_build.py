@@ -160,11 +160,16 @@ class _CpuSampler:
         return {"build": total, "generate_phase": inside}
 
 
-def _build(cfg: Path, base: Path, out: Path, executor: str, lengths: Path) -> dict:
-    shutil.copytree(base, out)
+def _build(cfg: Path, base: Path, out: Path | str, executor: str, lengths: Path,
+           env_extra: dict[str, str] | None = None) -> dict:
+    """One build of the rollouts stage into `out`: a local folder (a copy of `base`) or a
+    store URI the caller filled with `base` already."""
+    if isinstance(out, Path):
+        shutil.copytree(base, out)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env.update(seam_env(bench_lengths=str(lengths)))
+    env.update(env_extra or {})
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
     p = subprocess.Popen([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
@@ -177,16 +182,19 @@ def _build(cfg: Path, base: Path, out: Path, executor: str, lengths: Path) -> di
     if p.returncode != 0:
         sampler.result()
         raise SystemExit(f"build failed ({executor}):\n{stderr[-4000:]}")
-    ro = json.loads(stdout)["rollouts"]
+    summary = json.loads(stdout)
+    ro = summary["rollouts"]
     (window,) = ro["generate_windows"].values()
     cpu = sampler.result(tuple(window))
-    shutil.rmtree(out, ignore_errors=True)
+    if isinstance(out, Path):
+        shutil.rmtree(out, ignore_errors=True)
     return {"executor": executor, "wall_seconds": round(wall, 2),
             "generate_seconds": ro["generate_seconds"], "tokens": ro["tokens"],
             "items": ro["items_run"],
             "tok_s": round(ro["tokens"] / ro["generate_seconds"], 1),
             "writer_wait_seconds": ro.get("writer_wait_seconds"),
             "engine_start_seconds": ro.get("engine_start_seconds"),
+            "store_writes": summary.get("store_writes"),
             "cpu_seconds_by_role": cpu["build"],
             "cpu_seconds_in_generate_by_role": cpu["generate_phase"]}
 
@@ -215,38 +223,56 @@ def _ideal(engine, reqs, capture) -> dict:
     return {"generate_seconds": round(dt, 2), "tokens": tokens, "tok_s": round(tokens / dt, 1)}
 
 
+def _prepare(tmp: Path, a: argparse.Namespace):
+    """Both configs, the long-tail lengths and a run folder with the vectors built."""
+    from asteer_build.pipeline.config import load_config
+    from asteer_build.pipeline.plan import make_plan
+
+    cfg_off = _config(tmp, "off", a.cap, a.alphas, capture=False)
+    cfg_on = _config(tmp, "on", a.cap, a.alphas, capture=True)
+    plan = make_plan(load_config(str(cfg_off)))
+    ids = [it.id for it in plan.items()]
+    lens = long_tail_lengths(len(ids), a.cap, a.seed)
+    lengths = tmp / "lengths.json"
+    lengths.write_text(json.dumps(dict(zip(ids, lens, strict=True))))
+    os.environ.update(seam_env(bench_lengths=str(lengths)))  # the ideal's requests too
+    base = tmp / "base"
+    t = time.time()
+    r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg_off),
+                        "--out", str(base), "--stages", "vectors", "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+    if r.returncode != 0:
+        raise SystemExit(f"vectors failed:\n{r.stderr[-4000:]}")
+    print(f"vectors in {time.time() - t:.0f}s", flush=True)
+    return cfg_off, cfg_on, plan, ids, lens, lengths, base
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--cap", type=int, default=256)
     p.add_argument("--alphas", type=int, default=4, help="alphas per method (of 12)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s3", action="store_true",
+                   help="the S3 variant (bench_build_s3.py): output on a loopback S3 API "
+                        "behind a slow link versus a local folder")
+    p.add_argument("--upload-share", type=float, default=0.15,
+                   help="--s3: the link's bandwidth is set so that uploading the build's "
+                        "files one after another takes this share of the generate phase")
+    p.add_argument("--latency-ms", type=float, default=5.0, help="--s3: per-chunk latency")
     a = p.parse_args()
     from asteer_build.engine import SteeredEngine
-    from asteer_build.pipeline.plan import make_plan
     from asteer_build.pipeline.work import engine_kwargs
 
+    if a.s3:
+        from benchmarks.bench_build_s3 import s3_main
+
+        s3_main(a)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-build-") as d:
         tmp = Path(d)
-        cfg_off = _config(tmp, "off", a.cap, a.alphas, capture=False)
-        cfg_on = _config(tmp, "on", a.cap, a.alphas, capture=True)
-        from asteer_build.pipeline.config import load_config
-
-        plan = make_plan(load_config(str(cfg_off)))
-        ids = [it.id for it in plan.items()]
-        lens = long_tail_lengths(len(ids), a.cap, a.seed)
-        lengths = tmp / "lengths.json"
-        lengths.write_text(json.dumps(dict(zip(ids, lens, strict=True))))
-        os.environ.update(seam_env(bench_lengths=str(lengths)))  # the ideal's requests too
-        base = tmp / "base"
-        t = time.time()
-        r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg_off),
-                            "--out", str(base), "--stages", "vectors", "--no-progress"],
-                           cwd=ROOT, capture_output=True, text=True,
-                           env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
-        if r.returncode != 0:
-            raise SystemExit(f"vectors failed:\n{r.stderr[-4000:]}")
-        print(f"vectors in {time.time() - t:.0f}s", flush=True)
+        cfg_off, cfg_on, plan, ids, lens, lengths, base = _prepare(tmp, a)
         cfg, ctx, reqs, _ = _ideal_requests(cfg_off, base)
         _, _, reqs_on, capture = _ideal_requests(cfg_on, base)
         engine = SteeredEngine(ctx.path, steer_layers=[cfg.layer],
