@@ -127,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     opts = RunOptions(out=args.out, executor=args.executor, rerun_shards=args.rerun_shards,
                       rerun_failed=args.rerun_failed,
                       stages=args.stages or RunOptions().stages,
-                      progress=not args.no_progress, yes=args.yes)
+                      progress=not args.no_progress, yes=args.yes,
+                      sequential=args.sequential)
     # Config and output checks print straight to the terminal; the log file lives in
     # the run folder, which exists only once they pass.
     run = prepare_run(cfg, opts)
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true")
     sp.add_argument("--yes", action="store_true",
                     help="submit Batch API judge work beyond judge.batch.cost_cap_usd")
+    sp.add_argument("--sequential", action="store_true",
+                    help="judge after the last rollouts shard instead of as shards commit")
     add_output_flags(sp)
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("status", help="progress per stage of a run folder")

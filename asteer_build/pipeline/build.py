@@ -20,7 +20,7 @@ from ..core.paths import cache_dir
 from .config import BuildConfig, ModelConfig, check_output
 from .depth import check_layer
 from .executors import Executor, OnCommit, ShardRecord, get_executor
-from .judge_state import StateMirror
+from .judge_stage import StreamingJudge, judge_stage, streams
 from .plan import make_plan, shard_name
 from .run import STAGE_ORDER, Run, RunOptions, pending_shards
 from .sampling import require_resolved
@@ -196,113 +196,6 @@ def _rollouts_stage(run: Run, executor: Executor, on_shard: OnCommit | None) -> 
     return executor.run_rollouts(todo, committed)
 
 
-async def _judge_async(run: Run, todo: list[str],
-                       rerun: set[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Label each shard in memory: read its table through the store, label it with
-    `judge.label.alabel_table`, commit the bytes through the store's atomic write and
-    the manifest. A killed run redoes an uncommitted shard; the judgment cache (an
-    append log written as answers arrive) serves the rows already judged.
-
-    The judge comes from the kind registry (`judge.kinds`), as in `asteer-judge`, with
-    the builder's `vllm` servers plugged in; its lifetime (servers, endpoint pool, the
-    Batch API stage run to the end) spans the labelling and ends also when it fails.
-    The Batch API state lives beside the judge cache (`.staging/batches` in a local run
-    folder), so a killed build resumes its batches instead of submitting them again."""
-    from judge.batches import state_dir_for
-    from judge.cache import JudgmentCache
-    from judge.kinds import JudgeContext, open_judge
-    from judge.label import LabelReport, alabel_table, table_from_parquet, table_to_parquet
-
-    from .judge_servers import vllm_judge
-
-    jc = run.cfg.judge
-    console.say(f"judge: {len(todo)} shard(s) to label ({jc.kind} judge)")
-    scratch = Path(_scratch_dir(run))
-    # A remote run folder keeps the state in `judge-state/` (judge_state.StateMirror);
-    # a cache file the config names is the user's own, not mirrored.
-    mirror = None if run.store.local else StateMirror(run.store, scratch)
-    if mirror is not None:
-        mirror.pull()
-    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(scratch / "judge-cache.jsonl")
-    rubric = jc.rubric(run.cfg.base_dir)
-    rollouts = run.manifest.entries("rollouts")
-
-    def base(name: str) -> str:
-        """The file a shard is labelled from, as the manifest names it (never a path
-        made up here: an object store's names are the writer's)."""
-        entry = run.manifest.entries("labelled").get(name)
-        return entry["path"] if entry and name in rerun else rollouts[name]["path"]
-
-    def requests() -> list[Any]:
-        from judge.batches import requests_for_table
-
-        return [r for name in todo for r in requests_for_table(
-            table_from_parquet(run.store.read_bytes(base(name))), jc.model, rubric.version,
-            rerun_failed=name in rerun)]
-
-    ctx = JudgeContext(rubric=rubric, requests=requests, rerun_failed=bool(rerun),
-                       batch_dir=state_dir_for(scratch / "batches", jc.model, rubric.version),
-                       yes=run.opts.yes, say=console.say,
-                       on_state_saved=mirror.sync if mirror is not None else None)
-    log_dir = run.store.path("logs") if run.store.local else None
-    lifetime = open_judge(jc, ctx, plug={"vllm": vllm_judge(
-        executor=run.opts.executor, cfg=run.cfg, log_dir=log_dir)})
-    reports = []
-    with JudgmentCache(cache_path) as cache:
-        ctx.cache = cache
-        async with lifetime as session:
-            bar = console.progress(total=len(todo), unit="shard", desc="judge",
-                                   disable=not run.opts.progress)
-            with bar:
-                for name in todo:
-                    rep = LabelReport(f"{name}.parquet")
-                    table = table_from_parquet(run.store.read_bytes(base(name)))
-                    table = await alabel_table(table, session.judge, cache=cache,
-                                               rerun_failed=name in rerun,
-                                               workers=session.workers, report=rep)
-                    f = run.store.put_file("labelled", name, f"labelled/{name}.parquet",
-                                           table_to_parquet(table), rep.rows)
-                    run.manifest.record([f], ok=rep.ok, failed=rep.failed,
-                                        pending=rep.pending,
-                                        judge_model=session.judge.judge_model,
-                                        judge_rubric=session.judge.rubric_version)
-                    if mirror is not None:
-                        mirror.sync()
-                    reports.append(rep)
-                    bar.update(1)
-            out = dict(session.info)
-            stats = session.stats()
-            if stats:
-                out["endpoints"] = stats
-    return reports, out
-
-
-def _scratch_dir(run: Run) -> str:
-    """Local home of the judge cache (an append log, so a local file) and the Batch API
-    state: inside the run folder when that is local (`.staging`, the name earlier runs
-    used, so they find their cache again), else a working copy under $ASTEER_CACHE by
-    plan hash, mirrored into the run folder (`judge_state`)."""
-    if run.store.local:
-        return run.store.path(".staging")
-    root = cache_dir()
-    return str(root / "staging" / run.plan.plan_hash)
-
-
-def _judge_stage(run: Run) -> dict[str, Any]:
-    import asyncio
-
-    labelled = run.manifest.entries("labelled")
-    rerun = set()
-    if run.opts.rerun_failed:
-        rerun = {n for n, e in labelled.items() if e.get("failed", 0) or e.get("pending", 0)}
-    todo = [n for n in sorted(run.manifest.entries("rollouts")) if n not in labelled or n in rerun]
-    if not todo:
-        return {"shards_judged": 0}
-    reports, out = asyncio.run(_judge_async(run, todo, rerun))
-    return {"shards_judged": len(reports), "ok": sum(r.ok for r in reports),
-            "failed": sum(r.failed for r in reports), **out}
-
-
 def run_build(cfg: BuildConfig, opts: RunOptions) -> dict[str, Any]:
     return execute_run(prepare_run(cfg, opts))
 
@@ -317,19 +210,39 @@ def execute_run(run: Run, on_shard: OnCommit | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"run": run.store.uri, "plan_hash": run.plan.plan_hash,
                                "items": run.plan.n_items, "shards": len(run.plan.shards)}
     executor = get_executor(opts.executor)(run)
+    # The judge labels shards as they commit (judge_stage.StreamingJudge) unless the run
+    # is sequential, has one stage, or its judge needs the engines' GPUs.
+    stream = StreamingJudge(run) if streams(run) else None
+    if "judge" in opts.stages and "rollouts" in opts.stages and stream is None \
+            and not opts.sequential:
+        console.say(f"judge: the {run.cfg.judge.kind} judge runs on the build's own "
+                    "resources: it judges after generation")
+    subscribers = [f for f in (on_shard, stream and stream.on_commit) if f is not None]
+
+    def committed(rec: ShardRecord) -> None:
+        for f in subscribers:
+            f(rec)
+
     try:
         if "vectors" in opts.stages:
             _vectors_stage(run, executor)
+        if stream is not None:
+            stream.start()
         if "rollouts" in opts.stages:
-            summary["rollouts"] = _rollouts_stage(run, executor, on_shard)
+            summary["rollouts"] = _rollouts_stage(run, executor, committed)
     finally:
-        executor.close()  # before the judge, which may start engines of its own
-        _compact(run)
-    if "judge" in opts.stages:
+        executor.close()  # before a sequential judge, which may start engines of its own
         try:
-            summary["judge"] = _judge_stage(run)
+            if stream is not None and (judged := stream.finish()) is not None:
+                summary["judge"] = judged
         finally:
             _compact(run)
+    if "judge" in opts.stages and stream is None:
+        try:
+            summary["judge"] = judge_stage(run)
+        finally:
+            _compact(run)
+    summary["mode"] = "streaming" if stream is not None else "sequential"
     # Writers killed mid-commit (a lost Ray actor) leave dot-named temp files; no writer
     # is alive now, so they can go.
     run.store.clean_temps()

@@ -29,6 +29,8 @@ class RunOptions:
     progress: bool = True
     #: submit Batch API judge work beyond `judge.batch.cost_cap_usd`
     yes: bool = False
+    #: judge after the last rollouts shard, not as shards commit (`judge_stage`)
+    sequential: bool = False
 
 
 @dataclass

@@ -325,7 +325,8 @@ class Manifest:
         self._seq = int(data.get("journal_through", -1)) + 1
         #: journal files a local compaction may remove
         self._journal_files: list[str] = []
-        self._lock = threading.Lock()
+        #: the rollouts and judge stages commit from two threads (`judge_stage`)
+        self._lock = threading.RLock()
 
     @classmethod
     def load(cls, store: Store) -> Manifest | None:
@@ -422,6 +423,10 @@ class Manifest:
 
     def record(self, files: list[ShardFile], **extra: Any) -> None:
         """Add entries for files already in place, each committed by its journal object."""
+        with self._lock:
+            self._record(files, extra)
+
+    def _record(self, files: list[ShardFile], extra: dict[str, Any]) -> None:
         for f in files:
             entry = {
                 "path": f.path, "rows": f.rows, "sha256": f.sha256, "bytes": f.bytes,
@@ -434,11 +439,12 @@ class Manifest:
             self.entries(f.stage)[f.name] = entry
 
     def forget(self, stage: str, names: list[str]) -> None:
-        ents = self.entries(stage)
-        for n in names:
-            if n in ents:
-                self._journal(stage, n, {"forgotten": True})
-                ents.pop(n)
+        with self._lock:
+            ents = self.entries(stage)
+            for n in names:
+                if n in ents:
+                    self._journal(stage, n, {"forgotten": True})
+                    ents.pop(n)
 
 
 def committed_files(run: str | Store, stage: str) -> list[str]:

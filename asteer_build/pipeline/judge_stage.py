@@ -1,0 +1,311 @@
+"""The judge stage: label committed rollouts shards, after generation or while it runs.
+
+Sequential (`--sequential`, or `--stages judge`): every committed, unlabelled rollouts
+shard, one after another. Streaming (the default when a run has both stages): a
+`StreamingJudge` thread starts before the rollouts and is handed each rollouts shard the
+moment its manifest entry is saved (the executors' `on_commit`), so the dataset arrives
+at about max(generate, judge) instead of their sum. The engines never wait for it: the
+hand-off is a queue.
+
+- A live judge (`rules`, `llm`: an endpoint pool) labels each shard as it arrives.
+- The Batch API (`openai-batch`) gathers the arriving shards' requests into files of
+  `judge.batch.max_requests_per_file` and submits them in waves under the enqueued-token
+  budget while the engines generate; a shard is labelled once every one of its rows has
+  an answer or a final failure. The cost cap is enforced per wave: reached mid-run, the
+  judge stops submitting and says so, the rollouts go on, and the rows it could not
+  send stay `pending` (never a made-up label).
+- A self-hosted `vllm` judge would fight the engines for the same GPUs: it judges after
+  generation, and the run says so.
+
+Commits from both stages go through the one `Manifest` (its lock serialises them); the
+driver is its only writer. Resuming is the sequential case's: a shard is labelled once
+its `labelled` entry is committed; the judgment cache and the Batch API state (in the
+run folder, `judge_state`) make a rerun pay for nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.console import console
+from ..core.paths import cache_dir
+from .judge_state import StateMirror
+from .run import Run
+
+__all__ = ["judge_stage", "StreamingJudge", "scratch_dir", "streams"]
+
+#: judge kinds that label while the engines generate
+STREAMING_KINDS = ("rules", "llm", "openai-batch")
+
+
+def streams(run: Run) -> bool:
+    """Whether this run judges while it generates."""
+    o = run.opts
+    return ("rollouts" in o.stages and "judge" in o.stages and not o.sequential
+            and run.cfg.judge.kind in STREAMING_KINDS)
+
+
+def scratch_dir(run: Run) -> str:
+    """Local home of the judge cache (an append log, so a local file) and the Batch API
+    state: inside the run folder when that is local (`.staging`, the name earlier runs
+    used, so they find their cache again), else a working copy under $ASTEER_CACHE by
+    plan hash, mirrored into the run folder (`judge_state`)."""
+    if run.store.local:
+        return run.store.path(".staging")
+    return str(cache_dir() / "staging" / run.plan.plan_hash)
+
+
+class ShardFeed:
+    """Rollouts shard names for the judge, in commit order: put from any thread, taken on
+    the judge's event loop; `None` after `close` and the last name."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._q: queue.Queue[str | None] = queue.Queue()
+        for n in names:
+            self._q.put(n)
+        self.closed = False
+
+    def put(self, name: str) -> None:
+        self._q.put(name)
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    async def next(self) -> str | None:
+        if self.closed:
+            return None
+        name = await asyncio.to_thread(self._q.get)
+        self.closed = name is None
+        return name
+
+    def take(self) -> list[str]:
+        """The names waiting now (sets `closed` when the end is among them)."""
+        out = []
+        while not self.closed:
+            try:
+                name = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if name is None:
+                self.closed = True
+            else:
+                out.append(name)
+        return out
+
+
+def _todo(run: Run) -> tuple[list[str], set[str]]:
+    labelled = run.manifest.entries("labelled")
+    rerun: set[str] = set()
+    if run.opts.rerun_failed:
+        rerun = {n for n, e in labelled.items() if e.get("failed", 0) or e.get("pending", 0)}
+    todo = [n for n in sorted(run.manifest.entries("rollouts"))
+            if n not in labelled or n in rerun]
+    return todo, rerun
+
+
+def judge_stage(run: Run, feed: ShardFeed | None = None) -> dict[str, Any]:
+    """Label every committed, unlabelled shard (and, with a feed, each one it brings,
+    until it closes); the stage's summary, with its busy window."""
+    todo, rerun = _todo(run)
+    streaming = feed is not None
+    if feed is None:
+        if not todo:
+            return {"shards_judged": 0}
+        feed = ShardFeed(todo)
+        feed.close()
+        total = len(todo)
+    else:  # every planned shard not labelled yet
+        done = set(run.manifest.entries("labelled")) - rerun
+        total = len([s for s in run.plan.shards if s.name not in done])
+    t0 = time.time()
+    reports, out = asyncio.run(_judge_async(run, feed, rerun, total, streaming))
+    return {"shards_judged": len(reports), "ok": sum(r.ok for r in reports),
+            "failed": sum(r.failed for r in reports),
+            "pending": sum(r.pending for r in reports), **out,
+            "window": [t0, time.time()]}
+
+
+class _Labeller:
+    """What labelling one shard takes: the store, the manifest, the cache, the mirror."""
+
+    def __init__(self, run: Run, rerun: set[str], cache: Any, mirror: StateMirror | None,
+                 total: int) -> None:
+        self.run, self.rerun, self.cache, self.mirror = run, rerun, cache, mirror
+        self.reports: list[Any] = []
+        self.bar = console.progress(total=total or None, unit="shard", desc="judge",
+                                    disable=not run.opts.progress)
+
+    def base(self, name: str) -> str:
+        """The file a shard is labelled from, as the manifest names it (never a path
+        made up here: an object store's names are the writer's)."""
+        entry = self.run.manifest.entries("labelled").get(name)
+        if entry and name in self.rerun:
+            return entry["path"]
+        return self.run.manifest.entries("rollouts")[name]["path"]
+
+    def table(self, name: str) -> Any:
+        from judge.label import table_from_parquet
+
+        return table_from_parquet(self.run.store.read_bytes(self.base(name)))
+
+    async def label(self, name: str, judge: Any, workers: int, table: Any = None,
+                    **kw: Any) -> None:
+        from judge.label import LabelReport, alabel_table, table_to_parquet
+
+        rep = LabelReport(f"{name}.parquet")
+        table = await alabel_table(self.table(name) if table is None else table, judge,
+                                   cache=self.cache, rerun_failed=name in self.rerun,
+                                   workers=workers, report=rep, **kw)
+        run = self.run
+        f = await asyncio.to_thread(run.store.put_file, "labelled", name,
+                                    f"labelled/{name}.parquet", table_to_parquet(table),
+                                    rep.rows)
+        run.manifest.record([f], ok=rep.ok, failed=rep.failed, pending=rep.pending,
+                            judge_model=judge.judge_model, judge_rubric=judge.rubric_version)
+        if self.mirror is not None:
+            await asyncio.to_thread(self.mirror.sync)
+        self.reports.append(rep)
+        self.bar.update(1)
+
+
+async def _judge_async(run: Run, feed: ShardFeed, rerun: set[str], n_known: int,
+                       streaming: bool) -> tuple[list[Any], dict[str, Any]]:
+    """The judge comes from the kind registry (`judge.kinds`), as in `asteer-judge`, with
+    the builder's `vllm` servers plugged in; its lifetime (servers, endpoint pool) spans
+    the labelling and ends also when it fails. The Batch API runs here in waves
+    (`_batch_waves`) so that it can take shards as they come."""
+    from judge.batches import state_dir_for
+    from judge.cache import JudgmentCache
+    from judge.kinds import JudgeContext, open_judge
+
+    from .judge_servers import vllm_judge
+
+    jc = run.cfg.judge
+    console.say(f"judge: {n_known} shard(s) to label ({jc.kind} judge"
+                f"{', as rollouts commit' if streaming else ''})")
+    scratch = Path(scratch_dir(run))
+    # A remote run folder keeps the state in `judge-state/` (judge_state.StateMirror);
+    # a cache file the config names is the user's own, not mirrored.
+    mirror = None if run.store.local else StateMirror(run.store, scratch)
+    if mirror is not None:
+        await asyncio.to_thread(mirror.pull)
+    cache_path = jc.cache and run.cfg.resolve(jc.cache) or str(scratch / "judge-cache.jsonl")
+    rubric = jc.rubric(run.cfg.base_dir)
+    batch_dir = state_dir_for(scratch / "batches", jc.model, rubric.version)
+    with JudgmentCache(cache_path) as cache:
+        lab = _Labeller(run, rerun, cache, mirror, n_known)
+        with lab.bar:
+            if jc.kind == "openai-batch":
+                info = await _batch_waves(run, feed, lab, rubric, batch_dir)
+                return lab.reports, info
+            ctx = JudgeContext(rubric=rubric, rerun_failed=bool(rerun), cache=cache,
+                               yes=run.opts.yes, say=console.say)
+            log_dir = run.store.path("logs") if run.store.local else None
+            lifetime = open_judge(jc, ctx, plug={"vllm": vllm_judge(
+                executor=run.opts.executor, cfg=run.cfg, log_dir=log_dir)})
+            async with lifetime as session:
+                while (name := await feed.next()) is not None:
+                    await lab.label(name, session.judge, session.workers)
+                out = dict(session.info)
+                stats = session.stats()
+                if stats:
+                    out["endpoints"] = stats
+    return lab.reports, out
+
+
+async def _batch_waves(run: Run, feed: ShardFeed, lab: _Labeller, rubric: Any,
+                       batch_dir: Path) -> dict[str, Any]:
+    """The Batch API over shards as they arrive: requests gathered into files, files
+    submitted under the token budget and the cost cap, each shard labelled once all its
+    rows are answered or finally failed. A file goes out when it is full or when no
+    more shards are coming; a killed run resumes from the state folder (a request
+    already in a file is never queued again)."""
+    from judge.batches import BatchStage, CostCapExceeded, FailuresJudge, requests_for_table
+    from judge.kinds import _need_endpoints
+
+    jc = run.cfg.judge
+    _need_endpoints(jc, jc.endpoints)
+    stage = await asyncio.to_thread(
+        BatchStage.from_config, jc, batch_dir, lab.cache, rubric,
+        on_save=lab.mirror.sync if lab.mirror is not None else None)
+    waiting: dict[str, tuple[Any, set[str]]] = {}  # shard -> (table, its request keys)
+    buffer: list[Any] = []
+    cap_hit: str | None = None
+    s = jc.batch
+    delay = s.poll_initial_s
+    while True:
+        for name in feed.take():
+            table = lab.table(name)
+            reqs = requests_for_table(table, jc.model, rubric.version,
+                                      rerun_failed=name in lab.rerun)
+            waiting[name] = (table, {r.key for r in reqs})
+            buffer.extend(reqs)
+        if buffer and (len(buffer) >= s.max_requests_per_file or feed.closed):
+            await asyncio.to_thread(stage.add, buffer, rerun_failed=bool(lab.rerun))
+            buffer = []
+        if cap_hit is None:
+            try:
+                await asyncio.to_thread(stage.submit, yes=run.opts.yes)
+            except CostCapExceeded as e:
+                cap_hit = str(e)
+                console.say(f"judge: not submitting more batches: {e}; the rows not sent "
+                            "stay pending (rerun with --yes or a higher cap)")
+        changed = await asyncio.to_thread(stage.poll)
+        changed = bool(await asyncio.to_thread(stage.collect)) or changed
+        stuck = cap_hit is not None and stage.summary()["in_flight_requests"] == 0
+        failures = stage.failures
+        for name, (table, keys) in list(waiting.items()):
+            if stuck or all(k in lab.cache or k in failures for k in keys):
+                await lab.label(name, FailuresJudge(jc.model, rubric.version, dict(failures)),
+                                1, table=table)
+                del waiting[name]
+        if feed.closed and not waiting and not buffer:
+            break
+        delay = s.poll_initial_s if changed else min(s.poll_max_s, delay * 2)
+        await asyncio.sleep(delay)
+    out = stage.summary()
+    if cap_hit:
+        out["stopped"] = cap_hit
+    return {"batches": out}
+
+
+class StreamingJudge:
+    """The judge stage on a thread of its own, fed each rollouts shard as it commits."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        todo, _ = _todo(run)
+        self.feed = ShardFeed(todo)
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="asteer-judge", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.result = judge_stage(self.run, self.feed)
+        except BaseException as e:  # handed to the driver in `finish`
+            self.error = e
+
+    def start(self) -> StreamingJudge:
+        self._thread.start()
+        return self
+
+    def on_commit(self, record: Any) -> None:
+        self.feed.put(record.shard)
+
+    def finish(self) -> dict[str, Any] | None:
+        """No more shards: wait for the judge to label what it has, then its summary
+        (None when it never started: an earlier stage failed)."""
+        if self._thread.ident is None:
+            return None
+        self.feed.close()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result

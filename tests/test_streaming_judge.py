@@ -1,0 +1,110 @@
+"""The judge while the engines generate (`pipeline/judge_stage.py`): the Batch API gets
+shards as they commit, a SIGKILL in the overlapped phase then a rerun ends with every
+row labelled once by the server's answer and no custom_id sent twice; `--sequential`
+keeps the old order."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+
+from asteer_build.core.testseam import seam_env
+from asteer_build.pipeline.shards import read_stage
+
+from .pipeline_support import (
+    INPROCESS_ENGINE,
+    cli,
+    committed,
+    kill_group,
+    start_cli,
+    tiny_config,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("streaming")
+
+
+def _vectors_only(ref: Path, run: Path) -> None:
+    """The reference run folder with its vectors only: both stages left to run."""
+    shutil.copytree(ref, run, ignore=shutil.ignore_patterns(
+        "rollouts", "labelled", ".staging", "logs", "summary.json"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"] = {"vectors": m["stages"]["vectors"]}
+    (run / "build.json").write_text(json.dumps(m))
+
+
+def _batch_judge(url: str) -> dict:
+    return {"kind": "openai-batch", "model": "judge-b",
+            "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
+            "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05, "poll_max_s": 0.2}}
+
+
+def test_batch_waves_go_out_while_rollouts_commit_and_survive_a_kill(work,
+                                                                     pipeline_reference):
+    """Shards commit 4 s apart (the commit seam); the first batch is created before the
+    last rollouts shard commits; the build is SIGKILLed in that overlap and rerun: each
+    custom_id reached the server once, every row carries the server's answer, and the
+    ids are the reference build's."""
+    from judge.cache import cache_key
+    from judge.rubric import DEFAULT_RUBRIC
+
+    from .batch_api_support import batch_server, canned_label
+
+    run = work / "batch-stream"
+    _vectors_only(pipeline_reference, run)
+    ref_rows = read_stage(str(pipeline_reference), "rollouts").to_pylist()
+    want = {cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
+                      x["response"]) for x in ref_rows}
+    key = "sk-stream-" + secrets.token_hex(8)
+    with batch_server(key) as (srv, url):
+        path = write_config(work / "batch-stream.yaml", tiny_config(run, judge=_batch_judge(url)))
+        p = start_cli("run", "--config", str(path), "--no-progress", BATCH_TEST_KEY=key,
+                      **INPROCESS_ENGINE, **seam_env(commit_delay_s=2.0))
+        # the overlap: a batch on the server while rollouts shards are still to commit
+        wait_for(lambda: srv.batches and len(committed(run, "rollouts")) < 6, 300,
+                 "a batch submitted before the last rollouts shard")
+        assert len(committed(run, "rollouts")) < 6
+        kill_group(p)
+        first = p.stdout.read()
+        r = cli("run", "--config", str(path), "--no-progress", "--json", timeout=400,
+                BATCH_TEST_KEY=key, **INPROCESS_ENGINE)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert set(srv.submitted) == want and set(srv.submitted.values()) == {1}
+    summary = json.loads(r.stdout)
+    assert summary["mode"] == "streaming"
+    assert "as rollouts commit" in (run / "logs" / "build.log").read_text()
+    rows = read_stage(str(run), "labelled").to_pylist()
+    assert sorted(x["id"] for x in rows) == sorted(x["id"] for x in ref_rows)
+    for x in rows:
+        k = cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
+                      x["response"])
+        assert x["judge_status"] == "ok" and x["label"] == canned_label(k)
+    assert key not in first + r.stdout + r.stderr
+
+
+def test_sequential_keeps_the_old_order(work, pipeline_reference):
+    """`--sequential`: the judge's busy window starts after the rollouts' last shard."""
+    run = work / "sequential"
+    _vectors_only(pipeline_reference, run)
+    path = write_config(work / "sequential.yaml", tiny_config(run))
+    r = cli("run", "--config", str(path), "--no-progress", "--json", "--sequential",
+            **INPROCESS_ENGINE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert s["mode"] == "sequential"
+    last_commit = max(x["ended"] for x in s["rollouts"]["shards"])
+    assert s["judge"]["window"][0] >= last_commit
+    got = read_stage(str(run), "labelled")
+    ref = read_stage(str(pipeline_reference), "labelled")
+    assert got.column("id").to_pylist() == ref.column("id").to_pylist()
+    assert got.column("label").to_pylist() == ref.column("label").to_pylist()
