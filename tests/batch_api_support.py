@@ -13,6 +13,13 @@ only its first half, the rest go to the error file as `batch_expired`),
 `line_action(custom_id, attempt) -> ok | error | http500 | garbage` (attempt counts
 from 0 over the batches that carried the line). The answer of an ok line is
 `canned_label(custom_id)`, so a test can tell a real answer from a guessed one.
+
+`finish_after_s` makes batches finish by time instead (that many seconds after their
+creation, at the next retrieve), as the real service's do: a benchmark sets it to make
+judging take as long as it wants. POST /v1/chat/completions is a live judge answering
+after `chat_latency_s` with `canned_label` of the request's last message (so a row's
+label depends on the row alone, whichever path judged it); `chat_times` records when
+each call arrived.
 """
 
 from __future__ import annotations
@@ -36,9 +43,13 @@ def canned_label(custom_id: str) -> int:
 
 
 class BatchServer:
-    def __init__(self, api_key: str, polls_to_finish: int = 1) -> None:
+    def __init__(self, api_key: str, polls_to_finish: int = 1,
+                 finish_after_s: float | None = None, chat_latency_s: float = 0.0) -> None:
         self.api_key = api_key
         self.polls_to_finish = polls_to_finish
+        self.finish_after_s = finish_after_s
+        self.chat_latency_s = chat_latency_s
+        self.chat_times: list[float] = []
         self.hold = threading.Event()  # set: batches stay in_progress
         self.expire_batches: set[str] = set()
         self.fail_batches: set[str] = set()  # refused whole at validation
@@ -88,7 +99,10 @@ class BatchServer:
         if b["status"] != "in_progress" or self.hold.is_set():
             return
         b["_polls"] += 1
-        if b["_polls"] < self.polls_to_finish:
+        if self.finish_after_s is not None:
+            if time.time() - b["_created"] < self.finish_after_s:
+                return
+        elif b["_polls"] < self.polls_to_finish:
             return
         lines = b["_lines"]
         if (b.get("metadata") or {}).get("asteer_name") in self.expire_batches:
@@ -131,6 +145,20 @@ class BatchServer:
         b["request_counts"] = {"total": len(b["_lines"]), "completed": len(out),
                                "failed": len(err)}
 
+    def _chat(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A live judgment: the canned label of the last message, after the latency
+        (outside the lock: calls overlap as on a real endpoint)."""
+        with self._lock:
+            self.chat_times.append(time.time())
+        time.sleep(self.chat_latency_s)
+        text = json.dumps({"explanation": "canned",
+                           "label": canned_label(req["messages"][-1]["content"])})
+        return {"id": f"chat-{len(self.chat_times)}", "object": "chat.completion",
+                "model": req.get("model", "canned"), "created": int(time.time()),
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
     # -- HTTP -------------------------------------------------------------------------
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
@@ -138,6 +166,8 @@ class BatchServer:
             self.auth_failures += 1
             return 401, {"error": {"message": "bad key"}}
         path = path.split("?")[0]
+        if method == "POST" and path == "/v1/chat/completions":
+            return 200, self._chat(json.loads(body))
         with self._lock:
             if method == "POST" and path == "/v1/files":
                 msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(
@@ -169,7 +199,8 @@ class BatchServer:
                      "created_at": int(time.time()), "metadata": req.get("metadata"),
                      "output_file_id": None, "error_file_id": None,
                      "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-                     "_lines": lines, "_attempts": attempts, "_polls": 0}
+                     "_lines": lines, "_attempts": attempts, "_polls": 0,
+                     "_created": time.time()}
                 self.batches[bid] = b
                 self.max_active = max(self.max_active, self._active())
                 return 200, self._public(b)

@@ -108,3 +108,49 @@ def test_sequential_keeps_the_old_order(work, pipeline_reference):
     ref = read_stage(str(pipeline_reference), "labelled")
     assert got.column("id").to_pylist() == ref.column("id").to_pylist()
     assert got.column("label").to_pylist() == ref.column("label").to_pylist()
+
+
+def test_live_pool_labels_shards_while_rollouts_commit(work, pipeline_reference):
+    """An endpoint pool (`kind: llm`) behind the fault proxy (each row's first attempt
+    answered 500, then dropped for a few): the judge calls start before the last rollouts
+    shard commits, every row ends labelled once, and the labels are the ones the same
+    endpoint gives a `--sequential` build."""
+    from .batch_api_support import batch_server
+    from .judge_support import FaultProxy
+
+    key = "sk-live-" + secrets.token_hex(8)
+    with batch_server(key, chat_latency_s=0.05) as (srv, url):
+        proxy = FaultProxy(url, plan=lambda k, n, b: ("http500" if n == 0 else
+                                                      "drop" if n == 1 and k < "4" else
+                                                      "pass"))
+        judge = {"kind": "llm", "model": "judge-live",
+                 "endpoints": [{"base_url": proxy.url, "api_key_env": "LIVE_TEST_KEY",
+                                "max_concurrency": 4}],
+                 "retry": {"max_attempts": 4, "timeout_s": 5, "base_delay_s": 0.05,
+                           "failures_to_eject": 1000}}
+        runs = {}
+        for mode in ("streaming", "sequential"):
+            run = work / f"live-{mode}"
+            _vectors_only(pipeline_reference, run)
+            path = write_config(work / f"live-{mode}.yaml", tiny_config(run, judge=judge))
+            r = cli("run", "--config", str(path), "--no-progress", "--json",
+                    *(["--sequential"] if mode == "sequential" else []), timeout=400,
+                    LIVE_TEST_KEY=key, **INPROCESS_ENGINE,
+                    **(seam_env(commit_delay_s=1.0) if mode == "streaming" else {}))
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs[mode] = (run, json.loads(r.stdout), list(srv.chat_times))
+            srv.chat_times.clear()
+    (run, s, calls), (seq_run, _, _) = runs["streaming"], runs["sequential"]
+    assert s["mode"] == "streaming"
+    last_commit = max(x["ended"] for x in s["rollouts"]["shards"])
+    assert min(calls) < last_commit  # the judge worked while shards were still coming
+    assert s["judge"]["window"][0] < last_commit
+    got = read_stage(str(run), "labelled").to_pylist()
+    want = read_stage(str(seq_run), "labelled").to_pylist()
+    assert len(got) == 24 == len({x["id"] for x in got})
+    assert {x["judge_status"] for x in got} == {"ok"}
+    assert sorted((x["id"], x["label"]) for x in got) == \
+        sorted((x["id"], x["label"]) for x in want)
+    # the faults were real: each distinct judgment's first call (the tiny model repeats
+    # itself, so 24 rows need fewer) was answered 500
+    assert proxy.injected["http500"] == len(proxy.attempts) >= 4
