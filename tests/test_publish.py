@@ -43,8 +43,10 @@ FIXTURE_TIMEOUT_S = 900
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_FAKEasteerTOKEN0123456789abcdefXYZ"
 STEPS, OFFSETS, HIDDEN = (0, 1), (0, 1), 16
-# Small targets so a tiny run still spreads over several files and row groups.
-SMALL = {"target_file_bytes": 40_000, "row_group_bytes": 4_000}
+# Small targets so a tiny run still spreads over several files and row groups: a file is a
+# fixed span of planned shards sized from the config's estimate of one (`boundaries`): 3
+# rollouts shards (8 rows x (256 + 2 x 16 tokens) B), 1 features, 2 activations per file.
+SMALL = {"target_file_bytes": 8_000, "row_group_bytes": 4_000}
 
 
 def _config(run: Path) -> dict:

@@ -124,6 +124,9 @@ def judge_stage(run: Run, feed: ShardFeed | None = None) -> dict[str, Any]:
         total = len([s for s in run.plan.shards if s.name not in done])
     t0 = time.time()
     reports, out = asyncio.run(_judge_async(run, feed, rerun, total, streaming))
+    if streaming:
+        console.say(f"judge: {len(reports)} shard(s) labelled as they committed, "
+                    f"{time.time() - t0:.1f}s")
     return {"shards_judged": len(reports), "ok": sum(r.ok for r in reports),
             "failed": sum(r.failed for r in reports),
             "pending": sum(r.pending for r in reports), **out,
@@ -134,11 +137,13 @@ class _Labeller:
     """What labelling one shard takes: the store, the manifest, the cache, the mirror."""
 
     def __init__(self, run: Run, rerun: set[str], cache: Any, mirror: StateMirror | None,
-                 total: int) -> None:
+                 total: int, streaming: bool) -> None:
         self.run, self.rerun, self.cache, self.mirror = run, rerun, cache, mirror
         self.reports: list[Any] = []
+        # Streaming, the rollouts' bar is the one on the terminal (two bars on one
+        # terminal interleave); `asteer-build status` shows both stages.
         self.bar = console.progress(total=total or None, unit="shard", desc="judge",
-                                    disable=not run.opts.progress)
+                                    disable=not run.opts.progress or streaming)
 
     def base(self, name: str) -> str:
         """The file a shard is labelled from, as the manifest names it (never a path
@@ -198,7 +203,7 @@ async def _judge_async(run: Run, feed: ShardFeed, rerun: set[str], n_known: int,
     rubric = jc.rubric(run.cfg.base_dir)
     batch_dir = state_dir_for(scratch / "batches", jc.model, rubric.version)
     with JudgmentCache(cache_path) as cache:
-        lab = _Labeller(run, rerun, cache, mirror, n_known)
+        lab = _Labeller(run, rerun, cache, mirror, n_known, streaming)
         with lab.bar:
             if jc.kind == "openai-batch":
                 info = await _batch_waves(run, feed, lab, rubric, batch_dir)

@@ -18,9 +18,10 @@ Folder layout (each config one folder; `train/` reads `<config>/**/*.parquet`)::
     prompts/train-00000.parquet       prompt_id, prompt, source
     vectors/<model>/<method>.safetensors, vectors/<model>/index.json
 
-Why it is idempotent and resumable: which input shard rows go to which output file is
-decided from the manifest alone (shard sizes and checksums), before any data is read, so
-the same run always plans the same files. Every output file has a key (a hash of its
+Why it is idempotent and resumable: which input shards go to which output file is decided
+from the manifest alone (a data file is a fixed span of the run's planned shards, sized
+from the build config: `boundaries`), before any data is read and before the run has even
+finished, so the same run always plans the same files. Every output file has a key (a hash of its
 input checksums, row ranges and writer settings); a file whose key and sha256 match the
 folder's state file is skipped, any other is written under a dot-prefixed temp name and
 renamed. Parquet is written with fixed settings and no timestamps, rows in plan order
@@ -31,10 +32,17 @@ The Hub token is read only inside `hub_upload` (from `HF_TOKEN` or the login cac
 is never written, logged or put in `build.json`; every file is scanned for it before the
 upload as a last guard.
 
-Modules: `layout` (names, schemas, options), `plan` (which shard rows go to which file),
+Publishing as the run builds (`--follow`, `follow`): a data file goes up as soon as every
+shard of its span is labelled, byte for byte the file a publish of the finished run
+writes, in batched commits; the concepts, prompts, card and build.json once every planned
+shard is labelled. Restarts skip what the repo already holds, by checksum.
+
+Modules: `layout` (names, schemas, options), `boundaries` (which planned shards make up
+each data file), `plan` (which shard rows go to which file and each config's schema),
 `parquet` (writing one file), `state` (the folder's record of finished files),
 `build_json` and `card` (the two documents), `assemble` (the folder, no network), `hub`
-(token, upload, `publish`), `cli` (`asteer-build publish`). `authors` and `import_card`:
+(token, upload, `publish`), `follow` (publishing a run as it builds), `cli`
+(`asteer-build publish`). `authors` and `import_card`:
 `asteer-build import`, the reference authors' released generations and judgments
 converted into the same folder layout (rollouts, concepts, prompts, card) and uploaded by
 the same `hub_upload`.
@@ -42,6 +50,7 @@ the same `hub_upload`.
 
 from .assemble import assemble, default_folder
 from .cli import add_publish_command
+from .follow import FollowResult, follow
 from .hub import check_no_secret, hub_upload, publish, resolve_dataset
 from .layout import (
     CONFIGS,
@@ -65,6 +74,8 @@ __all__ = [
     "PublishResult",
     "PublishError",
     "publish",
+    "follow",
+    "FollowResult",
     "assemble",
     "default_folder",
     "hub_upload",

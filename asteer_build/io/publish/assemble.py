@@ -8,6 +8,7 @@ twice produces identical bytes, and a killed publish picks up where it died.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,12 +18,13 @@ from typing import Any
 from ...core import atomic
 from ...core.paths import cache_dir
 from ...pipeline.shards import MANIFEST, Manifest, open_store
+from .boundaries import span_ready
 from .build_json import build_json
 from .card import dataset_card, label_table
 from .layout import CONFIGS, PUBLISH_FORMAT, PublishError, PublishOptions, PublishResult
 from .parquet import write_file
-from .plan import RunInfo, file_key, plan_configs, scan_run, stage_entries
-from .state import State, sha256_file
+from .plan import ConfigPlan, RunInfo, file_key, plan_configs, scan_run, stage_entries
+from .state import RunCache, State, sha256_file
 
 log = logging.getLogger("asteer_build.publish")
 
@@ -70,9 +72,22 @@ def default_folder(repo: str | None, run_dir: str) -> str:
 
 
 def assemble(
-    run_dir: str, folder: str, *, repo: str | None = None, opts: PublishOptions | None = None
+    run_dir: str,
+    folder: str,
+    *,
+    repo: str | None = None,
+    opts: PublishOptions | None = None,
+    ready_only: bool = False,
+    manifest: Manifest | None = None,
+    cache: RunCache | None = None,
 ) -> PublishResult:
-    """Build (or bring up to date) the dataset folder from a run folder; no network."""
+    """Build (or bring up to date) the dataset folder from a run folder; no network.
+
+    `ready_only` (a run still building, `follow`): only the data files that can no longer
+    change (every shard of their span committed, their config's schema final) and the
+    vectors; no concepts, prompts, card or build.json, and nothing removed, since those
+    depend on the whole run. `manifest`: the one the caller judged the run by; `cache`:
+    what an earlier pass over the same run and folder learned."""
     opts = opts or PublishOptions()
     unknown = [c for c in opts.configs if c not in CONFIGS]
     if unknown:
@@ -80,15 +95,22 @@ def assemble(
     if "rollouts" not in opts.configs:
         raise PublishError("--configs: `rollouts` is the default config and always published")
     store = open_store(run_dir)
-    manifest = Manifest.load(store)
+    manifest = manifest or Manifest.load(store)
     if manifest is None:
         raise FileNotFoundError(f"{store.uri}: not a run folder (no {MANIFEST})")
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
     atomic.clean_temps(out)
-    state = State(out)
-    info = scan_run(store, manifest, opts)
-    plans = plan_configs(info, opts.configs, opts)
+    state = State(out, cache)
+    info = scan_run(store, manifest, opts, cache)
+    if not ready_only:
+        plans = plan_configs(info, opts.configs, opts)
+    elif manifest.entries("rollouts"):
+        # a capture stage asked for by name may simply not have a shard yet
+        every = plan_configs(info, opts.configs, dataclasses.replace(opts, explicit=False))
+        plans = [_ready_part(cp, manifest) for cp in every if cp.final and cp.table is None]
+    else:
+        plans = []
     result = PublishResult(str(out), repo, [])
     planned: list[str] = []
     counts: dict[str, dict[str, int]] = {}
@@ -142,6 +164,9 @@ def assemble(
             "bytes": sum(state.files[p]["bytes"] for p in vplanned),
             "nbytes": 0,
         }
+    if ready_only:
+        result.files = _entries(state, planned)
+        return result
     # Files of an earlier publish that this one does not produce (a config left out, a
     # run that shrank) would otherwise be matched by the card's globs and uploaded.
     keep = set(planned) | {"README.md", MANIFEST}
@@ -157,16 +182,7 @@ def assemble(
     for d in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
         if not any(d.iterdir()):
             d.rmdir()
-    files = [
-        {
-            "path": p,
-            "config": state.files[p]["config"],
-            "rows": state.files[p]["rows"],
-            "bytes": state.files[p]["bytes"],
-            "sha256": state.files[p]["sha256"],
-        }
-        for p in sorted(planned)
-    ]
+    files = _entries(state, planned)
     rollout_files = [f.path for cp in plans if cp.name == "rollouts" for f in cp.files]
     labels = label_table(out, rollout_files)
     _write_if_changed(
@@ -185,6 +201,25 @@ def assemble(
     ]
     result.counts = {k: v["rows"] for k, v in counts.items()}
     return result
+
+
+def _ready_part(cp: ConfigPlan, manifest: Manifest) -> ConfigPlan:
+    done = manifest.entries(cp.stage or "")
+    files = [f for f in cp.files if f.span is not None and span_ready(f.span, done)]
+    return dataclasses.replace(cp, files=files)
+
+
+def _entries(state: State, planned: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": p,
+            "config": state.files[p]["config"],
+            "rows": state.files[p]["rows"],
+            "bytes": state.files[p]["bytes"],
+            "sha256": state.files[p]["sha256"],
+        }
+        for p in sorted(planned)
+    ]
 
 
 def _write_if_changed(p: Path, data: bytes) -> None:

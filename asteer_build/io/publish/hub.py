@@ -17,13 +17,19 @@ log = logging.getLogger("asteer_build.publish")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def check_no_secret(folder: str | Path, secret: str | None) -> None:
+def check_no_secret(
+    folder: str | Path, secret: str | None, paths: list[str] | None = None
+) -> None:
     """Refuse to upload a folder that contains the token anywhere (a config or response
-    that echoed it): the last guard before bytes leave the machine."""
+    that echoed it): the last guard before bytes leave the machine. `paths`: only these
+    files of the folder (what one `follow` commit is about to send)."""
     if not secret or len(secret) < 8:
         return
     needle = secret.encode()
-    for p in sorted(Path(folder).rglob("*")):
+    files = (
+        sorted(Path(folder).rglob("*")) if paths is None else [Path(folder) / r for r in paths]
+    )
+    for p in files:
         if not p.is_file() or p.name == STATE_FILE:
             continue
         tail = b""

@@ -14,7 +14,8 @@ from typing import Any
 from ...core import contract
 
 #: bump when the folder layout or Parquet writing changes: invalidates every file key
-PUBLISH_FORMAT = 1
+#: (2: data files are fixed spans of planned shards, `boundaries`)
+PUBLISH_FORMAT = 2
 CONFIGS = ("rollouts", "features", "activations", "concepts", "prompts", "vectors")
 #: activations can be hundreds of GB: published only when asked for
 DEFAULT_CONFIGS = ("rollouts", "features", "concepts", "prompts", "vectors")
@@ -44,7 +45,8 @@ class PublishOptions:
     #: (by default a run built without capture simply publishes no `features`)
     explicit: bool = False
     folder: str | None = None
-    #: output Parquet size target, estimated from the input shards' compressed bytes
+    #: output Parquet size target; a file is a fixed span of planned shards sized to it
+    #: from the build config's estimate of a shard (`boundaries`), not from its bytes
     target_file_bytes: int = 256 << 20
     #: uncompressed bytes per row group (the dataset viewer pages by row group)
     row_group_bytes: int = 100 << 20

@@ -1,9 +1,10 @@
 """Planning a publish from the run's manifest: which input shard rows go to which output
 file, and each config's schema and `datasets` features.
 
-Packing uses manifest numbers only (shard sizes and checksums), so the same run always
-plans the same files before any data is read; every file's key hashes its inputs and the
-writer settings, which is what makes a re-publish skip what is already there.
+Each data file is a fixed range of planned shards (`boundaries`), so the same run always
+plans the same files, before any data is read and before the run has finished; every
+file's key hashes its inputs and the writer settings, which is what makes a re-publish
+skip what is already there.
 
 Activations of models with different hidden sizes cannot share one Array3D declaration,
 so they get one config per model (`activations-<model>`) when shapes differ, and a single
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,15 @@ import pyarrow.parquet as pq
 
 from ...core import contract
 from ...pipeline.shards import Manifest, Store
+from .boundaries import (
+    Slice,
+    file_rule,
+    pack,
+    planned_shards,
+    rollout_row_bytes,
+    schema_row_bytes,
+    shard_rows,
+)
 from .layout import (
     CONCEPTS_SCHEMA,
     PROMPTS_SCHEMA,
@@ -34,19 +43,9 @@ from .layout import (
     PublishOptions,
     partition_concepts,
 )
+from .state import RunCache, ShardKeys
 
 _ACT_ORDER = ("steered", "replay", "steered_pre")
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Rows [start, stop) of one committed input shard file."""
-
-    shard: str
-    path: str
-    sha256: str
-    start: int
-    stop: int
 
 
 @dataclass
@@ -55,6 +54,8 @@ class OutFile:
     config: str
     slices: list[Slice]
     key: str = ""
+    #: the planned shard indices [a, b) the file covers (None: a table built in memory)
+    span: tuple[int, int] | None = None
 
 
 def stage_entries(manifest: Manifest, stage: str) -> list[tuple[str, dict[str, Any]]]:
@@ -66,33 +67,6 @@ def rollout_inputs(manifest: Manifest) -> list[tuple[str, dict[str, Any]]]:
     with judge_status `pending`): a partly judged run still publishes every rollout."""
     labelled = manifest.entries("labelled")
     return [(name, labelled.get(name, e)) for name, e in stage_entries(manifest, "rollouts")]
-
-
-def _pack(inputs: list[tuple[str, dict[str, Any]]], target: int) -> list[list[Slice]]:
-    """Consecutive shards into files of about `target` compressed bytes; a shard larger
-    than the target is cut into equal row ranges. Uses manifest numbers only, so the
-    packing is known (and stable) before any data is read."""
-    files: list[list[Slice]] = []
-    cur: list[Slice] = []
-    cur_bytes = 0
-    for name, e in inputs:
-        rows, size = int(e["rows"]), max(int(e["bytes"]), 1)
-        if rows == 0:
-            continue
-        parts = max(1, math.ceil(size / target))
-        bounds = [round(i * rows / parts) for i in range(parts + 1)]
-        for a, b in zip(bounds, bounds[1:], strict=False):
-            if b <= a:
-                continue
-            b_bytes = size * (b - a) / rows
-            if cur and cur_bytes + b_bytes > target:
-                files.append(cur)
-                cur, cur_bytes = [], 0
-            cur.append(Slice(name, e["path"], e["sha256"], a, b))
-            cur_bytes += b_bytes
-    if cur:
-        files.append(cur)
-    return files
 
 
 def file_key(out: OutFile, extra: Any) -> str:
@@ -118,29 +92,52 @@ class RunInfo:
     prompts: pa.Table
 
 
-def scan_run(store: Store, manifest: Manifest, opts: PublishOptions) -> RunInfo:
-    """One pass over the small key columns of every rollouts shard: which model each shard
-    holds (activations rows carry only an id), and the concepts and prompts in the data."""
-    shard_model: dict[str, str] = {}
-    concepts: dict[str, tuple[str, str]] = {}
-    prompts: dict[str, str] = {}
+def _shard_keys(store: Store, path: str) -> ShardKeys:
     cols = ["model", "concept_id", "concept", "concept_level", "prompt_id", "prompt"]
-    for name, e in rollout_inputs(manifest):
-        t = pq.read_table(store.path(e["path"]), columns=cols, filesystem=store.fs)
-        if t.num_rows == 0:
-            continue
-        shard_model[name] = t.column("model")[0].as_py()
-        u = t.group_by(["concept_id", "concept", "concept_level"]).aggregate([])
+    t = pq.read_table(store.path(path), columns=cols, filesystem=store.fs)
+    if t.num_rows == 0:
+        return None, {}, {}
+    u = t.group_by(["concept_id", "concept", "concept_level"]).aggregate([])
+    concepts = {
+        cid: (c, lvl)
         for cid, c, lvl in zip(
             *(u.column(k).to_pylist() for k in ("concept_id", "concept", "concept_level")),
             strict=True,
-        ):
-            concepts[cid] = (c, lvl)
-        u = t.group_by(["prompt_id", "prompt"]).aggregate([])
-        prompts.update(
-            zip(u.column("prompt_id").to_pylist(), u.column("prompt").to_pylist(), strict=True)
         )
-    sources = _prompt_sources(manifest.data.get("config", {}))
+    }
+    u = t.group_by(["prompt_id", "prompt"]).aggregate([])
+    prompts = dict(
+        zip(u.column("prompt_id").to_pylist(), u.column("prompt").to_pylist(), strict=True)
+    )
+    return t.column("model")[0].as_py(), concepts, prompts
+
+
+def scan_run(
+    store: Store,
+    manifest: Manifest,
+    opts: PublishOptions,
+    cache: RunCache | None = None,
+) -> RunInfo:
+    """One pass over the small key columns of every rollouts shard: which model each shard
+    holds (activations rows carry only an id), and the concepts and prompts in the data.
+    `cache` spares `follow` re-reading every shard per poll."""
+    shard_model: dict[str, str] = {}
+    concepts: dict[str, tuple[str, str]] = {}
+    prompts: dict[str, str] = {}
+    cache = cache or RunCache()
+    for name, e in rollout_inputs(manifest):
+        key = (e["path"], e["sha256"])
+        if key not in cache.shards:
+            cache.shards[key] = _shard_keys(store, e["path"])
+        model, c, p = cache.shards[key]
+        if model is None:
+            continue
+        shard_model[name] = model
+        concepts.update(c)
+        prompts.update(p)
+    if cache.sources is None:
+        cache.sources = _prompt_sources(manifest.data.get("config", {}))
+    sources = cache.sources
     ids = contract.sort_ids(concepts)
     unseen = set(
         partition_concepts(
@@ -271,6 +268,11 @@ class ConfigPlan:
     features: Any
     files: list[OutFile]
     table: pa.Table | None = None  # small configs built in memory
+    #: the stage whose commits make a file final (every shard of its span committed)
+    stage: str | None = None
+    #: schema and features can no longer change (every planned model has a shard in
+    #: the stage): only then may files be published before the run ends
+    final: bool = False
 
 
 def _features_of(schema: pa.Schema) -> Any:
@@ -283,20 +285,29 @@ def plan_configs(info: RunInfo, configs: tuple[str, ...], opts: PublishOptions) 
     m, store = info.manifest, info.store
     plans: list[ConfigPlan] = []
 
-    def files_for(folder: str, config: str, inputs) -> list[OutFile]:
+    planned = planned_shards(m, sorted(m.entries("rollouts")))
+    rows = shard_rows(m)
+
+    def files_for(folder: str, config: str, inputs, row_bytes: int) -> list[OutFile]:
+        rule = file_rule(rows * row_bytes, opts.target_file_bytes)
         return [
-            OutFile(f"{folder}/{SPLIT}-{i:05d}.parquet", config, sl)
-            for i, sl in enumerate(_pack(inputs, opts.target_file_bytes))
+            OutFile(f"{folder}/{SPLIT}-{n:05d}.parquet", config, sl, span=span)
+            for n, span, sl in pack(inputs, rule, planned)
         ]
 
-    def same_name_plan(name: str, schema, inputs) -> ConfigPlan:
-        """A config whose folder is its name and whose features follow its schema."""
-        return ConfigPlan(name, name, schema, _features_of(schema), files_for(name, name, inputs))
+    def final(inputs) -> bool:
+        """Every model the config plans has a shard here: the union schema (features) and
+        the one-or-per-model layout (activations) are what the finished run will have."""
+        models = {x.get("name") for x in (m.data.get("config") or {}).get("models") or []}
+        return bool(models) and models <= {info.shard_model.get(n) for n, _ in inputs}
 
     def captured(stage: str, hint: str) -> list[tuple[str, dict[str, Any]]]:
         """The stage's shards. None is an error when the config was asked for by name,
         and a silent skip by default (a run built without capture)."""
-        inputs = stage_entries(m, stage)
+        # A shard's rollouts file commits last (pipeline.work.write_shard): until it has,
+        # its features and activations are not part of the run yet (and have no model).
+        rollouts = m.entries("rollouts")
+        inputs = [(n, e) for n, e in stage_entries(m, stage) if n in rollouts]
         if not inputs and opts.explicit:
             raise PublishError(
                 f"{store.uri}: --configs asks for {stage}, but the run has "
@@ -308,10 +319,18 @@ def plan_configs(info: RunInfo, configs: tuple[str, ...], opts: PublishOptions) 
         inputs = rollout_inputs(m)
         if not inputs:
             raise PublishError(f"{store.uri}: no committed rollouts shards to publish")
-        plans.append(same_name_plan("rollouts", ROLLOUTS_SCHEMA, inputs))
+        files = files_for("rollouts", "rollouts", inputs, rollout_row_bytes(m))
+        plans.append(
+            ConfigPlan("rollouts", "rollouts", ROLLOUTS_SCHEMA, _features_of(ROLLOUTS_SCHEMA),
+                       files, stage="labelled", final=True)
+        )
     if "features" in configs and (inputs := captured("features", "was capture on?")):
         schema = _features_schema(store, inputs, info.shard_model)
-        plans.append(same_name_plan("features", schema, inputs))
+        files = files_for("features", "features", inputs, schema_row_bytes(schema))
+        plans.append(
+            ConfigPlan("features", "features", schema, _features_of(schema), files,
+                       stage="features", final=final(inputs))
+        )
     if "activations" in configs and (inputs := captured("activations", "capture.activations")):
         layout = _activations_layout(store, inputs, info.shard_model)
         one = len({json.dumps(v) for v in layout.values()}) == 1
@@ -319,13 +338,16 @@ def plan_configs(info: RunInfo, configs: tuple[str, ...], opts: PublishOptions) 
             mine = [(n, e) for n, e in inputs if info.shard_model.get(n) == model]
             name = "activations" if one else f"activations-{model}"
             folder = f"activations/{model}"
+            schema = _activation_schema(layout[model])
             plans.append(
                 ConfigPlan(
                     name,
                     "activations" if one else folder,
-                    _activation_schema(layout[model]),
+                    schema,
                     _activations_features(layout[model]),
-                    files_for(folder, name, mine),
+                    files_for(folder, name, mine, schema_row_bytes(schema)),
+                    stage="activations",
+                    final=final(inputs),
                 )
             )
     for name, table in (("concepts", info.concepts), ("prompts", info.prompts)):

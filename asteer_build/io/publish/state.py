@@ -5,17 +5,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...core import atomic
 from .layout import PUBLISH_FORMAT, STATE_FILE
 
+#: what a scan learns from one rollouts shard: its model, concepts and prompts
+ShardKeys = tuple[str | None, dict[str, tuple[str, str]], dict[str, str]]
+
+
+@dataclass
+class RunCache:
+    """What one pass over a run and its folder learned, for the next pass (`follow`
+    passes every poll, and re-reading every shard or re-hashing every finished file each
+    time would grow with the run): each shard's keys by (path, checksum), the prompts'
+    sources (possibly read from the Hub), and the checksum of each folder file this
+    process has hashed, by path, valid while its size and mtime stay."""
+
+    shards: dict[tuple[str, str], ShardKeys] = field(default_factory=dict)
+    sources: dict[str, str] | None = None
+    hashed: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+
 
 class State:
     """`.asteer-publish.json` in the folder: key and checksum of every finished file."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cache: RunCache | None = None) -> None:
+        self.hashed = cache.hashed if cache is not None else {}
         self.path = folder / STATE_FILE
         try:
             self.files: dict[str, dict[str, Any]] = json.loads(self.path.read_text())["files"]
@@ -28,9 +46,14 @@ class State:
         p = folder / rel
         if e is None or e.get("key") != key or not p.is_file():
             return None
-        if p.stat().st_size != e["bytes"] or sha256_file(p) != e["sha256"]:
+        st = p.stat()
+        if st.st_size != e["bytes"]:
             return None
-        return e
+        memo = self.hashed.get(rel)
+        if memo is None or memo[:2] != (st.st_size, st.st_mtime_ns):
+            memo = (st.st_size, st.st_mtime_ns, sha256_file(p))
+            self.hashed[rel] = memo
+        return e if memo[2] == e["sha256"] else None
 
     def record(self, rel: str, entry: dict[str, Any]) -> None:
         self.files[rel] = entry
