@@ -133,11 +133,16 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     # the run folder, which exists only once they pass.
     run = prepare_run(cfg, opts)
     path = log_file(run)
+    publisher = _Publisher(run.store.uri, args.publish) if args.publish else None
     try:
         with quiet_for(args, path, f"asteer-build run --config {args.config}"):
             summary = execute_run(run)
+            if publisher is not None:
+                summary["publish"] = publisher.finish()
             console.summary(summary_text(summary))
     finally:
+        if publisher is not None:
+            publisher.stop.set()
         if not run.store.local and not args.verbose and path.exists():
             try:  # best effort: a remote run folder keeps its log next to its shards
                 run.store.write_bytes_atomic("logs/build.log", path.read_bytes())
@@ -145,6 +150,42 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"asteer-build: could not copy the log to {run.store.uri}: {e}",
                       file=sys.stderr)
     return summary
+
+
+class _Publisher:
+    """`run --publish REPO`: `publish --follow` on a thread beside the build, so the
+    dataset's files reach the Hub as their shards are labelled. It lives here, not in
+    `pipeline.build`: the build may not import the publishing layer. Its failure is
+    reported in the summary, never the build's."""
+
+    def __init__(self, run_uri: str, repo: str) -> None:
+        import threading
+
+        from .io.publish import follow
+
+        self.stop = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+        def main() -> None:
+            try:
+                self.result = follow(run_uri, repo, poll_s=10.0, commit_every_s=60.0,
+                                     stop=self.stop)
+            except BaseException as e:
+                self.error = e
+
+        self.thread = threading.Thread(target=main, name="asteer-publish", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> dict[str, Any]:
+        """The build ended: one last pass (it commits what is ready, and the card and
+        build.json when the run is complete), then what was published."""
+        self.stop.set()
+        self.thread.join()
+        if self.error is not None:
+            console.say(f"publish: failed: {self.error}", logging.ERROR)
+            return {"error": str(self.error)}
+        return self.result.as_dict() if hasattr(self.result, "as_dict") else {}
 
 
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
@@ -298,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="submit Batch API judge work beyond judge.batch.cost_cap_usd")
     sp.add_argument("--sequential", action="store_true",
                     help="judge after the last rollouts shard instead of as shards commit")
+    sp.add_argument("--publish", metavar="REPO",
+                    help="also publish to this Hub dataset repo as shards are labelled "
+                         "(`publish --follow` beside the build; token from HF_TOKEN)")
     add_output_flags(sp)
     sp.set_defaults(fn=cmd_run)
     sp = sub.add_parser("status", help="progress per stage of a run folder")

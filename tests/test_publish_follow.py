@@ -375,3 +375,38 @@ def test_follow_function_stops_when_asked_and_keeps_what_is_ready(tmp_path, hub_
     assert set(files) == {"rollouts/train-00000.parquet", "rollouts/train-00001.parquet",
                           *VECTORS}
     assert sorted(res.uploaded + res.present) == sorted(files)
+
+
+@pytest.mark.slow
+def test_run_with_publish_uploads_the_dataset_as_it_builds(tmp_path, hub_env,
+                                                           pipeline_reference):
+    """`asteer-build run --publish REPO`: the follower beside a real build; the repo ends
+    complete, with the files a plain publish of the finished run folder writes, each
+    uploaded once."""
+    import json
+    import shutil
+
+    from .pipeline_support import INPROCESS_ENGINE, cli, tiny_config, write_config
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_reference, run, ignore=shutil.ignore_patterns(
+        "rollouts", "labelled", ".staging", "logs", "summary.json"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"] = {"vectors": m["stages"]["vectors"]}
+    (run / "build.json").write_text(json.dumps(m))
+    path = write_config(tmp_path / "run.yaml", tiny_config(run))
+    with accepting_hub() as hub:
+        r = cli("run", "--config", str(path), "--no-progress", "--json", "--publish", REPO,
+                timeout=400, **INPROCESS_ENGINE, **_cli_env(hub))
+        assert r.returncode == 0, r.stderr[-3000:]
+        s = json.loads(r.stdout)
+        assert s["publish"]["complete"] is True, s["publish"]
+        followed = hub.files(REPO)
+        assert set(hub.uploads(REPO).values()) <= {1}
+    assert {"README.md", "build.json"} <= set(followed)
+    with accepting_hub() as plain_hub:
+        pub.publish(str(run), REPO, opts=pub.PublishOptions(folder=str(tmp_path / "plain")),
+                    upload=functools.partial(pub.hub_upload, endpoint=plain_hub.endpoint))
+        plain = plain_hub.files(REPO)
+    data = [p for p in plain if p.endswith(".parquet")]
+    assert data and {p: plain[p] for p in data} == {p: followed[p] for p in data}
