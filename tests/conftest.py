@@ -216,7 +216,7 @@ def engines():
 SHARED_ENGINE = {"max_num_batched_tokens": 64, "max_num_seqs": 48}
 
 
-# -- one Ray head per session -------------------------------------------------------------
+# -- one Ray cluster per session ----------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -234,45 +234,32 @@ def ray_token(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_head(ray_token, tmp_path_factory):
-    """One local Ray head for the session, with token authentication on (the way Ray ships
-    it and cluster/README.md tells users to run theirs), on 127.0.0.1, with the dashboard
-    for `ray job`. Yields (GCS address, dashboard URL, client environment).
+def s3():
+    """The session's loopback S3 server (tests/s3_support), bucket `s3_support.BUCKET`
+    made: where the Ray cluster's nodes write builds (`s3://asteer-test/<prefix>`). Its
+    `.url` is the endpoint; `s3_support.s3_env(url)` a client's environment."""
+    from .s3_support import s3_server
 
-    It runs as `ray start --head --block`: on SIGTERM that process stops exactly the
-    processes of its own node (Ray's Node shutdown), where `ray stop --force` would kill
-    every Ray process on the machine."""
-    import signal
-    import subprocess
-    import time
+    with s3_server() as (srv, _):
+        yield srv
 
-    from .pipeline_support import BIN, free_port, ray_auth_env
 
-    port, dash = free_port(), free_port()
-    # no drain wait on SIGTERM: nothing is served from this head
-    e = ray_auth_env(ray_token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    log = tmp_path_factory.mktemp("ray-head") / "head.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-             "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             "--disable-usage-stats"],
-            env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.fixture(scope="session")
+def ray_head(ray_token, s3, tmp_path_factory):
+    """The session's one Ray cluster (tests/ray_cluster.LocalRayCluster): a head and two
+    worker nodes on 127.0.0.1, token authentication on (the way Ray ships it and
+    cluster/README.md tells users to run theirs), each worker with one "GPU", every node
+    with its own home, temp, asteer and Hugging Face dirs and the S3 server's
+    environment. Unpacks as (GCS address, dashboard URL for `ray job`, client
+    environment); a test that removes a node starts it again before it ends."""
+    from .ray_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(ray_token, tmp_path_factory.mktemp("ray-cluster"), s3.url)
     try:
-        deadline = time.monotonic() + 180
-        while "block forever" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", e
+        cluster.start()
+        yield cluster
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        cluster.stop()
 
 
 # -- one reference build per session ------------------------------------------------------

@@ -1,12 +1,15 @@
-"""The tiny config built by `ray job submit` on the session's Ray cluster, token
-authentication on: a client without the token is refused, and a build whose engine actor
-is SIGKILLed mid-shard (with its engine processes, as a lost node would) ends exactly as
-the uninterrupted local build (conftest.pipeline_reference)."""
+"""The tiny config built by `ray job submit` on the session's Ray cluster (a head and two
+one-"GPU" workers), token authentication on: a client without the token is refused, and
+a build whose engine actor is SIGKILLed mid-shard (with its engine processes, as a lost
+node would) ends exactly as the uninterrupted local build (conftest.pipeline_reference),
+with its vectors pooled on a worker and each shard naming the node it ran on. Node, engine
+and start faults: test_ray_faults.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -50,10 +53,12 @@ def client_env(ray_token):
     return ray_auth_env(ray_token)
 
 
-def _job(addr: str, e: dict[str, str], *args: str,
+def _job(addr: str, e: dict[str, str], command: str, *args: str,
          timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), "job", *args, "--address", addr], cwd=ROOT,
-                          env=e, capture_output=True, text=True, timeout=timeout)
+    """`ray job COMMAND --address ADDR ARGS...`: the address before any `--`, where it is
+    an option and not part of the entrypoint (nothing else may find the cluster)."""
+    return subprocess.run([str(BIN / "ray"), "job", command, "--address", addr, *args],
+                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def test_ray_job_submit_without_the_token_is_refused(ray_cluster, client_env, work):
@@ -83,7 +88,7 @@ def test_ray_job_submit_without_the_token_is_refused(ray_cluster, client_env, wo
 
 
 def test_ray_job_with_actor_sigkill_matches_local(work, pipeline_reference, ray_cluster,
-                                                  client_env):
+                                                  client_env, ray_head):
     run = work / "ray"
     pids = work / "actor-pids"
     cfg = write_config(work / "ray.yaml", tiny_config(run))
@@ -134,6 +139,12 @@ def test_ray_job_with_actor_sigkill_matches_local(work, pipeline_reference, ray_
             except psutil.NoSuchProcess:
                 pass
     assert "lost" in logs and "[ray] summary" in logs and "[ray] tiny#0" in logs
+    # the head has no GPU: the vectors task and the engine ran on workers, and say where
+    ids = ray_head.node_ids()
+    workers = {ids["worker1"], ids["worker2"]}
+    pooled = re.search(r"\[ray\] vectors: pooled on node (\w+) ", logs)
+    assert pooled and pooled.group(1) in {w[:12] for w in workers}, logs[-4000:]
+    assert re.search(r"\[ray\] tiny#0 pid=\d+ node=(\w{12}) shards=", logs)
     assert len(list(pids.glob("*.pid"))) >= 2  # a replacement actor took over
     summary, _ = json.JSONDecoder().raw_decode(logs[logs.rindex('{\n "run"'):])
     assert summary["rollouts"]["requeued"] >= 1
@@ -147,6 +158,12 @@ def test_ray_job_with_actor_sigkill_matches_local(work, pipeline_reference, ray_
         assert len(x["retry_causes"]) == x["attempts"] - 1
         assert f"tiny#0 (pid {pid})" in x["retry_causes"][0], x["retry_causes"]
     assert sum(x["pid"] == pid for x in records) >= done_at_kill
+    assert {x["node"] for x in records} <= workers
+    entries = committed(run, "rollouts")  # build.json names the same node and retries
+    for x in records:
+        e = entries[x["shard"]]
+        assert (e["actor"], e["node"], e["attempts"], e["retry_causes"]) == \
+            (x["actor"], x["node"], x["attempts"], x["retry_causes"])
     assert engine_nice and (engine_nice == {0} if os.geteuid() == 0 else True)
     assert [a["niceness"] for a in summary["rollouts"]["actors"]] == \
         [0 if os.geteuid() == 0 else 15]

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
@@ -168,6 +168,18 @@ class RayOptions:
     #: shards handed to one actor ahead of time, so its feeder never drains
     shards_in_flight: int = 2
     in_flight_factor: float = 1.1
+    #: how long a replica whose node is gone keeps its seat (its placement group is
+    #: placed again if a node with the resources joins) before the build goes on
+    #: without it; a preempted node often comes back within minutes
+    node_wait_s: float = 300.0
+    #: consecutive failed starts of one engine actor that stop the build: a start that
+    #: fails again and again (a model path missing on the nodes, a bad engine argument)
+    #: will not heal, and retrying it for good would hide the cause
+    max_start_failures: int = 3
+
+    #: settings added after run folders recorded their config hash: left out of the
+    #: record while at their default, so those folders' hash does not move
+    UNRECORDED_DEFAULTS: ClassVar[tuple[str, ...]] = ("node_wait_s", "max_start_failures")
 
 
 @dataclass
@@ -213,6 +225,9 @@ class BuildConfig:
             d.pop("prompt_format")
         if self.alpha_units == "raw":  # likewise
             d.pop("alpha_units")
+        for f in dataclasses.fields(RayOptions):  # likewise
+            if f.name in RayOptions.UNRECORDED_DEFAULTS and d["ray"][f.name] == f.default:
+                del d["ray"][f.name]
         return d
 
     def config_hash(self) -> str:
@@ -344,7 +359,8 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
 
     r = _only(d.get("ray") or {}, "ray", {
         "address", "num_cpus_per_engine", "max_shard_retries", "shard_timeout_s",
-        "health_check_s", "shards_in_flight", "in_flight_factor"})
+        "health_check_s", "shards_in_flight", "in_flight_factor", "node_wait_s",
+        "max_start_failures"})
     ray = RayOptions(
         address=r.get("address"),
         num_cpus_per_engine=_num(r.get("num_cpus_per_engine", 1.0),
@@ -359,6 +375,9 @@ def parse_config(raw: Any, base_dir: str = ".") -> BuildConfig:
                               minimum=1),
         in_flight_factor=_num(r.get("in_flight_factor", 1.1), "ray.in_flight_factor",
                               positive=True),
+        node_wait_s=_num(r.get("node_wait_s", 300.0), "ray.node_wait_s", nonneg=True),
+        max_start_failures=_int(r.get("max_start_failures", 3), "ray.max_start_failures",
+                                minimum=1),
     )
 
     written = copy.deepcopy({"judge": d.get("judge") or {"kind": "rules"},

@@ -37,7 +37,36 @@ from .plan import Shard
 from .records import CaptureSettings, RolloutRequest, RolloutResult
 
 __all__ = ["in_flight_window", "ShardWriter", "ShardSlots", "ShardInbox", "feed_engine",
-           "FeedThread", "FeedStats", "Feeder"]
+           "FeedThread", "FeedStats", "Feeder", "EngineDied", "engine_dead"]
+
+
+class EngineDied(RuntimeError):
+    """The engine's core process is gone. Nothing handed to this engine can finish and
+    nothing handed to it later can run, and the shards were not at fault: the Ray
+    driver requeues them without charging a retry and replaces the actor."""
+
+
+def engine_dead(engine: Any) -> bool:
+    """Whether vLLM's client has seen its engine-core process exit: its monitor thread
+    sets the flag the moment the process is gone, while the feeding thread may be
+    waiting for a shard and would learn it only from the next request. Always False for
+    an in-process engine (nothing separate to die)."""
+    llm_engine = getattr(getattr(engine, "llm", None), "llm_engine", None)
+    resources = getattr(getattr(llm_engine, "engine_core", None), "resources", None)
+    return bool(getattr(resources, "engine_dead", False))
+
+
+def _death(error: BaseException, engine: Any) -> BaseException:
+    """`error` as an `EngineDied` when it is the engine dying (vLLM's EngineDeadError,
+    or any error once the engine is flagged dead), else unchanged."""
+    if isinstance(error, EngineDied):
+        return error
+    names = {c.__name__ for c in type(error).__mro__}
+    if "EngineDeadError" in names or (engine is not None and engine_dead(engine)):
+        died = EngineDied(f"engine died: {type(error).__name__}: {error}")
+        died.__cause__ = error
+        return died
+    return error
 
 
 def in_flight_window(engine_args: dict[str, Any], factor: float) -> int:
@@ -144,8 +173,9 @@ class FeedThread:
             feed_engine(self.engine, self.inbox, self.capture, self.window, self.writer,
                         self.stats)
         except BaseException as e:  # the engine failed to start or died: fail every shard
-            self.error = e
-            self._fail_all(e)
+            if not isinstance(self.error, EngineDied):  # `fail` may have said it first
+                self.error = _death(e, self.engine) if self.engine is not None else e
+            self._fail_all(self.error)
         finally:
             self._ready.set()
             if self.engine is not None:
@@ -158,11 +188,26 @@ class FeedThread:
         return self.engine
 
     def check(self) -> None:
-        """Raise if the feeding thread failed or stopped while shards may still come."""
+        """Raise if the feeding thread failed or stopped while shards may still come: an
+        `EngineDied` as itself, so the driver can tell a dead engine from a bad shard."""
+        if isinstance(self.error, EngineDied):
+            raise EngineDied(str(self.error)) from self.error
         if self.error is not None:
             raise RuntimeError(f"engine feeder failed: {self.error!r}") from self.error
         if not self.thread.is_alive():
             raise RuntimeError("engine feeder stopped")
+
+    def engine_died(self) -> bool:
+        return isinstance(self.error, EngineDied) or (
+            self.engine is not None and engine_dead(self.engine))
+
+    def fail(self, error: EngineDied) -> None:
+        """Fail every shard held here with `error` and take no more (the engine is
+        gone): an idle feeding thread then ends and shuts the engine's client down."""
+        if not isinstance(self.error, EngineDied):
+            self.error = error
+        self._fail_all(self.error)
+        self.inbox.close()
 
     def _resolve(self, index: int, result: Any = None, error: BaseException | None = None
                  ) -> None:
@@ -218,6 +263,7 @@ class FeedThread:
         except BaseException:
             with self._lock:
                 self._waiting.pop(shard.index, None)
+            self.check()  # a closed inbox because the engine died says so
             raise
         return await fut
 

@@ -34,7 +34,9 @@ class ShardRecord:
     `attempts` counts the times this run handed the shard to an engine, the committing
     one included; `retry_causes` says why each earlier attempt was lost (so it has
     `attempts - 1` entries). `started` is when the committing attempt was handed to its
-    engine, `ended` when its manifest entry was saved (epoch seconds)."""
+    engine, `ended` when its manifest entry was saved (epoch seconds). `node` is the Ray
+    node id it ran on: nodes of one machine, or of a cluster of identical hosts, share
+    `host`."""
 
     stage: str
     shard: str
@@ -48,6 +50,8 @@ class ShardRecord:
     retry_causes: tuple[str, ...]
     started: float
     ended: float
+    #: the Ray node id; None in-process
+    node: str | None = None
 
     def __post_init__(self) -> None:
         if self.attempts != len(self.retry_causes) + 1:
