@@ -29,6 +29,7 @@ import email.parser
 import email.policy
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -44,8 +45,12 @@ def canned_label(custom_id: str) -> int:
 
 class BatchServer:
     def __init__(self, api_key: str, polls_to_finish: int = 1,
-                 finish_after_s: float | None = None, chat_latency_s: float = 0.0) -> None:
+                 finish_after_s: float | None = None, chat_latency_s: float = 0.0,
+                 niceness: int = 0) -> None:
         self.api_key = api_key
+        #: the request threads' CPU niceness: a benchmark's server stands for a remote
+        #: service, so it yields the machine's CPUs to the build it serves
+        self.niceness = niceness
         self.polls_to_finish = polls_to_finish
         self.finish_after_s = finish_after_s
         self.chat_latency_s = chat_latency_s
@@ -228,6 +233,8 @@ def _handler(server: BatchServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _go(self, method: str) -> None:
+            if server.niceness:  # a remote service's CPU is not the build's machine's
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), server.niceness)
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
             code, payload = server.handle(method, self.path, self.headers, body)

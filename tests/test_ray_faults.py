@@ -1,7 +1,8 @@
 """Faults of a multi-node Ray build, on the session's cluster (conftest.ray_head: a head
 and two one-"GPU" workers, each node with its own home and caches, output on the
-loopback S3 server): a worker node lost mid-rollouts, an engine core killed inside its
-actor, an actor that cannot start; and the placement of engines on the nodes.
+loopback S3 server): a worker node lost mid-rollouts, the job's driver killed and the
+job submitted again, an engine core killed inside its actor, an actor that cannot
+start; and the placement of engines on the nodes.
 
 Each build that finishes ends exactly as the undisturbed local build
 (conftest.pipeline_reference): its planned ids once each, the same rows and labels.
@@ -337,6 +338,71 @@ def test_actor_that_cannot_start_stops_the_build_fast(ray_head, pipeline_referen
     assert not _committed(str(run))
     assert took < 90, f"{took:.0f}s to give up"
     print(f"\nactor that cannot start: the build stopped {took:.1f}s after it was started")
+
+
+def _job_driver(cluster, config: str) -> psutil.Process:
+    """The job's driver: the `asteer-build run` process on the head for this config."""
+    def find():
+        for p in cluster.head.descendants():
+            try:
+                if "asteer-build" in " ".join(p.cmdline()) and config in p.cmdline():
+                    return p
+            except psutil.Error:
+                pass
+        return None
+
+    return wait_for(find, 120, "the job's driver process")
+
+
+def test_driver_killed_mid_rollouts_then_resubmitted(ray_head, pipeline_reference, work,
+                                                    s3_client_env):
+    """The job's driver SIGKILLed once a shard is labelled (the judge streams), its actors
+    die with it (Ray's fate sharing), and the same config is submitted again: the new
+    driver takes everything from the run folder on S3: committed rollouts and labelled
+    shards are skipped, the rest built once, and nothing the manifest does not name is
+    left under the stage folders."""
+    from asteer_build.pipeline.shards import open_store
+
+    cluster = ray_head
+    uri = f"s3://{BUCKET}/faults-{uuid.uuid4().hex[:8]}/driver"
+    _seed(pipeline_reference, uri)
+    cfg = _config(uri)
+    sub_id = _submit(cluster, work, "driver-kill", cfg, commit_delay_s=1.0)
+    status = None
+    try:
+        driver = _job_driver(cluster, str(work / "driver-kill.yaml"))
+        wait_for(lambda: _committed(uri, "labelled"), 400, "a labelled shard", poll=0.3)
+        t_fault = time.time()
+        driver.kill()
+        status, _ = _finish(cluster, sub_id, timeout=120)
+    finally:
+        if status is None:
+            _stop(cluster, sub_id)
+    assert status == "failed", status
+    done = set(_committed(uri))
+    labelled = set(_committed(uri, "labelled"))
+    assert labelled and len(done) < 6
+    sub2 = _submit(cluster, work, "driver-kill", cfg)
+    status2 = None
+    try:
+        status2, logs = _finish(cluster, sub2)
+    finally:
+        if status2 is None:
+            _stop(cluster, sub2)
+    t_end = time.time()
+    assert status2 == "succeeded", logs[-4000:]
+    s = _summary(uri)
+    assert sorted(x["shard"] for x in s["rollouts"]["shards"]) == \
+        sorted(f"shard-{i:06d}" for i in range(6) if f"shard-{i:06d}" not in done)
+    assert s["judge"]["shards_judged"] == 6 - len(labelled)
+    _assert_matches_reference(uri, pipeline_reference)
+    store = open_store(uri)
+    for stage in ("rollouts", "labelled"):
+        named = {e["path"] for e in _committed(uri, stage).values()}
+        present = {i.path[len(store.root) + 1:] for i in store.list_files(stage)}
+        assert present == named, (stage, present ^ named)
+    print(f"\ndriver killed with {len(done)} rollouts and {len(labelled)} labelled shard(s) "
+          f"committed: the resubmitted job ended {t_end - t_fault:.1f}s after the kill")
 
 
 def test_worker_node_lost_mid_rollouts(ray_head, pipeline_reference, work, s3_client_env):

@@ -26,6 +26,7 @@ run folder, `judge_state`) make a rerun pay for nothing twice.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,8 @@ from .run import Run
 
 __all__ = ["judge_stage", "StreamingJudge", "scratch_dir", "streams"]
 
+#: the streaming judge thread's CPU niceness (`StreamingJudge`)
+JUDGE_NICENESS = 10
 #: judge kinds that label while the engines generate
 STREAMING_KINDS = ("rules", "llm", "openai-batch")
 
@@ -69,12 +72,30 @@ class ShardFeed:
         for n in names:
             self._q.put(n)
         self.closed = False
+        #: set (on the judge's loop) when a name or the end arrives: a waiting judge
+        #: wakes at once instead of at its next poll
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
-    def put(self, name: str) -> None:
+    def put(self, name: str | None) -> None:
         self._q.put(name)
+        if self._wake is not None:
+            loop, ev = self._wake
+            loop.call_soon_threadsafe(ev.set)
 
     def close(self) -> None:
-        self._q.put(None)
+        self.put(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout`, less if a shard (or the end) arrives meanwhile."""
+        if self._wake is None:
+            self._wake = (asyncio.get_running_loop(), asyncio.Event())
+        ev = self._wake[1]
+        if self._q.empty():
+            try:
+                await asyncio.wait_for(ev.wait(), timeout)
+            except TimeoutError:
+                pass
+        ev.clear()
 
     async def next(self) -> str | None:
         if self.closed:
@@ -244,7 +265,8 @@ async def _batch_waves(run: Run, feed: ShardFeed, lab: _Labeller, rubric: Any,
     s = jc.batch
     delay = s.poll_initial_s
     while True:
-        for name in feed.take():
+        new = feed.take()
+        for name in new:
             table = lab.table(name)
             reqs = requests_for_table(table, jc.model, rubric.version,
                                       rerun_failed=name in lab.rerun)
@@ -271,8 +293,8 @@ async def _batch_waves(run: Run, feed: ShardFeed, lab: _Labeller, rubric: Any,
                 del waiting[name]
         if feed.closed and not waiting and not buffer:
             break
-        delay = s.poll_initial_s if changed else min(s.poll_max_s, delay * 2)
-        await asyncio.sleep(delay)
+        delay = s.poll_initial_s if changed or new else min(s.poll_max_s, delay * 2)
+        await feed.wait(delay)
     out = stage.summary()
     if cap_hit:
         out["stopped"] = cap_hit
@@ -291,6 +313,13 @@ class StreamingJudge:
         self._thread = threading.Thread(target=self._main, name="asteer-judge", daemon=True)
 
     def _main(self) -> None:
+        # The engines never wait for the judge: where they share CPUs with it (the local
+        # executor's front end lives in this process), this thread and the threads it
+        # starts, which inherit it (Linux keeps niceness per thread), yield to them.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), JUDGE_NICENESS)
+        except OSError:
+            pass
         try:
             self.result = judge_stage(self.run, self.feed)
         except BaseException as e:  # handed to the driver in `finish`

@@ -1,0 +1,231 @@
+"""Time to dataset: the judge after generation (`--sequential`) versus while it runs
+(the default), on the demo workload, in paired rounds.
+
+The demo config (2,304 rollouts in 18 shards) builds its vectors once; each round then
+runs the rollouts and judge stages into a copy of that folder, both orders back to back.
+The judge is the loopback Batch API (`tests/batch_api_support.py`, the one the tests
+use), each batch finishing a fixed time after its creation, one shard per file and two
+files in flight (`enqueued_token_budget`: 2.5 files' tokens), so judging alone goes out
+in 9 waves; the time per batch is calibrated so that judging alone takes about as long as
+generating alone (the hardest case for an overlap: neither hides the other). The
+live-pool variant (`--judge llm`) calls the same server's chat endpoint with a fixed
+latency, its concurrency capped, calibrated the same way.
+
+Times run from the first request submitted (engine start-up, which both orders pay
+alike, is left out, as in bench_build). Reported per round: generate alone (the
+sequential build's first request to its last rollouts commit), judge alone (its judge
+stage), sequential end to end, streaming end to end (to the last labelled shard); and the
+ratios
+`streaming_over_max` = streaming / max(generate alone, judge alone) (<= 1.15 wanted)
+and `sequential_over_streaming` (>= 1.5 wanted), medians of paired rounds.
+
+    python benchmarks/bench_time_to_dataset.py [--pairs 3] [--judge batch|llm|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+KEY_ENV = "BENCH_JUDGE_KEY"
+
+
+def _env(key: str) -> dict[str, str]:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env[KEY_ENV] = key
+    return env
+
+
+def _config(tmp: Path, name: str, judge: dict) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["judge"] = judge
+    cfg["output"] = str(tmp / "unused")
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _run(cfg: Path, base: Path, out: Path, key: str, *extra: str) -> dict:
+    shutil.copytree(base, out)
+    t0 = time.time()
+    r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
+                        str(out), "--stages", "rollouts,judge", "--no-progress", "--json",
+                        *extra], cwd=ROOT, env=_env(key), capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"build failed:\n{r.stderr[-4000:]}")
+    s = json.loads(r.stdout)
+    shutil.rmtree(out, ignore_errors=True)
+    ro, ju = s["rollouts"], s["judge"]
+    last_commit = max(x["ended"] for x in ro["shards"])
+    ((t_first, _),) = ro["generate_windows"].values()
+    j0, j1 = ju["window"]
+    return {"wall_seconds": round(wall, 2), "build_seconds": s["seconds"],
+            # from the first request submitted (engine start-up, which both orders pay
+            # alike, excluded) to the dataset's last labelled shard
+            "end_to_end_seconds": round(j1 - t_first, 2),
+            # first request submitted to the last rollouts commit: generating alone
+            "rollouts_seconds": round(last_commit - t_first, 2),
+            "generate_seconds": ro["generate_seconds"],
+            "judge_seconds": round(j1 - j0, 2),
+            "judge_after_last_commit_seconds": round(max(0.0, j1 - last_commit), 2),
+            "labelled_ok": ju["ok"], "failed": ju["failed"], "pending": ju.get("pending"),
+            "batches": (ju.get("batches") or {}).get("batches"), "mode": s["mode"]}
+
+
+def _tokens_per_file(run: Path, tmp: Path) -> float:
+    """The mean input tokens of one 128-request batch file of this workload, as the
+    Batch API stage counts them (so the enqueued-token budget can hold two files)."""
+    from asteer_build.pipeline.shards import read_stage
+    from judge.batches import BatchStage, requests_for_table
+    from judge.cache import JudgmentCache
+    from judge.config import BatchSettings
+    from judge.rubric import DEFAULT_RUBRIC
+
+    reqs = requests_for_table(read_stage(str(run), "rollouts"), "bench-judge",
+                              DEFAULT_RUBRIC.version)
+    with JudgmentCache(tmp / "count-cache.jsonl") as cache:
+        st = BatchStage(None, tmp / "count-state", cache, model="bench-judge",
+                        settings=BatchSettings(max_requests_per_file=128))
+        st.add(reqs)
+        return statistics.mean(r["tokens"] for r in st.records)
+
+
+def _judge(kind: str, url: str, budget: int) -> dict:
+    if kind == "batch":
+        return {"kind": "openai-batch", "model": "bench-judge",
+                "endpoints": [{"base_url": url, "api_key_env": KEY_ENV}],
+                # polls on the benchmark's compressed time scale (batches of seconds,
+                # not hours)
+                "batch": {"max_requests_per_file": 128, "enqueued_token_budget": budget,
+                          "poll_initial_s": 0.1, "poll_max_s": 0.3}}
+    return {"kind": "llm", "model": "bench-judge",
+            "endpoints": [{"base_url": url, "api_key_env": KEY_ENV, "max_concurrency": 8}],
+            "retry": {"max_attempts": 3, "timeout_s": 60}}
+
+
+def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path,
+             gen_alone: float, file_tokens: float) -> dict:
+    from tests.batch_api_support import batch_server
+
+    key = "sk-bench-" + secrets.token_hex(8)
+    n_rows, n_files, conc, in_flight = 2304, 18, 8, 2
+    # judge alone ~ `judge_share` x generate alone: 18 files, two in flight (9 waves;
+    # each batch also waits for its next poll and its labelling, ~0.4 s), or 2,304 calls
+    # 8 at a time
+    target = a.judge_share * gen_alone
+    per_batch = max(0.5, target / (n_files / in_flight) - 0.4)
+    latency = target * conc / n_rows
+    budget = int(2.5 * file_tokens)  # two files fit, a third does not
+    rounds = []
+    # the server stands for a remote service: its threads yield this machine's CPUs
+    with batch_server(key, finish_after_s=per_batch, chat_latency_s=latency,
+                      niceness=15) as (srv, url):
+        cfg = _config(tmp, kind, _judge(kind, url, budget))
+        if kind == "llm":
+            # the pool's own time per call (HTTP, parsing, labelling) is not small here:
+            # measure judging alone at zero latency, and add only what is missing
+            srv.chat_latency_s = 0.0
+            j0 = _run(cfg, base, tmp / "llm-zero", key, "--sequential")["judge_seconds"]
+            latency = max(0.0, target - j0) * conc / n_rows
+            srv.chat_latency_s = latency
+            print(json.dumps({"llm_judge_alone_at_zero_latency_s": j0,
+                              "chat_latency_s": round(latency, 4)}), flush=True)
+        for i in range(a.pairs):
+            rd = {"sequential": _run(cfg, base, tmp / f"{kind}-s{i}", key, "--sequential"),
+                  "streaming": _run(cfg, base, tmp / f"{kind}-t{i}", key)}
+            seq, st = rd["sequential"], rd["streaming"]
+            gen, jud = seq["rollouts_seconds"], seq["judge_seconds"]
+            rd["judge_over_generate"] = round(jud / gen, 3)
+            rd["streaming_over_max"] = round(st["end_to_end_seconds"] / max(gen, jud), 3)
+            rd["sequential_over_streaming"] = round(
+                seq["end_to_end_seconds"] / st["end_to_end_seconds"], 3)
+            rounds.append(rd)
+            print(json.dumps({"variant": kind, "round": i,
+                              **{k: rd[k] for k in ("judge_over_generate",
+                                                    "streaming_over_max",
+                                                    "sequential_over_streaming")}}),
+                  flush=True)
+    med = {k: round(statistics.median(r[k] for r in rounds), 3)
+           for k in ("judge_over_generate", "streaming_over_max", "sequential_over_streaming")}
+    return {"judge": {"kind": kind, "per_batch_seconds": round(per_batch, 2),
+                      "batch_files": n_files, "batches_in_flight": in_flight,
+                      "enqueued_token_budget": budget,
+                      "mean_tokens_per_file": round(file_tokens),
+                      "chat_latency_s": round(latency, 3), "max_concurrency": conc},
+            "rounds": rounds, **med,
+            "min_max": {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)]
+                        for k in med}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--judge", choices=("batch", "llm", "both"), default="both")
+    p.add_argument("--judge-share", type=float, default=0.85,
+                   help="judging alone, as a share of generating alone (0.8 .. 1.25)")
+    a = p.parse_args()
+    kinds = ("batch", "llm") if a.judge == "both" else (a.judge,)
+    with tempfile.TemporaryDirectory(prefix="bench-ttd-") as d:
+        tmp = Path(d)
+        base = tmp / "base"
+        rules = _config(tmp, "rules", {"kind": "rules"})
+        r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(rules),
+                            "--out", str(base), "--stages", "vectors", "--no-progress"],
+                           cwd=ROOT, env=_env(""), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"vectors failed:\n{r.stderr[-4000:]}")
+        # generate alone, to calibrate the judge's latency (not counted)
+        out = tmp / "calibrate"
+        shutil.copytree(base, out)
+        r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(rules), "--out",
+                            str(out), "--stages", "rollouts", "--no-progress", "--json"],
+                           cwd=ROOT, env=_env(""), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"calibration failed:\n{r.stderr[-4000:]}")
+        ro = json.loads(r.stdout)["rollouts"]
+        ((t_first, _),) = ro["generate_windows"].values()
+        gen_alone = max(x["ended"] for x in ro["shards"]) - t_first
+        file_tokens = _tokens_per_file(out, tmp)
+        print(json.dumps({"calibration_generate_seconds": round(gen_alone, 2),
+                          "mean_tokens_per_file": round(file_tokens)}), flush=True)
+        from benchmarks.common import RESULTS
+
+        # a run of one variant keeps the other's last results
+        old = RESULTS / "bench_time_to_dataset.json"
+        results = json.loads(old.read_text())["variants"] if old.exists() else {}
+        for kind in kinds:
+            results[kind] = _variant(kind, a, tmp, base, gen_alone, file_tokens)
+            write("bench_time_to_dataset", {
+                "workload": {"config": "configs/demo.yaml", "rows": 2304, "shards": 18,
+                             "pairs": a.pairs,
+                             "calibration_generate_seconds": round(gen_alone, 2)},
+                "variants": results,
+                "streaming_over_max": {k: v["streaming_over_max"] for k, v in results.items()},
+                "sequential_over_streaming": {k: v["sequential_over_streaming"]
+                                              for k, v in results.items()},
+                "targets": {"streaming_over_max": "<= 1.15",
+                            "sequential_over_streaming": ">= 1.5",
+                            "judge_over_generate": "0.8 .. 1.25"},
+            })
+
+
+if __name__ == "__main__":
+    main()
