@@ -330,17 +330,19 @@ class Manifest:
 
     @classmethod
     def load(cls, store: Store) -> Manifest | None:
-        for attempt in range(3):
+        for attempt in range(5):
             if not store.exists(MANIFEST):
                 return None
-            m = cls(store, json.loads(store.read_bytes(MANIFEST)))
             try:
+                m = cls(store, json.loads(store.read_bytes(MANIFEST)))
                 m._replay_journal()
-            except FileNotFoundError:
-                # a local writer compacted (and removed journal files) while we read:
-                # its build.json now holds them
-                if attempt == 2:
+            except (FileNotFoundError, json.JSONDecodeError):
+                # The writer compacted while we read: an object store's reader may get
+                # parts of two versions of build.json (ranged reads), and a local
+                # compaction removes the journal files it took in. Read again.
+                if attempt == 4:
                     raise
+                time.sleep(0.2 * (attempt + 1))
                 continue
             return m
         return None
