@@ -39,6 +39,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+def batch_judge(url: str, key_env: str = "BATCH_TEST_KEY") -> dict[str, Any]:
+    """A config's `judge:` for this server: judge-b, four requests per file, fast polls."""
+    return {"kind": "openai-batch", "model": "judge-b",
+            "endpoints": [{"base_url": url, "api_key_env": key_env}],
+            "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05, "poll_max_s": 0.2}}
+
+
 def canned_label(custom_id: str) -> int:
     return int(hashlib.sha256(custom_id.encode()).hexdigest(), 16) % 3
 

@@ -93,6 +93,18 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait(timeout=30)
 
 
+def vectors_only(ref: Path, run: Path) -> None:
+    """A copy of a finished local run folder with its vectors only: the rollouts and
+    judge stages left to run."""
+    import shutil
+
+    shutil.copytree(ref, run, ignore=shutil.ignore_patterns(
+        "rollouts", "labelled", ".staging", "logs", "summary.json"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"] = {"vectors": m["stages"]["vectors"]}
+    (run / "build.json").write_text(json.dumps(m))
+
+
 def manifest(run: Path | str) -> dict:
     """build.json with its journal applied (what a reader sees mid-run too)."""
     from asteer_build.pipeline.shards import Manifest, open_store

@@ -183,7 +183,7 @@ def test_batch_judge_state_travels_with_the_run_folder(s3, work, pipeline_refere
     from judge.cache import cache_key
     from judge.rubric import DEFAULT_RUBRIC
 
-    from .batch_api_support import batch_server, canned_label
+    from .batch_api_support import batch_judge, batch_server, canned_label
     from .pipeline_support import kill_group, wait_for
 
     srv3, url3 = s3
@@ -198,10 +198,7 @@ def test_batch_judge_state_travels_with_the_run_folder(s3, work, pipeline_refere
                 for n in ("machine-a", "machine-b")}
     with batch_server(key) as (srv, url):
         cfg = tiny_config(uri)
-        cfg["judge"] = {"kind": "openai-batch", "model": "judge-b",
-                        "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
-                        "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05,
-                                  "poll_max_s": 0.2}}
+        cfg["judge"] = batch_judge(url)
         path = write_config(work / "s3-batch.yaml", cfg)
         srv.hold.set()
         p = start_cli("run", "--config", str(path), "--stages", "judge", "--no-progress",

@@ -181,7 +181,7 @@ def test_batch_judge_stage_survives_sigkill_while_polling(work, reference):
     from judge.cache import cache_key
     from judge.rubric import DEFAULT_RUBRIC
 
-    from .batch_api_support import batch_server, canned_label
+    from .batch_api_support import batch_judge, batch_server, canned_label
 
     key = "sk-build-batch-" + secrets.token_hex(8)
     run = work / "judge-batch"
@@ -195,10 +195,7 @@ def test_batch_judge_stage_survives_sigkill_while_polling(work, reference):
     n_files = -(-len(want) // 4)
     with batch_server(key) as (srv, url):
         cfg = tiny_config(run)
-        cfg["judge"] = {"kind": "openai-batch", "model": "judge-b",
-                        "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
-                        "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05,
-                                  "poll_max_s": 0.2}}
+        cfg["judge"] = batch_judge(url)
         path = write_config(work / "judge-batch.yaml", cfg)
         srv.hold.set()
         p = start_cli("run", "--config", str(path), "--stages", "judge", "--no-progress",

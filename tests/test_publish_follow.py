@@ -383,17 +383,16 @@ def test_run_with_publish_uploads_the_dataset_as_it_builds(tmp_path, hub_env,
     """`asteer-build run --publish REPO`: the follower beside a real build; the repo ends
     complete, with the files a plain publish of the finished run folder writes, each
     uploaded once."""
-    import json
-    import shutil
-
-    from .pipeline_support import INPROCESS_ENGINE, cli, tiny_config, write_config
+    from .pipeline_support import (
+        INPROCESS_ENGINE,
+        cli,
+        tiny_config,
+        vectors_only,
+        write_config,
+    )
 
     run = tmp_path / "run"
-    shutil.copytree(pipeline_reference, run, ignore=shutil.ignore_patterns(
-        "rollouts", "labelled", ".staging", "logs", "summary.json"))
-    m = json.loads((run / "build.json").read_text())
-    m["stages"] = {"vectors": m["stages"]["vectors"]}
-    (run / "build.json").write_text(json.dumps(m))
+    vectors_only(pipeline_reference, run)
     path = write_config(tmp_path / "run.yaml", tiny_config(run))
     with accepting_hub() as hub:
         r = cli("run", "--config", str(path), "--no-progress", "--json", "--publish", REPO,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from .pipeline_support import (
     kill_group,
     start_cli,
     tiny_config,
+    vectors_only,
     wait_for,
     write_config,
 )
@@ -34,21 +34,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("streaming")
 
 
-def _vectors_only(ref: Path, run: Path) -> None:
-    """The reference run folder with its vectors only: both stages left to run."""
-    shutil.copytree(ref, run, ignore=shutil.ignore_patterns(
-        "rollouts", "labelled", ".staging", "logs", "summary.json"))
-    m = json.loads((run / "build.json").read_text())
-    m["stages"] = {"vectors": m["stages"]["vectors"]}
-    (run / "build.json").write_text(json.dumps(m))
-
-
-def _batch_judge(url: str) -> dict:
-    return {"kind": "openai-batch", "model": "judge-b",
-            "endpoints": [{"base_url": url, "api_key_env": "BATCH_TEST_KEY"}],
-            "batch": {"max_requests_per_file": 4, "poll_initial_s": 0.05, "poll_max_s": 0.2}}
-
-
 def test_batch_waves_go_out_while_rollouts_commit_and_survive_a_kill(work,
                                                                      pipeline_reference):
     """Shards commit 4 s apart (the commit seam); the first batch is created before the
@@ -58,16 +43,16 @@ def test_batch_waves_go_out_while_rollouts_commit_and_survive_a_kill(work,
     from judge.cache import cache_key
     from judge.rubric import DEFAULT_RUBRIC
 
-    from .batch_api_support import batch_server, canned_label
+    from .batch_api_support import batch_judge, batch_server, canned_label
 
     run = work / "batch-stream"
-    _vectors_only(pipeline_reference, run)
+    vectors_only(pipeline_reference, run)
     ref_rows = read_stage(str(pipeline_reference), "rollouts").to_pylist()
     want = {cache_key(DEFAULT_RUBRIC.version, "judge-b", x["prompt"], x["concept"],
                       x["response"]) for x in ref_rows}
     key = "sk-stream-" + secrets.token_hex(8)
     with batch_server(key) as (srv, url):
-        path = write_config(work / "batch-stream.yaml", tiny_config(run, judge=_batch_judge(url)))
+        path = write_config(work / "batch-stream.yaml", tiny_config(run, judge=batch_judge(url)))
         p = start_cli("run", "--config", str(path), "--no-progress", BATCH_TEST_KEY=key,
                       **INPROCESS_ENGINE, **seam_env(commit_delay_s=2.0))
         # the overlap: a batch on the server while rollouts shards are still to commit
@@ -95,7 +80,7 @@ def test_batch_waves_go_out_while_rollouts_commit_and_survive_a_kill(work,
 def test_sequential_keeps_the_old_order(work, pipeline_reference):
     """`--sequential`: the judge's busy window starts after the rollouts' last shard."""
     run = work / "sequential"
-    _vectors_only(pipeline_reference, run)
+    vectors_only(pipeline_reference, run)
     path = write_config(work / "sequential.yaml", tiny_config(run))
     r = cli("run", "--config", str(path), "--no-progress", "--json", "--sequential",
             **INPROCESS_ENGINE)
@@ -131,7 +116,7 @@ def test_live_pool_labels_shards_while_rollouts_commit(work, pipeline_reference)
         runs = {}
         for mode in ("streaming", "sequential"):
             run = work / f"live-{mode}"
-            _vectors_only(pipeline_reference, run)
+            vectors_only(pipeline_reference, run)
             path = write_config(work / f"live-{mode}.yaml", tiny_config(run, judge=judge))
             r = cli("run", "--config", str(path), "--no-progress", "--json",
                     *(["--sequential"] if mode == "sequential" else []), timeout=400,
