@@ -276,8 +276,14 @@ class EndpointPool:
         if rf is not None and ep.structured:
             args["response_format"] = rf
         try:
-            resp = await ep.client.chat.completions.create(
-                model=ep.model, messages=messages, **args
+            # The generic `post` of the same client (auth, timeouts, error types) with a
+            # plain JSON body: `chat.completions.create` runs its request transform and
+            # response model per call, about half this client's CPU per judgment here,
+            # which the streaming judge takes from the engines' front end.
+            resp = await ep.client.post(
+                "/chat/completions",
+                body={"model": ep.model, "messages": messages, **args},
+                cast_to=dict,
             )
         except openai.RateLimitError as e:
             raise _Retryable(
@@ -312,9 +318,9 @@ class EndpointPool:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise _Retryable("bad_response", f"{type(e).__name__}: {e}", eject=True) from e
         try:
-            choice = resp.choices[0]
-            return choice.message.content, choice.finish_reason
-        except (AttributeError, IndexError, TypeError) as e:
+            choice = resp["choices"][0]
+            return choice["message"]["content"], choice.get("finish_reason")
+        except (AttributeError, IndexError, KeyError, TypeError) as e:
             raise _Retryable("bad_response", f"unreadable completion body: {e}", eject=True) from e
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:

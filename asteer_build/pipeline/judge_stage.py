@@ -80,7 +80,10 @@ class ShardFeed:
         self._q.put(name)
         if self._wake is not None:
             loop, ev = self._wake
-            loop.call_soon_threadsafe(ev.set)
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # the judge has finished (every planned shard labelled)
+                pass
 
     def close(self) -> None:
         self.put(None)
@@ -161,10 +164,16 @@ class _Labeller:
                  total: int, streaming: bool) -> None:
         self.run, self.rerun, self.cache, self.mirror = run, rerun, cache, mirror
         self.reports: list[Any] = []
+        self.total, self.streaming = total, streaming
         # Streaming, the rollouts' bar is the one on the terminal (two bars on one
         # terminal interleave); `asteer-build status` shows both stages.
         self.bar = console.progress(total=total or None, unit="shard", desc="judge",
                                     disable=not run.opts.progress or streaming)
+
+    def complete(self) -> bool:
+        """Streaming, every planned shard is labelled: the judge is done even though the
+        rollouts stage has not returned yet (its engines are still shutting down)."""
+        return self.streaming and len(self.reports) >= self.total
 
     def base(self, name: str) -> str:
         """The file a shard is labelled from, as the manifest names it (never a path
@@ -235,7 +244,7 @@ async def _judge_async(run: Run, feed: ShardFeed, rerun: set[str], n_known: int,
             lifetime = open_judge(jc, ctx, plug={"vllm": vllm_judge(
                 executor=run.opts.executor, cfg=run.cfg, log_dir=log_dir)})
             async with lifetime as session:
-                while (name := await feed.next()) is not None:
+                while not lab.complete() and (name := await feed.next()) is not None:
                     await lab.label(name, session.judge, session.workers)
                 out = dict(session.info)
                 stats = session.stats()
@@ -261,18 +270,22 @@ async def _batch_waves(run: Run, feed: ShardFeed, lab: _Labeller, rubric: Any,
         on_save=lab.mirror.sync if lab.mirror is not None else None)
     waiting: dict[str, tuple[Any, set[str]]] = {}  # shard -> (table, its request keys)
     buffer: list[Any] = []
+    arrived = 0
     cap_hit: str | None = None
     s = jc.batch
     delay = s.poll_initial_s
     while True:
         new = feed.take()
+        arrived += len(new)
+        # no more shards are coming: the feed ended, or (streaming) every planned one came
+        last = feed.closed or (lab.streaming and arrived >= lab.total)
         for name in new:
             table = lab.table(name)
             reqs = requests_for_table(table, jc.model, rubric.version,
                                       rerun_failed=name in lab.rerun)
             waiting[name] = (table, {r.key for r in reqs})
             buffer.extend(reqs)
-        if buffer and (len(buffer) >= s.max_requests_per_file or feed.closed):
+        if buffer and (len(buffer) >= s.max_requests_per_file or last):
             await asyncio.to_thread(stage.add, buffer, rerun_failed=bool(lab.rerun))
             buffer = []
         if cap_hit is None:
@@ -291,7 +304,7 @@ async def _batch_waves(run: Run, feed: ShardFeed, lab: _Labeller, rubric: Any,
                 await lab.label(name, FailuresJudge(jc.model, rubric.version, dict(failures)),
                                 1, table=table)
                 del waiting[name]
-        if feed.closed and not waiting and not buffer:
+        if (last or lab.complete()) and not waiting and not buffer:
             break
         delay = s.poll_initial_s if changed or new else min(s.poll_max_s, delay * 2)
         await feed.wait(delay)
