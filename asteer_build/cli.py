@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from .inputs.sources import SourceError
     from .pipeline.build import BuildRefused
     from .pipeline.config import ConfigError
+    from .pipeline.judge_stage import CostCapRefused
 
     # Errors are printed after a quiet block has put the terminal back, so they reach it;
     # the traceback, when there is one, is in the log file named by the hint.
@@ -380,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildRefused as e:
         print(f"asteer-build: {e}", file=sys.stderr)
         return 3
+    except CostCapRefused as e:  # the code `asteer-judge` exits with on the cap
+        print(f"asteer-build: {e}", file=sys.stderr)
+        return 4
     except CheckFailed as e:
         print(f"asteer-build: {e}", file=sys.stderr)
         return 1

@@ -139,3 +139,32 @@ def test_live_pool_labels_shards_while_rollouts_commit(work, pipeline_reference)
     # the faults were real: each distinct judgment's first call (the tiny model repeats
     # itself, so 24 rows need fewer) was answered 500
     assert proxy.injected["http500"] == len(proxy.attempts) >= 4
+
+
+def test_cost_cap_is_checked_against_the_plan_before_any_engine_starts(work,
+                                                                      pipeline_reference):
+    """A Batch API judge whose plan estimate (`plan`'s figure, at batch prices) passes
+    `judge.batch.cost_cap_usd` stops the run before the rollouts start (exit 4, as
+    `asteer-judge`), naming the estimate and the cap. (A cap reached mid-run, when the
+    rows turn out dearer than the estimate, stops the waves instead: `_batch_waves`.)"""
+    from .batch_api_support import batch_judge
+
+    run = work / "capped"
+    vectors_only(pipeline_reference, run)
+    judge = {**batch_judge("http://127.0.0.1:9/v1"),
+             "prices": {"input_per_mtok": 2.0, "output_per_mtok": 8.0,
+                        "output_tokens_per_call": 100}}
+    cfg = tiny_config(run, judge=judge)
+    plan = cli("plan", str(write_config(work / "capped.yaml", cfg)))
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    est = json.loads(plan.stdout)["judge"]
+    cost = est["cost_usd"]["batch"]
+    assert est["calls"] == 24 and cost > 0
+    cfg["judge"]["batch"] = {**judge["batch"], "cost_cap_usd": cost / 2}
+    path = write_config(work / "capped.yaml", cfg)
+    r = cli("run", "--config", str(path), "--no-progress", "--json", BATCH_TEST_KEY="sk-x")
+    assert r.returncode == 4, r.stderr[-2000:]
+    assert f"~${cost:,.2f}" in r.stderr and f"cap of ${cost / 2:,.2f}" in r.stderr
+    assert "24 rows not labelled yet" in r.stderr
+    assert set(committed(run, "rollouts")) == set()  # nothing ran
+    assert "engine" not in r.stderr

@@ -20,7 +20,7 @@ from ..core.paths import cache_dir
 from .config import BuildConfig, ModelConfig, check_output
 from .depth import check_layer
 from .executors import Executor, OnCommit, ShardRecord, get_executor
-from .judge_stage import StreamingJudge, judge_stage, streams
+from .judge_stage import StreamingJudge, check_cost_cap, judge_stage, streams
 from .plan import make_plan, shard_name
 from .run import STAGE_ORDER, Run, RunOptions, pending_shards
 from .sampling import require_resolved
@@ -135,7 +135,9 @@ def prepare_run(cfg: BuildConfig, opts: RunOptions) -> Run:
         names = [shard_name(i) for i in opts.rerun_shards]
         for stage in (*_ROLLOUT_SETS, "labelled"):
             manifest.forget(stage, names)
-    return Run(cfg, plan, store, manifest, opts)
+    run = Run(cfg, plan, store, manifest, opts)
+    check_cost_cap(run)
+    return run
 
 
 def vector_settings_for(cfg: BuildConfig, m: ModelConfig) -> Any:

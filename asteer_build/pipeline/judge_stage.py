@@ -38,7 +38,8 @@ from ..core.paths import cache_dir
 from .judge_state import StateMirror
 from .run import Run
 
-__all__ = ["judge_stage", "StreamingJudge", "scratch_dir", "streams"]
+__all__ = ["CostCapRefused", "check_cost_cap", "judge_stage", "StreamingJudge", "scratch_dir",
+           "streams"]
 
 #: the streaming judge thread's CPU niceness (`StreamingJudge`)
 JUDGE_NICENESS = 10
@@ -51,6 +52,34 @@ def streams(run: Run) -> bool:
     o = run.opts
     return ("rollouts" in o.stages and "judge" in o.stages and not o.sequential
             and run.cfg.judge.kind in STREAMING_KINDS)
+
+
+class CostCapRefused(RuntimeError):
+    """The plan's judge estimate passes the cost cap; nothing was started."""
+
+
+def check_cost_cap(run: Run) -> None:
+    """Before any engine starts: a Batch API judge whose estimated spend for the rows
+    still unlabelled (the plan's estimate, `plan.judge_estimate`, at batch prices) passes
+    `judge.batch.cost_cap_usd` stops the run here, unless `--yes`. Waves enforce the cap
+    again as they go out (`_batch_waves`): the estimate assumes each response's length."""
+    from .plan import judge_estimate
+
+    jc = run.cfg.judge
+    cap = jc.batch.cost_cap_usd if jc.kind == "openai-batch" else None
+    if cap is None or jc.prices is None or run.opts.yes or "judge" not in run.opts.stages:
+        return
+    done = sum(e["rows"] for n, e in run.manifest.entries("labelled").items()
+               if not (run.opts.rerun_failed and (e.get("failed") or e.get("pending"))))
+    calls = max(0, run.plan.n_items - done)
+    est = judge_estimate(run.cfg, calls, run.plan.prompts, run.plan.concepts)
+    cost = est["cost_usd"]["batch"]
+    if cost > cap:
+        raise CostCapRefused(
+            f"judge.batch.cost_cap_usd: judging the {calls:,} rows not labelled yet is "
+            f"estimated at ~${cost:,.2f} at batch prices (~{est['input_tokens']:,} input "
+            f"tokens, judge.prices), over the cap of ${cap:,.2f}; nothing was started. Pass "
+            "--yes, raise the cap, or run `--stages vectors,rollouts` now and judge later")
 
 
 def scratch_dir(run: Run) -> str:
