@@ -214,11 +214,10 @@ def execute_run(run: Run, on_shard: OnCommit | None = None) -> dict[str, Any]:
     executor = get_executor(opts.executor)(run)
     # The judge labels shards as they commit (judge_stage.StreamingJudge) unless the run
     # is sequential, has one stage, or its judge needs the engines' GPUs.
-    stream = StreamingJudge(run) if streams(run) else None
-    if "judge" in opts.stages and "rollouts" in opts.stages and stream is None \
-            and not opts.sequential:
-        console.say(f"judge: the {run.cfg.judge.kind} judge runs on the build's own "
-                    "resources: it judges after generation")
+    overlap, why = streams(run, executor)
+    stream = StreamingJudge(run) if overlap else None
+    if why is not None:
+        console.say(f"judge: {why}: it judges after generation")
     subscribers = [f for f in (on_shard, stream and stream.on_commit) if f is not None]
 
     def committed(rec: ShardRecord) -> None:

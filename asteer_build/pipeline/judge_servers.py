@@ -179,6 +179,7 @@ class ServerProcess:
         env = {**os.environ, **{k: str(v) for k, v in self.spec.env.items()}}
         log_path = self.log_path or tempfile.mkstemp(prefix="judge-server-", suffix=".log")[1]
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        started_at = time.time()
         with open(log_path, "ab") as f:
             # its own session: stop() kills the group, engine core included
             self.proc = subprocess.Popen(orphan_guarded(cmd), stdout=f,
@@ -203,7 +204,7 @@ class ServerProcess:
                                        f"{log_path}") from None
                 time.sleep(0.5)
         return {"base_url": f"http://{host}:{port}/v1", "pid": self.proc.pid, "port": port,
-                "host": host, "log": log_path}
+                "host": host, "log": log_path, "node": _node_id(), "started_at": started_at}
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the process group, SIGKILL after `grace_s`; idempotent."""
@@ -227,6 +228,15 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
         proc.wait(10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _node_id() -> str | None:
+    """The Ray node this runs on (a server's record says where it ran), else None."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _node_ip() -> str:
@@ -315,8 +325,9 @@ def vllm_judge(*, executor: str = "local", cfg: Any = None,
             endpoints = [EndpointConfig(s["base_url"], max_concurrency=s["max_concurrency"])
                          for s in served]
             async with llm_session(jc, ctx, endpoints) as session:
-                session.info["servers"] = [{k: s[k] for k in ("base_url", "pid", "port",
-                                                              "host")} for s in served]
+                session.info["servers"] = [
+                    {k: s[k] for k in ("base_url", "pid", "port", "host", "node",
+                                       "started_at")} for s in served]
                 yield session
 
     return lifetime

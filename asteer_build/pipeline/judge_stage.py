@@ -14,8 +14,10 @@ hand-off is a queue.
   an answer or a final failure. The cost cap is enforced per wave: reached mid-run, the
   judge stops submitting and says so, the rollouts go on, and the rows it could not
   send stay `pending` (never a made-up label).
-- A self-hosted `vllm` judge would fight the engines for the same GPUs: it judges after
-  generation, and the run says so.
+- A self-hosted `vllm` judge streams where its servers fit beside the engines (the Ray
+  executor, on GPUs the engines leave free: `Executor.judge_room`), started when the
+  first shard commits; elsewhere (one machine, one GPU) they would fight the engines
+  for the same GPUs: it judges after generation, and the run says why.
 
 Commits from both stages go through the one `Manifest` (its lock serialises them); the
 driver is its only writer. Resuming is the sequential case's: a shard is labelled once
@@ -43,15 +45,27 @@ __all__ = ["CostCapRefused", "check_cost_cap", "judge_stage", "StreamingJudge", 
 
 #: the streaming judge thread's CPU niceness (`StreamingJudge`)
 JUDGE_NICENESS = 10
-#: judge kinds that label while the engines generate
+#: judge kinds that label while the engines generate; `vllm` too where its servers fit
+#: beside the engines (`Executor.judge_room`)
 STREAMING_KINDS = ("rules", "llm", "openai-batch")
 
 
-def streams(run: Run) -> bool:
-    """Whether this run judges while it generates."""
+def streams(run: Run, executor: Any) -> tuple[bool, str | None]:
+    """Whether this run judges while it generates, and if it might have but does not,
+    why (for the run to say)."""
     o = run.opts
-    return ("rollouts" in o.stages and "judge" in o.stages and not o.sequential
-            and run.cfg.judge.kind in STREAMING_KINDS)
+    if "rollouts" not in o.stages or "judge" not in o.stages or o.sequential:
+        return False, None
+    jc = run.cfg.judge
+    if jc.kind in STREAMING_KINDS:
+        return True, None
+    if jc.kind == "vllm":
+        from .judge_servers import ServerSpec
+
+        spec = ServerSpec.from_dict(jc.server)
+        why = executor.judge_room(spec.replicas, spec.gpus_per_replica)
+        return why is None, why
+    return False, f"the {jc.kind} judge runs on the build's own resources"
 
 
 class CostCapRefused(RuntimeError):
@@ -270,11 +284,17 @@ async def _judge_async(run: Run, feed: ShardFeed, rerun: set[str], n_known: int,
             ctx = JudgeContext(rubric=rubric, rerun_failed=bool(rerun), cache=cache,
                                yes=run.opts.yes, say=console.say)
             log_dir = run.store.path("logs") if run.store.local else None
+            # Streaming, the judge (a vllm judge's servers, an endpoint pool) starts when
+            # the first shard commits: a run that fails before then starts nothing.
+            name = await feed.next()
+            if name is None:
+                return lab.reports, {}
             lifetime = open_judge(jc, ctx, plug={"vllm": vllm_judge(
                 executor=run.opts.executor, cfg=run.cfg, log_dir=log_dir)})
             async with lifetime as session:
-                while not lab.complete() and (name := await feed.next()) is not None:
+                while name is not None:
                     await lab.label(name, session.judge, session.workers)
+                    name = None if lab.complete() else await feed.next()
                 out = dict(session.info)
                 stats = session.stats()
                 if stats:

@@ -139,6 +139,13 @@ class Executor(ABC):
         `on_commit`); return `RolloutTally.summary`. Raise if a shard could not be
         committed, after committing the others."""
 
+    def judge_room(self, replicas: int, gpus_per_replica: int) -> str | None:
+        """Whether self-hosted judge servers fit beside this executor's engines, so they
+        can label while the engines generate: None if so, else why not. One machine
+        (the default): never, the servers would share the engines' GPUs."""
+        return (f"the {self.name} executor runs on one machine, where a vllm judge would "
+                "share the engines' GPUs")
+
     def close(self) -> None:
         """Release what the executor keeps across stages (engines), also after a failure;
         nothing by default."""

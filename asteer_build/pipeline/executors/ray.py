@@ -37,7 +37,7 @@ from ...core.console import console
 from ..plan import Shard
 from .base import Executor, OnCommit, RolloutTally, ShardRecord
 from .ray_actor import EngineHost, pool_vectors
-from .ray_seats import Slot, last_line, placement_groups, short
+from .ray_seats import Slot, judge_room, last_line, placement_groups, short
 
 if TYPE_CHECKING:
     from ..config import BuildConfig, ModelConfig
@@ -386,6 +386,13 @@ class RayExecutor(Executor):
     def vector_files(self, model: ModelConfig, settings: Any) -> dict[str, bytes]:
         return vector_files_on_ray(self.run.cfg, model.path, self.run.plan.concepts,
                                    settings)
+
+    def judge_room(self, replicas: int, gpus_per_replica: int) -> str | None:
+        run = self.run
+        engines = [(m, sum(1 for s in run.plan.shards if s.model == m.name))
+                   for m in run.cfg.models]
+        return judge_room(_init(run.cfg), engines, run.cfg.ray.num_cpus_per_engine,
+                          replicas, gpus_per_replica)
 
     def run_rollouts(self, todo: list[Shard], on_commit: OnCommit) -> dict[str, Any]:
         import ray

@@ -17,7 +17,7 @@ from ..plan import Shard
 if TYPE_CHECKING:
     from ..config import ModelConfig
 
-__all__ = ["Slot", "placement_groups", "short", "last_line"]
+__all__ = ["Slot", "judge_room", "placement_groups", "short", "last_line"]
 
 
 @dataclass
@@ -94,3 +94,22 @@ def placement_groups(model: ModelConfig, cluster: dict[str, float], cpus: float,
     bundles, actor_opts = _resources(cluster, model.tensor_parallel_size, cpus)
     n = _replicas(model, cluster, cpus, n_shards)
     return [placement_group(bundles) for _ in range(n)], actor_opts
+
+
+def judge_room(cluster: dict[str, float], engines: list[tuple[ModelConfig, int]],
+               cpus: float, judge_replicas: int, judge_gpus: int) -> str | None:
+    """Whether self-hosted judge servers (`judge.kind: vllm`, `judge_replicas` of
+    `judge_gpus` GPUs each, one CPU on a CPU cluster) fit beside the engines, so they can
+    label while the engines generate: None if they do, else why not. Models run one
+    after another, so the engines hold the largest model's seats (`engines`: each model
+    with its planned shards) at a time."""
+    gpu = cluster.get("GPU", 0) >= 1
+    unit = "GPU" if gpu else "CPU"
+    total = cluster.get(unit, 0)
+    need = max((_replicas(m, cluster, cpus, n) * (m.tensor_parallel_size if gpu else cpus)
+                for m, n in engines), default=0)
+    want = judge_replicas * (judge_gpus if gpu else 1)
+    if need + want <= total:
+        return None
+    return (f"the engines take {need:g} of the cluster's {total:g} {unit}s and the judge "
+            f"servers need {want:g} more (set models[].replicas to leave them room)")
