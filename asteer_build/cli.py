@@ -23,7 +23,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from .core.console import LOG_FORMAT, add_output_flags, console, quiet_for
@@ -358,7 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (`kill`, `ray job stop`, a scheduler) unwinds like Ctrl-C: Python's default
+    would end the process on the spot, leaving the engines' vLLM core processes running
+    without it; raised here, the build's `finally` shuts them down."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     # stdout carries the JSON summary only; vLLM logs to stdout by default.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = build_parser().parse_args(argv)

@@ -7,9 +7,18 @@ The judge is the loopback Batch API (`tests/batch_api_support.py`, the one the t
 use), each batch finishing a fixed time after its creation, one shard per file and two
 files in flight (`enqueued_token_budget`: 2.5 files' tokens), so judging alone goes out
 in 9 waves; the time per batch is calibrated so that judging alone takes about as long as
-generating alone (the hardest case for an overlap: neither hides the other). The
+generating alone (neither hides the other). The
 live-pool variant (`--judge llm`) calls the same server's chat endpoint with a fixed
-latency, its concurrency capped, calibrated the same way.
+latency, its concurrency capped, calibrated the same way. Calibration runs the judge
+stage alone over a rollouts-only folder (no engine), sets the time per batch or call
+latency, measures again and corrects once.
+
+The engine's threads are bound to core 1 (`--engine-cpu`, VLLM_CPU_OMP_THREADS_BIND), as
+on a GPU the model runs on a device of its own; the loopback server, which stands for
+a remote service, runs at niceness 15 on the other core only; the builds' drivers (vLLM's
+front end, the judge client) run where the scheduler puts them. Both orders and the
+calibration run so. Judging alone is calibrated to the
+calibration's generating alone (`--judge-share`, default 1.0: the hardest case).
 
 Times run from the first request submitted (engine start-up, which both orders pay
 alike, is left out, as in bench_build). Reported per round: generate alone (the
@@ -20,6 +29,7 @@ ratios
 and `sequential_over_streaming` (>= 1.5 wanted), medians of paired rounds.
 
     python benchmarks/bench_time_to_dataset.py [--pairs 3] [--judge batch|llm|both]
+        [--judge-share 0.85] [--engine-cpu 1]
 """
 
 from __future__ import annotations
@@ -46,8 +56,15 @@ BIN = Path(sys.executable).parent
 KEY_ENV = "BENCH_JUDGE_KEY"
 
 
+#: the core the engine's threads are bound to (`--engine-cpu`): set in `main`
+ENGINE_CPU = {"bind": "1"}
+
+
 def _env(key: str) -> dict[str, str]:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
+    # the engine on a core of its own, as on a GPU it would have a device of its own;
+    # the driver, the judge's client and the loopback server share the other core
+    env["VLLM_CPU_OMP_THREADS_BIND"] = ENGINE_CPU["bind"]
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env[KEY_ENV] = key
     return env
@@ -90,6 +107,20 @@ def _run(cfg: Path, base: Path, out: Path, key: str, *extra: str) -> dict:
             "batches": (ju.get("batches") or {}).get("batches"), "mode": s["mode"]}
 
 
+def _judge_alone(cfg: Path, rollouts: Path, out: Path, key: str) -> float:
+    """Seconds the judge stage alone takes over a copy of a rollouts-only run folder (no
+    engine: what calibrating the judge's latency needs)."""
+    shutil.copytree(rollouts, out)
+    r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
+                        str(out), "--stages", "judge", "--no-progress", "--json"], cwd=ROOT,
+                       env=_env(key), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"judge alone failed:\n{r.stderr[-4000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    j0, j1 = json.loads(r.stdout)["judge"]["window"]
+    return j1 - j0
+
+
 def _tokens_per_file(run: Path, tmp: Path) -> float:
     """The mean input tokens of one 128-request batch file of this workload, as the
     Batch API stage counts them (so the enqueued-token budget can hold two files)."""
@@ -121,7 +152,7 @@ def _judge(kind: str, url: str, budget: int) -> dict:
             "retry": {"max_attempts": 3, "timeout_s": 60}}
 
 
-def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path,
+def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path, rollouts: Path,
              gen_alone: float, file_tokens: float) -> dict:
     from tests.batch_api_support import batch_server
 
@@ -136,18 +167,33 @@ def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path,
     budget = int(2.5 * file_tokens)  # two files fit, a third does not
     rounds = []
     # the server stands for a remote service: its threads yield this machine's CPUs
+    rest = (os.sched_getaffinity(0) - {int(a.engine_cpu)}) if a.engine_cpu.isdigit() \
+        else None
     with batch_server(key, finish_after_s=per_batch, chat_latency_s=latency,
-                      niceness=15) as (srv, url):
+                      niceness=15, cpus=rest or None) as (srv, url):
         cfg = _config(tmp, kind, _judge(kind, url, budget))
+        # Calibrated on the judge stage alone over the calibration's rollouts: the
+        # judge's own time (HTTP, parsing, labelling, polls) is not small here, so
+        # measure it, set the latency, measure again and correct once.
         if kind == "llm":
-            # the pool's own time per call (HTTP, parsing, labelling) is not small here:
-            # measure judging alone at zero latency, and add only what is missing
             srv.chat_latency_s = 0.0
-            j0 = _run(cfg, base, tmp / "llm-zero", key, "--sequential")["judge_seconds"]
+            j0 = _judge_alone(cfg, rollouts, tmp / "cal", key)
             latency = max(0.0, target - j0) * conc / n_rows
             srv.chat_latency_s = latency
-            print(json.dumps({"llm_judge_alone_at_zero_latency_s": j0,
-                              "chat_latency_s": round(latency, 4)}), flush=True)
+            j1 = _judge_alone(cfg, rollouts, tmp / "cal", key)
+            if j1 > j0:
+                latency *= max(0.0, target - j0) / (j1 - j0)
+            srv.chat_latency_s = latency
+            cal = {"judge_alone_at_zero_latency_s": round(j0, 2),
+                   "judge_alone_at_first_latency_s": round(j1, 2)}
+        else:
+            j1 = _judge_alone(cfg, rollouts, tmp / "cal", key)
+            per_batch = max(0.5, per_batch + (target - j1) / (n_files / in_flight))
+            srv.finish_after_s = per_batch
+            cal = {"judge_alone_at_first_batch_time_s": round(j1, 2)}
+        cal.update(target_s=round(target, 2), chat_latency_s=round(latency, 4),
+                   per_batch_seconds=round(per_batch, 2))
+        print(json.dumps({"calibration": kind, **cal}), flush=True)
         for i in range(a.pairs):
             rd = {"sequential": _run(cfg, base, tmp / f"{kind}-s{i}", key, "--sequential"),
                   "streaming": _run(cfg, base, tmp / f"{kind}-t{i}", key)}
@@ -165,7 +211,8 @@ def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path,
                   flush=True)
     med = {k: round(statistics.median(r[k] for r in rounds), 3)
            for k in ("judge_over_generate", "streaming_over_max", "sequential_over_streaming")}
-    return {"judge": {"kind": kind, "per_batch_seconds": round(per_batch, 2),
+    return {"calibration": cal,
+            "judge": {"kind": kind, "per_batch_seconds": round(per_batch, 2),
                       "batch_files": n_files, "batches_in_flight": in_flight,
                       "enqueued_token_budget": budget,
                       "mean_tokens_per_file": round(file_tokens),
@@ -179,9 +226,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--judge", choices=("batch", "llm", "both"), default="both")
-    p.add_argument("--judge-share", type=float, default=0.85,
+    p.add_argument("--judge-share", type=float, default=1.0,
                    help="judging alone, as a share of generating alone (0.8 .. 1.25)")
+    p.add_argument("--engine-cpu", default="1",
+                   help="VLLM_CPU_OMP_THREADS_BIND for the engine (default: core 1, leaving "
+                        "core 0 to the driver and the judge; 'auto': both cores)")
     a = p.parse_args()
+    ENGINE_CPU["bind"] = a.engine_cpu
     kinds = ("batch", "llm") if a.judge == "both" else (a.judge,)
     with tempfile.TemporaryDirectory(prefix="bench-ttd-") as d:
         tmp = Path(d)
@@ -212,10 +263,10 @@ def main() -> None:
         old = RESULTS / "bench_time_to_dataset.json"
         results = json.loads(old.read_text())["variants"] if old.exists() else {}
         for kind in kinds:
-            results[kind] = _variant(kind, a, tmp, base, gen_alone, file_tokens)
+            results[kind] = _variant(kind, a, tmp, base, out, gen_alone, file_tokens)
             write("bench_time_to_dataset", {
                 "workload": {"config": "configs/demo.yaml", "rows": 2304, "shards": 18,
-                             "pairs": a.pairs,
+                             "pairs": a.pairs, "engine_cpu_bind": a.engine_cpu,
                              "calibration_generate_seconds": round(gen_alone, 2)},
                 "variants": results,
                 "streaming_over_max": {k: v["streaming_over_max"] for k, v in results.items()},

@@ -53,8 +53,11 @@ def canned_label(custom_id: str) -> int:
 class BatchServer:
     def __init__(self, api_key: str, polls_to_finish: int = 1,
                  finish_after_s: float | None = None, chat_latency_s: float = 0.0,
-                 niceness: int = 0) -> None:
+                 niceness: int = 0, cpus: set[int] | None = None) -> None:
         self.api_key = api_key
+        #: the CPUs its request threads may run on (None: any): a benchmark keeps the
+        #: stand-in for a remote service off the engine's core
+        self.cpus = cpus
         #: the request threads' CPU niceness: a benchmark's server stands for a remote
         #: service, so it yields the machine's CPUs to the build it serves
         self.niceness = niceness
@@ -245,6 +248,8 @@ def _handler(server: BatchServer) -> type[BaseHTTPRequestHandler]:
         def _go(self, method: str) -> None:
             if server.niceness:  # a remote service's CPU is not the build's machine's
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), server.niceness)
+            if server.cpus:
+                os.sched_setaffinity(threading.get_native_id(), server.cpus)
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
             code, payload = server.handle(method, self.path, self.headers, body)

@@ -137,3 +137,44 @@ def test_local_build_reports_each_shard_as_it_commits(tmp_path):
                         on_shard=on_shard)
     assert again["rollouts"] == {"shards_run": 0, "items_run": 0} and seen == []
     assert Path(run_dir / "vectors" / "tiny" / "diffmean.safetensors").exists()
+
+
+def test_sigterm_stops_a_local_build_with_its_engine_processes(tmp_path, pipeline_reference):
+    """`kill PID` (SIGTERM: a scheduler, `ray job stop`) mid-rollouts unwinds the build
+    like Ctrl-C: the CLI exits 143 after shutting its engine down, so no vLLM engine-core
+    or worker process outlives it, and what it committed stays committed."""
+    import signal
+
+    import psutil
+
+    from asteer_build.core.testseam import seam_env
+
+    from .pipeline_support import (
+        committed,
+        kill_group,
+        start_cli,
+        vectors_only,
+        wait_for,
+        write_config,
+    )
+
+    run = tmp_path / "run"
+    vectors_only(pipeline_reference, run)
+    path = write_config(tmp_path / "cfg.yaml", tiny_config(run))
+    # the default multiprocess engine: its core and worker are this CLI's children
+    p = start_cli("run", "--config", str(path), "--no-progress", "--stages", "rollouts",
+                  **seam_env(commit_delay_s=1.0))
+    try:
+        wait_for(lambda: len(committed(run, "rollouts")) >= 1, 300, "a rollouts commit")
+        engine = psutil.Process(p.pid).children(recursive=True)
+        assert engine, "no engine processes under the CLI"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(engine, timeout=10)
+        assert not alive, [x.pid for x in alive]
+    finally:
+        kill_group(p)
+    done = committed(run, "rollouts")
+    assert 1 <= len(done) < 6
+    for name, e in done.items():
+        assert (run / e["path"]).is_file(), name

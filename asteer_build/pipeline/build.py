@@ -234,7 +234,11 @@ def execute_run(run: Run, on_shard: OnCommit | None = None) -> dict[str, Any]:
     finally:
         executor.close()  # before a sequential judge, which may start engines of its own
         try:
-            if stream is not None and (judged := stream.finish()) is not None:
+            # stopped (Ctrl-C, SIGTERM): leave the judge, whose commits are atomic, rather
+            # than wait for it to label what it has (Batch API waves can take hours)
+            stopping = isinstance(sys.exc_info()[1], KeyboardInterrupt | SystemExit)
+            if stream is not None and not stopping and \
+                    (judged := stream.finish()) is not None:
                 summary["judge"] = judged
         finally:
             _compact(run)

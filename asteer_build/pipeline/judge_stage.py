@@ -43,8 +43,10 @@ from .run import Run
 __all__ = ["CostCapRefused", "check_cost_cap", "judge_stage", "StreamingJudge", "scratch_dir",
            "streams"]
 
-#: the streaming judge thread's CPU niceness (`StreamingJudge`)
-JUDGE_NICENESS = 10
+#: the streaming judge thread's CPU niceness (`StreamingJudge`): the lowest. Measured
+#: with a live pool on a 2-core machine (bench_time_to_dataset), generation slowed by
+#: 16% beside a judge at 10 and not at all beside one at 19, which still kept up.
+JUDGE_NICENESS = 19
 #: judge kinds that label while the engines generate; `vllm` too where its servers fit
 #: beside the engines (`Executor.judge_room`)
 STREAMING_KINDS = ("rules", "llm", "openai-batch")
