@@ -23,7 +23,19 @@ from asteer_build.pipeline.executors import (
 )
 from asteer_build.pipeline.shards import read_stage
 
-from .pipeline_support import BIN, ROOT, env, manifest, tiny_config
+from .pipeline_support import (
+    BIN,
+    ROOT,
+    committed,
+    env,
+    kill_group,
+    manifest,
+    start_cli,
+    tiny_config,
+    vectors_only,
+    wait_for,
+    write_config,
+)
 
 
 def test_registry_names_its_executors():
@@ -148,15 +160,6 @@ def test_sigterm_stops_a_local_build_with_its_engine_processes(tmp_path, pipelin
     import psutil
 
     from asteer_build.core.testseam import seam_env
-
-    from .pipeline_support import (
-        committed,
-        kill_group,
-        start_cli,
-        vectors_only,
-        wait_for,
-        write_config,
-    )
 
     run = tmp_path / "run"
     vectors_only(pipeline_reference, run)
