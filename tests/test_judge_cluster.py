@@ -1,10 +1,10 @@
 """Self-hosted judges (`judge.kind: vllm`) with the tiny model, and the agreement flow.
 
-The session's reference build (24 rows), vectors only, for the module. (a) On the
-session's Ray cluster the build generates on one worker's GPU while the judge stage
-starts a `vllm serve` actor on the other's (streaming: it fits beside the engine),
-labels the shards through it as they commit and stops it: the process is gone and its
-port free afterwards. (b) The README's
+The session's reference build (24 rows), unjudged, for the module. (a) On the session's
+local Ray cluster the judge stage starts a `vllm serve` actor, labels the build's shards
+through it and stops it: the process is gone and its port free afterwards; where such
+servers may run beside the engines (and judge while they generate) is decided by
+`judge_room`. (b) The README's
 agreement flow: a stratified sample of the build, labelled by the rules judge and by the
 tiny-model vLLM judge, compared by `asteer-judge agree`; its kappa must equal one
 computed here from the two label columns. The vLLM judge's labels of the sample are the
@@ -17,6 +17,7 @@ lost or guessed.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,55 +111,64 @@ def _vllm_judge(tiny_model: str) -> dict:
 @pytest.fixture(scope="module")
 def demo(work, pipeline_reference) -> tuple[Path, dict]:
     """The session's reference build (conftest.pipeline_reference: 24 rows in 6 shards)
-    with its vectors only, so the build generates and labels it again."""
+    with its labels taken out, so the judge stage labels it from scratch."""
     run = work / "run"
-    vectors_only(pipeline_reference, run)
+    shutil.copytree(pipeline_reference, run,
+                    ignore=shutil.ignore_patterns("labelled", ".staging"))
+    m = json.loads((run / "build.json").read_text())
+    m["stages"]["labelled"] = {}
+    (run / "build.json").write_text(json.dumps(m))
     return run, tiny_config(run)
 
 
 @pytest.fixture(scope="module")
 def ray_judged(demo, ray_head, work, tiny_model):
-    """The rollouts and judge stages of the demo build on the session's Ray cluster
-    (head + two one-"GPU" workers) with `judge.kind: vllm`: the model's one engine takes
-    one worker's GPU, so the judge's server fits on the other and labels while the
-    engine generates, one vLLM judge actor started at the first commit and stopped by
-    the stage (it must own the server: that the stage stops it is under test). (b)
-    reuses its labels."""
+    """The judge stage of the demo build with `judge.kind: vllm` on the local Ray cluster:
+    one vLLM judge actor, started and stopped by the stage (it must own the server: that
+    the stage stops it is under test). (b) reuses its labels, so the module starts one
+    engine in all, the judge's."""
     run, cfg = demo
     addr, _, e = ray_head
     cfg = dict(cfg, ray={**cfg["ray"], "address": addr}, judge=_vllm_judge(tiny_model))
     r = _py("asteer_build.cli", "run", "--config",
             str(write_config(work / "vllm.yaml", cfg)), "--executor", "ray",
-            "--stages", "rollouts,judge", "--no-progress", env_=e)
+            "--stages", "judge", "--no-progress", env_=e)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return run, json.loads((run / "summary.json").read_text())
 
 
-def test_a_vllm_judge_streams_on_the_gpus_the_engines_leave_free(ray_judged, work,
-                                                                  pipeline_reference):
-    """Resources of its own: the judge server ran on the other worker than the engine,
-    started once the first rollouts shard had committed; the rows are the reference's.
-    The local executor (one machine) says it judges after generation instead."""
+def test_a_vllm_judge_streams_only_where_its_servers_fit(work, pipeline_reference):
+    """Ray (`ray_seats.judge_room`): the servers label while the engines generate when the
+    cluster holds the largest model's seats and the judge's bundles; a model without
+    `replicas` takes every GPU, so then they judge after generation, saying why. The
+    local executor (one machine) always judges after generation. (The streaming judge
+    opens its judge at the first commit, as test_streaming_judge's live pool shows.)"""
+    import dataclasses
+
     from asteer_build.pipeline.build import prepare_run
     from asteer_build.pipeline.config import load_config
     from asteer_build.pipeline.executors.local import LocalExecutor
+    from asteer_build.pipeline.executors.ray_seats import judge_room
     from asteer_build.pipeline.judge_stage import streams
     from asteer_build.pipeline.run import RunOptions
-
-    run, s = ray_judged
-    assert s["mode"] == "streaming"
-    ro = s["rollouts"]["shards"]
-    (srv,) = s["judge"]["servers"]
-    assert srv["node"] not in {x["node"] for x in ro}
-    assert srv["started_at"] >= min(x["ended"] for x in ro)
-    assert "as rollouts commit" in (run / "logs" / "build.log").read_text()
-    ids = sorted(x["id"] for x in _rows(run / "labelled"))
-    assert ids == sorted(x["id"] for x in _rows(pipeline_reference / "rollouts"))
 
     local = work / "local"
     vectors_only(pipeline_reference, local)
     cfg = load_config(str(write_config(work / "local.yaml",
                                        tiny_config(local, judge=_vllm_judge("unused")))))
+    (m,) = cfg.models  # replicas: 1
+    gpus = {"GPU": 4.0, "CPU": 64.0}
+    assert judge_room(gpus, [(m, 6)], 1.0, 3, 1) is None
+    assert "the engines take 1 of the cluster's 4 GPUs and the judge servers need 4 more" \
+        in judge_room(gpus, [(m, 6)], 1.0, 2, 2)
+    tp2 = dataclasses.replace(m, tensor_parallel_size=2)
+    assert judge_room(gpus, [(m, 6), (tp2, 6)], 1.0, 1, 2) is None  # models take turns
+    why = judge_room(gpus, [(dataclasses.replace(m, replicas=None), 6)], 1.0, 1, 1)
+    assert why == ("the engines take 4 of the cluster's 4 GPUs and the judge servers need "
+                   "1 more (set models[].replicas to leave them room)")
+    assert "the engines take 2 of the cluster's 3 CPUs" in judge_room(
+        {"CPU": 3.0}, [(dataclasses.replace(m, replicas=2), 6)], 1.0, 2, 1)
+
     prepared = prepare_run(cfg, RunOptions(out=str(local), stages=("rollouts", "judge")))
     overlap, why = streams(prepared, LocalExecutor(prepared))
     assert not overlap and "local executor runs on one machine" in why
@@ -168,6 +178,7 @@ def test_judge_stage_serves_a_vllm_judge_on_ray_then_stops_it(ray_judged, tiny_m
     run, s = ray_judged
     summary = s["judge"]
     assert summary["shards_judged"] == 6
+    assert s["mode"] == "sequential"  # one stage: nothing to overlap
     rows = _rows(run / "labelled")
     assert len(rows) == 24 and len({x["id"] for x in rows}) == 24
     _check_rows(rows)
