@@ -45,7 +45,8 @@ __all__ = ["CostCapRefused", "check_cost_cap", "judge_stage", "StreamingJudge", 
 
 #: the streaming judge thread's CPU niceness (`StreamingJudge`): the lowest. Measured
 #: with a live pool on a 2-core machine (bench_time_to_dataset), generation slowed by
-#: 16% beside a judge at 10 and not at all beside one at 19, which still kept up.
+#: 16% beside a judge at 10 and not at all beside one at 19, which then leaves what it
+#: could not do meanwhile for after the last shard.
 JUDGE_NICENESS = 19
 #: judge kinds that label while the engines generate; `vllm` too where its servers fit
 #: beside the engines (`Executor.judge_room`)
@@ -85,7 +86,7 @@ def check_cost_cap(run: Run) -> None:
     cap = jc.batch.cost_cap_usd if jc.kind == "openai-batch" else None
     if cap is None or jc.prices is None or run.opts.yes or "judge" not in run.opts.stages:
         return
-    done = sum(e["rows"] for n, e in run.manifest.entries("labelled").items()
+    done = sum(e["rows"] for e in run.manifest.entries("labelled").values()
                if not (run.opts.rerun_failed and (e.get("failed") or e.get("pending"))))
     calls = max(0, run.plan.n_items - done)
     est = judge_estimate(run.cfg, calls, run.plan.prompts, run.plan.concepts)
@@ -355,7 +356,7 @@ async def _batch_waves(run: Run, feed: ShardFeed, lab: _Labeller, rubric: Any,
                 await lab.label(name, FailuresJudge(jc.model, rubric.version, dict(failures)),
                                 1, table=table)
                 del waiting[name]
-        if (last or lab.complete()) and not waiting and not buffer:
+        if last and not waiting and not buffer:  # streaming: every planned shard labelled
             break
         delay = s.poll_initial_s if changed or new else min(s.poll_max_s, delay * 2)
         await feed.wait(delay)
