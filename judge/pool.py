@@ -135,7 +135,8 @@ class EndpointPool:
             # Local servers accept any key; the client library insists on a non-empty one.
             key = api_key_from_env(cfg.api_key_env) or "EMPTY"
             client = openai.AsyncOpenAI(
-                base_url=cfg.base_url, api_key=key, max_retries=0, timeout=self.retry.timeout_s
+                base_url=cfg.base_url, api_key=key, max_retries=0, timeout=self.retry.timeout_s,
+                http_client=_http_client(self.retry.timeout_s),
             )
             self._eps.append(_Endpoint(cfg=cfg, client=client, model=name))
 
@@ -290,6 +291,8 @@ class EndpointPool:
                 "http_429", str(e), eject=False, retry_after=_retry_after(e.response)
             ) from e
         except openai.APITimeoutError as e:
+            if not _timed_out(e):
+                raise _Retryable("connection", str(e.__cause__ or e), eject=True) from e
             raise _Retryable(
                 "timeout", f"no response within {self.retry.timeout_s}s", eject=True
             ) from e
@@ -368,6 +371,35 @@ class EndpointPool:
                 await asyncio.sleep(self._backoff(attempt, err.retry_after))
         assert last is not None
         raise PoolError(last.kind, str(last), self.retry.max_attempts)
+
+
+def _http_client(timeout_s: float) -> Any:
+    """The client's aiohttp transport (`openai.DefaultAioHttpClient`, the openai package's
+    own option for many concurrent calls) where aiohttp is installed, else its default.
+    Measured over 2,304 calls against the loopback server (`bench_time_to_dataset`), it
+    takes a third less CPU per call than the default transport; a live judge that runs
+    while the engines generate takes that CPU from their front end."""
+    try:
+        return openai.DefaultAioHttpClient(timeout=timeout_s)
+    except (AttributeError, RuntimeError, ImportError):
+        return None
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    c: BaseException | None = e.__cause__
+    while c is not None and c not in out:
+        out.append(c)
+        c = c.__cause__
+    return out
+
+
+def _timed_out(e: openai.APITimeoutError) -> bool:
+    """Whether a timeout error is one. The aiohttp transport maps every aiohttp
+    connection error, a refused or dropped connection too, to a connect timeout; a real
+    timeout (either transport) has a `TimeoutError` among its causes."""
+    chain = _causes(e)
+    return not chain or any(isinstance(c, TimeoutError) for c in chain)
 
 
 def _retry_after(response: Any) -> float | None:

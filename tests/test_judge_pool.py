@@ -378,3 +378,33 @@ def test_rubric_file_end_to_end_and_its_version_on_every_row(server, clean_proxy
     want = {row_key({"messages": rubric.messages(x["prompt"], x["concept"], x["response"])})
             for x in rows}
     assert set(clean_proxy.forwarded) == want
+
+
+def test_each_fault_reaches_the_row_under_its_own_kind(server, clean_proxy):
+    """What a failed row's `judge_error` starts with, per fault, through the client's
+    transport (aiohttp, where installed): a dropped connection is `connection`, a slow
+    answer `timeout`, each with its own message; a refused port is `connection` too."""
+    from judge.pool import PoolError
+
+    from .judge_support import free_port
+
+    retry = RetryPolicy(max_attempts=1, timeout_s=1.0, failures_to_eject=99)
+    kinds = {"drop": "connection", "slow": "timeout", "http500": "http_500",
+             "malformed": "bad_response"}
+
+    async def one(url: str) -> PoolError:
+        ep = EndpointConfig(url, api_key_env=KEY_ENV, max_concurrency=1)
+        async with EndpointPool([ep], model=server["model"], retry=retry) as pool:
+            with pytest.raises(PoolError) as e:
+                await pool.complete([{"role": "user", "content": "x"}], max_tokens=4)
+            return e.value
+
+    got = {}
+    for action in kinds:
+        clean_proxy.reset(lambda k, n, b, a=action: a)
+        got[action] = asyncio.run(one(clean_proxy.url))
+    refused = asyncio.run(one(f"http://127.0.0.1:{free_port()}/v1"))
+    assert {a: e.kind for a, e in got.items()} == kinds
+    assert str(got["slow"]).startswith("timeout after 1 attempt(s): no response within 1.0s")
+    assert "no response within" not in str(got["drop"])
+    assert refused.kind == "connection" and "no response within" not in str(refused)
