@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,10 @@ def test_tensor_parallel_steering_and_capture_match_reference(varied_model):
     ids = chat_ids(varied_model, PROMPTS[:4])
     specs = [None, SteerSpec("v", 2.0, 1), SteerSpec("v", 3.0, 3, "generated"),
              SteerSpec("v", 1.0, 2, "last_prompt_and_generated")]
+    before = gc.get_freeze_count()  # an in-process engine's core freezes this process too
     eng = SteeredEngine(varied_model, **engine_args(tensor_parallel_size=2))
+    # what the start left is out of the collector's sight until the engine is down
+    frozen = gc.get_freeze_count()
     try:
         info = eng.info()
         assert len(info) == 2 and {i["adapter"] for i in info} == {"cpu-v1"}
@@ -39,6 +44,7 @@ def test_tensor_parallel_steering_and_capture_match_reference(varied_model):
     finally:
         eng.shutdown()
         mp.undo()
+    assert frozen > before and gc.get_freeze_count() == 0
     ref = HFReference(varied_model)
     ref.register_vectors(v)
     ours = [list(o.outputs[0].token_ids) for o in outs]
