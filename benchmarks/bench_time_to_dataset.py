@@ -13,9 +13,12 @@ latency, its concurrency capped, calibrated the same way. Calibration runs the j
 stage alone over a rollouts-only folder (no engine), sets the time per batch or call
 latency, measures again and corrects once.
 
-The engine's threads are bound to core 1 (`--engine-cpu`, VLLM_CPU_OMP_THREADS_BIND), as
-on a GPU the model runs on a device of its own; the loopback server, which stands for
-a remote service, runs at niceness 15 on the other core only; the builds' drivers (vLLM's
+The engine is bound to core 1 (`--engine-cpu`): its worker's threads through
+VLLM_CPU_OMP_THREADS_BIND and its EngineCore process, which waits for each step in a busy
+loop, by affinity (`_build`), as on a GPU the model runs on a device of its own and its
+core process waits on it; the loopback server, which stands for
+a remote service, runs on the other core only, ahead of the build's threads (niceness
+-5; its turnaround does not depend on this machine's load); the builds' drivers (vLLM's
 front end, the judge client) run where the scheduler puts them. Both orders and the
 calibration run so. Judging alone is calibrated to the
 calibration's generating alone (`--judge-share`, default 1.0: the hardest case).
@@ -43,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +60,10 @@ BIN = Path(sys.executable).parent
 KEY_ENV = "BENCH_JUDGE_KEY"
 
 
+#: the loopback server's request threads: a remote service's turnaround does not wait
+#: for this machine's time slices (at 15, as before, every call waited behind the
+#: driver's: the live judge's shards took 10-25% longer while generation ran)
+SERVER_NICENESS = -5
 #: the core the engine's threads are bound to (`--engine-cpu`): set in `main`
 ENGINE_CPU = {"bind": "1"}
 
@@ -70,6 +78,51 @@ def _env(key: str) -> dict[str, str]:
     return env
 
 
+def _build(*args: str, key: str = "") -> subprocess.CompletedProcess:
+    """`asteer-build ARGS`, with the engine's core process kept on the engine's core.
+
+    vLLM on CPU runs its worker in a process of its own (the mp executor), and the
+    EngineCore waits for each step's output in a busy loop (shm_broadcast's
+    SpinCondition: `sched_yield` for a second after every read). Left where the scheduler
+    puts it, that loop takes ~75% of the other core, the one the driver and the judge
+    have; on a GPU the engine's core process waits on its own device. So while the build
+    runs, every thread of its `VLLM::EngineCore` is bound to the engine's core too, where
+    it yields to the worker (`--engine-cpu auto` leaves everything unbound).
+    """
+    p = subprocess.Popen([str(BIN / "asteer-build"), *args], cwd=ROOT, env=_env(key),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    if ENGINE_CPU["bind"].isdigit():
+        threading.Thread(target=_pin_engine_core, args=(p.pid, int(ENGINE_CPU["bind"]), stop),
+                         daemon=True).start()
+    try:
+        out, err = p.communicate()
+    finally:
+        stop.set()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _pin_engine_core(pid: int, cpu: int, stop: threading.Event) -> None:
+    import psutil
+
+    pinned: set[int] = set()
+    while not stop.wait(0.2):
+        try:
+            kids = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for k in kids:
+            try:
+                if not k.name().startswith("VLLM::EngineCor"):
+                    continue
+                for t in k.threads():
+                    if t.id not in pinned:
+                        os.sched_setaffinity(t.id, {cpu})
+                        pinned.add(t.id)
+            except (psutil.Error, OSError):
+                pass
+
+
 def _config(tmp: Path, name: str, judge: dict) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     cfg["judge"] = judge
@@ -82,9 +135,8 @@ def _config(tmp: Path, name: str, judge: dict) -> Path:
 def _run(cfg: Path, base: Path, out: Path, key: str, *extra: str) -> dict:
     shutil.copytree(base, out)
     t0 = time.time()
-    r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
-                        str(out), "--stages", "rollouts,judge", "--no-progress", "--json",
-                        *extra], cwd=ROOT, env=_env(key), capture_output=True, text=True)
+    r = _build("run", "--config", str(cfg), "--out", str(out), "--stages", "rollouts,judge",
+               "--no-progress", "--json", *extra, key=key)
     wall = time.time() - t0
     if r.returncode != 0:
         raise SystemExit(f"build failed:\n{r.stderr[-4000:]}")
@@ -111,9 +163,8 @@ def _judge_alone(cfg: Path, rollouts: Path, out: Path, key: str) -> float:
     """Seconds the judge stage alone takes over a copy of a rollouts-only run folder (no
     engine: what calibrating the judge's latency needs)."""
     shutil.copytree(rollouts, out)
-    r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(cfg), "--out",
-                        str(out), "--stages", "judge", "--no-progress", "--json"], cwd=ROOT,
-                       env=_env(key), capture_output=True, text=True)
+    r = _build("run", "--config", str(cfg), "--out", str(out), "--stages", "judge",
+               "--no-progress", "--json", key=key)
     if r.returncode != 0:
         raise SystemExit(f"judge alone failed:\n{r.stderr[-4000:]}")
     shutil.rmtree(out, ignore_errors=True)
@@ -139,7 +190,7 @@ def _tokens_per_file(run: Path, tmp: Path) -> float:
         return statistics.mean(r["tokens"] for r in st.records)
 
 
-def _judge(kind: str, url: str, budget: int) -> dict:
+def _judge(kind: str, url: str, budget: int, conc: int = 8) -> dict:
     if kind == "batch":
         return {"kind": "openai-batch", "model": "bench-judge",
                 "endpoints": [{"base_url": url, "api_key_env": KEY_ENV}],
@@ -148,7 +199,7 @@ def _judge(kind: str, url: str, budget: int) -> dict:
                 "batch": {"max_requests_per_file": 128, "enqueued_token_budget": budget,
                           "poll_initial_s": 0.1, "poll_max_s": 0.3}}
     return {"kind": "llm", "model": "bench-judge",
-            "endpoints": [{"base_url": url, "api_key_env": KEY_ENV, "max_concurrency": 8}],
+            "endpoints": [{"base_url": url, "api_key_env": KEY_ENV, "max_concurrency": conc}],
             "retry": {"max_attempts": 3, "timeout_s": 60}}
 
 
@@ -166,11 +217,12 @@ def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path, rollouts: 
     latency = target * conc / n_rows
     budget = int(2.5 * file_tokens)  # two files fit, a third does not
     rounds = []
-    # the server stands for a remote service: its threads yield this machine's CPUs
+    # the server stands for a remote service: off the engine's core, and its answers
+    # not delayed by the build's threads (SERVER_NICENESS)
     rest = (os.sched_getaffinity(0) - {int(a.engine_cpu)}) if a.engine_cpu.isdigit() \
         else None
     with batch_server(key, finish_after_s=per_batch, chat_latency_s=latency,
-                      niceness=15, cpus=rest or None) as (srv, url):
+                      niceness=SERVER_NICENESS, cpus=rest or None) as (srv, url):
         cfg = _config(tmp, kind, _judge(kind, url, budget))
         # Calibrated on the judge stage alone over the calibration's rollouts: the
         # judge's own time (HTTP, parsing, labelling, polls) is not small here, so
@@ -238,17 +290,15 @@ def main() -> None:
         tmp = Path(d)
         base = tmp / "base"
         rules = _config(tmp, "rules", {"kind": "rules"})
-        r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(rules),
-                            "--out", str(base), "--stages", "vectors", "--no-progress"],
-                           cwd=ROOT, env=_env(""), capture_output=True, text=True)
+        r = _build("run", "--config", str(rules), "--out", str(base), "--stages", "vectors",
+                   "--no-progress")
         if r.returncode != 0:
             raise SystemExit(f"vectors failed:\n{r.stderr[-4000:]}")
         # generate alone, to calibrate the judge's latency (not counted)
         out = tmp / "calibrate"
         shutil.copytree(base, out)
-        r = subprocess.run([str(BIN / "asteer-build"), "run", "--config", str(rules), "--out",
-                            str(out), "--stages", "rollouts", "--no-progress", "--json"],
-                           cwd=ROOT, env=_env(""), capture_output=True, text=True)
+        r = _build("run", "--config", str(rules), "--out", str(out), "--stages", "rollouts",
+                   "--no-progress", "--json")
         if r.returncode != 0:
             raise SystemExit(f"calibration failed:\n{r.stderr[-4000:]}")
         ro = json.loads(r.stdout)["rollouts"]
