@@ -190,7 +190,7 @@ def _tokens_per_file(run: Path, tmp: Path) -> float:
         return statistics.mean(r["tokens"] for r in st.records)
 
 
-def _judge(kind: str, url: str, budget: int, conc: int = 8) -> dict:
+def _judge(kind: str, url: str, budget: int, conc: int) -> dict:
     if kind == "batch":
         return {"kind": "openai-batch", "model": "bench-judge",
                 "endpoints": [{"base_url": url, "api_key_env": KEY_ENV}],
@@ -223,7 +223,7 @@ def _variant(kind: str, a: argparse.Namespace, tmp: Path, base: Path, rollouts: 
         else None
     with batch_server(key, finish_after_s=per_batch, chat_latency_s=latency,
                       niceness=SERVER_NICENESS, cpus=rest or None) as (srv, url):
-        cfg = _config(tmp, kind, _judge(kind, url, budget))
+        cfg = _config(tmp, kind, _judge(kind, url, budget, conc))
         # Calibrated on the judge stage alone over the calibration's rollouts: the
         # judge's own time (HTTP, parsing, labelling, polls) is not small here, so
         # measure it, set the latency, measure again and correct once.
